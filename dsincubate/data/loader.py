@@ -1,0 +1,227 @@
+"""Train and val loaders: plan which samples this rank reads, run ShardStream in DataLoader workers, assemble
+batches, keep the step count identical on every rank, and account for bad data.
+
+Train, resampled (default): every rank draws shards with replacement (rank/worker-seeded) and yields exactly
+    len(loader) = samples_per_epoch // (batch_size * world_size) batches, split into per-worker quotas.
+Train, one pass (resampled=False): the g-th selected sample (shard order) belongs to rank g % world, so ranks
+    differ by at most one sample and every rank yields the same number of full batches; the sample order is
+    reshuffled each epoch (shard order + shuffle buffer). If bad data leaves a rank short, a second seeded pass
+    tops it up so no rank ever runs fewer steps (which would hang a collective).
+Val: whole shards per rank (sample split when there are fewer shards than ranks); every rank yields
+    max_r ceil(n_r / batch_size) batches, padded with valid=False rows, so ZeRO-3 ranks run the same forwards.
+
+Called through dsincubate.data.build_train_loader / build_val_loader.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+
+import torch
+from torch.utils.data import DataLoader
+
+from dsincubate.data.pipeline import BAD_SAMPLE_KINDS, BAD_SHARD_KINDS, PlanItem, ShardStream
+from dsincubate.data.sources import DatasetIndex, load_index
+from dsincubate.data.subsets import Selection, select_subset, split_by_sample, split_by_shard
+from dsincubate.errors import UserError
+
+_INDEX_CACHE: dict = {}
+
+
+def cached_index(source: str, manifest: str = "") -> DatasetIndex:
+    """load_index, cached per (source, manifest, manifest mtime): loaders are rebuilt every epoch."""
+    mpath = manifest or (os.path.join(source, "manifest.json") if os.path.isdir(source) else source)
+    try:
+        mtime = os.path.getmtime(mpath)
+    except OSError:
+        mtime = None
+    key = (source, manifest, mtime)
+    if key not in _INDEX_CACHE:
+        _INDEX_CACHE.clear()  # at most the train+val of one run matter; keep memory bounded
+        _INDEX_CACHE[key] = load_index(source, manifest)
+    return _INDEX_CACHE[key]
+
+
+def make_plan(index: DatasetIndex, keys_per_shard: list[list[str]]) -> list[PlanItem]:
+    plan = []
+    for entry, keys in zip(index.shards, keys_per_shard):
+        if not keys:
+            continue  # shards without selected samples are never opened
+        every = len(keys) == entry.samples
+        files = None
+        if entry.files is not None:
+            kept = set(keys)
+            files = [(p, lab) for p, lab in entry.files if p in kept]
+        plan.append(PlanItem(url=entry.url, name=entry.name, keys=None if every else frozenset(keys),
+                             expected=len(keys), files=files))
+    return plan
+
+
+class _Loader:
+    """Shared iteration: DataLoader over ShardStream, partial-batch merging, stats, threshold."""
+
+    def __init__(self, make_stream, *, steps: int, batch_size: int, img_size: int, num_workers: int,
+                 expected: int, max_bad_fraction: float, pad: bool, attempts: int, info: dict):
+        self.make_stream, self.steps, self.batch_size, self.img_size = make_stream, steps, batch_size, img_size
+        self.num_workers, self.expected, self.max_bad = num_workers, expected, max_bad_fraction
+        self.pad, self.attempts, self.info = pad, attempts, info
+        self._worker_stats: dict = {}
+        self._examples: list[str] = []
+        self._yielded = 0
+        self._padded = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def stats(self) -> dict:
+        total = Counter()
+        for st in self._worker_stats.values():
+            total.update(st)
+        bad_samples = sum(total[k] for k in BAD_SAMPLE_KINDS)
+        out = {"steps": self.steps, "batch_size": self.batch_size, "samples_decoded": total["samples"],
+               "samples_yielded": self._yielded, "padded_samples": self._padded,
+               "bad_samples": bad_samples, "bad_fraction": bad_samples / max(1, self.expected),
+               "bad_by_kind": {k: total[k] for k in BAD_SAMPLE_KINDS + BAD_SHARD_KINDS if total[k]},
+               "shards_read": total["shards_read"], "bad_examples": list(self._examples)}
+        return {**self.info, **out}
+
+    def _check(self, final: bool) -> None:
+        st = self.stats()
+        if st["bad_samples"] > self.max_bad * self.expected:
+            raise UserError(
+                f"too much bad data on rank {self.info.get('rank', 0)}: {st['bad_samples']} bad samples for "
+                f"{self.expected} expected this epoch (max_bad_fraction={self.max_bad}); by kind "
+                f"{st['bad_by_kind']}; e.g. {'; '.join(st['bad_examples'][:3])}. Fix or rewrite the shards, or "
+                "raise max_bad_fraction")
+        if final and not self.pad and self._emitted < self.steps:
+            raise UserError(f"data ran out on rank {self.info.get('rank', 0)}: {self._emitted} of {self.steps} "
+                            f"batches; bad data {st['bad_by_kind']}")
+
+    def _batches(self):
+        B = self.batch_size
+        for attempt in range(self.attempts):
+            stream = self.make_stream(attempt)
+            nw = self.num_workers
+            dl = DataLoader(stream, batch_size=None, num_workers=nw, prefetch_factor=4 if nw else None,
+                            generator=torch.Generator().manual_seed(0), persistent_workers=False)
+            for item in dl:
+                self._worker_stats[(attempt, item["wid"])] = item["stats"]
+                for e in item["examples"]:
+                    if len(self._examples) < 5 and e not in self._examples:
+                        self._examples.append(e)
+                self._check(final=False)
+                if item["x"] is None:
+                    continue
+                yield item["x"], item["y"], item["n"]
+                if self._emitted >= self.steps:
+                    return
+            if self.pad or self._emitted >= self.steps:
+                return
+
+    def _iterate(self):
+        self._worker_stats, self._examples, self._yielded, self._padded, self._emitted = {}, [], 0, 0, 0
+        B, S = self.batch_size, self.img_size
+        px, py, pn = [], [], 0   # pending partial batches
+        for x, y, n in self._batches():
+            if n == B and not pn:
+                self._emitted += 1
+                self._yielded += B
+                yield x, y, torch.ones(B, dtype=torch.bool)
+                continue
+            px.append(x[:n])
+            py.append(y[:n])
+            pn += n
+            if pn >= B:
+                cx, cy = torch.cat(px), torch.cat(py)
+                self._emitted += 1
+                self._yielded += B
+                yield cx[:B], cy[:B], torch.ones(B, dtype=torch.bool)
+                px, py, pn = ([cx[B:]], [cy[B:]], pn - B) if pn > B else ([], [], 0)
+            if self._emitted >= self.steps:
+                break
+        if self.pad:
+            while self._emitted < self.steps:  # pad: tail of real samples, then whole invalid batches
+                x = torch.zeros(B, 3, S, S)
+                y = torch.zeros(B, dtype=torch.int64)
+                valid = torch.zeros(B, dtype=torch.bool)
+                if pn:
+                    k = min(pn, B)
+                    x[:k], y[:k], valid[:k] = torch.cat(px)[:k], torch.cat(py)[:k], True
+                    self._yielded += k
+                    px, py, pn = [], [], 0
+                self._padded += int((~valid).sum())
+                self._emitted += 1
+                yield x, y, valid
+        self._check(final=True)
+
+
+class TrainLoader(_Loader):
+    """Iterable of (images float32 [B,3,S,S], targets int64 [B]); len() = steps per epoch, equal on all ranks."""
+
+    def __iter__(self):
+        for x, y, _ in self._iterate():
+            yield x, y
+
+
+class ValLoader(_Loader):
+    """Iterable of (images, targets, valid bool [B]); every sample valid exactly once over all ranks."""
+
+    def __iter__(self):
+        yield from self._iterate()
+
+
+def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_size: int, rank: int,
+                 world_size: int, epoch: int, seed: int, img_size: int) -> TrainLoader:
+    n = sel.num_samples
+    per_epoch = cfg.samples_per_epoch or n
+    if not cfg.resampled:
+        per_epoch = min(per_epoch, n)  # one pass cannot hold more than the data
+    steps = per_epoch // (batch_size * world_size)
+    if steps == 0:
+        raise UserError(f"batch size {batch_size} x {world_size} rank(s) exceeds the {per_epoch} training samples "
+                        "per epoch: lower the batch size")
+    if cfg.resampled:
+        plan = make_plan(index, sel.keys)
+        nw = max(0, min(cfg.num_workers, steps))
+        quotas = [steps // max(nw, 1) + (w < steps % max(nw, 1)) for w in range(max(nw, 1))]
+    else:
+        plan = make_plan(index, split_by_sample(sel, world_size, rank))
+        nw = max(0, min(cfg.num_workers, len(plan)))
+        quotas = None
+    tf_seed = [seed, epoch, rank]
+
+    def make_stream(attempt: int) -> ShardStream:
+        return ShardStream(plan, transform=transform, batch_size=batch_size, img_size=img_size,
+                           num_classes=index.num_classes, seed=tf_seed[0], epoch=tf_seed[1], rank=tf_seed[2],
+                           attempt=attempt, resampled=cfg.resampled, quotas=quotas,
+                           shuffle_buffer=cfg.shuffle_buffer, shuffle_plan=True)
+
+    info = {"split": "train", "rank": rank, "world_size": world_size, "epoch": epoch, "seed": seed,
+            "mode": "resampled" if cfg.resampled else "one_pass", "samples_per_epoch": steps * batch_size *
+            world_size, "recipe": cfg.recipe, "subset": sel.info, "source": index.source}
+    return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
+                       expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,
+                       attempts=2, info=info)
+
+
+def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: int, world_size: int,
+               img_size: int) -> ValLoader:
+    sel = select_subset(index)
+    used = sum(1 for k in sel.keys if k)
+    split = split_by_shard if used >= world_size else split_by_sample
+    counts = [sum(len(k) for k in split(sel, world_size, r)) for r in range(world_size)]
+    steps = max(math.ceil(c / batch_size) for c in counts)
+    plan = make_plan(index, split(sel, world_size, rank))
+    nw = max(0, min(cfg.num_workers, len(plan)))
+
+    def make_stream(attempt: int) -> ShardStream:
+        return ShardStream(plan, transform=transform, batch_size=batch_size, img_size=img_size,
+                           num_classes=index.num_classes, seed=0, epoch=0, rank=rank, attempt=attempt)
+
+    info = {"split": "val", "rank": rank, "world_size": world_size, "samples": counts[rank],
+            "total_samples": sel.num_samples, "split_by": "shard" if split is split_by_shard else "sample",
+            "source": index.source}
+    return ValLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
+                     expected=counts[rank], max_bad_fraction=cfg.max_bad_fraction, pad=True, attempts=1,
+                     info=info)

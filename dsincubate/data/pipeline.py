@@ -1,0 +1,269 @@
+"""The per-worker reading pipeline: shards -> samples -> shuffle buffer -> decode + augment -> batches.
+
+One `ShardStream` is the IterableDataset a DataLoader worker runs. It reads tar streams through WebDataset's
+`gopen` (local files, `pipe:` commands, URLs) and groups members by key the WebDataset way; member names are only
+ever dictionary keys, never filesystem paths. Bad data never stops or stalls it: an unopenable, truncated or empty
+shard, a sample without image or label, an out-of-range label or an undecodable image is skipped with a warning
+naming shard and key, and counted. Counts travel to the main process inside every item the worker yields
+(cumulative per worker), plus a final stats-only item, so the loader knows them exactly (loader.py checks the
+max-bad-fraction threshold).
+
+Workers yield full batches and, at the end of a one-pass stream, one partial batch; the loader merges partial
+batches, so a one-pass epoch delivers every sample exactly once however shards fall on workers. Resampled streams
+draw shards with replacement (weighted by selected samples) and stop after the worker's batch quota.
+
+Randomness (shard order, shuffle buffer, augmentation via python/numpy/torch global RNGs) is seeded from
+(seed, epoch, rank, worker, attempt); with num_workers=0 the caller's global RNG states are swapped out around every
+step so the training loop's own randomness is untouched.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import tarfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import gopen
+
+from dsincubate.data.sources import IMAGE_EXTS, LABEL_EXTS, split_member
+from dsincubate.data.transforms import decode
+
+log = logging.getLogger("dsincubate.data")
+BAD_SAMPLE_KINDS = ("decode_error", "missing_image", "missing_label", "bad_label", "unreadable_file",
+                    "incomplete_sample", "transform_error", "missing_samples")
+BAD_SHARD_KINDS = ("unopenable_shard", "truncated_shard", "empty_shard")
+MAX_WARNINGS = 20  # per worker and epoch; the counts stay exact
+
+
+@dataclass
+class PlanItem:
+    url: str                               # tar to open ("" for a file chunk)
+    name: str                              # shard name for warnings/stats
+    keys: frozenset | None                 # selected keys (None: every sample)
+    expected: int                          # selected samples the manifest promises (for lost-sample accounting)
+    files: list[tuple[str, int]] | None = None   # (path, label) for ImageFolder/list chunks
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, plan: list[PlanItem], *, transform, batch_size: int, img_size: int, num_classes: int,
+                 seed: int, epoch: int, rank: int, attempt: int = 0, resampled: bool = False,
+                 quotas: list[int] | None = None, shuffle_buffer: int = 0, shuffle_plan: bool = False):
+        self.plan, self.transform, self.batch_size, self.img_size = plan, transform, batch_size, img_size
+        self.num_classes, self.resampled, self.quotas = num_classes, resampled, quotas
+        self.seed_key = [seed, epoch, rank, attempt]
+        self.shuffle_buffer, self.shuffle_plan = shuffle_buffer, shuffle_plan
+
+    # ---- entry point -------------------------------------------------------------------------------------------
+    def __iter__(self):
+        wi = get_worker_info()
+        wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        ss = np.random.SeedSequence(self.seed_key + [wid])
+        s = int(ss.generate_state(1)[0])
+        if wi is not None:
+            _seed_globals(s)
+            return self._run(wid, nw, ss)
+        return _isolated(self._run(wid, nw, ss), s)
+
+    # ---- reading -----------------------------------------------------------------------------------------------
+    def _bad(self, kind: str, name: str, key: str, err: object = "") -> None:
+        self.stats[kind] += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{kind}: shard {name} key {key!r}")
+        self.warned += 1
+        if self.warned <= MAX_WARNINGS:
+            log.warning("skipping bad data (%s) in shard %s, key %r: %s", kind, name, key, err)
+            if self.warned == MAX_WARNINGS:
+                log.warning("further bad-data warnings from this worker are suppressed (counts stay exact)")
+
+    def _read(self, item: PlanItem):
+        """Yield (key, shard name, image bytes, label) of the selected samples of one plan item."""
+        self.stats["shards_read"] += 1
+        seen = 0
+        if item.files is not None:
+            for path, label in item.files:
+                if item.keys is not None and path not in item.keys:
+                    continue
+                seen += 1
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as e:
+                    self._bad("unreadable_file", item.name, path, e)
+                    continue
+                if not 0 <= label < self.num_classes:
+                    self._bad("bad_label", item.name, path, label)
+                    continue
+                yield path, item.name, data, label
+            return
+        stream = None
+        error = None
+        try:
+            stream = gopen(item.url, "rb")
+        except Exception as e:  # noqa: BLE001 - any failure to open is a bad shard, never a crash
+            error = ("unopenable_shard", e)
+        if stream is not None:
+            key, group, wanted = None, {}, False
+            try:
+                tf = tarfile.open(fileobj=stream, mode="r|*")
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    k, ext = split_member(m.name)
+                    if k is None:
+                        continue
+                    if k != key:
+                        if key is not None and wanted:
+                            seen += 1
+                            yield from self._finish(item.name, key, group)
+                        key, group = k, {}
+                        wanted = item.keys is None or k in item.keys
+                    if wanted:  # unselected samples are skipped without reading their data
+                        group[ext] = tf.extractfile(m).read()
+                if key is not None and wanted:
+                    seen += 1
+                    yield from self._finish(item.name, key, group)
+                key = None
+            except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+                error = ("empty_shard" if seen == 0 and "empty" in str(e) else "truncated_shard", e)
+                if key is not None and wanted:
+                    seen += 1  # the sample being read when the stream broke is lost
+                    self._bad("incomplete_sample", item.name, key, "stream ended inside this sample")
+            finally:
+                try:
+                    stream.close()  # a failed pipe: command reports its exit status here
+                except Exception as e:  # noqa: BLE001
+                    if error is None:
+                        error = ("unopenable_shard" if seen == 0 else "truncated_shard", e)
+        if error is None and seen == 0:
+            error = ("empty_shard", "no samples")
+        if error is not None:
+            self._bad(error[0], item.name, "(whole shard)", error[1])
+        if item.expected > seen:  # samples the manifest promised that never arrived
+            self.stats["missing_samples"] += item.expected - seen
+
+    def _finish(self, name: str, key: str, group: dict):
+        img = next((group[e] for e in IMAGE_EXTS if e in group), None)
+        if img is None:
+            self._bad("missing_image", name, key, f"members {sorted(group)}")
+            return
+        raw = next((group[e] for e in LABEL_EXTS if e in group), None)
+        if raw is None:
+            self._bad("missing_label", name, key, f"members {sorted(group)}")
+            return
+        try:
+            label = int(raw.decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            label = -1
+        if not 0 <= label < self.num_classes:
+            self._bad("bad_label", name, key, f"label {raw[:20]!r} not in [0, {self.num_classes})")
+            return
+        yield key, name, img, label
+
+    def _items(self, wid: int, nw: int, rng: np.random.Generator):
+        if self.resampled:
+            weights = np.array([max(p.expected, 0) for p in self.plan], dtype=np.float64)
+            if weights.sum() == 0:
+                return
+            weights /= weights.sum()
+            while True:
+                yield self.plan[int(rng.choice(len(self.plan), p=weights))]
+        else:
+            plan = list(self.plan)
+            if self.shuffle_plan:
+                plan = [plan[i] for i in rng.permutation(len(plan))]
+            yield from plan[wid::nw]
+
+    def _samples(self, wid: int, nw: int, rng: np.random.Generator):
+        empty_run = 0
+        for item in self._items(wid, nw, rng):
+            good = 0
+            for s in self._read(item):
+                good += 1
+                yield s
+            # resampling from shards that give nothing would spin forever: give up after enough fruitless draws
+            empty_run = 0 if good else empty_run + 1
+            if self.resampled and empty_run > max(20, 2 * len(self.plan)):
+                log.warning("worker %d: %d shard draws in a row gave no usable sample; stopping", wid, empty_run)
+                return
+
+    def _shuffled(self, samples, rnd: random.Random):
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buf = []
+        for s in samples:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            i = rnd.randrange(len(buf))
+            buf[i], s = s, buf[i]
+            yield s
+        rnd.shuffle(buf)
+        yield from buf
+
+    def _run(self, wid: int, nw: int, ss: np.random.SeedSequence):
+        self.stats, self.examples, self.warned = Counter(), [], 0
+        rng = np.random.default_rng(ss.spawn(1)[0])
+        rnd = random.Random(int(rng.integers(1 << 62)))
+        quota = self.quotas[wid] if self.quotas is not None else None
+        B, S = self.batch_size, self.img_size
+        done = 0
+        x, y, n = torch.empty(B, 3, S, S), torch.empty(B, dtype=torch.int64), 0
+        if quota != 0:
+            for key, name, data, label in self._shuffled(self._samples(wid, nw, rng), rnd):
+                try:
+                    img = decode(data)
+                except Exception as e:  # noqa: BLE001 - undecodable/corrupt image: skip and count
+                    self._bad("decode_error", name, key, e)
+                    continue
+                try:
+                    x[n] = self.transform(img)
+                except Exception as e:  # noqa: BLE001 - e.g. a degenerate image the augmentation cannot handle
+                    self._bad("transform_error", name, key, e)
+                    continue
+                y[n] = label
+                n += 1
+                self.stats["samples"] += 1
+                if n == B:
+                    yield self._item(wid, x, y, n)
+                    done += 1
+                    x, y, n = torch.empty(B, 3, S, S), torch.empty(B, dtype=torch.int64), 0
+                    if quota is not None and done >= quota:
+                        break
+        if n and quota is None:
+            yield self._item(wid, x[:n].clone(), y[:n].clone(), n)
+        yield self._item(wid, None, None, 0)  # final stats
+
+    def _item(self, wid, x, y, n) -> dict:
+        stats = {k: v for k, v in self.stats.items() if not k.startswith("_")}
+        return {"x": x, "y": y, "n": n, "wid": wid, "stats": stats, "examples": list(self.examples)}
+
+
+def _seed_globals(s: int) -> None:
+    random.seed(s)
+    np.random.seed(s % (1 << 32))
+    torch.manual_seed(s)
+
+
+def _isolated(gen, s: int):
+    """Run `gen` with its own python/numpy/torch global RNG states, restoring the caller's around each step."""
+    mine = None
+    while True:
+        outer = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        if mine is None:
+            _seed_globals(s)
+        else:
+            random.setstate(mine[0]), np.random.set_state(mine[1]), torch.set_rng_state(mine[2])
+        try:
+            item = next(gen)
+        except StopIteration:
+            return
+        finally:
+            mine = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+            random.setstate(outer[0]), np.random.set_state(outer[1]), torch.set_rng_state(outer[2])
+        yield item
