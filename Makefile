@@ -1,0 +1,31 @@
+# Set-up and the two main commands. `make demo` and `make test` work on a fresh machine: they create .venv,
+# install torch (from the pinned wheels), DeepSpeed, timm, webdataset and this package, then run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+$(BIN)/dsincubate: setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: install demo test test-fast test-gpu clean-demo
+install: $(BIN)/dsincubate
+
+demo: install
+	$(BIN)/dsincubate pipeline --recipe demo --output runs/demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q tests -m "not integration"
+
+test-gpu: install
+	$(BIN)/python -m pytest -q tests -m gpu
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,164 @@
+"""What a run cost and what it reached: FLOPs, device-seconds, `run.json`, metric logs, the pipeline summary.
+
+- `count_flops` counts a phase's FLOPs per image with `torch.utils.flop_counter` on a copy of its model built on the
+  meta device (no memory, no weights): the forward of the model as trained, and one training step (forward +
+  backward, so an incubation step counts the frozen stages before I as forward only, as they run).
+- `run_record` is the `run.json` of a phase: phase, module, resolved config and ds_config, world size, device,
+  wall seconds, device-seconds (= wall x devices), images processed, FLOPs per image, final metrics.
+- `MetricLogger` writes `metrics.jsonl` and TensorBoard events (tensorboardX) on rank 0.
+- `summarize(root)` builds the pipeline's `summary.json` and table: E2E versus Deep Incubation, top-1 and device-hours
+  per phase and in total.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsincubate.checkpoint import atomic_write_json, complete
+
+
+def count_flops(phase, img_size: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = phase.build_model(load=False)
+    model.train()
+    x = torch.randn(2, 3, img_size, img_size, device="meta")
+    with FlopCounterMode(display=False) as fwd:
+        out = model(x)
+    loss = (out[0] - out[1]).abs().mean() if isinstance(out, tuple) else out.float().mean()
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    model.eval()
+    with FlopCounterMode(display=False) as inf:
+        model(x)
+    return {"forward_per_image": fwd.get_total_flops() / 2, "train_step_per_image":
+            (fwd.get_total_flops() + bwd.get_total_flops()) / 2, "inference_per_image": inf.get_total_flops() / 2}
+
+
+def progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+class MetricLogger:
+    """metrics.jsonl + TensorBoard, rank 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.writer = None
+        self.path = Path(out_dir) / "metrics.jsonl"
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def epoch(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": time.time(), "step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"epoch/{k}", v, metrics["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def run_record(*, phase, cfg, ds_cfg, ds_file, ctx, wall_seconds, state, flops, kernels, trainable, engine_module,
+               info) -> dict:
+    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                      for n, p in engine_module.named_parameters() if n in set(trainable))
+    n_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine_module.parameters())
+    final = dict(state["history"][-1]) if state["history"] else {}
+    return {
+        "phase": phase.name,
+        "module": phase.module,
+        "config": cfg.to_dict(),
+        "ds_config": ds_cfg,
+        "ds_config_file": str(ds_file),
+        "world_size": ctx.world_size,
+        "device_type": ctx.device_type,
+        "device_name": ctx.device_name,
+        "wall_seconds": wall_seconds,
+        "device_seconds": device_seconds(wall_seconds, ctx.world_size),
+        "images_processed": state["images"],
+        "optimizer_steps": state["global_step"],
+        "epochs": state["epoch"],
+        "flops": flops,
+        "params_trainable": n_trainable,
+        "params_total": n_total,
+        "kernels": kernels,
+        "data": {"num_classes": info.num_classes, "train_samples": info.train_samples,
+                 "val_samples": info.val_samples, "stats": state.get("data_stats", [])},
+        "final": final,
+        "history": state["history"],
+    }
+
+
+def device_seconds(wall_seconds: float, devices: int) -> float:
+    return wall_seconds * devices
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads((path / "run.json").read_text()) if complete(path) else None
+
+
+def summarize(root: Path, num_stages: int) -> dict:
+    """summary.json of a pipeline run: what finished, final top-1 and device-hours per phase and in total."""
+    root = Path(root)
+    hours = lambda r: r["device_seconds"] / 3600 if r else None  # noqa: E731
+    meta = _load(root / "meta")
+    inc = [_load(root / "incubate" / f"module_{i}") for i in range(num_stages)]
+    ft = _load(root / "finetune")
+    e2e = _load(root / "e2e")
+    device = next((r["device_name"] for r in [meta, ft, e2e, *inc] if r), "unknown")
+    di_hours = None
+    if meta and ft and all(inc):
+        di_hours = hours(meta) + sum(hours(r) for r in inc) + hours(ft)
+    summary = {
+        "device": device,
+        "e2e": {"top1": e2e["final"].get("top1") if e2e else None, "device_hours": hours(e2e),
+                "epochs": e2e["epochs"] if e2e else None},
+        "deep_incubation": {
+            "top1": ft["final"].get("top1") if ft else None,
+            "meta_top1": meta["final"].get("top1") if meta else None,
+            "device_hours": di_hours,
+            "phases": {"meta": hours(meta), "incubate": [hours(r) for r in inc], "finetune": hours(ft)},
+            "incubate_top1": [r["final"].get("top1") if r else None for r in inc],
+        },
+    }
+    atomic_write_json(root / "summary.json", summary)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    f = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    di, e2e = s["deep_incubation"], s["e2e"]
+    rows = [("E2E", f(e2e["top1"], ".2f"), f(e2e["device_hours"], ".4f"))]
+    rows.append(("DI: meta pretrain", f(di["meta_top1"], ".2f"), f(di["phases"]["meta"], ".4f")))
+    for i, (h, t) in enumerate(zip(di["phases"]["incubate"], di["incubate_top1"])):
+        rows.append((f"DI: incubate module {i}", f(t, ".2f"), f(h, ".4f")))
+    rows.append(("DI: finetune (final)", f(di["top1"], ".2f"), f(di["phases"]["finetune"], ".4f")))
+    rows.append(("Deep Incubation total", f(di["top1"], ".2f"), f(di["device_hours"], ".4f")))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'run':<{width}}  {'top-1 %':>8}  {'device-hours':>12}   (device: {s['device']})"]
+    lines += [f"{a:<{width}}  {b:>8}  {c:>12}" for a, b, c in rows]
+    return "\n".join(lines)

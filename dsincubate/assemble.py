@@ -1,0 +1,98 @@
+"""Assembling the K incubated stages (paper Alg. 1, line 7) and exporting a timm-compatible model.
+
+`assemble` reads one stage file per module (by default `<run>/incubate/module_<i>/stage.safetensors`, or an explicit
+list when the jobs ran on different machines and their files were collected), checks that they cover 0..K-1 exactly
+once and agree on the target spec, K, stage depths and meta model (hash), and writes `<run>/assemble/model.safetensors`.
+`export` writes the final model (fine-tuned, or E2E) with timm's own parameter names, next to `model.json` holding the
+`timm.create_model` arguments, so `timm.create_model(**json)` + `load_state_dict` gives identical logits.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from dsincubate import checkpoint as ckpt
+from dsincubate.errors import UserError
+from dsincubate.models import staged, vit
+from dsincubate.phases import MODEL_FILE, STAGE_FILE
+
+
+def default_stage_files(root: Path, num_stages: int) -> list[Path]:
+    files = []
+    for i in range(num_stages):
+        d = Path(root) / "incubate" / f"module_{i}"
+        if not ckpt.complete(d):
+            raise UserError(f"incubated module {i} missing or incomplete: {d / STAGE_FILE} (run `dsincubate incubate --module {i}`)")
+        files.append(d / STAGE_FILE)
+    return files
+
+
+def check_stage_set(files: list[Path]) -> list[tuple[Path, dict]]:
+    """Validate a set of stage files; returns them ordered by stage index. Errors name the offending file."""
+    if not files:
+        raise UserError("assemble: no stage files given")
+    headers = [(Path(f), ckpt.read_meta(f)) for f in files]
+    for f, h in headers:
+        if h.get("kind") != "stage":
+            raise UserError(f"assemble: {f} is not an incubated stage file (kind={h.get('kind')!r})")
+    ref_file, ref = headers[0]
+    K = ref["num_stages"]
+    by_index: dict[int, Path] = {}
+    for f, h in headers:
+        for key, what in (("spec", "target model"), ("num_stages", "K"), ("stage_depths", "stage depths"),
+                          ("meta_sha256", "meta model")):
+            if h.get(key) != ref.get(key):
+                raise UserError(f"assemble: {f} has another {what} than {ref_file} ({h.get(key)} vs {ref.get(key)})")
+        i = h["index"]
+        if i in by_index:
+            raise UserError(f"assemble: {f} and {by_index[i]} are both module {i}")
+        if not 0 <= i < K:
+            raise UserError(f"assemble: {f} is module {i}, outside 0..{K - 1}")
+        by_index[i] = f
+    missing = [i for i in range(K) if i not in by_index]
+    if missing:
+        raise UserError(f"assemble: no stage file for module(s) {missing} of K={K}")
+    order = {f: h for f, h in headers}
+    return [(by_index[i], order[by_index[i]]) for i in range(K)]
+
+
+def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None = None) -> Path:
+    root = Path(root)
+    if files is None:
+        files = default_stage_files(root, num_stages)
+    ordered = check_stage_set(files)
+    t0 = time.time()
+    head = ordered[0][1]
+    spec = vit.ModelSpec.from_json(head["spec"])
+    model = staged.StagedModel(staged.divide(vit.build(spec), head["stage_depths"]))
+    for i, (f, _) in enumerate(ordered):
+        tensors, _ = ckpt.load_tensors(f)
+        missing, unexpected = model.stages[i].load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise UserError(f"assemble: {f} does not fit stage {i}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    out = root / "assemble"
+    meta = {"kind": "assembled", "spec": head["spec"], "num_stages": head["num_stages"],
+            "stage_depths": head["stage_depths"], "meta_sha256": head["meta_sha256"],
+            "stages": [{"file": str(f), "sha256": ckpt.sha256_file(f)} for f, _ in ordered]}
+    ckpt.save_tensors(out / MODEL_FILE, model.state_dict(), meta)
+    ckpt.atomic_write_json(out / "run.json", {"phase": "assemble", "wall_seconds": time.time() - t0,
+                                              "device_seconds": 0.0, "stages": meta["stages"]})
+    ckpt.write_manifest(out, [MODEL_FILE, "run.json"], {"phase": "assemble"})
+    return out / MODEL_FILE
+
+
+def export(root: Path, source: str = "finetune") -> Path:
+    """Write `<root>/export/<source>/model.safetensors` with timm keys and `model.json` with the create args."""
+    src = Path(root) / source / MODEL_FILE
+    if not ckpt.complete(src.parent):
+        raise UserError(f"export: {src} missing or incomplete (run `dsincubate {source}` first)")
+    tensors, header = ckpt.load_tensors(src)
+    spec = vit.ModelSpec.from_json(header["spec"])
+    spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
+    model = staged.StagedModel(staged.divide(vit.build(spec), header["stage_depths"]))
+    model.load_state_dict(tensors, strict=True)
+    out = Path(root) / "export" / source
+    ckpt.save_tensors(out / MODEL_FILE, staged.timm_state_dict(model), {"kind": "timm", "spec": spec.to_json()})
+    ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **spec.kwargs})
+    ckpt.write_manifest(out, [MODEL_FILE, "model.json"], {"source": str(src)})
+    return out / MODEL_FILE

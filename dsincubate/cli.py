@@ -1,0 +1,226 @@
+"""The `dsincubate` command: one thin subcommand per phase, plus pipeline, export, summary, ops and shards.
+
+    dsincubate pipeline                                   # demo: meta, incubate x K, assemble, finetune, E2E, export
+    dsincubate meta      --recipe vit_b16 --output runs/vitb --set data.train=... --set data.val=...
+    dsincubate incubate  --recipe vit_b16 --output runs/vitb --module 2
+    dsincubate assemble  --recipe vit_b16 --output runs/vitb [--stages a.safetensors b.safetensors ...]
+    dsincubate finetune / e2e / export / summary  (same options)
+    deepspeed --num_gpus 8 --module dsincubate incubate --module 0 ...    # the same, under the DeepSpeed launcher
+
+Bad input (unknown model, missing data or checkpoint, K that does not fit, bad ds_config, ...) prints one line and
+exits with status 2 before any heavy work, leaving existing outputs untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from dsincubate.errors import UserError
+
+TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None, help="recipe name (debug, demo, vit_b16, vit_b_dn, vit_l16, vit_h14, "
+                   "deit_t_<depth>); default demo, or the output's saved config when it has one")
+    p.add_argument("--config", default=None, help="a saved config.json to run instead of a recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. incubate.epochs=50 or model.stage_depths=2,4,4,2")
+    p.add_argument("--output", default="runs/demo", help="run directory (one per pipeline run)")
+    p.add_argument("--ds-config", default=None, help="ds_configs/ name or path (overrides the recipe's)")
+    p.add_argument("--train", default=None, help="training data source (shards, pattern, pipe:, directory)")
+    p.add_argument("--val", default=None, help="validation data source")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsincubate", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (("meta", "pre-train the meta model"), ("incubate", "incubate target module I"),
+                        ("finetune", "fine-tune the assembled model"), ("e2e", "train the target end to end"),
+                        ("pipeline", "every phase in order, then the summary"),
+                        ("assemble", "join the K incubated modules"), ("export", "write a timm safetensors file"),
+                        ("summary", "print the E2E vs Deep Incubation table of a run"),
+                        ("config", "print the resolved config (and field docs with --fields)")):
+        p = sub.add_parser(name, help=help_)
+        _common(p)
+        if name == "incubate":
+            p.add_argument("--module", type=int, required=True, help="stage index I in 0..K-1")
+        if name == "assemble":
+            p.add_argument("--stages", nargs="+", default=None, help="explicit stage files (default: the run's)")
+        if name == "export":
+            p.add_argument("--source", choices=("finetune", "e2e"), default="finetune")
+        if name == "pipeline":
+            p.add_argument("--methods", default="di,e2e", help="comma list of di, e2e")
+        if name == "config":
+            p.add_argument("--fields", action="store_true", help="list every config field with its documentation")
+    ops = sub.add_parser("ops", help="report the fused kernels: compatible, built, backend in use")
+    ops.add_argument("rest", nargs=argparse.REMAINDER)
+    from dsincubate.data import shards_cli
+
+    shards_cli.add_arguments(sub.add_parser("shards", help="write WebDataset shards from an ImageFolder or list file"))
+    return parser
+
+
+def load_config(args):
+    from dsincubate import recipes
+    from dsincubate.config import RunConfig, apply_overrides
+
+    saved = Path(args.output) / "config.json"
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UserError(f"--config {path}: no such file")
+        try:
+            cfg = RunConfig.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise UserError(f"--config {path}: invalid JSON ({e.msg})") from None
+    elif args.recipe is None and saved.is_file():
+        cfg = RunConfig.from_dict(json.loads(saved.read_text()))  # later phases of a run reuse its config
+    else:
+        cfg = recipes.get(args.recipe or "demo")
+    sets = list(args.overrides)
+    if args.ds_config:
+        sets.append(f"ds_config={args.ds_config}")
+    if args.train:
+        sets.append(f"data.train={args.train}")
+    if args.val:
+        sets.append(f"data.val={args.val}")
+    return apply_overrides(cfg, sets)
+
+
+def _preflight(cfg, has_cuda: bool):
+    """Cheap checks every command shares: model, K, ds_config, data sources. Returns the data info."""
+    from dsincubate import dsconfig
+    from dsincubate.data import resolve_data
+    from dsincubate.models import vit
+
+    spec = vit.target_spec(cfg.model)
+    vit.stage_depths(cfg.model, spec.depth)
+    dsconfig.load(dsconfig.find(cfg.ds_config, has_cuda))
+    info = resolve_data(cfg.data)
+    if cfg.model.num_classes and cfg.model.num_classes < info.num_classes:
+        raise UserError(f"model.num_classes={cfg.model.num_classes} but the data has {info.num_classes} classes")
+    return info
+
+
+def _num_classes(cfg, info) -> int:
+    return cfg.model.num_classes or info.num_classes
+
+
+def run(args) -> int:
+    if args.command == "ops":
+        from dsincubate.ops import report
+
+        return report.main(args.rest)
+    if args.command == "shards":
+        from dsincubate.data import shards_cli
+
+        return shards_cli.run(args)
+    cfg = load_config(args)
+    root = Path(args.output)
+    if args.command == "config" and args.fields:
+        from dsincubate.config import ModelConfig, RunConfig, TrainConfig, config_lines
+        from dsincubate.data import DataConfig
+
+        for cls in (RunConfig, ModelConfig, TrainConfig, DataConfig):
+            print("\n".join(config_lines(cls)))
+        return 0
+    import torch
+
+    info = _preflight(cfg, torch.cuda.is_available())
+    if args.command == "config":  # also the launchers' fail-fast check: it validated everything above
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    n_cls = _num_classes(cfg, info)
+    if args.command == "summary":
+        from dsincubate.accounting import format_summary, summarize
+
+        print(format_summary(summarize(root, cfg.model.num_stages)))
+        return 0
+    if args.command in ("assemble", "export"):
+        return _single_process(args, cfg, root)
+    from dsincubate import dist, engine, phases
+
+    if args.command == "incubate":
+        phases.make("incubate", cfg, root, n_cls, args.module).check_inputs()
+    if args.command == "finetune":
+        phases.make("finetune", cfg, root, n_cls).check_inputs()
+    ctx = dist.init()
+    if ctx.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "config.json").is_file():
+            cfg.save(root / "config.json")
+    if args.command in TRAIN_PHASES:
+        engine.run_phase(phases.make(args.command, cfg, root, n_cls, getattr(args, "module", None)), cfg, ctx, info)
+        return 0
+    return _pipeline(args, cfg, root, ctx, info, n_cls)
+
+
+def _single_process(args, cfg, root: Path) -> int:
+    from dsincubate.assemble import assemble, export
+
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under a launcher, rank 0 alone writes the files
+    if args.command == "assemble":
+        path = assemble(root, [Path(s) for s in args.stages] if args.stages else None, cfg.model.num_stages)
+    else:
+        path = export(root, args.source)
+    print(f"[dsincubate] {args.command}: wrote {path}")
+    return 0
+
+
+def _pipeline(args, cfg, root: Path, ctx, info, n_cls: int) -> int:
+    from dsincubate import dist, engine, phases
+    from dsincubate.accounting import format_summary, summarize
+    from dsincubate.assemble import assemble, export
+
+    methods = {m.strip() for m in args.methods.split(",") if m.strip()}
+    if not methods or methods - {"di", "e2e"}:
+        raise UserError(f"--methods {args.methods!r}: use di, e2e or both")
+    stopped = False
+    if "di" in methods:
+        order = [("meta", None)] + [("incubate", i) for i in range(cfg.model.num_stages)]
+        for name, module in order:
+            rec = engine.run_phase(phases.make(name, cfg, root, n_cls, module), cfg, ctx, info)
+            stopped |= "stopped_at_epoch" in rec
+        if stopped:
+            return 0
+        if ctx.is_main and not (root / "assemble" / "MANIFEST.json").is_file():
+            assemble(root, None, cfg.model.num_stages)
+        dist.barrier()
+        rec = engine.run_phase(phases.make("finetune", cfg, root, n_cls), cfg, ctx, info)
+        if "stopped_at_epoch" in rec:
+            return 0
+        if ctx.is_main:
+            export(root, "finetune")
+    if "e2e" in methods:
+        rec = engine.run_phase(phases.make("e2e", cfg, root, n_cls), cfg, ctx, info)
+        if "stopped_at_epoch" in rec:
+            return 0
+        if ctx.is_main:
+            export(root, "e2e")
+    dist.barrier()
+    if ctx.is_main:
+        print(format_summary(summarize(root, cfg.model.num_stages)))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"dsincubate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dsincubate: interrupted; the latest complete checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Process-group set-up shared by every phase: under the `deepspeed` launcher or as a plain single process.
+
+Under the launcher, RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* are set and `deepspeed.init_distributed` picks NCCL on GPUs
+or gloo on DeepSpeed's CPU accelerator. Run as a plain process (`dsincubate pipeline` on a laptop), we fill in a
+one-rank world on a free local port so the same engine code runs unchanged.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    device_type: str
+    device_name: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def has_cuda(self) -> bool:
+        return self.device_type == "cuda"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> DistContext:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    acc = get_accelerator()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device_type = acc.device_name()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device = torch.device(device_type)
+        device_name = f"{device_type} ({os.cpu_count()} cores)"
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, device_type, device_name)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,105 @@
+"""DeepSpeed configs: find a `ds_configs/*.json`, check it, and fill in what the recipe owns.
+
+The JSON holds engine concerns only (ZeRO stage, precision, offload, clipping, communication, activation
+checkpointing options). Batch sizes, optimizer and scheduler belong to the recipe (`TrainConfig`) and are filled in
+here; a JSON that sets them is rejected, and a key set in both places (gradient accumulation) is an error, so there
+is never a question of which one won.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from dsincubate.errors import UserError
+
+import sys
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"  # a source checkout / editable install
+if not CONFIG_DIR.is_dir():
+    CONFIG_DIR = Path(sys.prefix) / "share" / "dsincubate" / "ds_configs"  # a wheel install (setup.py data_files)
+RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "optimizer", "scheduler")
+_KNOWN_TOP = {
+    "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16", "zero_optimization", "activation_checkpointing",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "steps_per_print", "wall_clock_breakdown",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "flops_profiler", "comms_logger", "seq_parallel_communication_data_type",
+    "data_types", "dump_state", "memory_breakdown", "tensorboard", "checkpoint", "aio", "torch_autocast", "autotuning",
+    "sparse_gradients", "amp", "elasticity", "compile",
+}
+
+
+def find(name: str, has_cuda: bool) -> Path:
+    if name == "auto":
+        name = "zero2_bf16" if has_cuda else "cpu"
+    path = Path(name)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+        raise UserError(f"ds_config {name!r} not found (shipped: {shipped})")
+    return path
+
+
+def load(path: Path) -> dict:
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"ds_config {path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    validate(cfg, str(path))
+    return cfg
+
+
+def validate(cfg: dict, where: str) -> None:
+    if not isinstance(cfg, dict):
+        raise UserError(f"ds_config {where}: expected a JSON object")
+    for key in RECIPE_KEYS:
+        if key in cfg:
+            raise UserError(f"ds_config {where}: {key!r} belongs to the recipe (set it in the run config), not the ds_config")
+    unknown = set(cfg) - _KNOWN_TOP
+    if unknown:
+        raise UserError(f"ds_config {where}: unknown key(s) {sorted(unknown)}")
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise UserError(f"ds_config {where}: zero_optimization.stage must be 0, 1, 2 or 3")
+    if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
+        raise UserError(f"ds_config {where}: bf16 and fp16 are both enabled")
+    ga = cfg.get("gradient_accumulation_steps", 1)
+    if not isinstance(ga, int) or ga < 1:
+        raise UserError(f"ds_config {where}: gradient_accumulation_steps must be a positive integer")
+
+
+def resolve(base: dict, micro_batch: int, grad_accum: int, world_size: int, where: str) -> dict:
+    """The ds_config handed to `deepspeed.initialize`: the file's engine keys plus the recipe's batch sizes."""
+    cfg = copy.deepcopy(base)
+    if grad_accum and "gradient_accumulation_steps" in cfg:
+        raise UserError(
+            f"gradient accumulation is set both in {where} ({cfg['gradient_accumulation_steps']}) and in the run "
+            f"config ({grad_accum}); set it in one place"
+        )
+    if micro_batch < 1:
+        raise UserError("micro_batch must be >= 1")
+    accum = grad_accum or cfg.get("gradient_accumulation_steps", 1)
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch
+    cfg["train_batch_size"] = micro_batch * accum * world_size
+    cfg.setdefault("steps_per_print", 10**9)  # our own progress bar and logs report progress
+    return cfg
+
+
+def precision(cfg: dict):
+    import torch
+
+    if cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def offloads_optimizer(cfg: dict) -> bool:
+    off = cfg.get("zero_optimization", {}).get("offload_optimizer", {})
+    return isinstance(off, dict) and off.get("device", "none") not in ("none", None)
+
+
+def zero_stage(cfg: dict) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,170 @@
+"""Dividing a timm ViT into K stages, the hybrid of module incubation, and assembling stages back.
+
+- `divide(vit, depths)` moves a VisionTransformer's modules into K `Stage`s (no copies, no shared modules, so state
+  dicts hold every tensor once). Stage 0 owns the patch embedding, class token and position embedding; the last
+  stage owns the final norm and the head. Their forward passes call timm's own `_pos_embed` and `pool`, so the
+  composition of the stages is exactly timm's forward.
+- `StagedModel` is the composition (the meta model, the assembled target, the E2E model).
+- `Hybrid` is the meta model with stage i replaced by target stage i (paper Eq. 3): meta stages frozen and in eval
+  mode; stages before i run under `no_grad` (no graph, no activations kept); stages after i pass gradients to their
+  input but, with `requires_grad=False`, compute no weight gradients.
+- `stage_state_dict_to_timm` / `timm_state_dict` map stage-local keys (`blocks.<local>`) to timm's keys, for
+  assembly and export.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+
+_EMBED_ATTRS = ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre")
+_EMBED_FLAGS = ("num_prefix_tokens", "no_embed_class", "dynamic_img_size")
+_HEAD_ATTRS = ("norm", "fc_norm", "head_drop", "head", "attn_pool")
+_HEAD_FLAGS = ("global_pool", "num_prefix_tokens", "pool_include_prefix")
+
+
+class Stage(nn.Module):
+    """A contiguous slice of a ViT: [embedding] + blocks + [final norm and head]."""
+
+    def __init__(self, vit: VisionTransformer, start: int, stop: int, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.block_offset = start
+        if first:
+            for name in _EMBED_ATTRS + _EMBED_FLAGS:
+                setattr(self, name, getattr(vit, name))
+        self.blocks = nn.Sequential(*[vit.blocks[j] for j in range(start, stop)])
+        if last:
+            for name in _HEAD_ATTRS + _HEAD_FLAGS:
+                setattr(self, name, getattr(vit, name))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.patch_embed(x)
+            x = VisionTransformer._pos_embed(self, x)
+            x = self.patch_drop(x)
+            x = self.norm_pre(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        if self.last:
+            x = self.norm(x)
+            x = VisionTransformer.pool(self, x)
+            x = self.fc_norm(x)
+            x = self.head_drop(x)
+            x = self.head(x)
+        return x
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"} if self.first else set()
+
+
+def divide(vit: VisionTransformer, depths: list[int]) -> list[Stage]:
+    if sum(depths) != len(vit.blocks):
+        raise ValueError(f"stage depths {depths} do not sum to the model depth {len(vit.blocks)}")
+    stages, start = [], 0
+    for i, d in enumerate(depths):
+        stages.append(Stage(vit, start, start + d, first=i == 0, last=i == len(depths) - 1))
+        start += d
+    return stages
+
+
+class StagedModel(nn.Module):
+    """The composition M_K o ... o M_1 of K stages."""
+
+    def __init__(self, stages: list[Stage]):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"stages.{i}.{n}" for i, s in enumerate(self.stages) for n in s.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+
+class Hybrid(nn.Module):
+    """Meta model with stage `index` replaced by a target stage; everything but the target stage is frozen.
+
+    With `imitation=True` the training forward returns (target stage output, meta stage output) on the same input, for
+    the Module Imitation ablation (paper Fig. 2b); the stages after `index` are then not run at all.
+    """
+
+    def __init__(self, meta_stages: list[Stage], target_stage: Stage, index: int, imitation: bool = False):
+        super().__init__()
+        self.index, self.imitation = index, imitation
+        stages = list(meta_stages)
+        self.meta_stage = None
+        if imitation:
+            self.meta_stage = stages[index]  # the stage being imitated: frozen, kept as a teacher
+        stages[index] = target_stage
+        self.stages = nn.ModuleList(stages)
+        for p in self.frozen_parameters():
+            p.requires_grad_(False)
+        for p in self.target_stage.parameters():
+            p.requires_grad_(True)
+
+    @property
+    def target_stage(self) -> Stage:
+        return self.stages[self.index]
+
+    def frozen_parameters(self):
+        seen = {id(p) for p in self.target_stage.parameters()}
+        return [p for p in self.parameters() if id(p) not in seen]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen meta stages stay deterministic (no drop path): the paper fixes the meta model.
+        for i, s in enumerate(self.stages):
+            if i != self.index:
+                s.eval()
+        if self.meta_stage is not None:
+            self.meta_stage.eval()
+        return self
+
+    def forward(self, x: torch.Tensor):
+        with torch.no_grad():
+            for stage in self.stages[: self.index]:
+                x = stage(x)
+        if self.imitation and self.training:  # evaluation always measures the hybrid's task accuracy
+            with torch.no_grad():
+                teacher = self.meta_stage(x)
+            return self.target_stage(x), teacher
+        x = self.target_stage(x)
+        for stage in self.stages[self.index + 1:]:
+            x = stage(x)
+        return x
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"stages.{self.index}.{n}" for n in self.target_stage.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.target_stage.grad_checkpointing = enable
+
+
+def stage_to_timm_keys(state: dict[str, torch.Tensor], block_offset: int) -> dict[str, torch.Tensor]:
+    """Stage-local keys -> timm keys: `blocks.<j>.` becomes `blocks.<offset + j>.`; other keys are already timm's."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("blocks."):
+            j, rest = key[len("blocks."):].split(".", 1)
+            key = f"blocks.{block_offset + int(j)}.{rest}"
+        out[key] = value
+    return out
+
+
+def timm_state_dict(model: StagedModel) -> dict[str, torch.Tensor]:
+    """The state dict of the equivalent timm VisionTransformer."""
+    out = {}
+    for stage in model.stages:
+        out.update(stage_to_timm_keys(stage.state_dict(), stage.block_offset))
+    return out

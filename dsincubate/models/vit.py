@@ -1,0 +1,144 @@
+"""Target and meta model specs: timm VisionTransformer names plus overrides, and the paper's presets.
+
+A `ModelSpec` is the JSON-serialisable recipe for `timm.create_model(timm_name, **kwargs)`; it travels inside every
+checkpoint so that a stage file, the meta model and the exported model can be checked against each other and rebuilt
+anywhere. `target_spec(cfg)` / `meta_spec(cfg)` derive the two specs of a run; `build(spec)` creates the model (never
+with pretrained weights: nothing is downloaded).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from dsincubate.config import ModelConfig
+from dsincubate.errors import UserError
+
+# name -> (timm architecture, overrides). Paper models: Tab. 1 (ViT-B/L/H), Tab. 6 (ViT-B-DN: depth 24, width 540,
+# FLOPs of ViT-B), Sec. 4.2 (DeiT-Tiny of depth N on CIFAR-size images).
+PRESETS: dict[str, tuple[str, dict]] = {
+    "tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=96, depth=8, num_heads=3, num_classes=10)),
+    "vit_b16": ("vit_base_patch16_224", {}),
+    "vit_l16": ("vit_large_patch16_224", {}),
+    "vit_h14": ("vit_huge_patch14_224", {}),
+    "vit_b_dn": ("vit_base_patch16_224", dict(depth=24, embed_dim=540, num_heads=12)),
+}
+DEIT_T_PREFIX = "deit_t_"  # deit_t_<N>: DeiT-Tiny of depth N on 32x32 images (CIFAR-100)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Exactly what `timm.create_model` is called with."""
+
+    timm_name: str
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        return int(self.kwargs["depth"])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelSpec":
+        d = json.loads(text)
+        return cls(d["timm_name"], dict(d["kwargs"]))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _preset(name: str) -> tuple[str, dict]:
+    if name in PRESETS:
+        arch, kw = PRESETS[name]
+        return arch, dict(kw)
+    if name.startswith(DEIT_T_PREFIX) and name[len(DEIT_T_PREFIX):].isdigit():
+        depth = int(name[len(DEIT_T_PREFIX):])
+        return "deit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=depth, num_classes=100)
+    if name in timm.list_models("*vit*") + timm.list_models("deit*"):
+        return name, {}
+    raise UserError(
+        f"unknown model {name!r}: use a preset ({', '.join(PRESETS)}, deit_t_<depth>) or a timm ViT name"
+    )
+
+
+def _arch_defaults(arch: str) -> dict:
+    """The architecture's own hyper-parameters, read from an instance on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        probe = timm.create_model(arch, pretrained=False)
+    _check_supported(probe, arch)
+    return dict(
+        depth=len(probe.blocks),
+        embed_dim=probe.embed_dim,
+        num_heads=probe.blocks[0].attn.num_heads,
+        patch_size=probe.patch_embed.patch_size[0],
+        img_size=probe.patch_embed.img_size[0],
+        num_classes=probe.num_classes,
+    )
+
+
+def _check_supported(model: nn.Module, name: str) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"model {name!r} is not a timm VisionTransformer")
+    if model.reg_token is not None or model.attn_pool is not None or model.dynamic_img_size:
+        raise UserError(f"model {name!r}: register tokens, attention pooling and dynamic image size are not supported")
+
+
+def target_spec(cfg: ModelConfig, num_classes: int | None = None, drop_path: float = 0.0) -> ModelSpec:
+    arch, kw = _preset(cfg.preset)
+    full = _arch_defaults(arch)
+    full.update(kw)
+    for key in ("depth", "embed_dim", "num_heads", "img_size", "patch_size"):
+        if getattr(cfg, key):
+            full[key] = getattr(cfg, key)
+    if cfg.num_classes:
+        full["num_classes"] = cfg.num_classes
+    elif num_classes:
+        full["num_classes"] = num_classes
+    if full["embed_dim"] % full["num_heads"]:
+        raise UserError(f"model: width {full['embed_dim']} is not divisible by {full['num_heads']} heads")
+    if full["img_size"] % full["patch_size"]:
+        raise UserError(f"model: image size {full['img_size']} is not divisible by patch size {full['patch_size']}")
+    full["drop_path_rate"] = float(drop_path)
+    return ModelSpec(arch, full)
+
+
+def stage_depths(cfg: ModelConfig, depth: int) -> list[int]:
+    """Blocks per stage of the target: explicit, or an even split (earlier stages take the remainder)."""
+    k = cfg.num_stages
+    if k < 1 or k > depth:
+        raise UserError(f"K={k} stages does not fit a model of depth {depth} (need 1 <= K <= depth)")
+    if cfg.stage_depths:
+        if len(cfg.stage_depths) != k or sum(cfg.stage_depths) != depth or min(cfg.stage_depths) < 1:
+            raise UserError(
+                f"model.stage_depths={cfg.stage_depths} must be {k} positive numbers summing to depth {depth}"
+            )
+        return list(cfg.stage_depths)
+    base, extra = divmod(depth, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+def meta_spec(cfg: ModelConfig, target: ModelSpec, drop_path: float = 0.0) -> ModelSpec:
+    """The meta model: the target's architecture, width, patch size and classes, `meta_depth_per_stage` x K blocks."""
+    if cfg.meta_depth_per_stage < 1:
+        raise UserError("model.meta_depth_per_stage must be >= 1")
+    kw = dict(target.kwargs, depth=cfg.num_stages * cfg.meta_depth_per_stage, drop_path_rate=float(drop_path))
+    return ModelSpec(target.timm_name, kw)
+
+
+def build(spec: ModelSpec) -> VisionTransformer:
+    model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
+    _check_supported(model, spec.timm_name)
+    return model
+
+
+def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
+    """Equal up to regularisation (drop path differs between phases but not the weights' meaning)."""
+    strip = lambda s: {k: v for k, v in s.kwargs.items() if k != "drop_path_rate"}  # noqa: E731
+    return a.timm_name == b.timm_name and strip(a) == strip(b)

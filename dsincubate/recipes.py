@@ -1,0 +1,107 @@
+"""Recipes: functions that return a `RunConfig`, each derived from another.
+
+`paper(...)` is the paper's setting (Sec. 4 "Setups"): DeiT hyper-parameters for every phase, meta model pre-trained
+300 epochs, each module incubated 100 epochs, the assembly fine-tuned 100 epochs without warmup; E2E trains 300
+epochs; K = 4 even split, 1 meta block per stage. Large models use drop path 0.5 (ViT-L) / 0.6 (ViT-H) for
+fine-tuning and E2E, 20 warmup epochs, and LAMB for their E2E baselines. `demo()` scales this down to the built-in
+data on a CPU; `debug()` runs every phase in about a minute (the CI fixture).
+
+    dsincubate pipeline --recipe vit_b16 --set data.train=/data/in1k/train --set data.val=/data/in1k/val
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from dsincubate.config import ModelConfig, RunConfig, TrainConfig
+from dsincubate.data import DataConfig
+from dsincubate.errors import UserError
+
+
+def paper(preset: str, drop_path: float = 0.1, warmup: float = 5.0, e2e_optimizer: str = "adamw",
+          batch: int = 128) -> RunConfig:
+    deit = TrainConfig(epochs=300, micro_batch=batch, lr=5e-4, warmup_epochs=warmup, drop_path=drop_path)
+    return RunConfig(
+        name=preset,
+        model=ModelConfig(preset=preset, num_stages=4, meta_depth_per_stage=1),
+        data=DataConfig(),
+        meta=dataclasses.replace(deit, drop_path=0.1),  # the shallow meta model keeps DeiT-S-like regularisation
+        incubate=dataclasses.replace(deit, epochs=100),
+        finetune=dataclasses.replace(deit, epochs=100, warmup_epochs=0.0),
+        e2e=dataclasses.replace(deit, optimizer=e2e_optimizer),
+    )
+
+
+def vit_b16() -> RunConfig:
+    return paper("vit_b16", drop_path=0.1)
+
+
+def vit_b_dn() -> RunConfig:
+    """Deep-narrow ViT-B (depth 24, width 540; paper Tab. 6)."""
+    return paper("vit_b_dn", drop_path=0.1)
+
+
+def vit_l16() -> RunConfig:
+    cfg = paper("vit_l16", drop_path=0.5, warmup=20.0, e2e_optimizer="lamb", batch=64)
+    cfg.ds_config = "zero3_bf16"
+    return cfg
+
+
+def vit_h14() -> RunConfig:
+    cfg = paper("vit_h14", drop_path=0.6, warmup=20.0, e2e_optimizer="lamb", batch=32)
+    cfg.ds_config = "zero3_bf16"
+    cfg.model.grad_checkpointing = True
+    return cfg
+
+
+def deit_t(depth: int) -> RunConfig:
+    """DeiT-Tiny of depth N on CIFAR-100-size images (paper Sec. 4.2/4.3): 200 modular + 100 fine-tune epochs."""
+    cfg = paper(f"deit_t_{depth}", drop_path=0.1, batch=128)
+    cfg.incubate.epochs = 200
+    cfg.e2e.epochs = 400
+    return cfg
+
+
+def demo() -> RunConfig:
+    """The built-in demo on a CPU: tiny ViT (depth 8, width 96, 32px, patch 4), K=4, both methods in ~10 minutes."""
+    cfg = paper("tiny", drop_path=0.05, warmup=1.0, batch=64)
+    cfg.name = "demo"
+    # Light augmentation: crop + flip only (RandAugment, erasing and mixup need far more epochs than a demo has).
+    cfg.data = DataConfig(num_workers=1, recipe="deit", auto_augment="", reprob=0.0, mixup=0.0, cutmix=0.0,
+                          smoothing=0.1)
+    cfg.meta.epochs = 6
+    cfg.incubate.epochs = 3
+    cfg.finetune.epochs = 4
+    cfg.e2e.epochs = 20  # the same number of full-model epochs as DI's incubation (4 x 3 stage-epochs) + fine-tune
+    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e):
+        tc.lr = 2e-3
+        tc.min_lr = 1e-5
+        tc.eval_every = 2
+    cfg.finetune.eval_every = 1
+    return cfg
+
+
+def debug() -> RunConfig:
+    """Every phase in about a minute on 2 CPU cores: the CI fixture."""
+    cfg = demo()
+    cfg.name = "debug"
+    cfg.model = ModelConfig(preset="tiny", depth=4, embed_dim=48, num_heads=3, num_stages=4, kernel_backend="torch")
+    cfg.data.samples_per_epoch = 256
+    cfg.data.num_workers = 1
+    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e):
+        tc.epochs = 1
+        tc.micro_batch = 32
+        tc.warmup_epochs = 0.0
+        tc.eval_every = 1
+    return cfg
+
+
+RECIPES = {"debug": debug, "demo": demo, "vit_b16": vit_b16, "vit_b_dn": vit_b_dn, "vit_l16": vit_l16,
+           "vit_h14": vit_h14}
+
+
+def get(name: str) -> RunConfig:
+    if name in RECIPES:
+        return RECIPES[name]()
+    if name.startswith("deit_t_") and name[7:].isdigit():
+        return deit_t(int(name[7:]))
+    raise UserError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)}, deit_t_<depth>)")

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# The e2e phase under the deepspeed launcher; same arguments as phase.sh after its PHASE.
+exec "$(dirname "${BASH_SOURCE[0]}")/phase.sh" e2e "$@"

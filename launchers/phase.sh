@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One phase under the `deepspeed` launcher: launchers/phase.sh PHASE [launcher options] [-- dsincubate options]
+#
+#   launchers/phase.sh meta --num_gpus 8 -- --recipe vit_b16 --output runs/vitb
+#   launchers/phase.sh incubate --hostfile hosts --include node3 -- --module 2 --recipe vit_b16 --output /shared/vitb
+#   launchers/phase.sh finetune --num_accelerators 2 -- --recipe debug --output runs/debug     # 2 CPU ranks
+#
+# PHASE is meta, incubate, finetune or e2e. Launcher options are the deepspeed launcher's own (--hostfile,
+# --include, --exclude, --num_gpus, --num_nodes, --master_port, --num_accelerators, ...).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(dirname "$HERE")"
+PY="${PYTHON:-python3}"
+[ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && PY="$REPO/.venv/bin/python"
+DS="${DEEPSPEED:-$(dirname "$PY")/deepspeed}"
+command -v "$DS" >/dev/null 2>&1 || DS=deepspeed
+PHASE="${1:-}"
+case "$PHASE" in
+  meta|incubate|finetune|e2e) shift;;
+  *) echo "phase.sh: error: first argument must be meta, incubate, finetune or e2e (got '${PHASE}')" >&2; exit 2;;
+esac
+LARGS=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do LARGS+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+exec "$DS" "${LARGS[@]+"${LARGS[@]}"}" --module dsincubate "$PHASE" "$@"

@@ -1,0 +1,43 @@
+"""Install dsincubate: `pip install -e .` (the README's `make` targets do this in a virtualenv).
+
+The fused CUDA ops in csrc/ are compiled just in time on first use (ninja). Set DSI_BUILD_OPS=1 to build them at
+install time instead (needs CUDA_HOME and a CUDA build of torch), as DeepSpeed's DS_BUILD_OPS does.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+if os.environ.get("DSI_BUILD_OPS") == "1":
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from dsincubate.ops.builder import prebuild_all
+
+    prebuild_all()
+
+setup(
+    name="dsincubate",
+    version="0.1.0",
+    description="Deep Incubation (modular training of large ViTs) on DeepSpeed",
+    packages=find_packages(include=["dsincubate", "dsincubate.*"]),
+    # A non-editable install carries the shipped ds_configs to <prefix>/share/dsincubate (dsincubate.dsconfig looks there).
+    data_files=[("share/dsincubate/ds_configs", sorted(glob.glob("ds_configs/*.json")))],
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "deepspeed>=0.16",
+        "timm>=1.0.9",
+        "webdataset>=0.2.90",
+        "safetensors",
+        "tensorboardX",
+        "psutil",
+        "tqdm",
+        "numpy",
+        "ninja",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["dsincubate=dsincubate.cli:main"]},
+)

@@ -1,0 +1,172 @@
+"""Unit tests of the staged model: divide/assemble round trips, hybrid gradients, export to timm, FLOPs of presets."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from dsincubate.config import ModelConfig
+from dsincubate.errors import UserError
+from dsincubate.models import staged, vit
+
+
+def tiny_cfg(**kw):
+    base = dict(preset="tiny", depth=8, embed_dim=48, num_heads=3, num_stages=4)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build_staged(cfg, drop_path=0.0, meta=False):
+    spec = vit.target_spec(cfg, 10, drop_path)
+    if meta:
+        spec = vit.meta_spec(cfg, spec, drop_path)
+        depths = [cfg.meta_depth_per_stage] * cfg.num_stages
+    else:
+        depths = vit.stage_depths(cfg, spec.depth)
+    torch.manual_seed(0)
+    model = vit.build(spec)
+    return model, staged.StagedModel(staged.divide(copy.deepcopy(model), depths)), spec
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deit_t_12", "vit_b16", "vit_b_dn"])
+def test_divide_assemble_roundtrip_forward(preset):
+    cfg = ModelConfig(preset=preset, num_stages=4)
+    spec = vit.target_spec(cfg)
+    torch.manual_seed(0)
+    model = vit.build(spec).eval()
+    stages = staged.divide(copy.deepcopy(model), vit.stage_depths(cfg, spec.depth))
+    sm = staged.StagedModel(stages).eval()
+    sd = model.state_dict()
+    back = staged.timm_state_dict(sm)
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    img = spec.kwargs["img_size"]
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        assert torch.equal(sm(x), model(x))
+
+
+@pytest.mark.parametrize("preset", ["vit_l16", "vit_h14"])
+def test_divide_roundtrip_large_presets_on_meta_device(preset):
+    cfg = ModelConfig(preset=preset, num_stages=4)
+    spec = vit.target_spec(cfg)
+    with torch.device("meta"):
+        model = vit.build(spec)
+        sm = staged.StagedModel(staged.divide(copy.deepcopy(model), vit.stage_depths(cfg, spec.depth)))
+    sd = model.state_dict()
+    back = staged.timm_state_dict(sm)
+    assert set(back) == set(sd)
+    assert all(back[k].shape == sd[k].shape for k in sd)
+    # every tensor appears exactly once in the staged model (no shared modules, no duplicate keys)
+    assert len(sm.state_dict()) == len(sd)
+
+
+def test_presets_have_the_papers_shapes():
+    b = vit.target_spec(ModelConfig(preset="vit_b16"))
+    assert (b.depth, b.kwargs["embed_dim"], b.kwargs["num_heads"]) == (12, 768, 12)
+    dn = vit.target_spec(ModelConfig(preset="vit_b_dn"))
+    assert (dn.depth, dn.kwargs["embed_dim"], dn.kwargs["embed_dim"] // dn.kwargs["num_heads"]) == (24, 540, 45)
+    h = vit.target_spec(ModelConfig(preset="vit_h14"))
+    assert (h.depth, h.kwargs["embed_dim"], h.kwargs["patch_size"]) == (32, 1280, 14)
+    t = vit.target_spec(ModelConfig(preset="deit_t_128"))
+    assert (t.depth, t.kwargs["embed_dim"], t.kwargs["img_size"], t.kwargs["num_classes"]) == (128, 192, 32, 100)
+    m = vit.meta_spec(ModelConfig(preset="vit_l16"), vit.target_spec(ModelConfig(preset="vit_l16")))
+    assert m.depth == 4 and m.kwargs["embed_dim"] == 1024
+
+
+@pytest.mark.parametrize("preset,gmacs", [("vit_b16", 17.6), ("vit_l16", 61.6), ("vit_h14", 167.4)])
+def test_flops_per_image_of_presets(preset, gmacs):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    spec = vit.target_spec(ModelConfig(preset=preset))
+    with torch.device("meta"):
+        model = vit.build(spec).eval()
+        x = torch.randn(1, 3, 224, 224)
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+    macs = fc.get_total_flops() / 2 / 1e9
+    assert abs(macs - gmacs) / gmacs < 0.02, macs
+
+
+def test_bad_model_inputs():
+    with pytest.raises(UserError, match="unknown model"):
+        vit.target_spec(ModelConfig(preset="resnet_nope"))
+    with pytest.raises(UserError, match="does not fit"):
+        vit.stage_depths(ModelConfig(num_stages=9), 8)
+    with pytest.raises(UserError, match="summing"):
+        vit.stage_depths(ModelConfig(num_stages=2, stage_depths=[3, 4]), 8)
+    with pytest.raises(UserError, match="divisible"):
+        vit.target_spec(ModelConfig(preset="tiny", embed_dim=100, num_heads=3))
+    assert vit.stage_depths(ModelConfig(num_stages=3), 8) == [3, 3, 2]
+
+
+def make_hybrid(index, imitation=False):
+    cfg = tiny_cfg()
+    _, meta_model, _ = build_staged(cfg, meta=True)
+    _, target, _ = build_staged(cfg, drop_path=0.1)
+    return staged.Hybrid(list(meta_model.stages), target.stages[index], index, imitation=imitation)
+
+
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_hybrid_only_target_stage_gets_gradients(index):
+    hybrid = make_hybrid(index).train()
+    seen = {}
+
+    def hook(mod, inp, out):
+        seen[mod] = out.requires_grad
+
+    for i, s in enumerate(hybrid.stages):
+        s.register_forward_hook(hook)
+    x = torch.randn(4, 3, 32, 32)
+    hybrid(x).sum().backward()
+    for i, s in enumerate(hybrid.stages):
+        # stages before the target build no graph; the target and everything after it do
+        assert seen[s] == (i >= index), (i, seen[s])
+        for name, p in s.named_parameters():
+            if i == index:
+                assert p.requires_grad and p.grad is not None, name
+            else:
+                assert not p.requires_grad and p.grad is None, name
+    # frozen meta stages stay in eval mode (no drop path) while the target trains
+    assert hybrid.stages[index].training
+    assert all(not s.training for i, s in enumerate(hybrid.stages) if i != index)
+
+
+def test_hybrid_imitation_returns_target_and_meta_features():
+    hybrid = make_hybrid(1, imitation=True).train()
+    out, teacher = hybrid(torch.randn(2, 3, 32, 32))
+    assert out.shape == teacher.shape and not teacher.requires_grad
+    torch.nn.functional.l1_loss(out, teacher).backward()
+    assert all(p.grad is None for p in hybrid.frozen_parameters())
+    hybrid.eval()
+    assert hybrid(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # eval measures the hybrid's task output
+
+
+def test_assembled_forward_equals_composition_of_stages():
+    cfg = tiny_cfg()
+    stages = []
+    for i in range(4):  # four independently "trained" target stages (different seeds)
+        torch.manual_seed(100 + i)
+        spec = vit.target_spec(cfg, 10, 0.0)
+        stages.append(staged.divide(vit.build(spec), vit.stage_depths(cfg, spec.depth))[i])
+    assembled = staged.StagedModel(staged.divide(vit.build(vit.target_spec(cfg, 10, 0.0)), [2, 2, 2, 2])).eval()
+    for i, s in enumerate(stages):
+        assembled.stages[i].load_state_dict(s.state_dict())
+        s.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        y = x
+        for s in stages:
+            y = s(y)
+        assert torch.equal(assembled(x), y)
+
+
+def test_export_state_dict_loads_into_fresh_timm_model():
+    cfg = tiny_cfg()
+    _, sm, spec = build_staged(cfg)
+    sm.eval()
+    fresh = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs).eval()
+    fresh.load_state_dict(staged.timm_state_dict(sm), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), sm(x))
