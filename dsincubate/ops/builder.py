@@ -1,0 +1,220 @@
+"""JIT builders for the dsincubate CUDA ops, in the style of DeepSpeed's op builders.
+
+Each builder names its sources under ``csrc/``, its compiler flags and whether it can be built on this machine
+(``is_compatible() -> (bool, reason)``); ``load()`` compiles the extension with ninja through
+``torch.utils.cpp_extension.load`` into a cache directory and imports it. The cache directory name hashes the
+sources, flags, CUDA arch list and torch/CUDA versions, so an edit or a different GPU never reuses a stale
+binary and ``is_built()`` is exact. Building needs nvcc and ninja but no GPU.
+
+Environment:
+    DSI_OPS_CACHE          cache root (default ~/.cache/dsincubate/ops)
+    TORCH_CUDA_ARCH_LIST   e.g. "8.0;9.0" or "9.0+PTX" (default: the visible GPUs, else 8.0;9.0)
+    CUDA_HOME, MAX_JOBS    as for torch.utils.cpp_extension
+    DSI_OPS_VERBOSE=1      show the compiler commands
+
+Prebuild everything (what setup.py does when DSI_BUILD_OPS=1):
+    python -c "from dsincubate.ops.builder import prebuild_all; print(prebuild_all())"
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("dsincubate.ops")
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+DEFAULT_ARCHS = ("8.0", "9.0")
+_ARCH_RE = re.compile(r"^(\d+)\.(\d+)([a-z]?)(\+PTX)?$")
+
+
+def cache_root() -> Path:
+    env = os.environ.get("DSI_OPS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dsincubate" / "ops"
+
+
+def cuda_arch_list() -> list[str]:
+    """Arch list from TORCH_CUDA_ARCH_LIST, else the visible GPUs, else the ViT training targets (A100, H100)."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env:
+        archs = [a for a in re.split(r"[;\s,]+", env) if a]
+        bad = [a for a in archs if not _ARCH_RE.match(a)]
+        if bad:
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: unsupported entries {bad} (use numbers like 8.0;9.0+PTX)")
+        return archs
+    if torch.cuda.is_available():
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return [f"{major}.{minor}" for major, minor in sorted(caps)]
+    return list(DEFAULT_ARCHS)
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for arch in archs:
+        major, minor, suffix, ptx = _ARCH_RE.match(arch).groups()
+        num = f"{major}{minor}{suffix}"
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def cuda_home() -> str | None:
+    from torch.utils import cpp_extension
+
+    # A toolkit needs the headers too: a bare nvcc wrapper on PATH makes torch guess CUDA_HOME=/usr/local.
+    for home in (os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"):
+        if home and Path(home, "bin", "nvcc").exists() and Path(home, "include", "cuda_runtime.h").exists():
+            return home
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version(home: str) -> str | None:
+    try:
+        out = subprocess.run([str(Path(home, "bin", "nvcc")), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
+
+
+class OpBuilder:
+    """Base class: subclasses set NAME and SOURCES (paths relative to csrc/)."""
+
+    NAME = ""
+    SOURCES: tuple[str, ...] = ()
+    HEADERS: tuple[str, ...] = ()  # hashed for cache invalidation, not compiled on their own
+
+    _loaded: dict[str, object] = {}
+
+    def sources(self) -> list[str]:
+        return [str(CSRC / s) for s in self.SOURCES]
+
+    def cxx_flags(self) -> list[str]:
+        # No -std here: torch adds the standard its headers need (a later -std would override it).
+        return ["-O3"]
+
+    def nvcc_flags(self) -> list[str]:
+        # No --use_fast_math: exp2f/rsqrtf stay within a few ulp, which the self-check tolerances assume.
+        return ["-O3", "-std=c++17", "-lineinfo", *gencode_flags(cuda_arch_list())]
+
+    def is_compatible(self) -> tuple[bool, str]:
+        from torch.utils import cpp_extension
+
+        if torch.version.cuda is None:
+            return False, "this torch build has no CUDA support"
+        home = cuda_home()
+        if home is None:
+            return False, "nvcc not found (set CUDA_HOME)"
+        version = nvcc_version(home)
+        if version is None:
+            return False, f"could not run {home}/bin/nvcc --version"
+        if version.split(".")[0] != torch.version.cuda.split(".")[0]:
+            return False, f"nvcc {version} does not match torch's CUDA {torch.version.cuda} (major version)"
+        if not cpp_extension.is_ninja_available():
+            return False, "ninja is not installed (pip install ninja)"
+        missing = [s for s in self.sources() if not Path(s).exists()]
+        if missing:
+            return False, f"sources missing: {missing}"
+        try:
+            cuda_arch_list()
+        except ValueError as exc:
+            return False, str(exc)
+        return True, f"nvcc {version} at {home}, archs {';'.join(cuda_arch_list())}"
+
+    def build_tag(self) -> str:
+        digest = hashlib.sha256()
+        for path in sorted(self.SOURCES + self.HEADERS):
+            digest.update(path.encode())
+            digest.update((CSRC / path).read_bytes())
+        for item in (self.cxx_flags(), self.nvcc_flags(), torch.__version__, torch.version.cuda, sys.version_info[:2]):
+            digest.update(repr(item).encode())
+        return digest.hexdigest()[:12]
+
+    def module_name(self) -> str:
+        return f"dsi_{self.NAME}_{self.build_tag()}"
+
+    def build_dir(self) -> Path:
+        return cache_root() / self.module_name()
+
+    def is_built(self) -> bool:
+        return (self.build_dir() / f"{self.module_name()}.so").exists()
+
+    def load(self, verbose: bool | None = None):
+        """Compile (if not cached) and import the extension; raises RuntimeError when not compatible."""
+        name = self.module_name()
+        if name in OpBuilder._loaded:
+            return OpBuilder._loaded[name]
+        ok, reason = self.is_compatible()
+        if not ok:
+            raise RuntimeError(f"{self.NAME} op is not compatible here: {reason}")
+        from torch.utils import cpp_extension
+
+        # cpp_extension resolves CUDA_HOME once at import (possibly to a wrong guess); point it at the toolkit
+        # validated above so nvcc, the headers and libcudart all come from the same place.
+        cpp_extension.CUDA_HOME = cuda_home()
+        build_dir = self.build_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if verbose is None:
+            verbose = os.environ.get("DSI_OPS_VERBOSE") == "1"
+        cached = self.is_built()
+        logger.info("%s %s op %s in %s", "loading cached" if cached else "building", self.NAME, name, build_dir)
+        module = cpp_extension.load(
+            name=name,
+            sources=self.sources(),
+            extra_cflags=self.cxx_flags(),
+            extra_cuda_cflags=self.nvcc_flags(),
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+        OpBuilder._loaded[name] = module
+        return module
+
+
+class LayerNormBuilder(OpBuilder):
+    NAME = "layernorm"
+    SOURCES = ("layernorm/layernorm.cpp", "layernorm/layernorm_kernels.cu")
+    HEADERS = ("common/dsi_dtype.h", "common/dsi_types.cuh")
+
+
+class AttentionBuilder(OpBuilder):
+    NAME = "attention"
+    SOURCES = ("attention/attention.cpp", "attention/attention_fwd.cu", "attention/attention_bwd.cu")
+    HEADERS = ("common/dsi_dtype.h", "common/dsi_types.cuh", "attention/attention_common.cuh",
+               "attention/attention_params.h")
+
+
+ALL_BUILDERS: dict[str, type[OpBuilder]] = {b.NAME: b for b in (LayerNormBuilder, AttentionBuilder)}
+
+
+def prebuild_all(verbose: bool = False, strict: bool = True) -> dict[str, str]:
+    """Build every op into the cache. Returns {op: status}; with strict, raises if an op cannot be built."""
+    status = {}
+    for name, cls in ALL_BUILDERS.items():
+        builder = cls()
+        ok, reason = builder.is_compatible()
+        if not ok:
+            status[name] = f"skipped: {reason}"
+            if strict:
+                raise RuntimeError(f"cannot build the {name} op: {reason}")
+            continue
+        try:
+            builder.load(verbose=verbose)
+        except Exception as exc:  # compiler errors surface as RuntimeError/CalledProcessError
+            status[name] = f"failed: {exc}"
+            if strict:
+                raise
+            continue
+        status[name] = f"built: {builder.build_dir()}"
+    return status
