@@ -137,8 +137,10 @@ class ShardStream(IterableDataset):
                 try:
                     stream.close()  # a failed pipe: command reports its exit status here
                 except Exception as e:  # noqa: BLE001
-                    if error is None:
-                        error = ("unopenable_shard" if seen == 0 else "truncated_shard", e)
+                    if seen == 0:  # the command failed before giving anything: it could not open the shard
+                        error = ("unopenable_shard", e)
+                    elif error is None:
+                        error = ("truncated_shard", e)
         if error is None and seen == 0:
             error = ("empty_shard", "no samples")
         if error is not None:
@@ -174,8 +176,9 @@ class ShardStream(IterableDataset):
                 yield self.plan[int(rng.choice(len(self.plan), p=weights))]
         else:
             plan = list(self.plan)
-            if self.shuffle_plan:
-                plan = [plan[i] for i in rng.permutation(len(plan))]
+            if self.shuffle_plan:  # same permutation in every worker of this rank (no worker id in the seed)
+                perm = np.random.default_rng(np.random.SeedSequence(self.seed_key)).permutation(len(plan))
+                plan = [plan[i] for i in perm]
             yield from plan[wid::nw]
 
     def _samples(self, wid: int, nw: int, rng: np.random.Generator):

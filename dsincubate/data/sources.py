@@ -130,21 +130,23 @@ def split_member(name: str) -> tuple[str | None, str]:
     return name[:i], name[i + 1:].lower()
 
 
-def _local_tars_in(cmd: str) -> list[str]:
+def _tars_in(cmd: str) -> list[str]:
+    """Tokens of a pipe: command that name a .tar (the shard name is the last one's basename)."""
     try:
         toks = shlex.split(cmd)
     except ValueError:
         toks = cmd.split()
-    return [t for t in toks if t.endswith(".tar") and os.path.isfile(t)]
+    return [t for t in toks if t.endswith(".tar")]
 
 
 def _index_tars(source: str, urls: list[str], manifest: str) -> DatasetIndex:
     pipe = urls[0].startswith("pipe:") or "://" in urls[0]
     if pipe:
-        local = [_local_tars_in(u[5:] if u.startswith("pipe:") else u) for u in urls]
-        names = [loc[0].rsplit("/", 1)[-1] if loc else u for u, loc in zip(urls, local)]
-        if not manifest and local[0]:
-            cand = os.path.join(os.path.dirname(local[0][0]), MANIFEST_NAME)
+        tars = [_tars_in(u[5:] if u.startswith("pipe:") else u) for u in urls]
+        names = [t[-1].rsplit("/", 1)[-1] if t else u for u, t in zip(urls, tars)]
+        local = [p for t in tars for p in t if os.path.isfile(p)]
+        if not manifest and local:
+            cand = os.path.join(os.path.dirname(local[0]), MANIFEST_NAME)
             manifest = cand if os.path.isfile(cand) else ""
         if not manifest:
             raise UserError(f"source {source!r}: pipe:/remote shards need a manifest ({MANIFEST_NAME} next to a local "

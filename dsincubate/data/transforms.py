@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data import auto_augment as _timm_aa
+
+# torchvision 0.29 deprecates its decoders in favour of torchcodec (not installed here) and warns on every call.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
 
 DEFAULT_CROP_PCT = 0.875  # DeiT eval: resize to img_size / 0.875, center crop img_size
 

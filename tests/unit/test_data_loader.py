@@ -1,0 +1,232 @@
+"""Reader and loader tests: exact one-pass epochs over 2 ranks x 2 workers, equal step counts (resampled train and
+padded val), determinism, pipe:/ImageFolder/pattern sources, mixup, API errors.
+
+Ranks are simulated by building each rank's loader with its own rank/world_size (the loaders take them as
+arguments). Samples carry their id in their pixels (dsincubate.data.synth), so checks are end to end.
+
+    pytest tests/unit/test_data_loader.py -q
+"""
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from dsincubate.data import (DataConfig, build_mixup, build_train_loader, build_val_loader, resolve_data)
+from dsincubate.data.synth import id_image, id_samples, ids_from_batch
+from dsincubate.data.writer import image_bytes, write_shards
+from dsincubate.errors import UserError
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """400 train samples in 8 shards of 50, 130 val samples in 3 shards."""
+    root = tmp_path_factory.mktemp("ids")
+    write_shards(id_samples(400), str(root / "train"), CLASSES, prefix="train", maxcount=50, progress=False)
+    write_shards(id_samples(130, start=1000), str(root / "val"), CLASSES, prefix="val", maxcount=50,
+                 progress=False)
+    return root
+
+
+def cfg_for(root, **kw):
+    base = dict(train=str(root / "train"), val=str(root / "val"), recipe="none", num_workers=2,
+                shuffle_buffer=64, resampled=False)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def run_train(cfg, info, world, epoch=0, seed=0, bs=10, img=8, **kw):
+    out = {}
+    for r in range(world):
+        dl = build_train_loader(cfg, info, batch_size=bs, rank=r, world_size=world, epoch=epoch, seed=seed,
+                                img_size=img, **kw)
+        batches = [(x, y) for x, y in dl]
+        assert len(batches) == len(dl)
+        out[r] = (dl, batches)
+    return out
+
+
+def test_one_pass_two_ranks_two_workers_every_sample_once(shards):
+    cfg = cfg_for(shards)
+    info = resolve_data(cfg)
+    assert (info.train_samples, info.val_samples, info.num_classes) == (400, 130, 10)
+    res = run_train(cfg, info, world=2)
+    ids, steps = [], set()
+    for r, (dl, batches) in res.items():
+        steps.add(len(batches))
+        for x, y in batches:
+            assert x.shape == (10, 3, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+            got = ids_from_batch(x)
+            assert [i % 10 for i in got] == y.tolist()  # labels travel with their images
+            ids += got
+        assert dl.stats()["bad_samples"] == 0
+    assert steps == {20}
+    assert sorted(ids) == list(range(400))
+
+
+def test_one_pass_uneven_total_drops_only_the_tail(shards, tmp_path):
+    write_shards(id_samples(203), str(tmp_path / "t"), CLASSES, maxcount=40, progress=False)
+    cfg = cfg_for(shards, train=str(tmp_path / "t"))
+    info = resolve_data(cfg)
+    res = run_train(cfg, info, world=2, bs=8)
+    ids = [i for _, batches in res.values() for x, _ in batches for i in ids_from_batch(x)]
+    assert {len(b) for _, b in res.values()} == {203 // 16}
+    assert len(ids) == len(set(ids)) == 203 // 16 * 16
+
+
+def test_one_pass_order_changes_with_epoch_and_is_reproducible(shards):
+    cfg = cfg_for(shards)
+    info = resolve_data(cfg)
+    a = [ids_from_batch(x) for x, _ in run_train(cfg, info, 1, epoch=3)[0][1]]
+    b = [ids_from_batch(x) for x, _ in run_train(cfg, info, 1, epoch=3)[0][1]]
+    c = [ids_from_batch(x) for x, _ in run_train(cfg, info, 1, epoch=4)[0][1]]
+    assert a == b and a != c
+    assert sorted(sum(a, [])) == sorted(sum(c, []))
+
+
+def test_resampled_same_steps_on_every_rank(shards):
+    cfg = cfg_for(shards, resampled=True, samples_per_epoch=330)
+    info = resolve_data(cfg)
+    res = run_train(cfg, info, world=3, bs=8)
+    for dl, batches in res.values():
+        assert len(dl) == len(batches) == 330 // 24
+        assert dl.stats()["samples_yielded"] == 13 * 8
+    # different ranks draw different samples
+    assert ids_from_batch(res[0][1][0][0]) != ids_from_batch(res[1][1][0][0])
+
+
+@pytest.mark.parametrize("recipe", ["deit", "3aug"])
+def test_augmented_stream_deterministic_per_seed_epoch_rank(shards, recipe):
+    cfg = cfg_for(shards, resampled=True, recipe=recipe)
+    info = resolve_data(cfg)
+
+    def grab(**kw):
+        dl = build_train_loader(cfg, info, batch_size=16, world_size=2, img_size=16, **kw)
+        return torch.cat([x for x, _ in dl])
+
+    a = grab(rank=1, epoch=2, seed=7)
+    assert torch.equal(a, grab(rank=1, epoch=2, seed=7))
+    assert not torch.equal(a, grab(rank=1, epoch=3, seed=7))
+    assert not torch.equal(a, grab(rank=0, epoch=2, seed=7))
+
+
+def test_workers_zero_leaves_caller_rng_alone(shards):
+    cfg = cfg_for(shards, resampled=True, recipe="deit", num_workers=0)
+    info = resolve_data(cfg)
+    torch.manual_seed(123)
+    expect = torch.rand(3)
+    torch.manual_seed(123)
+    dl = build_train_loader(cfg, info, batch_size=16, rank=0, world_size=1, epoch=0, seed=0, img_size=16)
+    for _ in dl:
+        pass
+    assert torch.equal(torch.rand(3), expect)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_val_equal_batches_every_sample_valid_once(shards, world):
+    cfg = cfg_for(shards)
+    info = resolve_data(cfg)
+    ids, lens = [], set()
+    for r in range(world):
+        dl = build_val_loader(cfg, info, batch_size=16, rank=r, world_size=world, img_size=8)
+        n = 0
+        for x, y, valid in dl:
+            n += 1
+            assert x.shape[0] == y.shape[0] == valid.shape[0] == 16 and valid.dtype == torch.bool
+            ids += [i for i, v in zip(ids_from_batch(x), valid.tolist()) if v]
+        assert n == len(dl)
+        lens.add(n)
+        st = dl.stats()
+        assert st["samples_yielded"] + st["padded_samples"] == n * 16
+    assert len(lens) == 1
+    assert sorted(ids) == list(range(1000, 1130))
+
+
+def test_pipe_and_brace_pattern_sources(shards):
+    pattern = str(shards / "train" / "train-{000000..000007}.tar")
+    for src in (f"pipe:cat {pattern}", pattern):
+        cfg = cfg_for(shards, train=src)
+        info = resolve_data(cfg)
+        assert info.train_samples == 400 and info.train_manifest.endswith("manifest.json")
+        ids = [i for x, _ in build_train_loader(cfg, info, batch_size=10, rank=0, world_size=1, epoch=0, seed=0,
+                                                img_size=8) for i in ids_from_batch(x)]
+        assert sorted(ids) == list(range(400))
+
+
+def test_pipe_without_manifest_is_a_user_error(shards):
+    with pytest.raises(UserError, match="manifest"):
+        resolve_data(cfg_for(shards, train="pipe:curl -s http://example.invalid/x-{0..3}.tar"))
+
+
+def test_image_folder_and_tars_without_manifest(shards, tmp_path):
+    for i in range(60):
+        d = tmp_path / "folder" / f"cls{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.png").write_bytes(image_bytes(id_image(i)))
+    cfg = cfg_for(shards, train=str(tmp_path / "folder"), val=str(tmp_path / "folder"))
+    info = resolve_data(cfg)
+    assert info.class_names == ["cls0", "cls1", "cls2"] and info.train_samples == 60
+    batches = list(build_train_loader(cfg, info, batch_size=6, rank=0, world_size=1, epoch=0, seed=0, img_size=8))
+    got = {i: int(y) for x, ys in batches for i, y in zip(ids_from_batch(x), ys)}
+    assert got == {i: i % 3 for i in range(60)}
+    # the same tars, with the manifest gone: indexed from the tar headers
+    os.makedirs(tmp_path / "bare")
+    for f in os.listdir(shards / "train"):
+        if f.endswith(".tar"):
+            os.link(shards / "train" / f, tmp_path / "bare" / f)
+    cfg = cfg_for(shards, train=str(tmp_path / "bare"))
+    info = resolve_data(cfg)
+    assert info.train_samples == 400 and info.num_classes == 10 and info.train_manifest == ""
+
+
+def test_missing_and_empty_sources_name_the_path(tmp_path):
+    with pytest.raises(UserError, match="nope"):
+        resolve_data(DataConfig(train=str(tmp_path / "nope"), val=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty"):
+        resolve_data(DataConfig(train=str(tmp_path / "empty"), val=str(tmp_path / "empty")))
+    with pytest.raises(UserError, match="not found"):
+        resolve_data(DataConfig(train=str(tmp_path / "x-{000..003}.tar"), val=str(tmp_path / "x")))
+    with pytest.raises(UserError, match="recipe"):
+        resolve_data(DataConfig(recipe="fancy", demo_root=str(tmp_path)))
+
+
+def test_batch_larger_than_data_is_a_user_error(shards):
+    cfg = cfg_for(shards)
+    info = resolve_data(cfg)
+    with pytest.raises(UserError, match="batch size"):
+        build_train_loader(cfg, info, batch_size=256, rank=0, world_size=2, epoch=0, seed=0, img_size=8)
+
+
+def test_mixup_soft_targets_seeded():
+    cfg = DataConfig()
+    m1, m2 = build_mixup(cfg, 10, seed=1), build_mixup(cfg, 10, seed=1)
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 10
+    (a, ta), (b, tb) = m1(x.clone(), y), m2(x.clone(), y)
+    assert ta.shape == (8, 10) and torch.allclose(ta.sum(1), torch.ones(8))
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+    assert ta.max() < 1.0  # label smoothing 0.1 is in
+    assert build_mixup(DataConfig(mixup=0, cutmix=0), 10) is None
+    with pytest.raises(ValueError):
+        m1(torch.randn(3, 3, 8, 8), torch.arange(3))
+
+
+def test_demo_end_to_end(tmp_path):
+    cfg = DataConfig(demo_root=str(tmp_path), num_workers=2)
+    info = resolve_data(cfg)
+    assert info.num_classes == 10 and info.train_samples == 3000 and info.val_samples == 600
+    assert info.image_size == (32, 32)
+    dl = build_train_loader(cfg, info, batch_size=64, rank=0, world_size=2, epoch=0, seed=0, img_size=32)
+    assert len(dl) == 3000 // 128
+    n = 0
+    for x, y in dl:
+        assert x.shape == (64, 3, 32, 32) and int(y.max()) < 10
+        n += 1
+    assert n == len(dl)
+    counts = Counter()
+    for r in range(2):
+        for x, y, v in build_val_loader(cfg, info, batch_size=64, rank=r, world_size=2, img_size=32):
+            counts.update(y[v].tolist())
+    assert counts == {c: 60 for c in range(10)}
