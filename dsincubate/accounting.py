@@ -83,9 +83,10 @@ class MetricLogger:
 
 
 def run_record(*, phase, cfg, ds_cfg, ds_file, ctx, wall_seconds, state, flops, kernels, trainable, engine_module,
-               info) -> dict:
+               info, frozen) -> dict:
+    names = set(trainable)
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                      for n, p in engine_module.named_parameters() if n in set(trainable))
+                      for n, p in engine_module.named_parameters() if n in names)
     n_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine_module.parameters())
     final = dict(state["history"][-1]) if state["history"] else {}
     return {
@@ -105,6 +106,7 @@ def run_record(*, phase, cfg, ds_cfg, ds_file, ctx, wall_seconds, state, flops, 
         "flops": flops,
         "params_trainable": n_trainable,
         "params_total": n_total,
+        "frozen_params": dict(frozen, count=n_total - n_trainable),
         "kernels": kernels,
         "data": {"num_classes": info.num_classes, "train_samples": info.train_samples,
                  "val_samples": info.val_samples, "stats": state.get("data_stats", [])},

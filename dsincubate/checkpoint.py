@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dsincubate.errors import UserError
@@ -79,7 +79,7 @@ def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("dsincubate", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{path}: not a readable safetensors checkpoint ({e})") from None
     return tensors, meta
 
@@ -91,7 +91,7 @@ def read_meta(path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {}).get("dsincubate", "{}"))
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{path}: not a readable safetensors checkpoint ({e})") from None
 
 

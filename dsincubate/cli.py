@@ -59,9 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fields", action="store_true", help="list every config field with its documentation")
     ops = sub.add_parser("ops", help="report the fused kernels: compatible, built, backend in use")
     ops.add_argument("rest", nargs=argparse.REMAINDER)
-    from dsincubate.data import shards_cli
-
-    shards_cli.add_arguments(sub.add_parser("shards", help="write WebDataset shards from an ImageFolder or list file"))
+    shards = sub.add_parser("shards", help="write WebDataset shards from an ImageFolder or list file", add_help=False)
+    shards.add_argument("rest", nargs=argparse.REMAINDER)  # parsed by dsincubate.data.shards_cli, imported on use
     return parser
 
 
@@ -119,7 +118,9 @@ def run(args) -> int:
     if args.command == "shards":
         from dsincubate.data import shards_cli
 
-        return shards_cli.run(args)
+        parser = argparse.ArgumentParser(prog="dsincubate shards")
+        shards_cli.add_arguments(parser)
+        return shards_cli.run(parser.parse_args(args.rest))
     cfg = load_config(args)
     root = Path(args.output)
     if args.command == "config" and args.fields:

@@ -9,6 +9,7 @@ the phase's model-only safetensors, `run.json` and, last, the `MANIFEST.json` th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -104,15 +105,15 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
 
     tc = phase.train_cfg
     out = phase.out_dir
+    phase.check_inputs()
+    ds_file = dsconfig.find(cfg.ds_config, ctx.has_cuda)
+    ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, ctx.world_size, str(ds_file))
+    _check_output(phase, ctx)
     if ckpt.complete(out):
         record = json.loads((out / "run.json").read_text())
         if ctx.is_main:
             print(f"[dsincubate] {phase.label}: already complete in {out}, skipping")
         return record
-    phase.check_inputs()
-    _check_output(phase, ctx)
-    ds_file = dsconfig.find(cfg.ds_config, ctx.has_cuda)
-    ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, ctx.world_size, str(ds_file))
     dtype = dsconfig.precision(ds_cfg)
     accum = ds_cfg["gradient_accumulation_steps"]
     global_batch = ds_cfg["train_batch_size"]
@@ -144,6 +145,7 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
     engine, optimizer, _, sched = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
                                                        config=ds_cfg)
     trainable = phase.output_names(engine.module)
+    frozen_before = _frozen_digest(engine.module)
 
     # ---- outputs and resume ----
     logger = accounting.MetricLogger(out, enabled=ctx.is_main)
@@ -195,7 +197,8 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
                 state["global_step"] += 1
             if bar is not None:
                 rate = n_micro * images.shape[0] * ctx.world_size / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}",
+                                refresh=False)
                 bar.update(1)
             if ctx.is_main and n_micro % 20 == 0:
                 logger.scalar("train/loss", loss.item(), state["global_step"])
@@ -235,10 +238,13 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
     for name, param in engine.module.named_parameters():
         if name in trainable:
             tensors[name] = _full_fp32(param)
+    frozen = {"sha256_before": frozen_before, "sha256_after": _frozen_digest(engine.module)}
+    if frozen["sha256_before"] != frozen["sha256_after"]:
+        raise RuntimeError(f"{phase.label}: frozen parameters changed during training; refusing to save")
     wall = prior_wall + (time.time() - t_start)
     record = accounting.run_record(
         phase=phase, cfg=cfg, ds_cfg=ds_cfg, ds_file=ds_file, ctx=ctx, wall_seconds=wall, state=state, flops=flops,
-        kernels=kernel_info, trainable=trainable, engine_module=engine.module, info=info)
+        kernels=kernel_info, trainable=trainable, engine_module=engine.module, info=info, frozen=frozen)
     if ctx.is_main:
         files = phase.save_output(tensors)
         ckpt.atomic_write_json(out / "run.json", record)
@@ -251,6 +257,21 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
 
 def _img_size(phase: Phase) -> int:
     return int(phase.target_spec().kwargs["img_size"])
+
+
+def _frozen_digest(module: torch.nn.Module) -> str | None:
+    """sha256 over the frozen parameters as the engine holds them (gathered under ZeRO-3; a collective)."""
+    import deepspeed
+
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    h = hashlib.sha256()
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
+        for name, p in frozen:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _full_fp32(param: torch.Tensor) -> torch.Tensor:
@@ -272,8 +293,10 @@ def _save_resume(engine, ckpt_dir: Path, state: dict, tc: TrainConfig, ctx) -> N
 
 
 def _apply_kernels(model, backend: str) -> dict:
-    from dsincubate.ops import apply_kernel_backend
-
     if backend not in ("auto", "cuda", "torch"):
         raise UserError(f"model.kernel_backend {backend!r}: use auto, cuda or torch")
+    if backend == "torch":  # timm's own modules, untouched
+        return {"requested": "torch", "layernorm": "torch", "attention": "torch"}
+    from dsincubate.ops import apply_kernel_backend
+
     return apply_kernel_backend(model, backend)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
-from .attention import attention, attention_qkv
+from .flash_attention import attention, attention_qkv
 from .builder import ALL_BUILDERS
 from .dispatch import BACKENDS, decisions
 from .layernorm import add_layer_norm, layer_norm

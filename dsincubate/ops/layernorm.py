@@ -5,7 +5,8 @@
 
 Any leading shape, normalisation over the last dim; x / residual fp32, fp16 or bf16 (mixed dtypes are promoted
 first, like ``x + residual``); weight / bias fp32 or the input dtype. The kernel runs only on CUDA tensors
-whose backend selection (dispatch.py) picked it; everything else runs reference.py.
+whose backend selection (dispatch.py) picked it; everything else runs reference.py (CPU tensors go through the
+same selection, where only test-injected kernels can claim them).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     (the block patch passes the original module so the 'torch' result is bit-identical to timm)."""
     dispatch.validate_backend(backend)
     ref = torch_path or (lambda: reference.layer_norm(x, weight, bias, eps))
-    if backend == dispatch.TORCH or not x.is_cuda:
+    if backend == dispatch.TORCH:
         return ref()
     return dispatch.call(OP, make_key(x, None, weight), backend, (x, None, weight, bias, eps), lambda: (ref(),))[0]
 
@@ -133,10 +134,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     """(LayerNorm(x + residual), x + residual) through the selected backend; see `layer_norm` for torch_path."""
     dispatch.validate_backend(backend)
     ref = torch_path or (lambda: reference.add_layer_norm(x, residual, weight, bias, eps))
-    if backend == dispatch.TORCH or not x.is_cuda:
-        return ref()
-    if residual.shape != x.shape:
-        return ref()  # broadcasting adds are left to torch
+    if backend == dispatch.TORCH or residual.shape != x.shape:
+        return ref()  # (broadcasting adds are left to torch)
     common = torch.promote_types(x.dtype, residual.dtype)  # what `x + residual` would compute in
     xc, rc = x.to(common), residual.to(common)
     return tuple(dispatch.call(OP, make_key(xc, rc, weight), backend, (xc, rc, weight, bias, eps), ref))

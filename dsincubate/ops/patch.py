@@ -18,7 +18,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from . import attention as attn_op
+from . import flash_attention as attn_op
 from . import layernorm as ln_op
 
 _TIMM_LN_FORWARDS = {nn.LayerNorm.forward}
@@ -55,12 +55,12 @@ class DsiAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
         backend = self._dsi_backend
-        use_torch = (attn_mask is not None or is_causal or not x.is_cuda
-                     or (self.training and self.attn_drop.p > 0))
+        use_torch = attn_mask is not None or is_causal or (self.training and self.attn_drop.p > 0)
         if not use_torch:
             B, N, _ = x.shape
             # Under autocast the projection produces the autocast dtype; otherwise the input's.
-            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             shape = (B, self.num_heads, N, self.head_dim)
             use_torch = attn_op.select_backend(shape, dtype, x.device, backend) == "torch"
         if use_torch:

@@ -3,7 +3,7 @@
 These are the 'torch' backend (what runs without CUDA, or when a kernel is unavailable or fails its
 self-check) and the ground truth the kernels are checked against. They use only public torch ops and work in
 any dtype (float64 included) on any device. Shapes and return conventions match the CUDA wrappers in
-layernorm.py / attention.py exactly, so the dispatcher can swap one for the other.
+layernorm.py / flash_attention.py exactly, so the dispatcher can swap one for the other.
 
     python -m pytest tests/ops/test_reference.py
 """

@@ -107,9 +107,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     dispatch.validate_backend(backend)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ref = torch_path or (lambda: reference.attention(q, k, v, scale))
-    if backend == dispatch.TORCH or not q.is_cuda or q.dim() != 4 or not (q.shape == k.shape == v.shape):
+    if backend == dispatch.TORCH or q.dim() != 4 or not (q.shape == k.shape == v.shape):
         return ref()
-    if not (q.dtype == k.dtype == v.dtype):
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
         return ref()
     return dispatch.call(OP, make_key(q), backend, (q, k, v, scale), ref)
 
@@ -122,7 +122,7 @@ def attention_qkv(qkv: torch.Tensor, scale: float | None = None, backend: str = 
 
 def select_backend(q_shape: tuple, dtype: torch.dtype, device: torch.device, backend: str) -> str:
     """Backend ('cuda' or 'torch') that `attention` would use for these inputs, deciding now if needed."""
-    if backend == dispatch.TORCH or device.type != "cuda":
+    if backend == dispatch.TORCH:
         return dispatch.TORCH
     B, H, N, D = q_shape
     key = (("device", str(device)), ("dtype", str(dtype).removeprefix("torch.")), ("batch", B), ("heads", H),

@@ -1,0 +1,197 @@
+"""Integration tests: the real `dsincubate` command and the real `deepspeed` launcher, in subprocesses, on the debug
+recipe and the built-in demo data. Slow tier (`-m integration`); every phase goes through DeepSpeed engines."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from dsincubate import checkpoint as ckpt
+from dsincubate.models import staged, vit
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def dsi(*args, cwd, demo_root, check=True):
+    cmd = [sys.executable, "-m", "dsincubate", *args, "--set", f"data.demo_root={demo_root}"]
+    p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo") / "data"
+
+
+@pytest.fixture(scope="session")
+def debug_run(tmp_path_factory, demo_root):
+    root = tmp_path_factory.mktemp("run") / "debug"
+    dsi("pipeline", "--recipe", "debug", "--output", str(root), cwd=root.parent, demo_root=demo_root)
+    return root
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_pipeline_outputs_and_accounting(debug_run):
+    summary = json.loads((debug_run / "summary.json").read_text())
+    assert summary["e2e"]["top1"] is not None and summary["deep_incubation"]["top1"] is not None
+    assert summary["deep_incubation"]["device_hours"] > summary["deep_incubation"]["phases"]["finetune"]
+    meta_sha = ckpt.read_manifest(debug_run / "meta")["files"]["model.safetensors"]["sha256"]
+    for d in ["meta", "finetune", "e2e"] + [f"incubate/module_{i}" for i in range(4)]:
+        run = json.loads((debug_run / d / "run.json").read_text())
+        assert ckpt.complete(debug_run / d)
+        assert run["device_seconds"] == pytest.approx(run["wall_seconds"] * run["world_size"])
+        assert run["images_processed"] > 0 and run["flops"]["train_step_per_image"] > 0
+        assert (debug_run / d / "config.json").is_file() and (debug_run / d / "ds_config.json").is_file()
+        assert (debug_run / d / "metrics.jsonl").is_file() and list((debug_run / d / "tb").iterdir())
+        assert {"top1", "top5"} <= set(run["final"])
+    for i in range(4):
+        d = debug_run / "incubate" / f"module_{i}"
+        run = json.loads((d / "run.json").read_text())
+        # meta stages were frozen: bit-identical before and after training
+        assert run["frozen_params"]["sha256_before"] == run["frozen_params"]["sha256_after"] is not None
+        assert run["params_trainable"] < run["params_total"]
+        header = ckpt.read_meta(d / "stage.safetensors")
+        assert header["index"] == i and header["meta_sha256"] == meta_sha and header["num_stages"] == 4
+    # an incubation step costs less than an E2E step (stages before I run forward only)
+    e2e = json.loads((debug_run / "e2e" / "run.json").read_text())["flops"]["train_step_per_image"]
+    inc0 = json.loads((debug_run / "incubate/module_0/run.json").read_text())["flops"]["train_step_per_image"]
+    inc3 = json.loads((debug_run / "incubate/module_3/run.json").read_text())["flops"]["train_step_per_image"]
+    assert inc3 < inc0 < e2e
+
+
+def test_incubated_stage_changed_from_its_init(debug_run):
+    from dsincubate import dist, phases
+    from dsincubate.config import RunConfig
+
+    cfg = RunConfig.from_dict(json.loads((debug_run / "config.json").read_text()))
+    for i in (0, 2):
+        phase = phases.make("incubate", cfg, debug_run, 10, i)
+        phase.check_inputs()
+        dist.seed_everything(cfg.seed)  # the engine builds the model right after seeding with cfg.seed
+        init = phase.build_model(load=True).target_stage.state_dict()
+        trained, _ = ckpt.load_tensors(debug_run / "incubate" / f"module_{i}" / "stage.safetensors")
+        assert set(trained) == set(init)
+        changed = [k for k in init if not torch.equal(trained[k], init[k])]
+        assert len(changed) == len(init), set(init) - set(changed)
+
+
+def test_export_loads_into_fresh_timm_model_with_identical_logits(debug_run):
+    for source in ("finetune", "e2e"):
+        out = debug_run / "export" / source
+        args = json.loads((out / "model.json").read_text())
+        model = timm.create_model(args.pop("model_name"), pretrained=False, **args).eval()
+        tensors, _ = ckpt.load_tensors(out / "model.safetensors")
+        model.load_state_dict(tensors, strict=True)
+        trained, header = ckpt.load_tensors(debug_run / source / "model.safetensors")
+        sm = staged.StagedModel(staged.divide(vit.build(vit.ModelSpec.from_json(header["spec"])),
+                                              header["stage_depths"])).eval()
+        sm.load_state_dict(trained)
+        x = torch.randn(4, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(model(x), sm(x))
+
+
+def test_rerun_skips_complete_phases_and_changes_nothing(debug_run, demo_root):
+    before = tree_digest(debug_run)
+    p = dsi("pipeline", "--recipe", "debug", "--output", str(debug_run), cwd=debug_run.parent, demo_root=demo_root)
+    assert "already complete" in p.stdout
+    after = tree_digest(debug_run)
+    assert {k: v for k, v in after.items() if k != "summary.json"} == \
+        {k: v for k, v in before.items() if k != "summary.json"}
+
+
+def test_resume_after_stop_equals_uninterrupted_run(tmp_path, demo_root):
+    common = ["--recipe", "debug", "--set", "e2e.epochs=3", "--set", "e2e.ckpt_every=1"]
+    dsi("e2e", "--output", str(tmp_path / "a"), *common, cwd=tmp_path, demo_root=demo_root)
+    for _ in range(3):  # stopped after every epoch, resumed by re-running the same command
+        dsi("e2e", "--output", str(tmp_path / "b"), *common, "--set", "stop_after_epochs=1", cwd=tmp_path,
+            demo_root=demo_root)
+    a, _ = ckpt.load_tensors(tmp_path / "a" / "e2e" / "model.safetensors")
+    b, _ = ckpt.load_tensors(tmp_path / "b" / "e2e" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tmp_path / "a" / "e2e" / "run.json").read_text())
+    rb = json.loads((tmp_path / "b" / "e2e" / "run.json").read_text())
+    assert ra["final"]["top1"] == rb["final"]["top1"] and ra["images_processed"] == rb["images_processed"]
+
+
+def test_two_ranks_zero3_bf16_through_the_deepspeed_launcher(tmp_path, demo_root):
+    root = tmp_path / "z3"
+    ds = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(ds), "--num_accelerators", "2", "--master_port", "29531", "--module", "dsincubate", "pipeline",
+           "--recipe", "debug", "--ds-config", "zero3_bf16", "--output", str(root),
+           "--set", f"data.demo_root={demo_root}"]
+    p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    for d in ["meta", "finetune", "e2e"] + [f"incubate/module_{i}" for i in range(4)]:
+        run = json.loads((root / d / "run.json").read_text())
+        assert run["world_size"] == 2 and run["ds_config"]["zero_optimization"]["stage"] == 3
+        assert run["ds_config"]["bf16"]["enabled"]
+        if d.startswith("incubate"):
+            assert run["frozen_params"]["sha256_before"] == run["frozen_params"]["sha256_after"]
+    tensors, _ = ckpt.load_tensors(root / "export" / "finetune" / "model.safetensors")
+    args = json.loads((root / "export" / "finetune" / "model.json").read_text())
+    timm.create_model(args.pop("model_name"), **args).load_state_dict(tensors, strict=True)
+    assert all(t.dtype == torch.float32 for t in tensors.values())  # fp32 master weights, not bf16 copies
+
+
+def _bad_stage_copy(debug_run, tmp_path, index_from, **header_changes):
+    tensors, header = ckpt.load_tensors(debug_run / "incubate" / f"module_{index_from}" / "stage.safetensors")
+    header.update(header_changes)
+    path = tmp_path / f"stage_{index_from}_{len(header_changes)}.safetensors"
+    ckpt.save_tensors(path, tensors, header)
+    return path
+
+
+BAD_INPUTS = [
+    (["incubate", "--module", "0", "--output", "{empty}"], "meta checkpoint missing"),
+    (["incubate", "--module", "1", "--set", "model.embed_dim=96"], "trained for another model: embed_dim 48"),
+    (["incubate", "--module", "4"], "out of range"),
+    (["meta", "--set", "model.num_stages=9"], "does not fit"),
+    (["meta", "--set", "model.preset=vit_nope"], "unknown model"),
+    (["meta", "--train", "/nonexistent/train-{000..003}.tar", "--val", "/nonexistent/val.tar"], "/nonexistent"),
+    (["meta", "--train", "{emptydir}", "--val", "{emptydir}"], "{emptydir}"),
+    (["meta", "--ds-config", "{badjson}"], "invalid JSON"),
+    (["meta", "--set", "meta.grad_accum=2", "--ds-config", "{accumjson}"], "set both"),
+    (["e2e", "--set", "e2e.epochs=5"], "another config"),
+    (["assemble", "--stages", "{s0}", "{s0}", "{s2}", "{s3}"], "are both module 0"),
+    (["assemble", "--stages", "{s0}", "{s1}", "{s2}"], "no stage file for module(s) [3]"),
+    (["assemble", "--stages", "{s0}", "{s1}", "{s2}", "{othermeta}"], "has another meta model"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a[:3]) for a, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line_error_and_touches_nothing(debug_run, demo_root, tmp_path, args, message):
+    (tmp_path / "emptydir").mkdir()
+    (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 3},')
+    (tmp_path / "accum.json").write_text('{"gradient_accumulation_steps": 4}')
+    stage = lambda i: str(debug_run / "incubate" / f"module_{i}" / "stage.safetensors")  # noqa: E731
+    subs = {"{empty}": str(tmp_path / "fresh"), "{emptydir}": str(tmp_path / "emptydir"),
+            "{badjson}": str(tmp_path / "bad.json"), "{accumjson}": str(tmp_path / "accum.json"),
+            "{s0}": stage(0), "{s1}": stage(1), "{s2}": stage(2), "{s3}": stage(3),
+            "{othermeta}": str(_bad_stage_copy(debug_run, tmp_path, 3, meta_sha256="0" * 64))}
+    args = [subs.get(a, a) for a in args]
+    message = subs.get(message, message)
+    if "--output" not in args:
+        args += ["--output", str(debug_run)]
+    before = tree_digest(debug_run)
+    p = dsi(*args, "--recipe", "debug", cwd=tmp_path, demo_root=demo_root, check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("dsincubate: error:")]
+    assert len(err) == 1 and message in err[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert tree_digest(debug_run) == before
+    assert not (tmp_path / "fresh" / "incubate").exists()
