@@ -6,7 +6,7 @@
 //     lse: [B, H, N] fp32 log2-domain logsumexp, only meaningful to backward.
 // backward(dout, q, k, v, o, lse, dq, dk, dv, scale) -> None: writes every element of dq, dk, dv (preallocated
 //     [B, H, N, D] with stride(-1) == 1, so they can be views into one packed dqkv buffer).
-// Called from dsincubate/ops/attention.py; built by dsincubate/ops/builder.py.
+// Called from dsincubate/ops/flash_attention.py; built by dsincubate/ops/builder.py.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>

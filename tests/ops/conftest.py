@@ -1,0 +1,34 @@
+"""Shared setup for the dsincubate.ops tests: the `gpu` marker and a clean dispatcher per test.
+
+    python -m pytest tests/ops            # CPU tests (GPU tests skip with a reason)
+    python -m pytest tests/ops -m gpu     # only the GPU tests (need CUDA)
+"""
+
+import pytest
+import torch
+
+from dsincubate.ops import dispatch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason when there is none)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def clean_dispatch():
+    """Every test starts with no decisions, no disabled kernels and only the built-in implementations."""
+    builtin = {op: dict(impls) for op, impls in dispatch._IMPLS.items()}
+    dispatch.reset()
+    yield
+    for op, impls in builtin.items():
+        dispatch._IMPLS[op] = impls
+    dispatch.reset()

@@ -1,0 +1,226 @@
+"""Backend selection and fallback on CPU, with kernels injected through dispatch.register_impl.
+
+Covers: 'torch' / 'cuda' / 'auto' selection, a kernel failing its self-check (wrong forward or wrong gradient)
+being disabled with exactly one warning while training continues on the reference, a kernel raising at run
+time, one log line per decision, and the CUDA kernels declining CPU tensors.
+
+    python -m pytest tests/ops/test_dispatch.py
+"""
+
+import logging
+import time
+import warnings
+
+import pytest
+import torch
+
+from dsincubate.errors import UserError
+from dsincubate.ops import add_layer_norm, attention, dispatch, layer_norm, reference
+from dsincubate.ops import flash_attention as attn_mod
+from dsincubate.ops import layernorm as ln_mod
+
+CPU = lambda key: (key["device"] == "cpu", "cpu test kernel")  # noqa: E731
+
+
+class Counting:
+    """Wraps an implementation and counts calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.fn(*args)
+
+
+def _math_ln(x, residual, weight, bias, eps):
+    s = x if residual is None else x + residual
+    y = reference.layer_norm_math(s, weight, bias, eps)
+    return (y,) if residual is None else (y, s)
+
+
+def _wrong_forward_ln(x, residual, weight, bias, eps):
+    out = _math_ln(x, residual, weight, bias, eps)
+    return (out[0] * 1.05,) + out[1:]
+
+
+class _BadGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2.0  # wrong by a factor of two
+
+
+def _wrong_grad_ln(x, residual, weight, bias, eps):
+    out = _math_ln(x, residual, weight, bias, eps)
+    return (_BadGrad.apply(out[0]),) + out[1:]
+
+
+def _inputs(rows=6, cols=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen)
+    r = torch.randn(rows, cols, generator=gen)
+    w = torch.rand(cols, generator=gen) + 0.5
+    b = torch.randn(cols, generator=gen)
+    return x, r, w, b
+
+
+def test_unknown_backend_is_a_user_error():
+    x, _, w, b = _inputs()
+    with pytest.raises(UserError, match="auto, cuda, torch"):
+        layer_norm(x, w, b, backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda", "torch"])
+def test_cpu_without_injected_kernels_is_exactly_the_reference(backend):
+    x, r, w, b = _inputs()
+    assert torch.equal(layer_norm(x, w, b, 1e-6, backend=backend), reference.layer_norm(x, w, b, 1e-6))
+    y, s = add_layer_norm(x, r, w, b, 1e-6, backend=backend)
+    ry, rs = reference.add_layer_norm(x, r, w, b, 1e-6)
+    assert torch.equal(y, ry) and torch.equal(s, rs)
+    q, k, v = torch.randn(3, 2, 2, 9, 16).unbind(0)
+    assert torch.equal(attention(q, k, v, backend=backend), reference.attention(q, k, v))
+
+
+def test_cuda_kernels_decline_cpu_tensors():
+    x, _, w, b = _inputs()
+    layer_norm(x, w, b, backend="cuda")
+    (decision,) = dispatch.decisions()
+    assert decision["backend"] == "torch" and "not a CUDA tensor" in decision["reason"]
+    ok, why = attn_mod.CUDA_IMPL.supports({"device": "cpu", "dtype": "bfloat16", "head_dim": 64})
+    assert not ok and "CUDA" in why
+    ok, why = ln_mod.CUDA_IMPL.supports({"device": "cuda:0", "dtype": "float64", "weight_dtype": "float32"})
+    assert not ok and "float64" in why
+
+
+def test_cuda_backend_uses_a_kernel_that_passes_and_logs_once(caplog):
+    fake = Counting(_math_ln)
+    dispatch.register_impl(ln_mod.OP, "fake", fake, CPU)
+    x, r, w, b = _inputs()
+    with caplog.at_level(logging.INFO, logger="dsincubate.ops"):
+        for _ in range(3):
+            y, s = add_layer_norm(x, r, w, b, 1e-6, backend="cuda")
+    ry, rs = reference.add_layer_norm(x, r, w, b, 1e-6)
+    assert torch.allclose(y, ry, atol=1e-5) and torch.equal(s, rs)
+    assert fake.calls >= 3 + 1  # the self-check plus every call
+    lines = [rec for rec in caplog.records if rec.name == "dsincubate.ops" and "-> fake" in rec.getMessage()]
+    assert len(lines) == 1
+    assert [d["backend"] for d in dispatch.decisions()] == ["fake"]
+
+
+@pytest.mark.parametrize("broken", [_wrong_forward_ln, _wrong_grad_ln], ids=["forward", "gradient"])
+def test_kernel_failing_self_check_is_disabled_with_one_warning(broken):
+    bad = dispatch.register_impl(ln_mod.OP, "bad", Counting(broken), CPU)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 1))
+    norm = model[1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data, target = torch.randn(64, 16), torch.randn(64, 1)
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(20):
+            h = model[0](data)
+            for rows in (64, 32):  # a second shape must not warn again
+                y = layer_norm(h[:rows], norm.weight, norm.bias, norm.eps, backend="cuda")
+            loss = torch.nn.functional.mse_loss(model[2](y), target[:rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    ours = [w for w in caught if "dsincubate.ops" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+    assert "'bad'" in str(ours[0].message) and "self-check" in str(ours[0].message)
+    assert bad.disabled and bad.fn.calls == 1  # only the self-check ever ran it
+    assert all(d["backend"] == "torch" for d in dispatch.decisions())
+    assert all(map(torch.isfinite, map(torch.tensor, losses))) and losses[-1] < losses[0]
+
+
+def test_kernel_raising_at_run_time_falls_back_with_one_warning():
+    state = {"armed": False}
+
+    def flaky(*args):
+        if state["armed"]:
+            raise RuntimeError("launch failed")
+        return _math_ln(*args)
+
+    impl = dispatch.register_impl(ln_mod.OP, "flaky", flaky, CPU)
+    x, _, w, b = _inputs()
+    layer_norm(x, w, b, backend="cuda")  # passes the self-check
+    state["armed"] = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = [layer_norm(x, w, b, 1e-6, backend="cuda") for _ in range(3)]
+    assert len([w for w in caught if "flaky" in str(w.message)]) == 1
+    assert "raised RuntimeError" in impl.disabled
+    assert all(torch.equal(o, reference.layer_norm(x, w, b, 1e-6)) for o in out)
+
+
+def test_torch_backend_never_consults_kernels():
+    fake = Counting(_math_ln)
+    dispatch.register_impl(ln_mod.OP, "fake", fake, CPU)
+    x, r, w, b = _inputs()
+    add_layer_norm(x, r, w, b, backend="torch")
+    assert fake.calls == 0 and dispatch.decisions() == []
+
+
+def _toy_spec(ref_sleep):
+    def ref(x):
+        time.sleep(ref_sleep)
+        return (x * 2.0,)
+
+    return dispatch.OpSpec(
+        "toy", ref,
+        make_case=lambda key, gen: [torch.randn(key["n"], generator=gen).requires_grad_(True)],
+        call=lambda fn, leaves: fn(*leaves))
+
+
+@pytest.mark.parametrize("ref_sleep,kernel_sleep,expected", [(0.004, 0.0, "fast"), (0.0, 0.004, "torch")])
+def test_auto_picks_the_fastest_backend_that_passed(ref_sleep, kernel_sleep, expected):
+    dispatch.register_op(_toy_spec(ref_sleep))
+    try:
+        def kernel(x):
+            time.sleep(kernel_sleep)
+            return (x + x,)
+
+        dispatch.register_impl("toy", "fast", kernel, CPU)
+        dispatch.register_impl("toy", "wrong", lambda x: (x * 3.0,), CPU)
+        key = (("device", "cpu"), ("dtype", "float32"), ("n", 8))
+        with pytest.warns(RuntimeWarning, match="'wrong'"):
+            name, _ = dispatch.select("toy", key, "auto")
+        assert name == expected
+        (decision,) = dispatch.decisions()
+        assert "fastest" in decision["reason"] and "wrong" not in decision["reason"]
+        assert dispatch.select("toy", key, "cuda")[0] == "fast"  # 'cuda' takes the kernel regardless of speed
+    finally:
+        dispatch._SPECS.pop("toy")
+        dispatch._IMPLS.pop("toy")
+
+
+def test_attention_injected_kernel_sees_strided_qkv_views():
+    seen = []
+
+    def fake(q, k, v, scale):
+        seen.append((q.shape, q.stride(-1), q.is_contiguous()))
+        return reference.attention_math(q, k, v, scale)
+
+    dispatch.register_impl(attn_mod.OP, "fake", fake, CPU)
+    qkv = torch.randn(2, 11, 3, 4, 8)
+    out = attn_mod.attention_qkv(qkv, backend="cuda")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert out.shape == (2, 11, 4, 8)
+    assert torch.allclose(out, reference.attention(q, k, v).transpose(1, 2), atol=1e-5)
+    assert seen[0] == ((2, 4, 11, 8), 1, False)  # the self-check also feeds packed views
+
+
+def test_self_check_does_not_touch_the_global_rng():
+    dispatch.register_impl(ln_mod.OP, "fake", _math_ln, CPU)
+    x, _, w, b = _inputs()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    layer_norm(x, w, b, backend="auto")  # self-check + timing happen here
+    assert torch.equal(torch.rand(3), expected)
