@@ -160,7 +160,7 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
     if found:
         tag, _ = found
         _, client = engine.load_checkpoint(str(ckpt_dir), tag, load_module_strict=False)
-        state.update(client)
+        state.update({k: client[k] for k in state if k in client})  # DeepSpeed adds keys of its own
         if ctx.is_main:
             print(f"[dsincubate] {phase.label}: resumed from {ckpt_dir / tag} (epoch {state['epoch']})")
     prior_wall = state["wall_seconds"]  # earlier invocations' wall time, so device-hours count every attempt
