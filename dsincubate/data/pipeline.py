@@ -143,6 +143,9 @@ class ShardStream(IterableDataset):
                         error = ("truncated_shard", e)
         if error is None and seen == 0:
             error = ("empty_shard", "no samples")
+        elif error is None and seen < item.expected:
+            # tarfile treats a stream cut at a member boundary as a normal end: only the manifest count tells
+            error = ("truncated_shard", f"ended after {seen} of {item.expected} samples")
         if error is not None:
             self._bad(error[0], item.name, "(whole shard)", error[1])
         if item.expected > seen:  # samples the manifest promised that never arrived
@@ -216,7 +219,8 @@ class ShardStream(IterableDataset):
         quota = self.quotas[wid] if self.quotas is not None else None
         B, S = self.batch_size, self.img_size
         done = 0
-        x, y, n = torch.empty(B, 3, S, S), torch.empty(B, dtype=torch.int64), 0
+        shared = get_worker_info() is not None
+        x, y, n = _alloc((B, 3, S, S), shared), torch.empty(B, dtype=torch.int64), 0
         if quota != 0:
             for key, name, data, label in self._shuffled(self._samples(wid, nw, rng), rnd):
                 try:
@@ -225,7 +229,7 @@ class ShardStream(IterableDataset):
                     self._bad("decode_error", name, key, e)
                     continue
                 try:
-                    x[n] = self.transform(img)
+                    self.transform(img, x[n])
                 except Exception as e:  # noqa: BLE001 - e.g. a degenerate image the augmentation cannot handle
                     self._bad("transform_error", name, key, e)
                     continue
@@ -235,7 +239,7 @@ class ShardStream(IterableDataset):
                 if n == B:
                     yield self._item(wid, x, y, n)
                     done += 1
-                    x, y, n = torch.empty(B, 3, S, S), torch.empty(B, dtype=torch.int64), 0
+                    x, y, n = _alloc((B, 3, S, S), shared), torch.empty(B, dtype=torch.int64), 0
                     if quota is not None and done >= quota:
                         break
         if n and quota is None:
@@ -245,6 +249,16 @@ class ShardStream(IterableDataset):
     def _item(self, wid, x, y, n) -> dict:
         stats = {k: v for k, v in self.stats.items() if not k.startswith("_")}
         return {"x": x, "y": y, "n": n, "wid": wid, "stats": stats, "examples": list(self.examples)}
+
+
+def _alloc(shape, shared: bool) -> torch.Tensor:
+    """Batch buffer; in a worker it lives in shared memory from the start (as DataLoader's own collate does), so
+    handing it to the main process does not copy it."""
+    if not shared:
+        return torch.empty(shape)
+    numel = int(np.prod(shape))
+    proto = torch.empty(0)
+    return proto.new(proto._typed_storage()._new_shared(numel, device="cpu")).view(shape)
 
 
 def _seed_globals(s: int) -> None:

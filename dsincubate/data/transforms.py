@@ -27,6 +27,8 @@ from timm.data import auto_augment as _timm_aa
 # torchvision 0.29 deprecates its decoders in favour of torchcodec (not installed here) and warns on every call.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
+# PIL images come back as read-only numpy arrays; they are only ever copied from, never written.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 DEFAULT_CROP_PCT = 0.875  # DeiT eval: resize to img_size / 0.875, center crop img_size
 
@@ -67,13 +69,13 @@ class TensorEval:
         self.img_size = img_size
         self.resize = int(math.floor(img_size / crop_pct))
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
-        self.std = torch.tensor(std).view(3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std).view(3, 1, 1) * 255)
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if min(img.shape[-2:]) != self.resize:
             img = TF.resize(img, [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
         img = TF.center_crop(img, [self.img_size, self.img_size])
-        return (img.float() - self.mean) / self.std
+        return _normalize_into(img, out, self.mean, self.inv_std)
 
 
 class PILPipeline:
@@ -88,13 +90,24 @@ class PILPipeline:
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.inv_std = 1.0 / (torch.tensor(std).view(3, 1, 1) * 255)
 
-    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         pil = self.pil_tf(to_pil(img))
-        x = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1).float()
-        x = (x - self.mean) * self.inv_std
+        x = _normalize_into(torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1), out, self.mean,
+                            self.inv_std)
         for t in self.tensor_tf:
-            x = t(x)
+            y = t(x)  # timm's RandomErasing works in place and returns its input
+            if y is not x:
+                x.copy_(y)
         return x
+
+
+def _normalize_into(img: torch.Tensor, out: torch.Tensor | None, mean: torch.Tensor, inv_std: torch.Tensor):
+    """uint8 [3,H,W] -> normalized float32, written straight into `out` (the batch slot) when given: no temporary
+    float images, whose page-faulting allocations cost more than the arithmetic at 224px."""
+    if out is None:
+        out = torch.empty(img.shape, dtype=torch.float32)
+    out.copy_(img)
+    return out.sub_(mean).mul_(inv_std)
 
 
 def _split_final(final) -> list:

@@ -109,8 +109,9 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
         else:
             tmp = f"{path}.tmp{os.getpid()}"
             with open(tmp, "wb") as f:
-                # mtime fixed and encoder off: identical input gives byte-identical shards
-                tw = wds.TarWriter(f, encoder=False, mtime=0.0)
+                # mtime fixed and encoder off: identical input gives byte-identical shards; an int mtime keeps
+                # tarfile from adding a PAX header per member (a float one does), which halves header parsing
+                tw = wds.TarWriter(f, encoder=False, mtime=0)
                 for s in shard:
                     tw.write({"__key__": s.key, s.ext: s.read(), "cls": str(int(s.label)).encode()})
                 tw.close()

@@ -1,0 +1,170 @@
+"""Dataloader throughput: images per CPU-second of the training input pipeline on the same JPEGs, three ways.
+
+  raw decode         torchvision.io.decode_image over the JPEG bytes in memory, one process: the ceiling
+  ours               dsincubate.data WebDataset shards -> decode -> augment -> batch (DataLoader workers)
+  ImageFolder+PIL    torchvision ImageFolder with PIL loading and the same timm transform (DataLoader workers)
+
+Each pipeline is measured with recipe "none" (decode, resize, center crop, normalize) and "deit" (timm's DeiT
+training augmentation: RandomResizedCrop, flip, RandAugment, random erasing). Per-core rate = images / CPU seconds
+of the main process plus its workers (getrusage), so it does not depend on how busy the other cores are; wall
+rates are reported too. Targets: ours >= 80% of the raw decode rate per core, and clearly ahead of ImageFolder.
+
+    python benchmarks/dataloader.py [--images 2000] [--size 224] [--workers 2] [--workdir /tmp/dsinc_bench]
+
+Prints a table and writes benchmarks/results/dataloader_<host-kind>.json with machine, command, commit and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dsincubate.data import DataConfig, build_train_loader, resolve_data  # noqa: E402
+from dsincubate.data.synth import jpeg_folder  # noqa: E402
+from dsincubate.data.transforms import build_transform, decode  # noqa: E402
+from dsincubate.data.writer import convert  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def measure(fn) -> dict:
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    n = fn()
+    cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
+    return {"images": n, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "img_per_s": round(n / wall, 1),
+            "img_per_cpu_s": round(n / cpu, 1)}
+
+
+def raw_decode(paths) -> int:
+    datas = []
+    for p in paths:
+        with open(p, "rb") as f:
+            datas.append(f.read())
+    torch.set_num_threads(1)
+    for d in datas:
+        decode(d)
+    return len(datas)
+
+
+def raw_decode_pil(paths) -> int:
+    from PIL import Image
+    for p in paths:
+        with Image.open(p) as im:
+            im.convert("RGB")
+    return len(paths)
+
+
+def ours(shards: str, recipe: str, args) -> int:
+    cfg = DataConfig(train=shards, val=shards, recipe=recipe, num_workers=args.workers, resampled=False,
+                     shuffle_buffer=256)
+    info = resolve_data(cfg)
+    dl = build_train_loader(cfg, info, batch_size=args.batch, rank=0, world_size=1, epoch=0, seed=0,
+                            img_size=args.size)
+    n = 0
+    for x, _ in dl:
+        n += x.shape[0]
+    return n
+
+
+def imagefolder(folder: str, recipe: str, args) -> int:
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+    if recipe == "deit":
+        tf = create_transform(args.size, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                              re_mode="pixel", interpolation="bicubic")
+    else:
+        tf = create_transform(args.size, is_training=False, interpolation="bicubic", crop_pct=0.875)
+    ds = ImageFolder(folder, transform=tf)
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                     drop_last=True, generator=torch.Generator().manual_seed(0))
+    n = 0
+    for x, _ in dl:
+        n += x.shape[0]
+    return n
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpu_model": model or platform.processor(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--size", type=int, default=224, help="JPEG side and training image size")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--workdir", default="/tmp/dsinc_bench")
+    ap.add_argument("--host-kind", default=f"cpu{os.cpu_count()}")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+
+    folder = os.path.join(args.workdir, f"jpeg{args.size}")
+    paths = jpeg_folder(folder, args.images, size=args.size)
+    shards = os.path.join(args.workdir, f"shards{args.size}")
+    convert(folder, shards, prefix="train", maxcount=250, progress=False)
+    # warm the page cache and imports so every row reads from memory
+    raw_decode(paths[:50])
+    rows = {"raw decode (torchvision)": measure(lambda: raw_decode(paths)),
+            "raw decode (PIL)": measure(lambda: raw_decode_pil(paths))}
+    for recipe in ("none", "deit"):
+        rows[f"ours webdataset [{recipe}]"] = measure(lambda r=recipe: ours(shards, r, args))
+        rows[f"ImageFolder+PIL [{recipe}]"] = measure(lambda r=recipe: imagefolder(folder, r, args))
+    ceiling = rows["raw decode (torchvision)"]["img_per_cpu_s"]
+    for r in rows.values():
+        r["vs_raw_decode"] = round(r["img_per_cpu_s"] / ceiling, 3)
+
+    print(f"{args.images} JPEGs {args.size}px, batch {args.batch}, {args.workers} workers, {os.cpu_count()} cores")
+    print(f"{'pipeline':32s} {'img/s wall':>11s} {'img/CPU-s':>10s} {'vs raw':>7s}")
+    for name, r in rows.items():
+        print(f"{name:32s} {r['img_per_s']:11.1f} {r['img_per_cpu_s']:10.1f} {r['vs_raw_decode']:7.2f}")
+    targets = {}
+    for recipe in ("none", "deit"):
+        o, f = rows[f"ours webdataset [{recipe}]"], rows[f"ImageFolder+PIL [{recipe}]"]
+        targets[recipe] = {"ours_vs_raw_decode_per_core": o["vs_raw_decode"],
+                           "meets_80pct_of_raw_decode": o["vs_raw_decode"] >= 0.8,
+                           "ours_vs_imagefolder_per_core": round(o["img_per_cpu_s"] / f["img_per_cpu_s"], 3),
+                           "ahead_of_imagefolder": o["img_per_cpu_s"] > 1.1 * f["img_per_cpu_s"]}
+        print(f"[{recipe}] ours/raw decode = {o['vs_raw_decode']:.2f} (target 0.80: "
+              f"{'met' if targets[recipe]['meets_80pct_of_raw_decode'] else 'NOT met'}); ours/ImageFolder = "
+              f"{targets[recipe]['ours_vs_imagefolder_per_core']:.2f}")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"dataloader_{args.host_kind}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"benchmark": "dataloader", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                   "command": " ".join([sys.executable] + sys.argv), "git_commit": git_commit(),
+                   "machine": machine(), "settings": vars(args), "results": rows, "targets": targets}, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
