@@ -38,6 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsincubate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("meta", "pre-train the meta model"), ("incubate", "incubate target module I"),
                         ("finetune", "fine-tune the assembled model"), ("e2e", "train the target end to end"),
