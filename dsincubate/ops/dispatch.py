@@ -147,10 +147,12 @@ def _run(spec: OpSpec, fn: Callable, leaves: list, cotangents: list | None, dtyp
 
 
 def _isolated():
-    """Context for self-checks and timing: grad on, autocast off, no outer saved-tensor (checkpoint) hooks."""
+    """Context for self-checks and timing: grad on (even inside inference_mode), autocast off, and no outer
+    saved-tensor hooks (activation checkpointing must not see the check's private autograd graph)."""
     import contextlib
 
     stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
     stack.enter_context(torch.enable_grad())
     for dev in ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",):
         stack.enter_context(torch.autocast(device_type=dev, enabled=False))
@@ -257,6 +259,8 @@ def call(op: str, key: Key, backend: str, args: Sequence, torch_path: Callable[[
         return torch_path()
     try:
         return fn(*args)
-    except Exception as exc:
+    except RuntimeError as exc:
+        # Only RuntimeError (TORCH_CHECK, CUDA errors): other exceptions can be control flow passing through,
+        # e.g. non-reentrant checkpointing stops its recomputation by raising from a saved-tensor hook.
         _disable(_IMPLS[op][name], f"raised {type(exc).__name__}: {exc}")
         return torch_path()

@@ -224,3 +224,28 @@ def test_self_check_does_not_touch_the_global_rng():
     torch.manual_seed(5)
     layer_norm(x, w, b, backend="auto")  # self-check + timing happen here
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_first_use_under_no_grad_still_checks_gradients(context):
+    good = dispatch.register_impl(ln_mod.OP, "good", _math_ln, CPU)
+    x, r, w, b = _inputs()
+    with context():
+        y, s = add_layer_norm(x, r, w, b, 1e-6, backend="cuda")
+    assert good.disabled is None and dispatch.decisions()[0]["backend"] == "good"
+    assert torch.allclose(y, reference.add_layer_norm(x, r, w, b, 1e-6)[0], atol=1e-5)
+    dispatch.reset()
+    dispatch.register_impl(ln_mod.OP, "bad", _wrong_grad_ln, CPU)
+    with context(), pytest.warns(RuntimeWarning, match="'bad'"):
+        add_layer_norm(x, r, w, b, 1e-6, backend="cuda")
+
+
+def test_self_check_is_invisible_to_activation_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    dispatch.register_impl(ln_mod.OP, "good", _math_ln, CPU)
+    x, _, w, b = _inputs()
+    x.requires_grad_(True)
+    out = checkpoint(lambda t: layer_norm(t * 2, w, b, 1e-6, backend="cuda"), x, use_reentrant=False)
+    out.sum().backward()
+    assert dispatch.decisions()[0]["backend"] == "good" and x.grad is not None and torch.isfinite(x.grad).all()

@@ -174,3 +174,27 @@ def test_attention_dropout_in_training_uses_timm_code():
     model.eval()
     model(torch.randn(1, 3, 32, 32))
     assert seen  # eval: dropout is off, so the fused core is allowed
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_patched_blocks_under_activation_checkpointing(use_reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    dispatch.register_impl(ln_mod.OP, "fake", _math_ln, CPU)
+    dispatch.register_impl(attn_mod.OP, "fake", lambda q, k, v, s: reference.attention_math(q, k, v, s), CPU)
+    plain = _vit(init_values=0.2)
+    patched = copy.deepcopy(plain)
+    patch.patch_module(patched, "cuda")
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for model in (plain, patched):
+        tokens = model.patch_embed(x)
+        tokens = model._pos_embed(tokens)
+        for blk in model.blocks:  # each block its own checkpointed stage, as in the staged ViT
+            tokens = checkpoint(blk, tokens, use_reentrant=use_reentrant)
+        tokens.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-3, atol=1e-6), name
+    assert all(impl.disabled is None for op in (ln_mod.OP, attn_mod.OP) for impl in dispatch.impls(op).values())
