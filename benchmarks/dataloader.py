@@ -104,7 +104,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu_model": model or platform.processor(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg()}  # other jobs on a shared machine skew wall rates
 
 
 def git_commit() -> str:

@@ -43,7 +43,8 @@ class DataConfig:
     train_manifest: str = ""        # manifest for train shards when it is not next to them (pipe:/remote)
     val_manifest: str = ""          # same for val
     demo_root: str = "demo_data"    # where the demo shards are generated (once; safe with concurrent ranks)
-    num_workers: int = 2            # DataLoader worker processes per rank (0 = read in the training process)
+    num_workers: int = 2            # DataLoader worker processes per rank (0 = read in the training process);
+    #                                 sample order is reproducible for a given (seed, epoch, rank, num_workers)
     shuffle_buffer: int = 1000      # samples held per worker for shuffling across shard boundaries
     resampled: bool = True          # draw shards with replacement, fixed samples per epoch (multi-node safe);
     #                                 False = exact one pass over the (selected) data per epoch
