@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fields", action="store_true", help="list every config field with its documentation")
     ops = sub.add_parser("ops", help="report the fused kernels: compatible, built, backend in use")
     ops.add_argument("rest", nargs=argparse.REMAINDER)
-    shards = sub.add_parser("shards", help="write WebDataset shards from an ImageFolder or list file", add_help=False)
-    shards.add_argument("rest", nargs=argparse.REMAINDER)  # parsed by dsincubate.data.shards_cli, imported on use
+    # Parsed by their own modules, imported on use (keeps start-up light).
+    for name, help_ in (("shards", "write WebDataset shards from an ImageFolder or list file"),
+                        ("tune", "sweep micro-batch, ZeRO stage, checkpointing and offload; write the best ds_config")):
+        sub.add_parser(name, help=help_, add_help=False).add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -116,12 +118,13 @@ def run(args) -> int:
         from dsincubate.ops import report
 
         return report.main(args.rest)
-    if args.command == "shards":
-        from dsincubate.data import shards_cli
+    if args.command in ("shards", "tune"):
+        import importlib
 
-        parser = argparse.ArgumentParser(prog="dsincubate shards")
-        shards_cli.add_arguments(parser)
-        return shards_cli.run(parser.parse_args(args.rest))
+        mod = importlib.import_module("dsincubate.data.shards_cli" if args.command == "shards" else "dsincubate.tune")
+        parser = argparse.ArgumentParser(prog=f"dsincubate {args.command}")
+        mod.add_arguments(parser)
+        return mod.run(parser.parse_args(args.rest))
     cfg = load_config(args)
     root = Path(args.output)
     if args.command == "config" and args.fields:
@@ -213,7 +216,11 @@ def _pipeline(args, cfg, root: Path, ctx, info, n_cls: int) -> int:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("shards", "tune", "ops"):
+        args.rest = list(args.rest) + extra  # argparse leaves leading options of a REMAINDER to parse_known_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return run(args)
     except UserError as e:
