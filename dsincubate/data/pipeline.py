@@ -18,6 +18,7 @@ step so the training loop's own randomness is untouched.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import random
 import tarfile
@@ -109,11 +110,12 @@ class ShardStream(IterableDataset):
         if stream is not None:
             key, group, wanted = None, {}, False
             try:
-                tf = tarfile.open(fileobj=stream, mode="r|*")
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    k, ext = split_member(m.name)
+                if item.url.endswith((".gz", ".tgz")):
+                    stream_in = gzip.GzipFile(fileobj=stream)
+                else:
+                    stream_in = stream
+                for mname, mdata in iter_tar(stream_in):
+                    k, ext = split_member(mname)
                     if k is None:
                         continue
                     if k != key:
@@ -122,14 +124,17 @@ class ShardStream(IterableDataset):
                             yield from self._finish(item.name, key, group)
                         key, group = k, {}
                         wanted = item.keys is None or k in item.keys
-                    if wanted:  # unselected samples are skipped without reading their data
-                        group[ext] = tf.extractfile(m).read()
+                    if wanted:
+                        group[ext] = mdata
                 if key is not None and wanted:
                     seen += 1
                     yield from self._finish(item.name, key, group)
                 key = None
             except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
-                error = ("empty_shard" if seen == 0 and "empty" in str(e) else "truncated_shard", e)
+                if seen == 0:  # nothing usable: an empty file, or not a tar at all
+                    error = ("empty_shard" if "empty" in str(e) else "unopenable_shard", e)
+                else:
+                    error = ("truncated_shard", e)
                 if key is not None and wanted:
                     seen += 1  # the sample being read when the stream broke is lost
                     self._bad("incomplete_sample", item.name, key, "stream ended inside this sample")
@@ -249,6 +254,79 @@ class ShardStream(IterableDataset):
     def _item(self, wid, x, y, n) -> dict:
         stats = {k: v for k, v in self.stats.items() if not k.startswith("_")}
         return {"x": x, "y": y, "n": n, "wid": wid, "stats": stats, "examples": list(self.examples)}
+
+
+def _read_exact(stream, n: int) -> bytes:
+    buf = stream.read(n)
+    while len(buf) < n:  # pipes may return short reads before EOF
+        more = stream.read(n - len(buf))
+        if not more:
+            break
+        buf += more
+    return buf
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for large sizes
+        return int.from_bytes(field[1:], "big")
+    field = field.split(b"\0", 1)[0].strip()
+    return int(field, 8) if field else 0
+
+
+def iter_tar(stream):
+    """(member name, data) of the regular files of a tar stream, in order.
+
+    A minimal streaming reader: tarfile spends more time parsing headers than our whole 32px decode+augment, and
+    it also takes a stream cut at a member boundary for a normal end. This one checks header checksums, follows
+    GNU long names and PAX path/size records, and raises EOFError unless the end-of-archive block is reached.
+    Names are returned as text only; nothing here touches the filesystem.
+    """
+    long_name, pax = None, {}
+    first = True
+    while True:
+        hdr = _read_exact(stream, 512)
+        if not hdr:
+            raise EOFError("empty file" if first else "tar stream ended without end-of-archive marker")
+        first = False
+        if len(hdr) < 512:
+            raise EOFError("truncated tar header")
+        if hdr == b"\0" * 512:
+            return
+        chk = _octal(hdr[148:156])
+        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise tarfile.HeaderError("bad tar header checksum")
+        size = int(pax.get("size", _octal(hdr[124:136])))
+        typ = hdr[156:157]
+        name = hdr[:100].split(b"\0", 1)[0]
+        if hdr[257:262] == b"ustar" and hdr[345:346] != b"\0":
+            name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+        name = long_name or pax.get("path") or name.decode("utf-8", "replace")
+        data = _read_exact(stream, size)
+        pad = (-size) % 512
+        if len(data) < size or len(_read_exact(stream, pad)) < pad:
+            raise EOFError("tar member truncated")
+        if typ == b"L":
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+            continue
+        if typ == b"x":
+            pax = _pax_records(data)
+            continue
+        if typ == b"g":
+            continue
+        long_name, pax = None, {}
+        if typ in (b"0", b"\0", b"7"):
+            yield name, data
+
+
+def _pax_records(data: bytes) -> dict:
+    out, i = {}, 0
+    while i < len(data):
+        sp = data.index(b" ", i)
+        length = int(data[i:sp])
+        key, _, value = data[sp + 1:i + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "replace")
+        i += length
+    return out
 
 
 def _alloc(shape, shared: bool) -> torch.Tensor:

@@ -156,3 +156,24 @@ def test_failing_pipe_command_is_an_unopenable_shard(bad_dir):
     assert sum(1 for _ in dl) == len(dl) == 5
     st = dl.stats()
     assert st["bad_by_kind"]["unopenable_shard"] == 1 and st["bad_by_kind"]["missing_samples"] == 3
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_matches_tarfile_and_sees_cuts(fmt):
+    import io
+    from dsincubate.data.pipeline import iter_tar
+    buf = io.BytesIO()
+    names = ["d/" + "x" * 90 + ".png", "short.cls", "a/b/c.jpg"] + (["ü/" + "y" * 120 + ".png"] if fmt != tarfile.USTAR_FORMAT else [])
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for n in names:
+            _add(tf, n, n.encode() * 7)
+        d = tarfile.TarInfo("adir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+    raw = buf.getvalue()
+    assert list(iter_tar(io.BytesIO(raw))) == [(n, n.encode() * 7) for n in names]
+    first = raw.index(names[1].encode()[:5]) // 512 * 512  # a cut exactly at a member boundary
+    with pytest.raises(EOFError):
+        list(iter_tar(io.BytesIO(raw[:first])))
+    with pytest.raises((EOFError, tarfile.TarError)):
+        list(iter_tar(io.BytesIO(raw[:first + 700])))
