@@ -1,0 +1,177 @@
+"""Shared helpers of the benchmarks: which device this is, the git commit, result files, tables, child processes.
+
+Every benchmark writes `benchmarks/results/<name>_<device-kind>.json` holding the device description, the exact
+command, the git commit, the date and the load average at the start (the numbers are only comparable between runs on
+the same kind of device with a quiet machine), plus the printed table as text. Import from a benchmark script as
+`from benchmarks.common import ...` (the scripts put the repository root on sys.path) or `import common`.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use every core once (or `n`): an oversubscribed CPU makes torch many times slower."""
+    import torch
+
+    n = n or int(os.environ.get("OMP_NUM_THREADS", 0) or os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def device() -> dict:
+    """What the numbers were measured on: the accelerator if there is one, else the CPU."""
+    import torch
+
+    d = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+         "python": platform.python_version(), "torch": torch.__version__,
+         "load_average_at_start": list(os.getloadavg())}
+    try:
+        import deepspeed
+
+        d["deepspeed"] = deepspeed.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    if torch.cuda.is_available():
+        d.update(type="cuda", name=torch.cuda.get_device_name(0), count=torch.cuda.device_count(),
+                 memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
+    else:
+        d.update(type="cpu", name=f"{d['cpu_model']} ({d['cores']} cores)", count=1,
+                 memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1))
+    return d
+
+
+def device_kind(d: dict | None = None) -> str:
+    """Short name for result files: `cpu2` (2 cores), `h100`, `a100`, ..."""
+    d = d or device()
+    if d["type"] == "cpu":
+        return f"cpu{d['cores']}"
+    m = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", d["name"].upper())
+    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", d["name"].lower())).lower()
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dsincubate", "benchmarks", "ds_configs"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def command() -> str:
+    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(
+        str(ROOT)) else sys.executable, *sys.argv])
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def header(benchmark: str, dev: dict | None = None) -> dict:
+    return {"benchmark": benchmark, "date": now(), "command": command(), "git_commit": git_commit(),
+            "device": dev or device()}
+
+
+def write_result(name: str, record: dict, table: str | None = None, out: str | Path | None = None) -> Path:
+    """Write the JSON record (and the table as text next to it, and inside it) under benchmarks/results/."""
+    path = Path(out) if out else RESULTS / f"{name}_{device_kind(record.get('device'))}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if table is not None:
+        record = dict(record, table=table.splitlines())
+        path.with_suffix(".txt").write_text(table + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def fmt(v, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float) and spec:
+        return format(v, spec)
+    return str(v)
+
+
+def table(headers: list[str], rows: list[list], specs: list[str] | None = None) -> str:
+    """A plain aligned text table; `specs` are format specs per column for floats."""
+    specs = specs or [""] * len(headers)
+    cells = [[fmt(v, s) for v, s in zip(r, specs)] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def peak_rss_bytes() -> int:
+    """High-water resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def run_child(argv: list[str], *, timeout: float, env: dict | None = None, marker: str = "@@RESULT ") -> dict:
+    """Run a Python child that prints one `@@RESULT {json}` line; a crash, kill or timeout becomes an error row."""
+    e = dict(os.environ, **(env or {}))
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+    except subprocess.TimeoutExpired as ex:
+        return {"ok": False, "error": f"timeout after {timeout:.0f}s",
+                "log_tail": ((ex.stdout or b"")[-2000:] if isinstance(ex.stdout, str) else "")}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith(marker):
+            res = json.loads(line[len(marker):])
+            res.setdefault("ok", True)
+            return res
+    tail = (p.stdout[-1500:] + "\n" + p.stderr[-2500:]).strip()
+    return {"ok": False, "error": classify_failure(p.returncode, p.stdout + p.stderr), "returncode": p.returncode,
+            "log_tail": tail}
+
+
+def classify_failure(returncode: int, text: str) -> str:
+    """A short reason for a failed child: out of memory, killed, or the last error line."""
+    low = text.lower()
+    if ("out of memory" in low or "memoryerror" in low or "cannot allocate memory" in low
+            or "std::bad_alloc" in low or "defaultcpuallocator: can't allocate" in low):
+        return "out of memory"
+    if returncode in (-9, 137):
+        return "killed (SIGKILL; likely out of memory)"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+    return f"exit {returncode}: {err.strip()[:200]}"
+
+
+def emit(result: dict, marker: str = "@@RESULT ") -> None:
+    """The child side of `run_child`."""
+    print(marker + json.dumps(result, default=float), flush=True)

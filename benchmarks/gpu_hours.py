@@ -1,0 +1,320 @@
+"""Accuracy vs device-hours of E2E and Deep Incubation at several training budgets (the paper's Fig. 4).
+
+Each budget scales the epochs of every phase of a recipe by a factor (rounded up, at least 1): meta pre-training,
+each of the K incubations, fine-tuning, and the E2E baseline. Each budget is one pipeline run through our own
+command line or launchers, so the same sweep runs on one CPU, one GPU node or a hostfile cluster:
+
+  --via cli        python -m dsincubate pipeline ...                      (one process; the default)
+  --via deepspeed  deepspeed <launcher options> --module dsincubate pipeline ...
+  --via script     launchers/incubate.sh <launcher options> --recipe ... --output ... -- <dsincubate options>
+
+`--launcher-args "--hostfile hosts --master_port 29600"` is passed through to `deepspeed` / `incubate.sh`; anything
+after `--` goes to every dsincubate call (e.g. `--train /data/in1k/train --val /data/in1k/val`, `--set ...`).
+
+Device-hours come from each phase's run.json (`device_seconds` = wall seconds x devices; every phase counted,
+including meta pre-training), top-1 from the final evaluation (fine-tuned model for Deep Incubation). Writes
+benchmarks/results/gpu_hours_<device>.csv/.json/.png (accuracy vs device-hours, one line per method, the device in
+the axis label) and the device-hours saving factor of Deep Incubation at equal accuracy, linearly interpolated along
+each curve (see `hours_to_reach` / `saving_factor`). Re-running resumes: finished phases are skipped.
+
+    python benchmarks/gpu_hours.py                         # CPU: demo model on the built-in data, 3 budgets, < 30 min
+    python benchmarks/gpu_hours.py --recipe vit_b16 --budgets 0.1,0.2,0.4 --via script \\
+        --launcher-args "--num_gpus 8" --workdir /shared/gh -- --train /data/in1k/train --val /data/in1k/val
+    python benchmarks/gpu_hours.py --collect-only          # rebuild CSV/PNG/JSON from the runs in --workdir
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+PHASES = ("meta", "incubate", "finetune", "e2e")
+# The CPU default: the demo recipe (tiny ViT, depth 8, width 96, K=4) on the built-in demo data (3000 images/epoch),
+# budgets 0.2, 0.4, 0.8 of its epochs (meta 6, incubate 3, finetune 4, E2E 20).
+CPU_DEFAULT_SETS: list[str] = []
+
+
+# ---------------------------------------------------------------- the math (unit-tested)
+
+def scaled_epochs(base: dict, factor: float) -> dict:
+    """Epochs of each phase at a budget factor: ceil(base x factor), at least 1."""
+    return {k: max(1, math.ceil(v * factor - 1e-9)) for k, v in base.items()}
+
+
+def device_hours(run: dict) -> float:
+    """Device-hours of one phase from its run.json: device_seconds (= wall x devices), falling back to wall x world."""
+    sec = run.get("device_seconds")
+    if sec is None:
+        sec = run["wall_seconds"] * run.get("world_size", 1)
+    return sec / 3600.0
+
+
+def _curve(points) -> list[tuple[float, float]]:
+    pts = sorted((float(h), float(a)) for h, a in points if h is not None and a is not None)
+    return pts
+
+
+def hours_to_reach(points, acc: float) -> tuple[float | None, bool]:
+    """Device-hours at which a curve of (hours, top1) points first reaches accuracy `acc`.
+
+    Linear interpolation between consecutive budgets (sorted by hours). Returns (hours, exact): exact is False when
+    the smallest budget already reaches `acc` (its hours are then only an upper bound); (None, False) when no budget
+    reaches it (no extrapolation).
+    """
+    pts = _curve(points)
+    if not pts or max(a for _, a in pts) < acc:
+        return None, False
+    if pts[0][1] >= acc:
+        return pts[0][0], False
+    for (h0, a0), (h1, a1) in zip(pts, pts[1:]):
+        if a0 < acc <= a1:
+            return h0 + (h1 - h0) * (acc - a0) / (a1 - a0), True
+    return None, False  # unreachable: max >= acc and first < acc imply a crossing
+
+
+def saving_factor(e2e_points, di_points, acc: float) -> dict:
+    """E2E device-hours / Deep Incubation device-hours to reach `acc`.
+
+    kind: "exact" (both interpolated), "lower_bound" (DI's smallest budget already reaches acc, so DI might need even
+    less), "upper_bound" (E2E's smallest budget already reaches it), "unknown" (both), or None factor when a curve
+    never reaches acc.
+    """
+    he, ee = hours_to_reach(e2e_points, acc)
+    hd, ed = hours_to_reach(di_points, acc)
+    if he is None or hd is None or hd <= 0:
+        return {"accuracy": acc, "factor": None, "kind": "not_reached", "e2e_hours": he, "di_hours": hd}
+    kind = {(True, True): "exact", (True, False): "lower_bound", (False, True): "upper_bound",
+            (False, False): "unknown"}[(ee, ed)]
+    return {"accuracy": acc, "factor": he / hd, "kind": kind, "e2e_hours": he, "di_hours": hd}
+
+
+def compare(e2e_points, di_points, levels: int = 5) -> dict:
+    """Saving factors at equal accuracy: the headline at the best accuracy both methods reach, and a few levels
+    across the accuracy range where both curves are interpolable."""
+    e, d = _curve(e2e_points), _curve(di_points)
+    if not e or not d:
+        return {"headline": None, "levels": [], "note": "a method has no finished budget"}
+    top = min(max(a for _, a in e), max(a for _, a in d))
+    low = max(e[0][1], d[0][1])
+    out = {"headline": saving_factor(e, d, top), "levels": []}
+    if top > low:
+        for k in range(levels):
+            acc = low + (top - low) * (k + 1) / levels
+            out["levels"].append(saving_factor(e, d, acc))
+    out["note"] = ("factor = E2E device-hours / Deep Incubation device-hours at equal top-1, linear interpolation "
+                   "between budgets, no extrapolation")
+    return out
+
+
+# ---------------------------------------------------------------- running the sweep
+
+def budget_dir(workdir: Path, factor: float) -> Path:
+    return workdir / f"budget_{factor:g}"
+
+
+def command_for(args, out: Path, epochs: dict, extra: list[str]) -> list[str]:
+    sets = []
+    for ph in PHASES:
+        sets += ["--set", f"{ph}.epochs={epochs[ph]}"]
+    base = ["--output", str(out)] + (["--recipe", args.recipe] if args.recipe else [])
+    if args.ds_config:
+        base += ["--ds-config", args.ds_config]
+    launcher = shlex.split(args.launcher_args or "")
+    if args.via == "cli":
+        return [sys.executable, "-m", "dsincubate", "pipeline", *base, *sets, *extra]
+    if args.via == "deepspeed":
+        ds = str(Path(sys.executable).with_name("deepspeed"))
+        if not any(a.startswith(("--num_accelerators", "--num_gpus", "--hostfile", "--include")) for a in launcher):
+            import torch
+
+            if not torch.cuda.is_available():
+                launcher += ["--num_accelerators", "1"]
+        return [ds, *launcher, "--module", "dsincubate", "pipeline", *base, *sets, *extra]
+    script = common.ROOT / "launchers" / "incubate.sh"  # takes --output/--recipe/--ds-config itself
+    return ["bash", str(script), *launcher, *base, "--", *sets, *extra]
+
+
+def collect(out: Path, num_stages: int) -> dict | None:
+    """Top-1 and device-hours of one budget's run, from the phases' run.json files."""
+    def load(p: Path):
+        f = p / "run.json"
+        return json.loads(f.read_text()) if (p / "MANIFEST.json").is_file() and f.is_file() else None
+
+    runs = {"meta": load(out / "meta"), "finetune": load(out / "finetune"), "e2e": load(out / "e2e")}
+    inc = [load(out / "incubate" / f"module_{i}") for i in range(num_stages)]
+    row = {"dir": str(out)}
+    if runs["e2e"]:
+        r = runs["e2e"]
+        row["e2e"] = {"top1": r["final"].get("top1"), "device_hours": device_hours(r), "epochs": r["epochs"],
+                      "device_name": r.get("device_name"), "world_size": r.get("world_size"),
+                      "device_type": r.get("device_type")}
+    if runs["meta"] and runs["finetune"] and all(inc):
+        phases = {"meta": device_hours(runs["meta"]), "incubate": [device_hours(r) for r in inc],
+                  "finetune": device_hours(runs["finetune"])}
+        r = runs["finetune"]
+        row["di"] = {"top1": r["final"].get("top1"), "meta_top1": runs["meta"]["final"].get("top1"),
+                     "device_hours": phases["meta"] + sum(phases["incubate"]) + phases["finetune"],
+                     "phases_hours": phases, "epochs": {"meta": runs["meta"]["epochs"], "incubate": inc[0]["epochs"],
+                                                        "finetune": r["epochs"]},
+                     "device_name": r.get("device_name"), "world_size": r.get("world_size"),
+                     "device_type": r.get("device_type")}
+    return row
+
+
+def write_outputs(rows: list[dict], args, dev: dict, cmp: dict, stem: Path) -> None:
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "budget_factor", "epochs", "top1", "device_hours", "meta_hours", "incubate_hours",
+                    "finetune_hours", "device_name", "world_size", "run_dir"])
+        for r in rows:
+            if "e2e" in r:
+                e = r["e2e"]
+                w.writerow(["e2e", r["budget"], f"e2e={e['epochs']}", e["top1"], f"{e['device_hours']:.6f}", "", "",
+                            "", e["device_name"], e["world_size"], r["dir"]])
+            if "di" in r:
+                d = r["di"]
+                ep = d["epochs"]
+                w.writerow(["deep_incubation", r["budget"],
+                            f"meta={ep['meta']};incubate={ep['incubate']};finetune={ep['finetune']}", d["top1"],
+                            f"{d['device_hours']:.6f}", f"{d['phases_hours']['meta']:.6f}",
+                            ";".join(f"{h:.6f}" for h in d["phases_hours"]["incubate"]),
+                            f"{d['phases_hours']['finetune']:.6f}", d["device_name"], d["world_size"], r["dir"]])
+    plot(rows, dev, cmp, stem.with_suffix(".png"), args)
+
+
+def plot(rows, dev, cmp, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for key, name, style in (("e2e", "E2E", "s--"), ("di", "Deep Incubation (incl. meta pre-training)", "o-")):
+        pts = sorted((r[key]["device_hours"], r[key]["top1"], r["budget"]) for r in rows if key in r)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+            for h, a, b in pts:
+                ax.annotate(f"x{b:g}", (h, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    names = {r[k]["device_name"] for r in rows for k in ("e2e", "di") if k in r} or {dev["name"]}
+    ws = {r[k]["world_size"] for r in rows for k in ("e2e", "di") if k in r}
+    ax.set_xlabel(f"device-hours ({', '.join(sorted(names))}; {'/'.join(map(str, sorted(ws)))} device(s) per job)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    h = cmp.get("headline") or {}
+    sub = ""
+    if h.get("factor"):
+        sub = f"\nsaving at {h['accuracy']:.1f}% top-1: {h['factor']:.2f}x ({h['kind']})"
+    ax.set_title(f"Accuracy vs training cost: {args.recipe or 'run'} (budgets {args.budgets}){sub}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default="demo", help="recipe whose epochs are scaled (default demo)")
+    ap.add_argument("--budgets", default="0.2,0.4,0.8", help="comma list of epoch factors (default 0.2,0.4,0.8)")
+    ap.add_argument("--via", choices=("cli", "deepspeed", "script"), default="cli")
+    ap.add_argument("--launcher-args", default="", help="options for deepspeed / launchers/incubate.sh, one string")
+    ap.add_argument("--ds-config", default=None)
+    ap.add_argument("--workdir", default="runs/gpu_hours", help="run directories (one per budget)")
+    ap.add_argument("--demo-root", default=None, help="where the built-in demo data is generated (data.demo_root)")
+    ap.add_argument("--collect-only", action="store_true", help="do not run; rebuild outputs from --workdir")
+    ap.add_argument("--timeout", type=float, default=0, help="seconds per budget (0 = none)")
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/gpu_hours_<device>)")
+    args = ap.parse_args(argv)
+    from dsincubate import recipes
+    from dsincubate.config import apply_overrides
+
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    workdir = Path(args.workdir).resolve()
+    dev = common.device()
+    sets = [] if extra else list(CPU_DEFAULT_SETS) if dev["type"] == "cpu" and args.recipe == "demo" else []
+    if args.demo_root:
+        sets.append(f"data.demo_root={Path(args.demo_root).resolve()}")
+    extra = [a for s in sets for a in ("--set", s)] + extra
+    cfg = recipes.get(args.recipe)
+    over = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    try:
+        cfg = apply_overrides(cfg, [o for o in over if not o.split("=")[0].endswith(".epochs")])
+    except Exception:  # noqa: BLE001  (an override for another recipe field; only K and epochs matter here)
+        pass
+    base = {ph: cfg.train_config(ph).epochs for ph in PHASES}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    record = common.header("gpu_hours", dev)
+    record.update(settings={"recipe": args.recipe, "budgets": budgets, "base_epochs": base, "via": args.via,
+                            "launcher_args": args.launcher_args, "dsincubate_args": extra,
+                            "workdir": str(workdir)}, runs=[])
+    rows = []
+    for b in budgets:
+        out = budget_dir(workdir, b)
+        epochs = scaled_epochs(base, b)
+        cmd = command_for(args, out, epochs, extra)
+        t0 = time.time()
+        status = "collected"
+        if not args.collect_only:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log = workdir / f"budget_{b:g}.log"
+            print(f"[gpu_hours] budget x{b:g} epochs {epochs}: {' '.join(shlex.quote(c) for c in cmd)}  (log {log})",
+                  flush=True)
+            with open(log, "a") as f:
+                try:
+                    p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=common.ROOT,
+                                       timeout=args.timeout or None)
+                    status = "ok" if p.returncode == 0 else f"exit {p.returncode} (see {log})"
+                except subprocess.TimeoutExpired:
+                    status = f"timeout after {args.timeout:.0f}s (see {log})"
+        row = collect(out, cfg.model.num_stages)
+        row.update(budget=b, epochs=epochs, status=status, wall_seconds_of_sweep_step=round(time.time() - t0, 1),
+                   command=" ".join(shlex.quote(c) for c in cmd))
+        rows.append(row)
+        print(f"[gpu_hours] budget x{b:g}: {status}; " + "; ".join(
+            f"{k} top1 {row[k]['top1']:.2f} in {row[k]['device_hours']:.4f} device-h" for k in ("e2e", "di")
+            if k in row), flush=True)
+    e2e_pts = [(r["e2e"]["device_hours"], r["e2e"]["top1"]) for r in rows if "e2e" in r]
+    di_pts = [(r["di"]["device_hours"], r["di"]["top1"]) for r in rows if "di" in r]
+    cmp = compare(e2e_pts, di_pts)
+    record["runs"] = rows
+    record["comparison"] = cmp
+    lines = [common.table(["budget", "method", "epochs", "top-1 %", "device-hours"],
+                          [[f"x{r['budget']:g}", name, json.dumps(r[k]["epochs"]).replace('"', ""), r[k]["top1"],
+                            r[k]["device_hours"]] for r in rows for k, name in (("e2e", "E2E"), ("di", "DI total"))
+                           if k in r], ["", "", "", ".2f", ".4f"])]
+    h = cmp.get("headline")
+    if h and h.get("factor"):
+        lines.append(f"saving factor at equal top-1 {h['accuracy']:.2f}%: {h['factor']:.2f}x ({h['kind']}; E2E "
+                     f"{h['e2e_hours']:.4f} vs DI {h['di_hours']:.4f} device-hours)")
+    elif h:
+        lines.append(f"saving factor at top-1 {h['accuracy']:.2f}%: not computable ({h['kind']})")
+    for lv in cmp.get("levels", []):
+        if lv.get("factor"):
+            lines.append(f"  at {lv['accuracy']:.2f}%: {lv['factor']:.2f}x ({lv['kind']})")
+    text = f"device: {dev['name']}  ({common.now()})\n" + "\n".join(lines)
+    print(text)
+    stem = Path(args.out) if args.out else common.RESULTS / f"gpu_hours_{common.device_kind(dev)}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    common.write_result("gpu_hours", record, text, stem.with_suffix(".json"))
+    write_outputs(rows, args, dev, cmp, stem)
+    print(f"wrote {stem}.json/.csv/.png/.txt")
+    return 0 if all(r["status"] in ("ok", "collected") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Cost of one training step of every Deep Incubation phase against the E2E step: time, FLOPs, peak memory.
+
+For a model preset and micro-batch it measures, each configuration in a fresh subprocess (so memory peaks never mix):
+
+  e2e           the whole target model, every parameter trained
+  meta          the meta model (K stages of `meta_depth_per_stage` blocks, target width)
+  incubate[I]   the Hybrid of module incubation for each I: meta stages before I under no_grad, target stage I
+                trained, later meta stages frozen (input gradients only)
+  finetune      the assembled target, every parameter trained (the same computation as e2e, from other weights)
+
+A step is a real training step: forward, cross-entropy, backward, AdamW step over the trainable parameters only
+(`dsincubate.engine.build_optimizer`), on one fixed random batch (data loading is not part of it). Time is the median
+of `--steps` timed steps after `--warmup` steps; by default the reported times come from one extra process that
+builds every configuration and times them round-robin (a step of each per round), so a background load that varies
+over time affects them alike (the per-process times are kept in the JSON as `isolated_step_seconds_median`). FLOPs per image are counted with torch.utils.flop_counter on the
+meta device (`dsincubate.accounting.count_flops`: forward + backward as they run, so frozen stages before I count
+forward only). Peak memory: `torch.cuda.max_memory_allocated` on a GPU; on the CPU the process's resident-set high
+water mark (VmHWM, reset after the model is built, so it is the peak of the training steps: weights, gradients,
+optimizer state, activations and the interpreter's baseline); "delta" subtracts the RSS before the model was built.
+
+Targets, reported as measured ratios (never asserted): each incubation step's time / E2E step time within 15% of the
+ideal ratio from FLOP counts; each incubation step's peak memory below the E2E step's.
+
+    python benchmarks/step_cost.py                                   # preset tiny, batch 64, on this machine
+    python benchmarks/step_cost.py --preset tiny,vit_b16 --batch 64,8  # several presets (one batch each) in one file
+    python benchmarks/step_cost.py --preset vit_h14 --batch 32 --grad-checkpointing   # on a GPU (bf16 autocast)
+    options: --stages K, --steps N, --warmup N, --threads N, --dtype fp32|bf16, --out PATH
+
+Writes benchmarks/results/step_cost_<device>.json (+ .txt with the table) with device, command, commit and date.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+TOLERANCE = 0.15
+
+
+# ---------------------------------------------------------------- model construction (child and parent)
+
+def model_config(preset: str, stages: int, grad_ckpt: bool):
+    from dsincubate.config import ModelConfig
+
+    return ModelConfig(preset=preset, num_stages=stages, kernel_backend="torch", grad_checkpointing=grad_ckpt)
+
+
+def _materialize(module, device):
+    """Weights for a module built on the meta device (values do not matter for cost; finite and ViT-like)."""
+    import torch
+
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2 or name.endswith(("pos_embed", "cls_token")):
+                torch.nn.init.trunc_normal_(p, std=0.02)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return module
+
+
+def build(kind: str, preset: str, stages: int, grad_ckpt: bool = False, device="cpu", num_classes: int = 0):
+    """The trained model of a step kind: e2e, finetune, meta or incubate<I>."""
+    import torch
+
+    from dsincubate.models import staged, vit
+
+    mc = model_config(preset, stages, grad_ckpt)
+    target = vit.target_spec(mc, num_classes or None, 0.0)
+    depths = vit.stage_depths(mc, target.depth)
+    meta = vit.meta_spec(mc, target, 0.0)
+    on_meta = str(device) == "meta"
+    if kind in ("e2e", "finetune"):
+        model = staged.StagedModel(staged.divide(vit.build(target), depths))
+    elif kind == "meta":
+        model = staged.StagedModel(staged.divide(vit.build(meta), [mc.meta_depth_per_stage] * stages))
+    elif kind.startswith("incubate"):
+        i = int(kind[len("incubate"):])
+        meta_model = staged.StagedModel(staged.divide(vit.build(meta), [mc.meta_depth_per_stage] * stages))
+        # Only target stage I is materialised: the rest of the target never exists (build on the meta device).
+        with torch.device("meta"):
+            stage = staged.divide(vit.build(target), depths)[i]
+        if not on_meta:
+            _materialize(stage, "cpu")
+        model = staged.Hybrid(list(meta_model.stages), stage, i)
+    else:
+        raise ValueError(kind)
+    if grad_ckpt:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def kinds(stages: int) -> list[str]:
+    return ["e2e", "meta"] + [f"incubate{i}" for i in range(stages)] + ["finetune"]
+
+
+def label(kind: str) -> str:
+    return f"incubate[{kind[8:]}]" if kind.startswith("incubate") else kind
+
+
+def count_flops(kind: str, preset: str, stages: int, img_size: int) -> dict:
+    import torch
+
+    from dsincubate import accounting
+
+    class _Phase:  # the interface accounting.count_flops uses
+        @staticmethod
+        def build_model(load=False):
+            return build(kind, preset, stages, device="meta")
+
+    with torch.device("meta"):
+        return accounting.count_flops(_Phase, img_size)
+
+
+def img_size_of(preset: str, stages: int) -> tuple[int, int, int]:
+    from dsincubate.models import vit
+
+    spec = vit.target_spec(model_config(preset, stages, False))
+    return int(spec.kwargs["img_size"]), int(spec.kwargs["num_classes"]), spec.depth
+
+
+# ---------------------------------------------------------------- the child: one configuration
+
+def _vmhwm_reset() -> bool:
+    try:
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vmhwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return common.peak_rss_bytes()
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    threads = common.set_threads(spec.get("threads") or None)
+    cuda = torch.cuda.is_available() and spec["device"] != "cpu"
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
+    from dsincubate.config import TrainConfig
+    from dsincubate.engine import build_optimizer
+
+    torch.manual_seed(0)
+    b, s = spec["batch"], spec["img_size"]
+    x = torch.randn(b, 3, s, s, device=dev)
+    y = torch.randint(0, spec["num_classes"], (b,), device=dev)
+    rss_base = common.current_rss_bytes()
+    model = build(spec["kind"], spec["preset"], spec["stages"], spec["grad_ckpt"]).to(dev)
+    model.train()
+    opt = build_optimizer(model, TrainConfig(), 1e-4, {})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    crit = torch.nn.CrossEntropyLoss()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            out = model(x)
+        loss = crit(out.float(), y)
+        loss.backward()
+        opt.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return loss
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        mem_before = torch.cuda.memory_allocated()
+    reset = _vmhwm_reset()
+    times = []
+    for k in range(spec["warmup"] + spec["steps"]):
+        t0 = time.perf_counter()
+        loss = step()
+        if k >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    state_bytes += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                       if torch.is_tensor(t))
+    state_bytes += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    res = {"kind": spec["kind"], "threads": threads, "step_seconds_median": statistics.median(times),
+           "step_seconds": times, "loss": float(loss), "params_trainable": trainable, "params_total": total,
+           "state_bytes": state_bytes}
+    if cuda:
+        res.update(peak_bytes=torch.cuda.max_memory_allocated(), memory_kind="torch.cuda.max_memory_allocated",
+                   peak_delta_bytes=torch.cuda.max_memory_allocated() - mem_before,
+                   model_state_bytes_allocated=mem_before)
+    else:
+        peak = _vmhwm() if reset else common.peak_rss_bytes()
+        res.update(peak_bytes=peak, memory_kind="process RSS high-water (VmHWM) during the steps" if reset else
+                   "process RSS high-water (ru_maxrss, whole process)", peak_delta_bytes=peak - rss_base,
+                   rss_before_model_bytes=rss_base)
+    return res
+
+
+def child_interleaved(spec: dict) -> dict:
+    """Every configuration in one process, timed round-robin (one step each per round), so that a background load
+    that changes over time hits all of them alike. Memory is not measured here (see `child`)."""
+    import torch
+
+    threads = common.set_threads(spec.get("threads") or None)
+    cuda = torch.cuda.is_available() and spec["device"] != "cpu"
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
+    from dsincubate.config import TrainConfig
+    from dsincubate.engine import build_optimizer
+
+    torch.manual_seed(0)
+    b, s = spec["batch"], spec["img_size"]
+    x = torch.randn(b, 3, s, s, device=dev)
+    y = torch.randint(0, spec["num_classes"], (b,), device=dev)
+    crit = torch.nn.CrossEntropyLoss()
+    setups = {}
+    for kind in spec["kinds"]:
+        model = build(kind, spec["preset"], spec["stages"], spec["grad_ckpt"]).to(dev).train()
+        setups[kind] = (model, build_optimizer(model, TrainConfig(), 1e-4, {}))
+    times = {k: [] for k in setups}
+    for r in range(spec["warmup"] + spec["steps"]):
+        for kind, (model, opt) in setups.items():
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+                out = model(x)
+            crit(out.float(), y).backward()
+            opt.step()
+            if cuda:
+                torch.cuda.synchronize()
+            if r >= spec["warmup"]:
+                times[kind].append(time.perf_counter() - t0)
+    return {"threads": threads, "step_seconds": times,
+            "step_seconds_median": {k: statistics.median(v) for k, v in times.items()}}
+
+
+# ---------------------------------------------------------------- the parent: all configurations, table, result
+
+def measure_preset(preset: str, batch: int, args, dev: dict) -> dict:
+    img, ncls, depth = img_size_of(preset, args.stages)
+    dtype = args.dtype or ("bf16" if dev["type"] == "cuda" else "fp32")
+    rows = []
+    for kind in kinds(args.stages):
+        spec = dict(kind=kind, preset=preset, stages=args.stages, grad_ckpt=args.grad_checkpointing, batch=batch,
+                    img_size=img, num_classes=ncls, warmup=args.warmup, steps=args.steps, threads=args.threads,
+                    dtype=dtype, device=dev["type"])
+        print(f"[step_cost] {preset} batch {batch}: {label(kind)} ...", flush=True)
+        res = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                               timeout=args.timeout)
+        res["flops"] = count_flops(kind, preset, args.stages, img)
+        res["label"] = label(kind)
+        rows.append(res)
+        if res.get("ok"):
+            print(f"[step_cost]   {res['step_seconds_median'] * 1e3:.1f} ms/step, peak "
+                  f"{res['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+        else:
+            print(f"[step_cost]   failed: {res.get('error')}", flush=True)
+    timing = "isolated"
+    if not args.no_interleave:
+        print(f"[step_cost] {preset}: interleaved timing of all steps in one process ...", flush=True)
+        spec = dict(kinds=[r["kind"] for r in rows if r.get("ok")], preset=preset, stages=args.stages,
+                    grad_ckpt=args.grad_checkpointing, batch=batch, img_size=img, num_classes=ncls,
+                    warmup=args.warmup, steps=args.steps, threads=args.threads, dtype=dtype, device=dev["type"])
+        inter = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child-interleaved",
+                                  json.dumps(spec)], timeout=args.timeout * 2)
+        if inter.get("ok"):
+            timing = "interleaved"
+            for r in rows:
+                if r["kind"] in inter["step_seconds_median"]:
+                    r["isolated_step_seconds_median"] = r["step_seconds_median"]
+                    r["step_seconds_median"] = inter["step_seconds_median"][r["kind"]]
+                    r["interleaved_step_seconds"] = inter["step_seconds"][r["kind"]]
+        else:
+            print(f"[step_cost]   interleaved timing failed ({inter.get('error')}); using the isolated timings")
+    out = analyse(preset, batch, img, depth, dtype, rows, args)
+    out["timing"] = timing
+    return out
+
+
+def analyse(preset, batch, img, depth, dtype, rows, args) -> dict:
+    e2e = next(r for r in rows if r["kind"] == "e2e")
+    checks = {"incubate_time_within_15pct_of_flop_ideal": True, "incubate_peak_memory_below_e2e": True}
+    for r in rows:
+        r["ideal_ratio"] = r["flops"]["train_step_per_image"] / e2e["flops"]["train_step_per_image"]
+        if r.get("ok") and e2e.get("ok"):
+            r["time_ratio"] = r["step_seconds_median"] / e2e["step_seconds_median"]
+            r["time_vs_ideal"] = r["time_ratio"] / r["ideal_ratio"]
+            r["achieved_tflops"] = r["flops"]["train_step_per_image"] * batch / r["step_seconds_median"] / 1e12
+            if r["kind"].startswith("incubate"):
+                r["time_within_15pct"] = abs(r["time_vs_ideal"] - 1) <= TOLERANCE
+                r["peak_below_e2e"] = r["peak_bytes"] < e2e["peak_bytes"]
+                checks["incubate_time_within_15pct_of_flop_ideal"] &= r["time_within_15pct"]
+                checks["incubate_peak_memory_below_e2e"] &= r["peak_below_e2e"]
+        elif r["kind"].startswith("incubate"):
+            checks = {k: False for k in checks}
+    return {"preset": preset, "batch": batch, "img_size": img, "depth": depth, "stages": args.stages,
+            "dtype": dtype, "grad_checkpointing": args.grad_checkpointing, "warmup": args.warmup,
+            "steps": args.steps, "rows": rows, "targets": checks}
+
+
+def format_table(res: dict) -> str:
+    head = ["step", "trainable", "GFLOP/img", "ms/step", "time/E2E", "FLOP ideal", "time/ideal", "within 15%",
+            "peak MiB", "delta MiB", "< E2E peak"]
+    rows = []
+    for r in res["rows"]:
+        ok = r.get("ok")
+        rows.append([r["label"], r.get("params_trainable"), r["flops"]["train_step_per_image"] / 1e9,
+                     r["step_seconds_median"] * 1e3 if ok else r.get("error"), r.get("time_ratio"),
+                     r["ideal_ratio"], r.get("time_vs_ideal"), r.get("time_within_15pct"),
+                     r["peak_bytes"] / 2**20 if ok else None, r["peak_delta_bytes"] / 2**20 if ok else None,
+                     r.get("peak_below_e2e")])
+    t = common.table(head, rows, ["", "", ".4f", ".1f", ".3f", ".3f", ".3f", "", ".0f", ".0f", ""])
+    tg = res["targets"]
+    return (f"preset {res['preset']} (depth {res['depth']}, {res['img_size']}px, K={res['stages']}), micro-batch "
+            f"{res['batch']}, {res['dtype']}, grad checkpointing {res['grad_checkpointing']}, median of "
+            f"{res['steps']} steps after {res['warmup']} warmup ({res.get('timing', 'isolated')} timing)\n{t}\n"
+            f"targets: every incubation step within 15% of its FLOP-ideal ratio: "
+            f"{common.fmt(tg['incubate_time_within_15pct_of_flop_ideal'])}; every incubation peak below E2E: "
+            f"{common.fmt(tg['incubate_peak_memory_below_e2e'])}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="tiny", help="comma list of presets (tiny, vit_b16, vit_l16, vit_h14, ...)")
+    ap.add_argument("--batch", default="64", help="micro-batch, or a comma list matching --preset")
+    ap.add_argument("--stages", type=int, default=4, help="K (default 4)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (default: all cores)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default bf16 autocast on GPU, fp32 on CPU")
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    ap.add_argument("--out", default=None, help="result path (default benchmarks/results/step_cost_<device>.json)")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="time each configuration in its own process only (default: also time all of them "
+                         "round-robin in one process and report those, robust to a changing background load)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-interleaved", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        common.emit(child(json.loads(args.child)))
+        return 0
+    if args.child_interleaved:
+        common.emit(child_interleaved(json.loads(args.child_interleaved)))
+        return 0
+    presets = [p.strip() for p in args.preset.split(",") if p.strip()]
+    batches = [int(b) for b in args.batch.split(",")]
+    if len(batches) == 1:
+        batches *= len(presets)
+    if len(batches) != len(presets):
+        ap.error("--batch: give one batch size or one per preset")
+    dev = common.device()
+    record = common.header("step_cost", dev)
+    record["settings"] = {k: v for k, v in vars(args).items() if k != "child"}
+    record["results"] = []
+    tables = []
+    for preset, batch in zip(presets, batches):
+        res = measure_preset(preset, batch, args, dev)
+        record["results"].append(res)
+        tables.append(format_table(res))
+        print("\n" + tables[-1] + "\n", flush=True)
+    text = f"device: {dev['name']}  ({common.now()})\n\n" + "\n\n".join(tables)
+    path = common.write_result("step_cost", record, text, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

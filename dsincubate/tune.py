@@ -1,0 +1,384 @@
+"""`dsincubate tune`: find a fast engine configuration for a recipe's phase by trying them, a few steps each.
+
+For one phase (meta, incubate --module I, finetune, e2e) of a recipe it tries every combination of micro-batch size,
+shipped ds_config (ZeRO stage 0/2/3, bf16/fp32, CPU offload of optimizer and parameters: `ds_configs/*.json`) and
+activation checkpointing (`model.grad_checkpointing`). Each trial runs in its own subprocess (optionally under the
+`deepspeed` launcher with several ranks): the phase's own model (weights not loaded), the phase's optimizer over its
+trainable parameters, `deepspeed.initialize` with the resolved ds_config, then `--warmup` + `--steps` training steps
+on a random batch. An out-of-memory error, a crash, a kill or a timeout becomes a row of the table, not the end of
+the sweep; once a configuration runs out of memory its larger micro-batches are skipped. `--memory-cap 2G` limits
+each trial's address space (RLIMIT_AS, set in the child after its imports, so the cap counts what the trial itself
+maps beyond the interpreter and libraries) to emulate a device on which a configuration does not fit.
+
+It prints a table of throughput (images/s over all ranks) and peak memory per rank (torch.cuda.max_memory_allocated
+on GPUs; the resident-set high-water mark on the CPU), and writes the fastest configuration that fitted as a ready
+ds_config JSON (engine keys only; it passes `dsincubate.dsconfig.validate`) plus the micro-batch and checkpointing
+setting to use with it, e.g. `--ds-config tuned.json --set e2e.micro_batch=64 --set model.grad_checkpointing=true`.
+The full table goes next to it as `<out>.trials.json`.
+
+DeepSpeed has its own autotuner (`deepspeed --autotuning tune` with an `"autotuning"` section), but it is
+CUDA-oriented (it profiles GPU memory and launches experiments for GPUs; it does not run on DeepSpeed's CPU
+accelerator) and knows nothing of our phases or frozen parameters, which is why we sweep ourselves.
+
+    dsincubate tune --recipe vit_h14 --phase e2e --micro-batches 8,16,32,64 --ranks 8 --out vith_e2e.json
+    dsincubate tune --recipe debug --phase incubate --module 0 --micro-batches 8,64 --memory-cap 1G
+    python -m dsincubate.tune ...   (the same without the CLI wiring)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dsincubate.errors import UserError
+
+MARK = "@@TUNE "
+PHASES = ("meta", "incubate", "finetune", "e2e")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="debug", help="recipe (default debug)")
+    parser.add_argument("--config", default=None, help="a saved config.json instead of a recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every trial (e.g. model.kernel_backend=torch)")
+    parser.add_argument("--phase", choices=PHASES, default="e2e", help="phase to tune (default e2e)")
+    parser.add_argument("--module", type=int, default=0, help="incubate: the module I (default 0)")
+    parser.add_argument("--micro-batches", default="8,16,32,64", help="comma list of micro-batch sizes per rank")
+    parser.add_argument("--ds-configs", default="all",
+                        help="comma list of ds_configs (names or paths); 'all' = every shipped one")
+    parser.add_argument("--grad-checkpointing", default="off,on", help="off, on or off,on (default both)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per trial (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per trial")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="ranks per trial; >1 runs each trial under the deepspeed launcher")
+    parser.add_argument("--launcher-args", default="", help="extra options for the deepspeed launcher (one string)")
+    parser.add_argument("--memory-cap", default="", help="address-space cap per trial beyond its imports, e.g. 2G")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per trial (default 600)")
+    parser.add_argument("--out", default="ds_config_tuned.json", help="where to write the best ds_config")
+    parser.add_argument("--trial", default=None, help=argparse.SUPPRESS)  # the child side
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def parse_size(text: str) -> int:
+    if not text:
+        return 0
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise UserError(f"--memory-cap {text!r}: expected a size like 512M or 2G")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+# ---------------------------------------------------------------- child: one trial
+
+def _vm(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = f"{type(e).__name__}: {e}".lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate" in text or \
+        "cannot allocate" in text or "bad_alloc" in text or "failed to allocate" in text
+
+
+def run_trial(spec: dict) -> dict:
+    """One trial in this process (rank of a launcher job or a single process); returns the result on rank 0."""
+    import resource
+
+    import deepspeed
+    import torch
+
+    from dsincubate import dist, dsconfig, recipes
+    from dsincubate.config import RunConfig, apply_overrides
+    from dsincubate.data import resolve_data
+    from dsincubate.engine import build_optimizer
+    from dsincubate import phases
+
+    ctx = dist.init()
+    cap = int(spec.get("memory_cap") or 0)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if cap:  # the soft limit only, so that it can be lifted again to report the result
+        base = _vm("VmSize")
+        resource.setrlimit(resource.RLIMIT_AS, (base + cap if hard == resource.RLIM_INFINITY else
+                                                min(base + cap, hard), hard))
+    result = {"ok": False}
+    try:
+        cfg = RunConfig.from_dict(spec["config"]) if spec.get("config") else recipes.get(spec["recipe"])
+        phase_name = spec["phase"]
+        sets = list(spec.get("overrides", [])) + [
+            f"ds_config={spec['ds_config']}", f"{phase_name}.micro_batch={spec['micro_batch']}",
+            f"model.grad_checkpointing={str(spec['grad_checkpointing']).lower()}"]
+        cfg = apply_overrides(cfg, sets)
+        if cfg.model.num_classes:
+            n_cls = cfg.model.num_classes
+        else:
+            try:
+                from dsincubate.models import vit
+
+                n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"])
+                if not n_cls:
+                    raise KeyError
+            except Exception:  # noqa: BLE001
+                n_cls = resolve_data(cfg.data).num_classes
+        phase = phases.make(phase_name, cfg, Path("/nonexistent-tune-root"), n_cls,
+                             spec.get("module") if phase_name == "incubate" else None)
+        tc = phase.train_cfg
+        ds_file = dsconfig.find(cfg.ds_config, ctx.has_cuda)
+        ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, ctx.world_size,
+                                  str(ds_file))
+        dtype = dsconfig.precision(ds_cfg)
+        dist.seed_everything(cfg.seed)
+        model = phase.build_model(load=False)  # same architecture and trainable part as the real phase
+        if cfg.model.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if cfg.model.kernel_backend != "torch":
+            from dsincubate.engine import _apply_kernels
+
+            _apply_kernels(model, cfg.model.kernel_backend)
+        optimizer = build_optimizer(model, tc, tc.lr * ds_cfg["train_batch_size"] / 512, ds_cfg)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        img = int(phase.target_spec().kwargs["img_size"])
+        x = torch.randn(tc.micro_batch, 3, img, img, device=ctx.device).to(dtype)
+        y = torch.randint(0, n_cls, (tc.micro_batch,), device=ctx.device)
+        crit = torch.nn.CrossEntropyLoss()
+        if ctx.has_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        engine.train()
+        for k in range(spec["warmup"] + spec["steps"]):
+            t0 = time.perf_counter()
+            loss = phase.loss(engine(x), y, crit)
+            engine.backward(loss)
+            engine.step()
+            if ctx.has_cuda:
+                torch.cuda.synchronize()
+            if k >= spec["warmup"]:
+                times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        if ctx.has_cuda:
+            peak = torch.cuda.max_memory_allocated()
+            kind = "torch.cuda.max_memory_allocated"
+        else:
+            peak = _vm("VmHWM")
+            kind = "process RSS high-water (VmHWM)"
+        t = torch.tensor([float(peak), step], dtype=torch.float64, device=ctx.device)
+        if ctx.world_size > 1:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        peak, step = int(t[0].item()), float(t[1].item())
+        result = {"ok": True, "step_seconds": step, "images_per_second": tc.micro_batch * ctx.world_size / step,
+                  "peak_bytes_per_rank": peak, "memory_kind": kind, "world_size": ctx.world_size,
+                  "device_name": ctx.device_name, "loss": float(loss), "ds_config_file": str(ds_file),
+                  "ds_config_engine": dsconfig.load(ds_file)}
+    except BaseException as e:  # noqa: BLE001  (any failure is a row of the table)
+        result = {"ok": False, "error": "out of memory" if _is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"}
+    finally:
+        if cap:
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+    return result if ctx.is_main else {}
+
+
+# ---------------------------------------------------------------- parent: the sweep
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def classify(returncode: int, text: str) -> str:
+    low = text.lower()
+    if "out of memory" in low or "can't allocate" in low or "cannot allocate memory" in low or "bad_alloc" in low:
+        return "out of memory"
+    if returncode in (-9, 137):
+        return "killed (SIGKILL: out of memory?)"
+    if returncode in (-11, 139):
+        return "crashed (segmentation fault)"
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    err = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+    return f"exit {returncode}: {err.strip()[:200]}"
+
+
+def launch_trial(spec: dict, args, has_cuda: bool) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    payload = json.dumps(spec)
+    if args.ranks > 1 or args.launcher_args:
+        ds = str(Path(sys.executable).with_name("deepspeed"))
+        launcher = shlex.split(args.launcher_args)
+        if not any(a.startswith(("--num_gpus", "--num_accelerators", "--include", "--hostfile")) for a in launcher):
+            launcher += ["--num_gpus" if has_cuda else "--num_accelerators", str(args.ranks)]
+        if not any(a.startswith("--master_port") for a in launcher):
+            launcher += ["--master_port", str(_free_port())]
+        cmd = [ds, *launcher, "--module", "dsincubate.tune", "--trial", payload]
+    else:
+        cmd = [sys.executable, "-m", "dsincubate.tune", "--trial", payload]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timeout after {args.timeout:.0f}s", "wall_seconds": time.time() - t0}
+    res = None
+    for line in reversed(p.stdout.splitlines()):
+        if MARK in line:
+            res = json.loads(line[line.index(MARK) + len(MARK):])
+            break
+    if res is None:
+        res = {"ok": False, "error": classify(p.returncode, p.stdout + p.stderr),
+               "log_tail": (p.stdout[-800:] + p.stderr[-1500:]).strip()}
+    elif not res.get("ok") and p.returncode not in (0, None) and not res.get("error"):
+        res["error"] = classify(p.returncode, p.stdout + p.stderr)
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def _shipped() -> list[str]:
+    from dsincubate import dsconfig
+
+    return sorted(p.stem for p in dsconfig.CONFIG_DIR.glob("*.json"))
+
+
+def _describe(name: str, has_cuda: bool) -> dict:
+    from dsincubate import dsconfig
+
+    cfg = dsconfig.load(dsconfig.find(name, has_cuda))
+    z = cfg.get("zero_optimization", {})
+    off = [k.split("_")[1] for k in ("offload_optimizer", "offload_param")
+           if isinstance(z.get(k), dict) and z[k].get("device", "none") not in ("none", None)]
+    prec = "bf16" if cfg.get("bf16", {}).get("enabled") else "fp16" if cfg.get("fp16", {}).get("enabled") else "fp32"
+    return {"zero_stage": int(z.get("stage", 0)), "precision": prec, "offload": "+".join(off) or "-"}
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["ds_config", "ZeRO", "prec", "offload", "ckpt", "micro", "status", "img/s", "ms/step", "peak MiB/rank"]
+    cells = []
+    for r in rows:
+        ok = r.get("ok")
+        cells.append([r["ds_config"], str(r["zero_stage"]), r["precision"], r["offload"],
+                      "on" if r["grad_checkpointing"] else "off", str(r["micro_batch"]),
+                      "ok" + (" *best*" if r.get("best") else "") if ok else r.get("error", "failed")[:60],
+                      f"{r['images_per_second']:.1f}" if ok else "-", f"{r['step_seconds'] * 1e3:.0f}" if ok else "-",
+                      f"{r['peak_bytes_per_rank'] / 2**20:.0f}" if ok else "-"])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(head)]
+    line = lambda c: "  ".join(x.ljust(w) if i in (0, 6) else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def sweep(args) -> int:
+    import torch
+
+    from dsincubate import dsconfig
+
+    has_cuda = torch.cuda.is_available()
+    mbs = sorted({int(m) for m in str(args.micro_batches).split(",") if m.strip()})
+    if not mbs or min(mbs) < 1:
+        raise UserError("--micro-batches: give positive integers, e.g. 8,16,32")
+    names = _shipped() if args.ds_configs == "all" else [n.strip() for n in args.ds_configs.split(",") if n.strip()]
+    gcs = []
+    for g in str(args.grad_checkpointing).split(","):
+        g = g.strip().lower()
+        if g not in ("off", "on", "false", "true", "0", "1"):
+            raise UserError(f"--grad-checkpointing {args.grad_checkpointing!r}: use off, on or off,on")
+        gcs.append(g in ("on", "true", "1"))
+    descr = {n: _describe(n, has_cuda) for n in names}  # validates every ds_config before any trial
+    cap = parse_size(args.memory_cap)
+    config = None
+    if args.config:
+        if not Path(args.config).is_file():
+            raise UserError(f"--config {args.config}: no such file")
+        config = json.loads(Path(args.config).read_text())
+    rows = []
+    print(f"[tune] {args.recipe if not config else args.config} phase {args.phase}"
+          f"{f' module {args.module}' if args.phase == 'incubate' else ''}: {len(names)} ds_config(s) x "
+          f"{len(gcs)} checkpointing x {len(mbs)} micro-batch(es), {args.ranks} rank(s) per trial"
+          f"{f', memory cap {args.memory_cap}' if cap else ''}", flush=True)
+    for name in names:
+        for gc in gcs:
+            failed_oom = None
+            for mb in mbs:
+                row = dict(ds_config=name, grad_checkpointing=gc, micro_batch=mb, **descr[name])
+                if failed_oom is not None:
+                    row.update(ok=False, error=f"skipped: micro-batch {failed_oom} ran out of memory")
+                else:
+                    spec = dict(recipe=args.recipe, config=config, overrides=args.overrides, phase=args.phase,
+                                module=args.module, ds_config=name, micro_batch=mb, grad_checkpointing=gc,
+                                steps=args.steps, warmup=args.warmup, memory_cap=cap)
+                    row.update(launch_trial(spec, args, has_cuda))
+                    if not row.get("ok") and ("memory" in row.get("error", "") or "killed" in row.get("error", "")):
+                        failed_oom = mb
+                rows.append(row)
+                status = (f"{row['images_per_second']:.1f} img/s, peak {row['peak_bytes_per_rank'] / 2**20:.0f} "
+                          f"MiB/rank" if row.get("ok") else row.get("error"))
+                print(f"[tune]   {name:<16} ckpt {'on ' if gc else 'off'} micro-batch {mb:<5} {status}", flush=True)
+    ok = [r for r in rows if r.get("ok")]
+    best = max(ok, key=lambda r: r["images_per_second"]) if ok else None
+    if best:
+        best["best"] = True
+    print("\n" + format_table(rows), flush=True)
+    out = Path(args.out)
+    trials = out.with_name(out.stem + ".trials.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    use = None
+    if best:
+        engine_cfg = dsconfig.load(dsconfig.find(best["ds_config"], has_cuda))  # engine keys only, as shipped
+        dsconfig.validate(engine_cfg, str(out))
+        out.write_text(json.dumps(engine_cfg, indent=2) + "\n")
+        use = (f"--ds-config {out} --set {args.phase}.micro_batch={best['micro_batch']} --set "
+               f"model.grad_checkpointing={'true' if best['grad_checkpointing'] else 'false'}")
+        print(f"\nbest: {best['ds_config']} (ZeRO {best['zero_stage']}, {best['precision']}, offload "
+              f"{best['offload']}), micro-batch {best['micro_batch']}, activation checkpointing "
+              f"{'on' if best['grad_checkpointing'] else 'off'}: {best['images_per_second']:.1f} img/s, "
+              f"peak {best['peak_bytes_per_rank'] / 2**20:.0f} MiB/rank")
+        print(f"wrote {out}; use: {use}")
+    else:
+        print("\nno configuration fitted; nothing written (try smaller micro-batches, ZeRO-3 or offload)")
+    trials.write_text(json.dumps({
+        "recipe": args.recipe, "config": args.config, "phase": args.phase, "module": args.module,
+        "overrides": args.overrides, "ranks": args.ranks, "memory_cap_bytes": cap, "steps": args.steps,
+        "warmup": args.warmup, "device": "cuda" if has_cuda else f"cpu ({os.cpu_count()} cores)",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "best": best and {k: best[k] for k in ("ds_config", "micro_batch", "grad_checkpointing",
+                                               "images_per_second", "peak_bytes_per_rank")},
+        "best_ds_config_file": str(out) if best else None, "use": use,
+        "table": format_table(rows).splitlines(), "trials": rows}, indent=2) + "\n")
+    print(f"wrote {trials}")
+    return 0 if best else 1
+
+
+def run(args) -> int:
+    if args.trial:
+        res = run_trial(json.loads(args.trial))
+        if res:
+            print(MARK + json.dumps(res), flush=True)
+        return 0
+    if args.steps < 1 or args.warmup < 0 or args.ranks < 1:
+        raise UserError("--steps >= 1, --warmup >= 0 and --ranks >= 1")
+    return sweep(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dsincubate tune", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not args.trial:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"dsincubate tune: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
