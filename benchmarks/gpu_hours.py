@@ -147,9 +147,10 @@ def command_for(args, out: Path, epochs: dict, extra: list[str]) -> list[str]:
 
 def collect(out: Path, num_stages: int) -> dict | None:
     """Top-1 and device-hours of one budget's run, from the phases' run.json files."""
+    from dsincubate.checkpoint import complete
+
     def load(p: Path):
-        f = p / "run.json"
-        return json.loads(f.read_text()) if (p / "MANIFEST.json").is_file() and f.is_file() else None
+        return json.loads((p / "run.json").read_text()) if complete(p) else None
 
     runs = {"meta": load(out / "meta"), "finetune": load(out / "finetune"), "e2e": load(out / "e2e")}
     inc = [load(out / "incubate" / f"module_{i}") for i in range(num_stages)]
@@ -261,7 +262,8 @@ def main(argv=None) -> int:
     record = common.header("gpu_hours", dev)
     record.update(settings={"recipe": args.recipe, "budgets": budgets, "base_epochs": base, "via": args.via,
                             "launcher_args": args.launcher_args, "dsincubate_args": extra,
-                            "workdir": str(workdir)}, runs=[])
+                            "workdir": str(workdir),
+                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}, runs=[])
     rows = []
     for b in budgets:
         out = budget_dir(workdir, b)

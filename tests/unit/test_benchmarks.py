@@ -1,0 +1,148 @@
+"""Benchmark bookkeeping: device-seconds accounting from run.json, the equal-accuracy saving factor of
+benchmarks/gpu_hours.py (interpolation, bounds, no extrapolation), step_cost's ideal ratios and target checks, and the
+tune helpers. Pure arithmetic on synthetic records: no timings are asserted."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import common, gpu_hours, step_cost  # noqa: E402
+from dsincubate import accounting, checkpoint as ckpt, tune  # noqa: E402
+
+
+def _phase(root: Path, rel: str, wall: float, world: int, top1: float, epochs: int = 1) -> None:
+    d = root / rel
+    d.mkdir(parents=True)
+    rec = {"wall_seconds": wall, "world_size": world, "device_seconds": accounting.device_seconds(wall, world),
+           "device_name": "cpu (2 cores)", "device_type": "cpu", "epochs": epochs, "final": {"top1": top1}}
+    ckpt.atomic_write_json(d / "run.json", rec)
+    ckpt.write_manifest(d, ["run.json"])
+
+
+def test_device_seconds_is_wall_times_devices():
+    assert accounting.device_seconds(12.5, 8) == pytest.approx(100.0)
+    assert gpu_hours.device_hours({"device_seconds": 7200.0, "wall_seconds": 1.0, "world_size": 1}) == 2.0
+    assert gpu_hours.device_hours({"wall_seconds": 1800.0, "world_size": 4}) == 2.0  # fallback: wall x world
+
+
+def test_collect_counts_every_phase_including_meta(tmp_path):
+    _phase(tmp_path, "meta", 360, 2, 40.0, 3)
+    for i, w in enumerate([720, 540, 540, 360]):
+        _phase(tmp_path, f"incubate/module_{i}", w, 1, 50.0 + i, 2)
+    _phase(tmp_path, "finetune", 900, 4, 70.0, 2)
+    _phase(tmp_path, "e2e", 1800, 4, 65.0, 6)
+    row = gpu_hours.collect(tmp_path, 4)
+    want = (360 * 2 + 720 + 540 + 540 + 360 + 900 * 4) / 3600
+    assert row["di"]["device_hours"] == pytest.approx(want)
+    assert row["di"]["phases_hours"]["meta"] == pytest.approx(0.2)
+    assert row["di"]["top1"] == 70.0 and row["e2e"]["top1"] == 65.0
+    assert row["e2e"]["device_hours"] == pytest.approx(2.0)
+    summary = accounting.summarize(tmp_path, 4)  # the pipeline's own summary agrees
+    assert summary["deep_incubation"]["device_hours"] == pytest.approx(want)
+    assert summary["e2e"]["device_hours"] == pytest.approx(2.0)
+
+
+def test_collect_ignores_incomplete_phases(tmp_path):
+    _phase(tmp_path, "meta", 10, 1, 1.0)
+    _phase(tmp_path, "e2e", 10, 1, 1.0)
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "run.json").write_text(json.dumps({"wall_seconds": 1}))  # no manifest: not finished
+    row = gpu_hours.collect(tmp_path, 4)
+    assert "di" not in row and "e2e" in row
+
+
+def test_scaled_epochs_round_up_and_keep_one():
+    assert gpu_hours.scaled_epochs({"meta": 6, "incubate": 3, "finetune": 4, "e2e": 20}, 0.2) == \
+        {"meta": 2, "incubate": 1, "finetune": 1, "e2e": 4}
+    assert gpu_hours.scaled_epochs({"e2e": 300}, 1.0) == {"e2e": 300}
+    assert gpu_hours.scaled_epochs({"e2e": 1}, 0.01) == {"e2e": 1}
+
+
+def test_hours_to_reach_interpolates_linearly():
+    pts = [(4.0, 70.0), (1.0, 50.0), (2.0, 60.0)]  # unsorted on purpose
+    assert gpu_hours.hours_to_reach(pts, 55.0) == (pytest.approx(1.5), True)
+    assert gpu_hours.hours_to_reach(pts, 65.0) == (pytest.approx(3.0), True)
+    assert gpu_hours.hours_to_reach(pts, 70.0) == (pytest.approx(4.0), True)
+    assert gpu_hours.hours_to_reach(pts, 45.0) == (1.0, False)  # smallest budget already there: an upper bound
+    assert gpu_hours.hours_to_reach(pts, 71.0) == (None, False)  # never reached: no extrapolation
+
+
+def test_hours_to_reach_uses_first_crossing_of_a_non_monotone_curve():
+    pts = [(1.0, 50.0), (2.0, 62.0), (3.0, 58.0), (4.0, 66.0)]
+    assert gpu_hours.hours_to_reach(pts, 60.0)[0] == pytest.approx(1 + 10 / 12)
+    assert gpu_hours.hours_to_reach(pts, 64.0)[0] == pytest.approx(3.75)
+
+
+def test_saving_factor_at_equal_accuracy():
+    e2e = [(4.0, 60.0), (8.0, 70.0), (16.0, 75.0)]
+    di = [(1.0, 62.0), (2.0, 72.0), (4.0, 78.0)]
+    s = gpu_hours.saving_factor(e2e, di, 70.0)
+    # E2E reaches 70 at 8 h; DI at 1 + (70-62)/10 = 1.8 h
+    assert s["factor"] == pytest.approx(8.0 / 1.8)
+    assert s["kind"] == "exact"
+    s = gpu_hours.saving_factor(e2e, di, 61.0)  # DI's smallest budget (62) already above: factor is a lower bound
+    assert s["kind"] == "lower_bound" and s["factor"] == pytest.approx(4.4 / 1.0)
+    s = gpu_hours.saving_factor(e2e, di, 77.0)  # E2E never reaches 77
+    assert s["factor"] is None and s["kind"] == "not_reached"
+
+
+def test_compare_headline_is_best_common_accuracy():
+    e2e = [(4.0, 60.0), (8.0, 70.0), (16.0, 75.0)]
+    di = [(1.0, 55.0), (2.0, 65.0), (4.0, 80.0)]
+    c = gpu_hours.compare(e2e, di, levels=2)
+    h = c["headline"]
+    assert h["accuracy"] == 75.0 and h["kind"] == "exact"
+    assert h["factor"] == pytest.approx(16.0 / (2 + 2 * 10 / 15))
+    assert [lv["accuracy"] for lv in c["levels"]] == [pytest.approx(67.5), pytest.approx(75.0)]
+    assert gpu_hours.compare([], di)["headline"] is None
+
+
+def test_step_cost_ratios_and_targets_from_synthetic_rows():
+    class A:
+        stages = 2
+        warmup, steps, grad_checkpointing = 1, 3, False
+
+    def row(kind, flops, sec, peak):
+        return {"kind": kind, "label": kind, "ok": True, "flops": {"train_step_per_image": flops},
+                "step_seconds_median": sec, "peak_bytes": peak, "peak_delta_bytes": peak}
+    rows = [row("e2e", 100.0, 1.0, 1000), row("incubate0", 40.0, 0.44, 800), row("incubate1", 30.0, 0.5, 900)]
+    res = step_cost.analyse("tiny", 8, 32, 8, "fp32", rows, A)
+    inc0, inc1 = res["rows"][1], res["rows"][2]
+    assert inc0["ideal_ratio"] == pytest.approx(0.4) and inc0["time_ratio"] == pytest.approx(0.44)
+    assert inc0["time_within_15pct"] and not inc1["time_within_15pct"]  # 0.5 / 0.3 is 67% over
+    assert inc0["peak_below_e2e"] and inc1["peak_below_e2e"]
+    assert res["targets"] == {"incubate_time_within_15pct_of_flop_ideal": False, "incubate_peak_memory_below_e2e": True}
+    assert "incubate0" in step_cost.format_table(res)
+
+
+def test_step_cost_models_have_the_right_trainable_part():
+    import torch
+
+    with torch.device("meta"):
+        e2e = step_cost.build("e2e", "tiny", 4, device="meta")
+        hyb = step_cost.build("incubate2", "tiny", 4, device="meta")
+        meta = step_cost.build("meta", "tiny", 4, device="meta")
+    n = lambda m, t: sum(p.numel() for p in m.parameters() if p.requires_grad == t)  # noqa: E731
+    assert n(e2e, False) == 0
+    assert n(hyb, True) == sum(p.numel() for p in hyb.target_stage.parameters())
+    assert n(hyb, False) == sum(p.numel() for i, s in enumerate(hyb.stages) if i != 2 for p in s.parameters())
+    assert len(meta.stages) == 4 and sum(len(s.blocks) for s in meta.stages) == 4
+
+
+def test_common_table_and_device_kind():
+    t = common.table(["a", "b"], [["x", 1.23456], ["yy", None]], ["", ".2f"])
+    assert t.splitlines()[2].split() == ["x", "1.23"] and t.splitlines()[3].split() == ["yy", "-"]
+    assert common.device_kind({"type": "cpu", "cores": 2}) == "cpu2"
+    assert common.device_kind({"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}) == "h100"
+    assert common.device_kind({"type": "cuda", "name": "NVIDIA A100-SXM4-40GB"}) == "a100"
+
+
+def test_tune_helpers():
+    assert tune.parse_size("512M") == 512 * 2**20 and tune.parse_size("2G") == 2 * 2**30 and tune.parse_size("") == 0
+    with pytest.raises(Exception):
+        tune.parse_size("lots")
+    assert tune.classify(-9, "").startswith("killed")
+    assert tune.classify(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory") == "out of memory"
