@@ -1,0 +1,259 @@
+"""ViT-H/14 memory per rank: ZeRO-3 on 2 ranks against 1 rank without ZeRO, for a meta, an incubation and a fine-tune
+step, through the real `deepspeed` launcher (on a CPU machine: `--num_accelerators`, gloo).
+
+For each phase (meta pre-training, incubation of module `--module`, fine-tuning of the assembled ViT-H) and each
+setting (`zero3_fp32` on `--ranks` ranks; `cpu` = ZeRO stage 0 on 1 rank; both fp32 so that only the sharding
+differs), one `deepspeed` job builds the phase's own model (`dsincubate.phases`, weights not loaded), activation
+checkpointing on, its AdamW over the trainable parameters, `deepspeed.initialize` with the resolved ds_config, and
+runs one training step (forward, backward, optimizer step) at micro-batch `--batch`, 224px. Every rank reports:
+
+  state        bytes of parameters + fp32 master copies + optimizer state this rank holds after the step
+               (ZeRO-3 partitions `ds_tensor`, the optimizer's flat partitions and their Adam moments; deduplicated)
+  rss_step     resident set after the step minus before the model was built
+  peak_step    resident-set high-water mark during the step (VmHWM reset after deepspeed.initialize) minus the same
+               baseline: weights, gradients, optimizer state, activations and communication buffers
+  peak_all     lifetime VmHWM, including building the unpartitioned model (our engine builds the full model on every
+               rank and DeepSpeed partitions it at initialize)
+
+and the table gives ZeRO-3 per rank / no-ZeRO, target: state near 1/2 with 2 ranks. ViT-H has 632M parameters: fp32
+weights 2.5 GB, Adam moments 5 GB per unsharded rank, so the 1-rank fine-tune step needs about 13 GB of RAM.
+
+    python benchmarks/vith_memory.py                        # CPU: 2 ranks, batch 1, about 10 minutes
+    python benchmarks/vith_memory.py --ranks 8 --batch 8 --zero-config zero3_bf16 --base-config zero2_bf16  # GPUs
+    options: --preset vit_h14, --module 1, --phases meta,incubate,finetune, --out PATH
+
+Writes benchmarks/results/vith_memory_<device>.json (+ .txt) with device, command, commit and date.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def state_bytes(engine) -> dict:
+    """Parameters, fp32 master partitions and optimizer state held by this rank (each storage counted once)."""
+    import torch
+
+    seen = set()
+
+    def add(t) -> int:
+        if not torch.is_tensor(t) or t.numel() == 0:
+            return 0
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device.type)
+            size = t.untyped_storage().nbytes()
+        except Exception:  # noqa: BLE001
+            key, size = (t.data_ptr(), t.device.type), t.numel() * t.element_size()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return size
+
+    params = sum(add(p.ds_tensor if hasattr(p, "ds_tensor") else p.data) for p in engine.module.parameters())
+    opt = engine.optimizer
+    master = 0
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        for t in getattr(opt, name, None) or []:
+            master += add(t)
+    inner = getattr(opt, "optimizer", opt)
+    for g in getattr(inner, "param_groups", []):
+        for p in g["params"]:
+            master += add(p)
+    moments = sum(add(t) for st in getattr(inner, "state", {}).values() for t in st.values())
+    return {"params": params, "master": master, "optimizer_state": moments, "total": params + master + moments}
+
+
+def child(spec: dict) -> dict:
+    import deepspeed
+    import torch
+
+    from dsincubate import dist, dsconfig, phases, recipes
+    from dsincubate.config import apply_overrides
+    from dsincubate.engine import build_optimizer
+
+    ctx = dist.init()
+    rss0 = common.current_rss_bytes()
+    name = spec["phase"]
+    cfg = apply_overrides(recipes.get("vit_h14"), [
+        f"model.preset={spec['preset']}", "model.grad_checkpointing=true", "model.kernel_backend=torch",
+        f"ds_config={spec['ds_config']}", f"{name}.micro_batch={spec['batch']}", f"{name}.optimizer=adamw"])
+    phase = phases.make(name, cfg, Path("/nonexistent-vith-root"), 1000, spec["module"] if name == "incubate" else None)
+    tc = phase.train_cfg
+    ds_file = dsconfig.find(cfg.ds_config, ctx.has_cuda)
+    ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, 0, ctx.world_size, str(ds_file))
+    t0 = time.time()
+    dist.seed_everything(0)
+    model = phase.build_model(load=False)
+    model.set_grad_checkpointing(True)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rss_built = common.current_rss_bytes()
+    optimizer = build_optimizer(model, tc, 1e-4, ds_cfg)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    del model, optimizer
+    gc.collect()
+    t_init = time.time() - t0
+    rss_init = common.current_rss_bytes()
+    hwm_all_before = _status("VmHWM")
+    if ctx.has_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset = _reset_hwm()
+    dtype = dsconfig.precision(ds_cfg)
+    img = int(phase.target_spec().kwargs["img_size"])
+    g = torch.Generator().manual_seed(ctx.rank)
+    x = torch.randn(tc.micro_batch, 3, img, img, generator=g).to(ctx.device, dtype)
+    y = torch.randint(0, 1000, (tc.micro_batch,), generator=g).to(ctx.device)
+    engine.train()
+    t1 = time.time()
+    loss = phase.loss(engine(x), y, torch.nn.CrossEntropyLoss())
+    engine.backward(loss)
+    engine.step()
+    if ctx.has_cuda:
+        torch.cuda.synchronize()
+    t_step = time.time() - t1
+    gc.collect()
+    res = {"rank": ctx.rank, "world_size": ctx.world_size, "device_name": ctx.device_name, "phase": name,
+           "ds_config": spec["ds_config"], "zero_stage": dsconfig.zero_stage(ds_cfg),
+           "precision": str(dtype).replace("torch.", ""), "params_total": n_total, "params_trainable": n_train,
+           "threads": torch.get_num_threads(), "init_seconds": t_init, "step_seconds": t_step, "loss": float(loss),
+           "state": state_bytes(engine), "rss_before_model": rss0, "rss_after_build": rss_built - rss0,
+           "rss_after_initialize": rss_init - rss0, "rss_step": common.current_rss_bytes() - rss0,
+           "peak_step": (_status("VmHWM") - rss0) if reset else None,
+           "peak_all": max(hwm_all_before, _status("VmHWM")) - rss0}
+    if ctx.has_cuda:
+        res["cuda_peak_step"] = torch.cuda.max_memory_allocated()
+    return res
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, ranks: int, args) -> list[dict]:
+    import tempfile
+
+    import torch
+
+    spec = dict(spec, result_dir=tempfile.mkdtemp(prefix="vith_memory_"))
+    ds = str(Path(sys.executable).with_name("deepspeed"))
+    n = ["--num_gpus", str(ranks)] if torch.cuda.is_available() else ["--num_accelerators", str(ranks)]
+    cmd = [ds, *n, "--master_port", str(_free_port()), str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
+    print(f"[vith_memory] {spec['phase']} {spec['ds_config']} x{ranks}: {' '.join(cmd[:6])} ...", flush=True)
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env, cwd=common.ROOT)
+        out, rc = p.stdout + "\n" + p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = str(e.stdout or "") + str(e.stderr or ""), "timeout"
+    rows = [json.loads(f.read_text()) for f in sorted(Path(spec["result_dir"]).glob("rank*.json"))]
+    if len(rows) != ranks:
+        return [{"ok": False, "error": common.classify_failure(rc if isinstance(rc, int) else -1, out),
+                 "log_tail": out[-3000:], "phase": spec["phase"], "ds_config": spec["ds_config"]}]
+    print(f"[vith_memory]   done in {time.time() - t0:.0f}s", flush=True)
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def summarize(results: dict, phases_, args) -> tuple[str, dict]:
+    mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+    rows, ratios = [], {}
+    for ph in phases_:
+        base = results.get((ph, "base"), [])
+        zero = results.get((ph, "zero"), [])
+        b = base[0] if base and base[0].get("ok", True) else None
+        for label, rr in (("no ZeRO x1", base), (f"ZeRO-3 x{args.ranks}", zero)):
+            for r in rr:
+                if not r.get("ok", True):
+                    rows.append([ph, label, "-", r.get("error", "failed")[:40], None, None, None, None, None, None])
+                    continue
+                st = r["state"]["total"]
+                rows.append([ph, label, str(r["rank"]), f"{r['params_trainable'] / 1e6:.0f}M/{r['params_total'] / 1e6:.0f}M",
+                             mib(st), (st / b["state"]["total"]) if b else None, mib(r["rss_step"]),
+                             mib(r["peak_step"]), (r["peak_step"] / b["peak_step"]) if b and r["peak_step"] else None,
+                             mib(r["peak_all"])])
+        if b and zero and all(r.get("ok", True) for r in zero):
+            ratios[ph] = {"state_per_rank_over_unsharded": max(r["state"]["total"] for r in zero) / b["state"]["total"],
+                          "peak_step_per_rank_over_unsharded": max(r["peak_step"] for r in zero) / b["peak_step"],
+                          "peak_all_per_rank_over_unsharded": max(r["peak_all"] for r in zero) / b["peak_all"]}
+    head = ["phase", "setting", "rank", "trainable/total", "state MiB", "state/1-rank", "rss after step MiB",
+            "peak step MiB", "peak/1-rank", "peak incl. build MiB"]
+    t = common.table(head, rows, ["", "", "", "", ".0f", ".3f", ".0f", ".0f", ".3f", ".0f"])
+    return t, ratios
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="vit_h14")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--module", type=int, default=1, help="incubated module I (default 1)")
+    ap.add_argument("--phases", default="meta,incubate,finetune")
+    ap.add_argument("--zero-config", default="zero3_fp32")
+    ap.add_argument("--base-config", default="cpu", help="the unsharded 1-rank config (ZeRO stage 0)")
+    ap.add_argument("--timeout", type=float, default=1500)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        res = child(spec)  # ranks' stdout lines interleave: each rank writes its own file
+        Path(spec["result_dir"], f"rank{res['rank']}.json").write_text(json.dumps(res))
+        return 0
+    dev = common.device()
+    record = common.header("vith_memory", dev)
+    record["settings"] = {k: v for k, v in vars(args).items() if k not in ("child", "local_rank")}
+    phases_ = [p.strip() for p in args.phases.split(",") if p.strip()]
+    results = {}
+    for ph in phases_:  # one job at a time: the unsharded one first, then the ZeRO-3 ranks
+        spec = dict(phase=ph, preset=args.preset, batch=args.batch, module=args.module)
+        results[(ph, "base")] = launch(dict(spec, ds_config=args.base_config), 1, args)
+        results[(ph, "zero")] = launch(dict(spec, ds_config=args.zero_config), args.ranks, args)
+    table, ratios = summarize(results, phases_, args)
+    text = (f"device: {dev['name']}  ({common.now()})\n{args.preset}, micro-batch {args.batch} per rank, activation "
+            f"checkpointing on, {args.zero_config} on {args.ranks} ranks vs {args.base_config} on 1 rank\n{table}\n"
+            + "\n".join(f"{ph}: ZeRO-3 per-rank state / unsharded = {r['state_per_rank_over_unsharded']:.3f} "
+                        f"(target near {1 / args.ranks:.2f}); step peak ratio "
+                        f"{r['peak_step_per_rank_over_unsharded']:.3f}; lifetime peak ratio "
+                        f"{r['peak_all_per_rank_over_unsharded']:.3f}" for ph, r in ratios.items()))
+    print("\n" + text)
+    record["results"] = [{"phase": ph, "setting": s, "ranks": v} for (ph, s), v in results.items()]
+    record["ratios"] = ratios
+    path = common.write_result("vith_memory", record, text, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
