@@ -14,18 +14,18 @@ Run it as `dsincubate shards SRC OUT_DIR` (see shards_cli.py) or call `write_sha
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from dsincubate.checkpoint import atomic_write_json, sha256_file
 from dsincubate.data.sources import (IMAGE_EXTS, MANIFEST_FORMAT, MANIFEST_NAME, read_list_file,
                                      scan_image_folder)
 from dsincubate.errors import UserError
@@ -42,14 +42,6 @@ class Sample:
     read: Callable[[], bytes]      # returns the encoded image bytes
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def plan_shards(samples: list[Sample], maxcount: int, maxsize: float) -> list[list[Sample]]:
     shards: list[list[Sample]] = [[]]
     size = 0
@@ -61,13 +53,6 @@ def plan_shards(samples: list[Sample], maxcount: int, maxsize: float) -> list[li
         shards[-1].append(s)
         size += need
     return [sh for sh in shards if sh]
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *, prefix: str = "shard",
@@ -120,7 +105,7 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
                                        "sha256": sha256_file(path), "keys": keys, "labels": labels})
             written += 1
         bar.update(len(shard))
-        _write_json_atomic(mpath, manifest)
+        atomic_write_json(mpath, manifest)
     bar.close()
     # Shards of an earlier, larger plan are no longer described by the manifest: remove them (only our own names).
     for name in set(old) - {s["name"] for s in manifest["shards"]}:
@@ -130,7 +115,7 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
             except FileNotFoundError:
                 pass
     manifest["complete"] = True
-    _write_json_atomic(mpath, manifest)
+    atomic_write_json(mpath, manifest)
     return {**manifest, "written": written, "kept": kept}
 
 

@@ -3,7 +3,6 @@ recipe and the built-in demo data. Slow tier (`-m integration`); every phase goe
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
