@@ -2,10 +2,10 @@
 step, through the real `deepspeed` launcher (on a CPU machine: `--num_accelerators`, gloo).
 
 For each phase (meta pre-training, incubation of module `--module`, fine-tuning of the assembled ViT-H) and each
-setting (`zero3_fp32` on `--ranks` ranks; `cpu` = ZeRO stage 0 on 1 rank; both fp32 so that only the sharding
-differs), one `deepspeed` job builds the phase's own model (`dsincubate.phases`, weights not loaded), activation
-checkpointing on, its AdamW over the trainable parameters, `deepspeed.initialize` with the resolved ds_config, and
-runs one training step (forward, backward, optimizer step) at micro-batch `--batch`, 224px. Every rank reports:
+setting (`--zero-config`, default `zero3_bf16`, on `--ranks` ranks; the same JSON with ZeRO stage 0 on 1 rank, so that
+only the sharding differs), one `deepspeed` job builds the phase's own model (`dsincubate.phases`, weights not
+loaded), activation checkpointing on, its AdamW over the trainable parameters, `deepspeed.initialize` with the
+resolved ds_config, and runs one training step (forward, backward, optimizer step) at micro-batch `--batch`, 224px. Every rank reports:
 
   state        bytes of parameters + fp32 master copies + optimizer state this rank holds after the step
                (ZeRO-3 partitions `ds_tensor`, the optimizer's flat partitions and their Adam moments; deduplicated)
@@ -16,10 +16,14 @@ runs one training step (forward, backward, optimizer step) at micro-batch `--bat
                rank and DeepSpeed partitions it at initialize)
 
 and the table gives ZeRO-3 per rank / no-ZeRO, target: state near 1/2 with 2 ranks. ViT-H has 632M parameters: fp32
-weights 2.5 GB, Adam moments 5 GB per unsharded rank, so the 1-rank fine-tune step needs about 13 GB of RAM.
+weights 2.5 GB, Adam moments 5 GB per unsharded rank, so the 1-rank fine-tune step needs 10-13 GB of RAM. With fp32
+ZeRO-3 keeps an fp32 master copy of each partition next to the fp32 partition itself, so the per-rank state falls to
+2/3, not 1/2 (the fp32 record in results/ shows it); with bf16 the unsharded rank holds bf16 weights + fp32 master +
+moments and ZeRO-3 shards all of them.
 
-    python benchmarks/vith_memory.py                        # CPU: 2 ranks, batch 1, about 10 minutes
-    python benchmarks/vith_memory.py --ranks 8 --batch 8 --zero-config zero3_bf16 --base-config zero2_bf16  # GPUs
+    python benchmarks/vith_memory.py                        # CPU: 2 ranks, batch 1, zero3_bf16 vs bf16 stage 0
+    python benchmarks/vith_memory.py --zero-config zero3_fp32 --base-config cpu --out results/vith_memory_fp32_cpu2.json
+    python benchmarks/vith_memory.py --ranks 8 --batch 8    # GPUs
     options: --preset vit_h14, --module 1, --phases meta,incubate,finetune, --out PATH
 
 Writes benchmarks/results/vith_memory_<device>.json (+ .txt) with device, command, commit and date.
@@ -219,8 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--module", type=int, default=1, help="incubated module I (default 1)")
     ap.add_argument("--phases", default="meta,incubate,finetune")
-    ap.add_argument("--zero-config", default="zero3_fp32")
-    ap.add_argument("--base-config", default="cpu", help="the unsharded 1-rank config (ZeRO stage 0)")
+    ap.add_argument("--zero-config", default="zero3_bf16")
+    ap.add_argument("--base-config", default="same",
+                    help="the unsharded 1-rank config; 'same' (default) = the ZeRO config with ZeRO stage 0, so only "
+                         "the sharding differs")
     ap.add_argument("--timeout", type=float, default=1500)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -235,6 +241,17 @@ def main(argv=None) -> int:
     record = common.header("vith_memory", dev)
     record["settings"] = {k: v for k, v in vars(args).items() if k not in ("child", "local_rank")}
     phases_ = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if args.base_config == "same":
+        import tempfile
+
+        from dsincubate import dsconfig
+
+        base = dsconfig.load(dsconfig.find(args.zero_config, False))
+        base["zero_optimization"] = {"stage": 0}
+        path = Path(tempfile.mkdtemp(prefix="vith_base_")) / f"{Path(args.zero_config).stem}_stage0.json"
+        path.write_text(json.dumps(base))
+        args.base_config = str(path)
+        record["settings"]["base_config_json"] = base
     results = {}
     for ph in phases_:  # one job at a time: the unsharded one first, then the ZeRO-3 ranks
         spec = dict(phase=ph, preset=args.preset, batch=args.batch, module=args.module)
@@ -242,7 +259,8 @@ def main(argv=None) -> int:
         results[(ph, "zero")] = launch(dict(spec, ds_config=args.zero_config), args.ranks, args)
     table, ratios = summarize(results, phases_, args)
     text = (f"device: {dev['name']}  ({common.now()})\n{args.preset}, micro-batch {args.batch} per rank, activation "
-            f"checkpointing on, {args.zero_config} on {args.ranks} ranks vs {args.base_config} on 1 rank\n{table}\n"
+            f"checkpointing on, {args.zero_config} on {args.ranks} ranks vs "
+            f"{Path(args.base_config).stem} on 1 rank\n{table}\n"
             + "\n".join(f"{ph}: ZeRO-3 per-rank state / unsharded = {r['state_per_rank_over_unsharded']:.3f} "
                         f"(target near {1 / args.ranks:.2f}); step peak ratio "
                         f"{r['peak_step_per_rank_over_unsharded']:.3f}; lifetime peak ratio "
