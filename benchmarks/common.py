@@ -165,7 +165,7 @@ def classify_failure(returncode: int, text: str) -> str:
     if ("out of memory" in low or "memoryerror" in low or "cannot allocate memory" in low
             or "std::bad_alloc" in low or "defaultcpuallocator: can't allocate" in low):
         return "out of memory"
-    if returncode in (-9, 137):
+    if returncode in (-9, 137) or "return code = -9" in text:  # the deepspeed launcher reports its ranks' -9
         return "killed (SIGKILL; likely out of memory)"
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")

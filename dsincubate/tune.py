@@ -202,7 +202,7 @@ def classify(returncode: int, text: str) -> str:
     low = text.lower()
     if "out of memory" in low or "can't allocate" in low or "cannot allocate memory" in low or "bad_alloc" in low:
         return "out of memory"
-    if returncode in (-9, 137):
+    if returncode in (-9, 137) or "return code = -9" in text:  # the deepspeed launcher reports its ranks' -9
         return "killed (SIGKILL: out of memory?)"
     if returncode in (-11, 139):
         return "crashed (segmentation fault)"
