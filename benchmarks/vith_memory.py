@@ -104,6 +104,11 @@ def child(spec: dict) -> dict:
 
     ctx = dist.init()
     rss0 = common.current_rss_bytes()
+    progress = Path(spec["result_dir"], f"progress{ctx.rank}.json")
+
+    def mark(stage: str) -> None:  # where a rank that gets killed had got to, and its memory then
+        progress.write_text(json.dumps({"rank": ctx.rank, "stage": stage, "rss": common.current_rss_bytes() - rss0,
+                                        "hwm": _status("VmHWM") - rss0}))
     name = spec["phase"]
     cfg = apply_overrides(recipes.get("vit_h14"), [
         f"model.preset={spec['preset']}", "model.grad_checkpointing=true", "model.kernel_backend=torch",
@@ -119,8 +124,11 @@ def child(spec: dict) -> dict:
     n_total = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rss_built = common.current_rss_bytes()
+    mark("built model")
     optimizer = build_optimizer(model, tc, 1e-4, ds_cfg)
+    mark("optimizer built")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    mark("deepspeed.initialize done")
     del model, optimizer
     gc.collect()
     t_init = time.time() - t0
@@ -137,8 +145,11 @@ def child(spec: dict) -> dict:
     engine.train()
     t1 = time.time()
     loss = phase.loss(engine(x), y, torch.nn.CrossEntropyLoss())
+    mark("forward done")
     engine.backward(loss)
+    mark("backward done")
     engine.step()
+    mark("optimizer step done")
     if ctx.has_cuda:
         torch.cuda.synchronize()
     t_step = time.time() - t1
@@ -183,15 +194,20 @@ def launch(spec: dict, ranks: int, args) -> list[dict]:
         out, rc = str(e.stdout or "") + str(e.stderr or ""), "timeout"
     rows = [json.loads(f.read_text()) for f in sorted(Path(spec["result_dir"]).glob("rank*.json"))]
     if len(rows) != ranks:
-        return [{"ok": False, "error": common.classify_failure(rc if isinstance(rc, int) else -1, out),
-                 "log_tail": out[-3000:], "phase": spec["phase"], "ds_config": spec["ds_config"]}]
+        prog = [json.loads(f.read_text()) for f in sorted(Path(spec["result_dir"]).glob("progress*.json"))]
+        err = common.classify_failure(rc if isinstance(rc, int) else -1, out)
+        if prog:
+            err += "; last: " + ", ".join(f"rank {p['rank']} after '{p['stage']}' at {p['rss'] / 2**30:.1f} GiB"
+                                          for p in prog)
+        return [{"ok": False, "error": err, "progress": prog, "log_tail": out[-3000:], "phase": spec["phase"],
+                 "ds_config": spec["ds_config"]}]
     print(f"[vith_memory]   done in {time.time() - t0:.0f}s", flush=True)
     return sorted(rows, key=lambda r: r["rank"])
 
 
 def summarize(results: dict, phases_, args) -> tuple[str, dict]:
     mib = lambda b: None if b is None else b / 2**20  # noqa: E731
-    rows, ratios = [], {}
+    rows, ratios, notes = [], {}, []
     for ph in phases_:
         base = results.get((ph, "base"), [])
         zero = results.get((ph, "zero"), [])
@@ -200,6 +216,7 @@ def summarize(results: dict, phases_, args) -> tuple[str, dict]:
             for r in rr:
                 if not r.get("ok", True):
                     rows.append([ph, label, "-", r.get("error", "failed")[:40], None, None, None, None, None, None])
+                    notes.append(f"{ph} {label}: {r.get('error')}")
                     continue
                 st = r["state"]["total"]
                 rows.append([ph, label, str(r["rank"]), f"{r['params_trainable'] / 1e6:.0f}M/{r['params_total'] / 1e6:.0f}M",
@@ -213,7 +230,7 @@ def summarize(results: dict, phases_, args) -> tuple[str, dict]:
     head = ["phase", "setting", "rank", "trainable/total", "state MiB", "state/1-rank", "rss after step MiB",
             "peak step MiB", "peak/1-rank", "peak incl. build MiB"]
     t = common.table(head, rows, ["", "", "", "", ".0f", ".3f", ".0f", ".0f", ".3f", ".0f"])
-    return t, ratios
+    return t + "".join("\n" + n for n in notes), ratios
 
 
 def main(argv=None) -> int:
