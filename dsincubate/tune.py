@@ -347,13 +347,20 @@ def sweep(args) -> int:
         "recipe": args.recipe, "config": args.config, "phase": args.phase, "module": args.module,
         "overrides": args.overrides, "ranks": args.ranks, "memory_cap_bytes": cap, "steps": args.steps,
         "warmup": args.warmup, "device": "cuda" if has_cuda else f"cpu ({os.cpu_count()} cores)",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": _command(),
         "best": best and {k: best[k] for k in ("ds_config", "micro_batch", "grad_checkpointing",
                                                "images_per_second", "peak_bytes_per_rank")},
         "best_ds_config_file": str(out) if best else None, "use": use,
         "table": format_table(rows).splitlines(), "trials": rows}, indent=2) + "\n")
     print(f"wrote {trials}")
     return 0 if best else 1
+
+
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("tune.py", "__main__.py")):
+        argv[0] = "python -m dsincubate.tune" if argv[0].endswith("tune.py") else "dsincubate"
+    return " ".join([argv[0]] + [shlex.quote(a) for a in argv[1:]])
 
 
 def run(args) -> int:
