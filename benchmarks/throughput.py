@@ -98,9 +98,11 @@ def grid(args, peak_tflops: float) -> list[dict]:
                                 micro_batch=batch, grad_checkpointing=ck.strip() == "on", steps=args.steps,
                                 warmup=args.warmup, memory_cap=0,
                                 overrides=[f"model.preset={preset}", f"model.kernel_backend={backend.strip()}"])
+                    load_before = os.getloadavg()[0]
                     res = tune.launch_trial(spec, targs, has_cuda)
                     row = {"preset": preset, "micro_batch": batch, "ds_config": name, "grad_checkpointing": ck,
-                           "kernel_backend": backend, "flops_per_image": fpi, **res}
+                           "kernel_backend": backend, "flops_per_image": fpi, **res,
+                           "load_average_1min": [load_before, os.getloadavg()[0]]}  # a busy machine shows here
                     if res.get("ok"):
                         row["tflops"] = fpi * res["images_per_second"] / 1e12
                         row["tflops_per_device"] = row["tflops"] / res["world_size"]
