@@ -15,7 +15,8 @@ Device-hours come from each phase's run.json (`device_seconds` = wall seconds x 
 including meta pre-training), top-1 from the final evaluation (fine-tuned model for Deep Incubation). Writes
 benchmarks/results/gpu_hours_<device>.csv/.json/.png (accuracy vs device-hours, one line per method, the device in
 the axis label) and the device-hours saving factor of Deep Incubation at equal accuracy, linearly interpolated along
-each curve (see `hours_to_reach` / `saving_factor`). Re-running resumes: finished phases are skipped.
+each curve (see `hours_to_reach` / `saving_factor`). Re-running resumes: finished phases are skipped. The recipe (with the --set overrides) is resolved once and saved as
+<workdir>/sweep_config.json; every budget runs from it (`--config`), so all budgets share one setting.
 
     python benchmarks/gpu_hours.py                         # CPU: demo model on the built-in data, 3 budgets, < 30 min
     python benchmarks/gpu_hours.py --recipe vit_b16 --budgets 0.1,0.2,0.4 --via script \\
@@ -127,7 +128,8 @@ def command_for(args, out: Path, epochs: dict, extra: list[str]) -> list[str]:
     sets = []
     for ph in PHASES:
         sets += ["--set", f"{ph}.epochs={epochs[ph]}"]
-    base = ["--output", str(out)] + (["--recipe", args.recipe] if args.recipe else [])
+    base = ["--output", str(out)] + (["--config", args.pinned_config] if getattr(args, "pinned_config", None) else
+                                     ["--recipe", args.recipe] if args.recipe else [])
     if args.ds_config:
         base += ["--ds-config", args.ds_config]
     launcher = shlex.split(args.launcher_args or "")
@@ -258,6 +260,17 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001  (an override for another recipe field; only K and epochs matter here)
         pass
     base = {ph: cfg.train_config(ph).epochs for ph in PHASES}
+    # Pin the recipe: every budget runs from the same saved config (a recipe edited while the sweep runs, or a
+    # resumed sweep, cannot mix settings across budgets); --set overrides still apply on top (epochs per budget).
+    pinned = workdir / "sweep_config.json"
+    if not args.collect_only:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not pinned.is_file():
+            cfg.save(pinned)
+        elif json.loads(pinned.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+            print(f"[gpu_hours] note: {pinned} (from an earlier start of this sweep) differs from the recipe now; "
+                  f"keeping the pinned one so that all budgets match", flush=True)
+    args.pinned_config = str(pinned) if pinned.is_file() else None
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     record = common.header("gpu_hours", dev)
     record.update(settings={"recipe": args.recipe, "budgets": budgets, "base_epochs": base, "via": args.via,
