@@ -69,7 +69,7 @@ def _criterion(mixup, smoothing: float):
     return torch.nn.CrossEntropyLoss()
 
 
-def _check_output(phase: Phase, ctx) -> None:
+def _check_output(phase: Phase) -> None:
     """Refuse to resume into (or overwrite) an output directory made with another config."""
     saved = phase.out_dir / "config_key.json"
     if saved.is_file():
@@ -108,7 +108,7 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
     phase.check_inputs()
     ds_file = dsconfig.find(cfg.ds_config, ctx.has_cuda)
     ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, ctx.world_size, str(ds_file))
-    _check_output(phase, ctx)
+    _check_output(phase)
     if ckpt.complete(out):
         record = json.loads((out / "run.json").read_text())
         if ctx.is_main:
