@@ -19,12 +19,7 @@
 # system every host sees. Re-running the same command resumes: finished phases are skipped, unfinished resume.
 set -euo pipefail
 
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(dirname "$HERE")"
-PY="${PYTHON:-python3}"
-[ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && PY="$REPO/.venv/bin/python"
-DS="${DEEPSPEED:-$(dirname "$PY")/deepspeed}"
-command -v "$DS" >/dev/null 2>&1 || DS=deepspeed
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
 HOSTFILE="" INCLUDE="" EXCLUDE="" NUM_GPUS="" NUM_NODES="" PORT=29500
 RECIPE="" CONFIG="" OUTPUT="" DSCFG="" METHODS="di,e2e" CPU_RANKS=1

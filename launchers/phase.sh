@@ -8,12 +8,7 @@
 # PHASE is meta, incubate, finetune or e2e. Launcher options are the deepspeed launcher's own (--hostfile,
 # --include, --exclude, --num_gpus, --num_nodes, --master_port, --num_accelerators, ...).
 set -euo pipefail
-HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-REPO="$(dirname "$HERE")"
-PY="${PYTHON:-python3}"
-[ -x "$REPO/.venv/bin/python" ] && [ -z "${PYTHON:-}" ] && PY="$REPO/.venv/bin/python"
-DS="${DEEPSPEED:-$(dirname "$PY")/deepspeed}"
-command -v "$DS" >/dev/null 2>&1 || DS=deepspeed
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 PHASE="${1:-}"
 case "$PHASE" in
   meta|incubate|finetune|e2e) shift;;
