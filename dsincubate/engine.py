@@ -64,6 +64,22 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, ds_cfg: 
     raise UserError(f"unknown optimizer {tc.optimizer!r} (adamw or lamb)")
 
 
+SYNC_EVERY = 20  # training steps between host reads of the loss
+
+
+def _check_finite(loss: torch.Tensor, loss_sum: torch.Tensor, phase: Phase, state: dict, ckpt_dir, ctx) -> float:
+    """The last step's loss as a float; stops the run when any loss on any rank since the epoch began was not
+    finite (decided together, so no rank stops while the others wait in a collective)."""
+    last, total = loss.item(), loss_sum.item()
+    bad = torch.tensor([0.0 if math.isfinite(last) and math.isfinite(total) else 1.0], device=ctx.device)
+    if dist.all_reduce_sum(bad).item() > 0:
+        found = ckpt.latest_resume_tag(ckpt_dir)
+        kept = f"the last complete checkpoint ({ckpt_dir / found[0]}) is kept" if found else "nothing was saved"
+        raise UserError(f"{phase.label}: non-finite loss (last {last}) within the {SYNC_EVERY} steps before step "
+                        f"{state['global_step']} of epoch {state['epoch'] + 1}; {kept}; lower the learning rate")
+    return last
+
+
 def _criterion(mixup, smoothing: float):
     if mixup is not None:
         return SoftTargetCrossEntropy()
@@ -181,34 +197,41 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
             mixup.set_epoch(epoch)
         engine.train()
         bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}", ctx.is_main)
-        loss_sum, n_micro, t0 = torch.zeros(1, dtype=torch.float64), 0, time.time()
-        for images, targets in loader:
-            images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
-            if mixup is not None:
-                images, targets = mixup(images, targets)
-            output = engine(images.to(dtype))
-            loss = phase.loss(output, targets, criterion)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"{phase.label}: non-finite loss {loss.item()} at epoch {epoch}, step "
-                                   f"{state['global_step']}; last complete checkpoint kept in {ckpt_dir}")
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().double().cpu()
-            n_micro += 1
-            state["images"] += images.shape[0] * ctx.world_size
-            if n_micro % accum == 0:
-                state["global_step"] += 1
+        # the loss stays on the device: reading it back every step would stall the host behind the accelerator,
+        # so the finiteness check, progress bar and TensorBoard read it every SYNC_EVERY steps and at epoch end
+        # (before anything is saved); a NaN poisons the running sum, so none is missed
+        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        n_micro, t0 = 0, time.time()
+        try:
+            for images, targets in loader:
+                images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+                if mixup is not None:
+                    images, targets = mixup(images, targets)
+                output = engine(images.to(dtype))
+                loss = phase.loss(output, targets, criterion)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().double()
+                n_micro += 1
+                state["images"] += images.shape[0] * ctx.world_size
+                if n_micro % accum == 0:
+                    state["global_step"] += 1
+                if bar is not None:
+                    bar.update(1)
+                if n_micro % SYNC_EVERY == 0:
+                    last = _check_finite(loss, loss_sum, phase, state, ckpt_dir, ctx)
+                    if bar is not None:
+                        rate = n_micro * images.shape[0] * ctx.world_size / max(time.time() - t0, 1e-9)
+                        bar.set_postfix(loss=f"{last:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
+                    if ctx.is_main:
+                        logger.scalar("train/loss", last, state["global_step"])
+                        logger.scalar("train/lr", sched.get_last_lr()[0], state["global_step"])
+            if n_micro:
+                _check_finite(loss, loss_sum, phase, state, ckpt_dir, ctx)
+        finally:  # a bar left open would swallow the start of an error line
             if bar is not None:
-                rate = n_micro * images.shape[0] * ctx.world_size / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}",
-                                refresh=False)
-                bar.update(1)
-            if ctx.is_main and n_micro % 20 == 0:
-                logger.scalar("train/loss", loss.item(), state["global_step"])
-                logger.scalar("train/lr", sched.get_last_lr()[0], state["global_step"])
-        if bar is not None:
-            bar.close()
-        train_loss = (dist.all_reduce_sum(loss_sum.to(ctx.device)).cpu() / max(n_micro * ctx.world_size, 1)).item()
+                bar.close()
+        train_loss = (dist.all_reduce_sum(loss_sum.reshape(1)).cpu() / max(n_micro * ctx.world_size, 1)).item()
         epoch_seconds = time.time() - t0
         state["epoch"] = epoch + 1
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": sched.get_last_lr()[0],

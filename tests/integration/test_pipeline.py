@@ -155,6 +155,17 @@ def _bad_stage_copy(debug_run, tmp_path, index_from, **header_changes):
     return path
 
 
+def test_diverging_run_stops_with_one_line_error_and_saves_nothing(tmp_path, demo_root):
+    out = tmp_path / "diverge"
+    p = dsi("e2e", "--recipe", "debug", "--output", str(out), "--set", "e2e.lr=1e12", "--set", "e2e.warmup_epochs=0",
+            cwd=tmp_path, demo_root=demo_root, check=False)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("dsincubate: error:")]
+    assert len(err) == 1 and "non-finite loss" in err[0], p.stderr[-2000:]
+    assert not (out / "e2e" / "MANIFEST.json").exists() and not (out / "e2e" / "model.safetensors").exists()
+    assert not list((out / "e2e").glob("checkpoints/*/MANIFEST.json"))
+
+
 BAD_INPUTS = [
     (["incubate", "--module", "0", "--output", "{empty}"], "meta checkpoint missing"),
     (["incubate", "--module", "1", "--set", "model.embed_dim=96"], "trained for another model: embed_dim 48"),
