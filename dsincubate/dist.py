@@ -52,6 +52,8 @@ def init() -> DistContext:
     acc = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device_type = acc.device_name()
+    if device_type == "cpu":
+        _unlink_shm_buffer(dist)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -65,6 +67,24 @@ def init() -> DistContext:
                               min(dist.get_world_size(), os.cpu_count() or 1))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, device_type, device_name)
+
+
+def _unlink_shm_buffer(dist) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer from /dev/shm, keeping the mapping.
+
+    DeepSpeed's CPU accelerator maps one 69 MB /dev/shm file per rank at init and never unlinks it, so every CPU run
+    (and every test run) leaked RAM in tmpfs until reboot: gigabytes after a day of runs, enough to OOM-kill a ViT-H
+    step. Every rank maps all ranks' files during init_distributed, so after a barrier the names are no longer needed;
+    the mappings live until the processes exit, even when they are killed.
+    """
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if dist.get_world_size() > 1:
+        dist.barrier()  # on every rank, file or not, so no rank waits alone
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 def barrier() -> None:

@@ -145,6 +145,8 @@ def test_two_ranks_zero3_bf16_through_the_deepspeed_launcher(tmp_path, demo_root
     args = json.loads((root / "export" / "finetune" / "model.json").read_text())
     timm.create_model(args.pop("model_name"), **args).load_state_dict(tensors, strict=True)
     assert all(t.dtype == torch.float32 for t in tensors.values())  # fp32 master weights, not bf16 copies
+    # DeepSpeed's CPU all-reduce buffers (69 MB per rank in /dev/shm) must not outlive the run
+    assert not list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*_29531_*"))
 
 
 def _bad_stage_copy(debug_run, tmp_path, index_from, **header_changes):
