@@ -71,7 +71,8 @@ def raw_decode_pil(paths) -> int:
 
 
 def work_floor(paths, recipe: str, args) -> int:
-    """Decode + the recipe's transform into a preallocated slot, sample by sample: the pipeline minus the loader."""
+    """Decode + the recipe's transform into uint8 batch slots, then the per-batch normalize (+ erasing): the
+    pipeline minus the loader (tar reading, shuffle buffer, workers, hand-off)."""
     cfg = DataConfig(recipe=recipe)
     tf = build_transform(recipe, cfg, img_size=args.size, train=True)
     datas = []
@@ -79,9 +80,11 @@ def work_floor(paths, recipe: str, args) -> int:
         with open(p, "rb") as f:
             datas.append(f.read())
     torch.set_num_threads(1)
-    slot = torch.empty(3, args.size, args.size)
-    for d in datas:
-        tf(decode(d), slot)
+    batch = torch.empty(args.batch, 3, args.size, args.size, dtype=torch.uint8)
+    for i, d in enumerate(datas):
+        tf(decode(d), batch[i % args.batch])
+        if i % args.batch == args.batch - 1:
+            tf.batch_prep(batch, "cpu", [0, 0, 0, i])
     return len(datas)
 
 

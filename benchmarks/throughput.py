@@ -145,7 +145,8 @@ def minimal_loop(spec: dict) -> dict:
     rates = []
     for epoch in range(tc.epochs):
         loader = build_train_loader(cfg.data, info, batch_size=tc.micro_batch, rank=ctx.rank,
-                                    world_size=ctx.world_size, epoch=epoch, seed=cfg.seed, img_size=img)
+                                    world_size=ctx.world_size, epoch=epoch, seed=cfg.seed, img_size=img,
+                                    device=ctx.device)
         engine.train()
         n, t0 = 0, time.time()
         for x, y in loader:

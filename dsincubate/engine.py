@@ -192,7 +192,7 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
         dist.seed_everything(cfg.seed + 1_000_003 * (epoch + 1) + 7919 * ctx.rank)
         loader = build_train_loader(cfg.data, info, batch_size=tc.micro_batch, rank=ctx.rank,
                                     world_size=ctx.world_size, epoch=epoch, seed=cfg.seed, img_size=_img_size(phase),
-                                    subset_index=phase.module)
+                                    subset_index=phase.module, device=ctx.device)
         if mixup is not None:
             mixup.set_epoch(epoch)
         engine.train()
@@ -239,7 +239,7 @@ def run_phase(phase: Phase, cfg: RunConfig, ctx: dist.DistContext, info: DataInf
                    "images_per_second": n_micro * tc.micro_batch * ctx.world_size / max(epoch_seconds, 1e-9)}
         if state["epoch"] % tc.eval_every == 0 or state["epoch"] == tc.epochs:
             val = build_val_loader(cfg.data, info, batch_size=tc.micro_batch, rank=ctx.rank,
-                                   world_size=ctx.world_size, img_size=_img_size(phase))
+                                   world_size=ctx.world_size, img_size=_img_size(phase), device=ctx.device)
             metrics.update(evaluate(engine, val, ctx, dtype))
         state["history"].append(metrics)
         state["data_stats"] = [loader.stats()]

@@ -113,8 +113,9 @@ def resolve_data(cfg: DataConfig) -> DataInfo:
 
 
 def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: int, world_size: int, epoch: int,
-                       seed: int, img_size: int, subset_index: int | None = None) -> TrainLoader:
-    """Loader for one training epoch (build one per epoch). subset_index picks DMT subset I when dmt_splits > 0."""
+                       seed: int, img_size: int, subset_index: int | None = None, device="cpu") -> TrainLoader:
+    """Loader for one training epoch (build one per epoch). subset_index picks DMT subset I when dmt_splits > 0.
+    Workers hand over uint8 batches; normalization (and random erasing) run on `device`."""
     _check_cfg(cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -122,18 +123,19 @@ def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank
     sel = select_subset(index, cfg.train_fraction, cfg.dmt_splits, subset_index if cfg.dmt_splits else None)
     tf = build_transform(cfg.recipe, cfg, img_size=img_size, train=True, mean=info.mean, std=info.std)
     return train_loader(cfg, index, sel, tf, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch,
-                        seed=seed, img_size=img_size)
+                        seed=seed, img_size=img_size, device=device)
 
 
 def build_val_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: int, world_size: int,
-                     img_size: int) -> ValLoader:
+                     img_size: int, device="cpu") -> ValLoader:
     """Loader over the whole val set: each sample valid exactly once across ranks, equal batch count per rank."""
     _check_cfg(cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     index = cached_index(info.val_source, cfg.val_manifest)
     tf = build_transform("none", cfg, img_size=img_size, train=False, mean=info.mean, std=info.std)
-    return val_loader(cfg, index, tf, batch_size=batch_size, rank=rank, world_size=world_size, img_size=img_size)
+    return val_loader(cfg, index, tf, batch_size=batch_size, rank=rank, world_size=world_size, img_size=img_size,
+                      device=device)
 
 
 def build_mixup(cfg: DataConfig, num_classes: int, *, seed: int = 0, rank: int = 0) -> SeededMixup | None:

@@ -62,8 +62,10 @@ class _Loader:
     """Shared iteration: DataLoader over ShardStream, partial-batch merging, stats, threshold."""
 
     def __init__(self, make_stream, *, steps: int, batch_size: int, img_size: int, num_workers: int,
-                 expected: int, max_bad_fraction: float, pad: bool, attempts: int, info: dict):
+                 expected: int, max_bad_fraction: float, pad: bool, attempts: int, info: dict, prep, device,
+                 prep_key: list):
         self.make_stream, self.steps, self.batch_size, self.img_size = make_stream, steps, batch_size, img_size
+        self.prep, self.device, self.prep_key = prep, torch.device(device), list(prep_key)
         self.num_workers, self.expected, self.max_bad = num_workers, expected, max_bad_fraction
         self.pad, self.attempts, self.info = pad, attempts, info
         self._worker_stats: dict = {}
@@ -104,7 +106,8 @@ class _Loader:
             stream = self.make_stream(attempt)
             nw = self.num_workers
             dl = DataLoader(stream, batch_size=None, num_workers=nw, prefetch_factor=4 if nw else None,
-                            generator=torch.Generator().manual_seed(0), persistent_workers=False)
+                            generator=torch.Generator().manual_seed(0), persistent_workers=False,
+                            pin_memory=self.device.type == "cuda")  # so the uint8 upload can overlap compute
             for item in dl:
                 self._worker_stats[(attempt, item["wid"])] = item["stats"]
                 for e in item["examples"]:
@@ -142,7 +145,7 @@ class _Loader:
                 break
         if self.pad:
             while self._emitted < self.steps:  # pad: tail of real samples, then whole invalid batches
-                x = torch.zeros(B, 3, S, S)
+                x = torch.zeros(B, 3, S, S, dtype=torch.uint8)
                 y = torch.zeros(B, dtype=torch.int64)
                 valid = torch.zeros(B, dtype=torch.bool)
                 if pn:
@@ -157,22 +160,24 @@ class _Loader:
 
 
 class TrainLoader(_Loader):
-    """Iterable of (images float32 [B,3,S,S], targets int64 [B]); len() = steps per epoch, equal on all ranks."""
+    """Iterable of (images float32 [B,3,S,S] normalized on `device`, targets int64 [B]); len() = steps per epoch,
+    equal on all ranks."""
 
     def __iter__(self):
-        for x, y, _ in self._iterate():
-            yield x, y
+        for i, (x, y, _) in enumerate(self._iterate()):
+            yield self.prep(x, self.device, self.prep_key + [i]), y
 
 
 class ValLoader(_Loader):
-    """Iterable of (images, targets, valid bool [B]); every sample valid exactly once over all ranks."""
+    """Iterable of (images on `device`, targets, valid bool [B]); every sample valid exactly once over all ranks."""
 
     def __iter__(self):
-        yield from self._iterate()
+        for i, (x, y, valid) in enumerate(self._iterate()):
+            yield self.prep(x, self.device, self.prep_key + [i]), y, valid
 
 
 def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_size: int, rank: int,
-                 world_size: int, epoch: int, seed: int, img_size: int) -> TrainLoader:
+                 world_size: int, epoch: int, seed: int, img_size: int, device="cpu") -> TrainLoader:
     n = sel.num_samples
     per_epoch = cfg.samples_per_epoch or n
     if not cfg.resampled:
@@ -202,11 +207,11 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
             world_size, "recipe": cfg.recipe, "subset": sel.info, "source": index.source}
     return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                        expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,
-                       attempts=2, info=info)
+                       attempts=2, info=info, prep=transform.batch_prep, device=device, prep_key=tf_seed)
 
 
 def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: int, world_size: int,
-               img_size: int) -> ValLoader:
+               img_size: int, device="cpu") -> ValLoader:
     sel = select_subset(index)
     used = sum(1 for k in sel.keys if k)
     split = split_by_shard if used >= world_size else split_by_sample
@@ -224,4 +229,4 @@ def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: in
             "source": index.source}
     return ValLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                      expected=counts[rank], max_bad_fraction=cfg.max_bad_fraction, pad=True, attempts=1,
-                     info=info)
+                     info=info, prep=transform.batch_prep, device=device, prep_key=[0, 0, rank])

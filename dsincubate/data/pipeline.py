@@ -330,12 +330,12 @@ def _pax_records(data: bytes) -> dict:
 
 
 def _alloc(shape, shared: bool) -> torch.Tensor:
-    """Batch buffer; in a worker it lives in shared memory from the start (as DataLoader's own collate does), so
-    handing it to the main process does not copy it."""
+    """uint8 batch buffer; in a worker it lives in shared memory from the start (as DataLoader's own collate does),
+    so handing it to the main process does not copy it."""
     if not shared:
-        return torch.empty(shape)
+        return torch.empty(shape, dtype=torch.uint8)
     numel = int(np.prod(shape))
-    proto = torch.empty(0)
+    proto = torch.empty(0, dtype=torch.uint8)
     return proto.new(proto._typed_storage()._new_shared(numel, device="cpu")).view(shape)
 
 

@@ -2,16 +2,22 @@
 
 Decoding uses torchvision.io.decode_image (libjpeg-turbo / libpng; measured ~1.5x faster than PIL for 224px JPEG and
 32px PNG on this CPU), falling back to PIL for formats it lacks. The PIL-based timm augmentations then get a PIL image
-built from the decoded array; eval and recipe "none" stay on uint8 tensors (resize, center crop, normalize), which is
-the cheapest path.
+built from the decoded array; eval and recipe "none" stay on uint8 tensors (resize, center crop).
+
+Per-sample transforms end in uint8 [3,S,S], as timm's loader does with its prefetcher: DataLoader workers hand over
+batches a quarter the size of float32 ones, and the per-batch `BatchPrep` (uint8 -> float, normalize, and for the
+DeiT recipe timm's RandomErasing, seeded per batch) runs where the batch is used, on the GPU when there is one.
 
     from dsincubate.data.transforms import build_transform
-    tf = build_transform("deit", cfg, img_size=224, train=True); x = tf(decode(jpeg_bytes))
+    tf = build_transform("deit", cfg, img_size=224, train=True); u8 = tf(decode(jpeg_bytes))
+    x = tf.batch_prep(u8[None], device="cuda", key=[seed, epoch, rank, step])
 """
 from __future__ import annotations
 
+import copy
 import io
 import math
+import random
 import warnings
 
 import numpy as np
@@ -61,58 +67,87 @@ def to_pil(img: torch.Tensor) -> Image.Image:
     return Image.fromarray(img.permute(1, 2, 0).contiguous().numpy())
 
 
+class BatchPrep:
+    """uint8 batch [B,3,S,S] -> float32 normalized batch on `device`, then (optionally) timm's RandomErasing.
+
+    Erasing runs on normalized values (pixel mode draws N(0,1) noise), so it belongs here rather than in the
+    per-sample uint8 stage; timm's prefetcher does the same. Its python/torch randomness is seeded from `key` and the
+    caller's RNG states are restored, so a batch is erased identically wherever and whenever it is prepared.
+    """
+
+    def __init__(self, mean, std, erasing=None):
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
+        self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.erasing = erasing  # timm RandomErasing as create_transform built it, or None
+        self._consts: dict = {}
+
+    def __call__(self, x: torch.Tensor, device="cpu", key=()) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self._consts:
+            self._consts[device] = (self.mean.to(device), self.inv_std.to(device))
+        mean, inv_std = self._consts[device]
+        x = x.to(device, non_blocking=True).float().sub_(mean).mul_(inv_std)
+        if self.erasing is not None:
+            self._erase(x, device, key)
+        return x
+
+    def _erase(self, x: torch.Tensor, device: torch.device, key) -> None:
+        erasing = copy.copy(self.erasing)
+        erasing.device = str(device)  # where its noise is drawn
+        seed = int(np.random.SeedSequence([0x45524153, *key]).generate_state(1)[0])
+        outer = random.getstate()
+        random.seed(seed)
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+                torch.manual_seed(seed)
+                erasing(x)
+        finally:
+            random.setstate(outer)
+
+
 class TensorEval:
-    """Resize shorter side to img_size/crop_pct (bicubic, antialiased), center crop, scale and normalize."""
+    """Resize shorter side to img_size/crop_pct (bicubic, antialiased), center crop; uint8 out."""
 
     def __init__(self, img_size: int, crop_pct: float = DEFAULT_CROP_PCT, mean=IMAGENET_DEFAULT_MEAN,
                  std=IMAGENET_DEFAULT_STD):
         self.img_size = img_size
         self.resize = int(math.floor(img_size / crop_pct))
-        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(std).view(3, 1, 1) * 255)
+        self.batch_prep = BatchPrep(mean, std)
 
     def __call__(self, img: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if min(img.shape[-2:]) != self.resize:
             img = TF.resize(img, [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        img = TF.center_crop(img, [self.img_size, self.img_size])
-        return _normalize_into(img, out, self.mean, self.inv_std)
+        return _into(TF.center_crop(img, [self.img_size, self.img_size]), out)
 
 
 class PILPipeline:
-    """Decoded uint8 tensor -> PIL -> timm PIL augmentations -> fast to-tensor + normalize -> tensor transforms.
+    """Decoded uint8 tensor -> PIL -> timm's PIL augmentations -> uint8 tensor (timm's ToTensor/Normalize and
+    RandomErasing become the per-batch BatchPrep)."""
 
-    timm's final stage (ToTensor, Normalize) costs ~150us per 32px image; one fused uint8->float normalize does the
-    same arithmetic in ~15us. timm's tensor ops after it (random erasing) are kept as they are.
-    """
-
-    def __init__(self, pil_tf, mean, std, tensor_tf=()):
-        self.pil_tf, self.tensor_tf = pil_tf, list(tensor_tf)
-        self.mean = torch.tensor(mean).view(3, 1, 1) * 255
-        self.inv_std = 1.0 / (torch.tensor(std).view(3, 1, 1) * 255)
+    def __init__(self, pil_tf, mean, std, erasing=None):
+        self.pil_tf = pil_tf
+        self.batch_prep = BatchPrep(mean, std, erasing)
 
     def __call__(self, img: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         pil = self.pil_tf(to_pil(img))
-        x = _normalize_into(torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1), out, self.mean,
-                            self.inv_std)
-        for t in self.tensor_tf:
-            y = t(x)  # timm's RandomErasing works in place and returns its input
-            if y is not x:
-                x.copy_(y)
-        return x
+        return _into(torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1), out)
 
 
-def _normalize_into(img: torch.Tensor, out: torch.Tensor | None, mean: torch.Tensor, inv_std: torch.Tensor):
-    """uint8 [3,H,W] -> normalized float32, written straight into `out` (the batch slot) when given: no temporary
-    float images, whose page-faulting allocations cost more than the arithmetic at 224px."""
+def _into(img: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Write uint8 [3,S,S] into `out` (the batch slot, already in shared memory in a worker) when given."""
     if out is None:
-        out = torch.empty(img.shape, dtype=torch.float32)
-    out.copy_(img)
-    return out.sub_(mean).mul_(inv_std)
+        return img.clone(memory_format=torch.contiguous_format)  # PIL arrays are read-only
+    return out.copy_(img)
 
 
-def _split_final(final) -> list:
-    """timm's final Compose minus its ToTensor/Normalize (done by PILPipeline): the remaining tensor ops."""
-    return [t for t in final.transforms if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+def _erasing(final):
+    """timm's RandomErasing from its final Compose (None when it has none); the other members are ToTensor and
+    Normalize, which BatchPrep replaces."""
+    ops = [t for t in final.transforms if type(t).__name__ not in ("MaybeToTensor", "ToTensor", "Normalize")]
+    unknown = [type(t).__name__ for t in ops if type(t).__name__ != "RandomErasing"]
+    if unknown:
+        raise ValueError(f"unexpected tensor transforms from timm: {unknown}")
+    return ops[0] if ops and ops[0].probability > 0 else None
 
 
 def build_transform(recipe: str, cfg, *, img_size: int, train: bool, mean=IMAGENET_DEFAULT_MEAN,
@@ -128,7 +163,7 @@ def build_transform(recipe: str, cfg, *, img_size: int, train: bool, mean=IMAGEN
             re_prob=cfg.reprob, re_mode="pixel", re_count=1, interpolation="bicubic", mean=mean, std=std,
             separate=True)
         import torchvision.transforms as T
-        return PILPipeline(T.Compose([primary, secondary]), mean, std, _split_final(final))
+        return PILPipeline(T.Compose([primary, secondary]), mean, std, _erasing(final))
     if recipe == "3aug":
         # DeiT-III 3-Augment: simple random crop (resize, reflect-padded crop) + flip, then one of
         # grayscale/solarize/gaussian blur (timm's '3a' policy), colour jitter 0.3, normalize (+ erasing if asked).
@@ -138,7 +173,7 @@ def build_transform(recipe: str, cfg, *, img_size: int, train: bool, mean=IMAGEN
         import torchvision.transforms as T
         primary = T.Compose([Resize(img_size, interpolation=InterpolationMode.BICUBIC),
                              RandomCrop(img_size, padding=4, padding_mode="reflect"), RandomHorizontalFlip()])
-        return PILPipeline(T.Compose([primary, secondary]), mean, std, _split_final(final))
+        return PILPipeline(T.Compose([primary, secondary]), mean, std, _erasing(final))
     raise ValueError(f"unknown augmentation recipe {recipe!r} (deit, 3aug, none)")
 
 
