@@ -146,3 +146,25 @@ def test_tune_helpers():
         tune.parse_size("lots")
     assert tune.classify(-9, "").startswith("killed")
     assert tune.classify(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory") == "out of memory"
+
+
+def test_gpu_session_commands_use_real_scripts_and_options():
+    import re
+    import subprocess
+    root = Path(__file__).resolve().parents[2]
+    p = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "all"], capture_output=True, text=True,
+                       env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert p.returncode == 0, p.stderr
+    cmds = [line[2:].split() for line in p.stdout.splitlines() if line.startswith("+ ")]
+    assert len(cmds) == 5
+    for cmd in cmds:
+        script = next((a for a in cmd if a.endswith(".py")), None)
+        if script is None:  # the pytest call
+            assert cmd[:3] == ["python3", "-m", "pytest"] and "gpu" in cmd and (root / "tests" / "ops").is_dir()
+            continue
+        src = (root / script).read_text()
+        for opt in (a for a in cmd if a.startswith("--")):
+            assert re.search(rf'add_argument\("{re.escape(opt)}"', src), f"{script} has no option {opt}"
+    bad = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "nope"], capture_output=True,
+                         text=True, env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert bad.returncode == 2
