@@ -43,10 +43,12 @@ def ids_from_batch(images: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENE
 
 
 def jpeg_folder(root: str, n: int, size: int = 224, num_classes: int = 10, seed: int = 0,
-                quality: int = 90) -> list[str]:
-    """ImageFolder tree of n size x size JPEGs (existing files are kept); returns the file paths."""
+                quality: int = 90, height: int | None = None) -> list[str]:
+    """ImageFolder tree of n JPEGs, `size` wide and `height` (default `size`) high (existing files are kept);
+    returns the file paths."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    h = height or size
+    yy, xx = np.mgrid[0:h, 0:size].astype(np.float32) / size
     paths = []
     for i in range(n):
         d = os.path.join(root, f"class{i % num_classes:03d}")
@@ -58,7 +60,7 @@ def jpeg_folder(root: str, n: int, size: int = 224, num_classes: int = 10, seed:
         a, b = rng.uniform(0, 2 * np.pi, 2)
         base = rng.uniform(40, 200, 3)
         wave = np.sin(2 * np.pi * (np.cos(a) * xx + np.sin(a) * yy) * rng.uniform(1, 6) + b)[..., None]
-        img = base + wave * rng.uniform(20, 60, 3) + rng.normal(0, 12, (size, size, 3))
+        img = base + wave * rng.uniform(20, 60, 3) + rng.normal(0, 12, (h, size, 3))
         with open(p, "wb") as f:
             f.write(image_bytes(np.clip(img, 0, 255).astype(np.uint8), "JPEG", quality))
     return paths
