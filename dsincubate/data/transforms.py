@@ -33,8 +33,6 @@ from timm.data import auto_augment as _timm_aa
 # torchvision 0.29 deprecates its decoders in favour of torchcodec (not installed here) and warns on every call.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
-# PIL images come back as read-only numpy arrays; they are only ever copied from, never written.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 DEFAULT_CROP_PCT = 0.875  # DeiT eval: resize to img_size / 0.875, center crop img_size
 
@@ -130,13 +128,17 @@ class PILPipeline:
 
     def __call__(self, img: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         pil = self.pil_tf(to_pil(img))
-        return _into(torch.from_numpy(np.asarray(pil.convert("RGB"))).permute(2, 0, 1), out)
+        arr = np.asarray(pil if pil.mode == "RGB" else pil.convert("RGB"))  # read-only view of PIL's pixels
+        if out is None:
+            out = torch.empty(3, *arr.shape[:2], dtype=torch.uint8)
+        np.copyto(out.permute(1, 2, 0).numpy(), arr)  # one HWC -> CHW copy into the batch slot
+        return out
 
 
 def _into(img: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     """Write uint8 [3,S,S] into `out` (the batch slot, already in shared memory in a worker) when given."""
     if out is None:
-        return img.clone(memory_format=torch.contiguous_format)  # PIL arrays are read-only
+        return img.clone(memory_format=torch.contiguous_format)  # a crop is a view of the decoded image
     return out.copy_(img)
 
 
