@@ -55,11 +55,16 @@ def measure(fn) -> dict:
             "img_per_cpu_s": round(n / cpu, 1)}
 
 
-def raw_decode(paths) -> int:
-    datas = []
+def read_all(paths) -> list[bytes]:
+    out = []
     for p in paths:
         with open(p, "rb") as f:
-            datas.append(f.read())
+            out.append(f.read())
+    return out
+
+
+def raw_decode(paths) -> int:
+    datas = read_all(paths)
     torch.set_num_threads(1)
     for d in datas:
         decode(d)
@@ -79,10 +84,7 @@ def work_floor(paths, recipe: str, args) -> int:
     pipeline minus the loader (tar reading, shuffle buffer, workers, hand-off)."""
     cfg = DataConfig(recipe=recipe)
     tf = build_transform(recipe, cfg, img_size=args.size, train=True)
-    datas = []
-    for p in paths:
-        with open(p, "rb") as f:
-            datas.append(f.read())
+    datas = read_all(paths)
     torch.set_num_threads(1)
     batch = torch.empty(args.batch, 3, args.size, args.size, dtype=torch.uint8)
     for i, d in enumerate(datas):

@@ -125,6 +125,7 @@ def minimal_loop(spec: dict) -> dict:
     from dsincubate import dist, dsconfig, phases, recipes
     from dsincubate.config import apply_overrides
     from dsincubate.data import build_train_loader, resolve_data
+    from dsincubate.engine import build_optimizer
 
     cfg = apply_overrides(recipes.get(spec["recipe"]), spec["sets"])
     info = resolve_data(cfg.data)
@@ -138,8 +139,7 @@ def minimal_loop(spec: dict) -> dict:
     model = phase.build_model()
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    # the optimizer our engine builds (fused AdamW); the loop around it is what this row measures
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, fused=True)
+    opt = build_optimizer(model, tc, tc.lr, ds_cfg)  # the optimizer our engine builds: only the loop differs
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     img = int(phase.target_spec().kwargs["img_size"])
     rates = []

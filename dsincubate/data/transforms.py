@@ -5,8 +5,8 @@ Decoding uses torchvision.io.decode_image (libjpeg-turbo / libpng; measured ~1.5
 built from the decoded array; eval and recipe "none" stay on uint8 tensors (resize, center crop).
 
 Per-sample transforms end in uint8 [3,S,S], as timm's loader does with its prefetcher: DataLoader workers hand over
-batches a quarter the size of float32 ones, and the per-batch `BatchPrep` (uint8 -> float, normalize, and for the
-DeiT recipe timm's RandomErasing, seeded per batch) runs where the batch is used, on the GPU when there is one.
+batches a quarter the size of float32 ones, and the per-batch `BatchPrep` (uint8 -> float, normalize, and when the
+recipe asks for it timm's RandomErasing, seeded per batch) runs where the batch is used, on the GPU when there is one.
 
     from dsincubate.data.transforms import build_transform
     tf = build_transform("deit", cfg, img_size=224, train=True); u8 = tf(decode(jpeg_bytes))
@@ -82,16 +82,19 @@ class BatchPrep:
     def __call__(self, x: torch.Tensor, device="cpu", key=()) -> torch.Tensor:
         device = torch.device(device)
         if device not in self._consts:
-            self._consts[device] = (self.mean.to(device), self.inv_std.to(device))
-        mean, inv_std = self._consts[device]
+            erasing = None
+            if self.erasing is not None:
+                erasing = copy.copy(self.erasing)
+                erasing.device = str(device)  # where its noise is drawn
+            self._consts[device] = (self.mean.to(device), self.inv_std.to(device), erasing)
+        mean, inv_std, erasing = self._consts[device]
         x = x.to(device, non_blocking=True).float().sub_(mean).mul_(inv_std)
-        if self.erasing is not None:
-            self._erase(x, device, key)
+        if erasing is not None:
+            self._erase(erasing, x, device, key)
         return x
 
-    def _erase(self, x: torch.Tensor, device: torch.device, key) -> None:
-        erasing = copy.copy(self.erasing)
-        erasing.device = str(device)  # where its noise is drawn
+    @staticmethod
+    def _erase(erasing, x: torch.Tensor, device: torch.device, key) -> None:
         seed = int(np.random.SeedSequence([0x45524153, *key]).generate_state(1)[0])
         outer = random.getstate()
         random.seed(seed)
