@@ -21,11 +21,12 @@ import torch
 from dsincubate.checkpoint import atomic_write_json, complete
 
 
-def count_flops(phase, img_size: int) -> dict:
+def count_flops(build_model, img_size: int) -> dict:
+    """FLOPs per image of the model `build_model()` returns (built on the meta device: no memory, no weights)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = phase.build_model(load=False)
+        model = build_model()
     model.train()
     x = torch.randn(2, 3, img_size, img_size, device="meta")
     with FlopCounterMode(display=False) as fwd:
@@ -82,17 +83,23 @@ class MetricLogger:
             self.writer = None
 
 
-def run_record(*, phase, cfg, ds_cfg, ds_file, ctx, wall_seconds, state, flops, kernels, trainable, engine_module,
+def run_record(*, phase, ds_cfg, ds_file, ctx, wall_seconds, state, flops, kernels, trainable, engine_module,
                info, frozen) -> dict:
     names = set(trainable)
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                       for n, p in engine_module.named_parameters() if n in names)
     n_total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine_module.parameters())
-    final = dict(state["history"][-1]) if state["history"] else {}
+    final = dict(state.history[-1]) if state.history else {}
+    tc = phase.train_cfg
     return {
         "phase": phase.name,
-        "module": phase.module,
-        "config": cfg.to_dict(),
+        "stage_index": phase.stage_index,
+        "settings": {"meta_model": tc.meta_model, "imitation": tc.imitation, "clip_grad": tc.clip_grad,
+                     "drop_path": tc.drop_path, "drop_path_mode": tc.drop_path_mode,
+                     "num_stages": phase.cfg.model.num_stages,
+                     "meta_depth_per_stage": phase.cfg.model.meta_depth_per_stage,
+                     "train_fraction": phase.cfg.data.train_fraction, "dmt_splits": phase.cfg.data.dmt_splits},
+        "config": phase.cfg.to_dict(),
         "ds_config": ds_cfg,
         "ds_config_file": str(ds_file),
         "world_size": ctx.world_size,
@@ -100,18 +107,18 @@ def run_record(*, phase, cfg, ds_cfg, ds_file, ctx, wall_seconds, state, flops, 
         "device_name": ctx.device_name,
         "wall_seconds": wall_seconds,
         "device_seconds": device_seconds(wall_seconds, ctx.world_size),
-        "images_processed": state["images"],
-        "optimizer_steps": state["global_step"],
-        "epochs": state["epoch"],
+        "images_processed": state.images,
+        "optimizer_steps": state.global_step,
+        "epochs": state.epoch,
         "flops": flops,
         "params_trainable": n_trainable,
         "params_total": n_total,
         "frozen_params": dict(frozen, count=n_total - n_trainable),
         "kernels": kernels,
         "data": {"num_classes": info.num_classes, "train_samples": info.train_samples,
-                 "val_samples": info.val_samples, "stats": state.get("data_stats", [])},
+                 "val_samples": info.val_samples, "stats": state.data_stats},
         "final": final,
-        "history": state["history"],
+        "history": state.history,
     }
 
 
@@ -125,12 +132,17 @@ def _load(path: Path) -> dict | None:
 
 def summarize(root: Path, num_stages: int) -> dict:
     """summary.json of a pipeline run: what finished, final top-1 and device-hours per phase and in total."""
-    root = Path(root)
+    from dsincubate.layout import RunLayout
+
+    layout = RunLayout(root)
     hours = lambda r: r["device_seconds"] / 3600 if r else None  # noqa: E731
-    meta = _load(root / "meta")
-    inc = [_load(root / "incubate" / f"module_{i}") for i in range(num_stages)]
-    ft = _load(root / "finetune")
-    e2e = _load(root / "e2e")
+    meta = _load(layout.phase_dir("meta"))
+    inc = [_load(layout.phase_dir("incubate", i)) for i in range(num_stages)]
+    ft = _load(layout.phase_dir("finetune"))
+    e2e = _load(layout.phase_dir("e2e"))
+    e2e_tune = _load(layout.phase_dir("e2e_tune"))
+    assembled = json.loads((layout.assemble_dir / "eval.json").read_text()) \
+        if (layout.assemble_dir / "eval.json").is_file() else {}
     device = next((r["device_name"] for r in [meta, ft, e2e, *inc] if r), "unknown")
     di_hours = None
     if meta and ft and all(inc):
@@ -145,9 +157,13 @@ def summarize(root: Path, num_stages: int) -> dict:
             "device_hours": di_hours,
             "phases": {"meta": hours(meta), "incubate": [hours(r) for r in inc], "finetune": hours(ft)},
             "incubate_top1": [r["final"].get("top1") if r else None for r in inc],
+            "assembled_top1": assembled.get("top1"),
         },
     }
-    atomic_write_json(root / "summary.json", summary)
+    if e2e_tune:
+        summary["e2e_tune"] = {"top1": e2e_tune["final"].get("top1"),
+                               "device_hours": hours(e2e) + hours(e2e_tune) if e2e else None}
+    atomic_write_json(layout.summary, summary)
     return summary
 
 
@@ -158,8 +174,12 @@ def format_summary(s: dict) -> str:
     rows.append(("DI: meta pretrain", f(di["meta_top1"], ".2f"), f(di["phases"]["meta"], ".4f")))
     for i, (h, t) in enumerate(zip(di["phases"]["incubate"], di["incubate_top1"])):
         rows.append((f"DI: incubate module {i}", f(t, ".2f"), f(h, ".4f")))
+    if di.get("assembled_top1") is not None:
+        rows.append(("DI: assembled, before finetune", f(di["assembled_top1"], ".2f"), "-"))
     rows.append(("DI: finetune (final)", f(di["top1"], ".2f"), f(di["phases"]["finetune"], ".4f")))
     rows.append(("Deep Incubation total", f(di["top1"], ".2f"), f(di["device_hours"], ".4f")))
+    if "e2e_tune" in s:
+        rows.append(("E2E + tuning (total)", f(s["e2e_tune"]["top1"], ".2f"), f(s["e2e_tune"]["device_hours"], ".4f")))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'run':<{width}}  {'top-1 %':>8}  {'device-hours':>12}   (device: {s['device']})"]
     lines += [f"{a:<{width}}  {b:>8}  {c:>12}" for a, b, c in rows]

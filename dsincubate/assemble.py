@@ -14,13 +14,13 @@ from pathlib import Path
 from dsincubate import checkpoint as ckpt
 from dsincubate.errors import UserError
 from dsincubate.models import staged, vit
-from dsincubate.phases import MODEL_FILE, STAGE_FILE
+from dsincubate.layout import MODEL_FILE, STAGE_FILE, RunLayout
 
 
 def default_stage_files(root: Path, num_stages: int) -> list[Path]:
     files = []
     for i in range(num_stages):
-        d = Path(root) / "incubate" / f"module_{i}"
+        d = RunLayout(root).phase_dir("incubate", i)
         if not ckpt.complete(d):
             raise UserError(f"incubated module {i} missing or incomplete: {d / STAGE_FILE} (run `dsincubate incubate --module {i}`)")
         files.append(d / STAGE_FILE)
@@ -70,7 +70,7 @@ def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None
         missing, unexpected = model.stages[i].load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise UserError(f"assemble: {f} does not fit stage {i}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    out = root / "assemble"
+    out = RunLayout(root).assemble_dir
     meta = {"kind": "assembled", "spec": head["spec"], "num_stages": head["num_stages"],
             "stage_depths": head["stage_depths"], "meta_sha256": head["meta_sha256"],
             "stages": [{"file": str(f), "sha256": ckpt.sha256_file(f)} for f, _ in ordered]}
@@ -83,7 +83,7 @@ def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None
 
 def export(root: Path, source: str = "finetune") -> Path:
     """Write `<root>/export/<source>/model.safetensors` with timm keys and `model.json` with the create args."""
-    src = Path(root) / source / MODEL_FILE
+    src = RunLayout(root).model(source)
     if not ckpt.complete(src.parent):
         raise UserError(f"export: {src} missing or incomplete (run `dsincubate {source}` first)")
     tensors, header = ckpt.load_tensors(src)
@@ -91,7 +91,7 @@ def export(root: Path, source: str = "finetune") -> Path:
     spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
     model = staged.StagedModel(staged.divide(vit.build(spec), header["stage_depths"]))
     model.load_state_dict(tensors, strict=True)
-    out = Path(root) / "export" / source
+    out = RunLayout(root).export_dir(source)
     ckpt.save_tensors(out / MODEL_FILE, staged.timm_state_dict(model), {"kind": "timm", "spec": spec.to_json()})
     ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **spec.kwargs})
     ckpt.write_manifest(out, [MODEL_FILE, "model.json"], {"source": str(src)})

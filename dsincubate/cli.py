@@ -20,7 +20,8 @@ from pathlib import Path
 
 from dsincubate.errors import UserError
 
-TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e")
+TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e", "e2e_tune")
+METHODS = ("di", "e2e", "e2e_tune")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("meta", "pre-train the meta model"), ("incubate", "incubate target module I"),
                         ("finetune", "fine-tune the assembled model"), ("e2e", "train the target end to end"),
+                        ("e2e_tune", "train the E2E model further with the fine-tune recipe (the paper's control)"),
+                        ("eval", "top-1/top-5 of any model of a run (or a model file) on the validation data"),
                         ("pipeline", "every phase in order, then the summary"),
                         ("assemble", "join the K incubated modules"), ("export", "write a timm safetensors file"),
                         ("summary", "print the E2E vs Deep Incubation table of a run"),
@@ -49,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         _common(p)
         if name == "incubate":
-            p.add_argument("--module", type=int, required=True, help="stage index I in 0..K-1")
+            p.add_argument("--module", "--stage-index", dest="stage_index", type=int, required=True,
+                           help="stage index I in 0..K-1")
+        if name == "eval":
+            p.add_argument("--model", dest="which", default="finetune",
+                           help="meta, hybrid:I, assemble, finetune, e2e, e2e_tune or a .safetensors file")
         if name == "assemble":
             p.add_argument("--stages", nargs="+", default=None, help="explicit stage files (default: the run's)")
         if name == "export":
             p.add_argument("--source", choices=("finetune", "e2e"), default="finetune")
         if name == "pipeline":
-            p.add_argument("--methods", default="di,e2e", help="comma list of di, e2e")
+            p.add_argument("--methods", default="di,e2e", help="comma list of di, e2e, e2e_tune (E2E + tuning)")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every config field with its documentation")
     ops = sub.add_parser("ops", help="report the fused kernels: compatible, built, backend in use")
@@ -128,10 +135,9 @@ def run(args) -> int:
     cfg = load_config(args)
     root = Path(args.output)
     if args.command == "config" and args.fields:
-        from dsincubate.config import ModelConfig, RunConfig, TrainConfig, config_lines
-        from dsincubate.data import DataConfig
+        from dsincubate.config import ALL_SECTIONS, config_lines
 
-        for cls in (RunConfig, ModelConfig, TrainConfig, DataConfig):
+        for cls in ALL_SECTIONS:
             print("\n".join(config_lines(cls)))
         return 0
     import torch
@@ -148,21 +154,38 @@ def run(args) -> int:
         return 0
     if args.command in ("assemble", "export"):
         return _single_process(args, cfg, root)
-    from dsincubate import dist, engine, phases
+    from dsincubate import dist, phases, trainer
 
-    if args.command == "incubate":
-        phases.make("incubate", cfg, root, n_cls, args.module).check_inputs()
-    if args.command == "finetune":
-        phases.make("finetune", cfg, root, n_cls).check_inputs()
+    phase = None
+    if args.command in TRAIN_PHASES:  # its inputs checked before any process group or engine exists
+        phase = phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None))
+    if args.command == "pipeline":
+        methods = _methods(args.methods)
+    if args.command == "eval":
+        from dsincubate.evaluate import resolve
+
+        resolve(args.which, cfg, root, n_cls)  # a missing or wrong model fails here, before the process group
     ctx = dist.init()
+    if args.command == "eval":
+        from dsincubate.evaluate import run_eval
+
+        run_eval(args.which, cfg, root, ctx, info, n_cls)
+        return 0
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if not (root / "config.json").is_file():
             cfg.save(root / "config.json")
-    if args.command in TRAIN_PHASES:
-        engine.run_phase(phases.make(args.command, cfg, root, n_cls, getattr(args, "module", None)), cfg, ctx, info)
+    if phase is not None:
+        trainer.run_phase(phase, ctx, info)
         return 0
-    return _pipeline(args, cfg, root, ctx, info, n_cls)
+    return _pipeline(methods, cfg, root, ctx, info, n_cls)
+
+
+def _methods(text: str) -> set[str]:
+    methods = {m.strip() for m in text.split(",") if m.strip()}
+    if not methods or methods - set(METHODS):
+        raise UserError(f"--methods {text!r}: use one or more of {', '.join(METHODS)}")
+    return methods
 
 
 def _single_process(args, cfg, root: Path) -> int:
@@ -178,36 +201,42 @@ def _single_process(args, cfg, root: Path) -> int:
     return 0
 
 
-def _pipeline(args, cfg, root: Path, ctx, info, n_cls: int) -> int:
-    from dsincubate import dist, engine, phases
+def _pipeline(methods: set[str], cfg, root: Path, ctx, info, n_cls: int) -> int:
+    """Deep Incubation (meta, K incubations, assemble, finetune), E2E and E2E + tuning in one process group."""
+    from dsincubate import dist, phases, trainer
     from dsincubate.accounting import format_summary, summarize
     from dsincubate.assemble import assemble, export
+    from dsincubate.evaluate import run_eval
+    from dsincubate.layout import RunLayout
 
-    methods = {m.strip() for m in args.methods.split(",") if m.strip()}
-    if not methods or methods - {"di", "e2e"}:
-        raise UserError(f"--methods {args.methods!r}: use di, e2e or both")
-    stopped = False
+    layout = RunLayout(root)
+
+    def train(name: str, stage_index: int | None = None) -> bool:
+        """Train one phase; False when it stopped early (stop_after_epochs) and the pipeline must stop too."""
+        rec = trainer.run_phase(phases.make(name, cfg, root, n_cls, stage_index), ctx, info)
+        return "stopped_at_epoch" not in rec
+
     if "di" in methods:
-        order = [("meta", None)] + [("incubate", i) for i in range(cfg.model.num_stages)]
-        for name, module in order:
-            rec = engine.run_phase(phases.make(name, cfg, root, n_cls, module), cfg, ctx, info)
-            stopped |= "stopped_at_epoch" in rec
-        if stopped:
+        if not all([train("meta")] + [train("incubate", i) for i in range(cfg.model.num_stages)]):
             return 0
-        if ctx.is_main and not (root / "assemble" / "MANIFEST.json").is_file():
+        if ctx.is_main and not (layout.assemble_dir / "MANIFEST.json").is_file():
             assemble(root, None, cfg.model.num_stages)
         dist.barrier()
-        rec = engine.run_phase(phases.make("finetune", cfg, root, n_cls), cfg, ctx, info)
-        if "stopped_at_epoch" in rec:
+        if not (layout.assemble_dir / "eval.json").is_file():  # the assembled model before fine-tuning (Fig. 10)
+            run_eval("assemble", cfg, root, ctx, info, n_cls)
+        dist.barrier()
+        if not train("finetune"):
             return 0
         if ctx.is_main:
             export(root, "finetune")
-    if "e2e" in methods:
-        rec = engine.run_phase(phases.make("e2e", cfg, root, n_cls), cfg, ctx, info)
-        if "stopped_at_epoch" in rec:
+    if methods & {"e2e", "e2e_tune"}:
+        if not train("e2e"):
             return 0
         if ctx.is_main:
             export(root, "e2e")
+        dist.barrier()
+    if "e2e_tune" in methods and not train("e2e_tune"):
+        return 0
     dist.barrier()
     if ctx.is_main:
         print(format_summary(summarize(root, cfg.model.num_stages)))

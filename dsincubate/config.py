@@ -1,102 +1,243 @@
-"""Typed run configuration: model, per-phase training recipe, data, engine.
+"""Typed run configuration: model, data, per-phase training recipe, engine. Importing it pulls in no torch.
 
 A run is described by one `RunConfig`. Recipes (`dsincubate.recipes`) build it; the command line overrides single
 fields with `--set section.field=value`; the resolved config is saved next to every phase's output as `config.json`,
 and `RunConfig.from_dict` reads it back (so `--config out/config.json` repeats a run exactly).
 
-Engine concerns (ZeRO stage, precision, offload, clipping, communication) live in `ds_configs/*.json`, not here; see
+Every field has a docstring (`dsincubate config --fields` prints them) and, where it has one, its domain declared in
+the same line (`setting(default, lo=..., hi=..., choices=...)`). `RunConfig.validate()` checks every domain and the
+relations between fields (min_lr <= lr, warmup shorter than the phase, ...) whenever a config is built from a recipe,
+`--set`, `--config` or a saved `config.json`, so bad settings stop before any engine starts. `None` means "not set".
+
+Engine concerns (ZeRO stage, precision, offload, communication) live in `ds_configs/*.json`, not here; see
 `dsincubate.dsconfig` for how the two are merged.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Optional
 
-from dsincubate.data import DataConfig
 from dsincubate.errors import UserError
 
 
+def setting(default=MISSING, *, factory=MISSING, lo=None, hi=None, lo_open=False, hi_open=False, choices=None):
+    """A dataclass field with its domain: lo/hi bounds (closed unless *_open) or a tuple of choices."""
+    md = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=md)
+    return field(default=default, metadata=md)
+
+
+def domain_text(f: dataclasses.Field) -> str:
+    md = f.metadata
+    if not md:
+        return ""
+    if md.get("choices"):
+        return "one of " + ", ".join(map(str, md["choices"]))
+    lo, hi = md.get("lo"), md.get("hi")
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if md['lo_open'] else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if md['hi_open'] else '<='} {hi}")
+    return ", ".join(parts)
+
+
+def _check_domains(obj, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        value, md = getattr(obj, f.name), f.metadata
+        if not md or value is None:
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            bad = False
+            if md.get("choices") is not None:
+                bad = v not in md["choices"]
+            else:
+                if isinstance(v, float) and not math.isfinite(v):
+                    bad = True
+                lo, hi = md.get("lo"), md.get("hi")
+                if lo is not None and (v <= lo if md["lo_open"] else v < lo):
+                    bad = True
+                if hi is not None and (v >= hi if md["hi_open"] else v > hi):
+                    bad = True
+            if bad:
+                raise UserError(f"{where}.{f.name}={value!r}: must be {domain_text(f)}")
+
+
+class _Checked:
+    """Domain checks on construction (a recipe's typo fails where it is made)."""
+
+    def __post_init__(self):
+        _check_domains(self, type(self).__name__)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     """The target model and how it is divided."""
 
     preset: str = "tiny"
-    """A preset name (see `dsincubate.models.vit.PRESETS`) or any timm VisionTransformer name."""
-    depth: int = 0
-    """Override the number of blocks (0 keeps the preset's)."""
-    embed_dim: int = 0
-    """Override the width (0 keeps the preset's)."""
-    num_heads: int = 0
-    """Override the number of attention heads (0 keeps the preset's)."""
-    img_size: int = 0
-    """Override the input resolution (0 keeps the preset's)."""
-    patch_size: int = 0
-    """Override the patch size (0 keeps the preset's)."""
-    num_classes: int = 0
-    """Number of classes (0 = taken from the dataset)."""
-    num_stages: int = 4
-    """K, the number of modules the target is divided into (paper default 4)."""
-    stage_depths: list[int] = field(default_factory=list)
+    """A preset name (see `dsincubate.models.vit.PRESETS`), deit_t_<depth>, or any timm VisionTransformer name."""
+    depth: Optional[int] = setting(None, lo=1)
+    """Override the number of blocks (None keeps the preset's)."""
+    embed_dim: Optional[int] = setting(None, lo=1)
+    """Override the width (None keeps the preset's); must be divisible by num_heads."""
+    num_heads: Optional[int] = setting(None, lo=1)
+    """Override the number of attention heads (None keeps the preset's)."""
+    img_size: Optional[int] = setting(None, lo=1)
+    """Override the input resolution (None keeps the preset's); a multiple of patch_size."""
+    patch_size: Optional[int] = setting(None, lo=1)
+    """Override the patch size (None keeps the preset's)."""
+    num_classes: Optional[int] = setting(None, lo=1)
+    """Number of classes (None = taken from the dataset)."""
+    num_stages: int = setting(4, lo=1)
+    """K, the number of modules the target is divided into (paper default 4); at most the depth."""
+    stage_depths: list[int] = setting(factory=list, lo=1)
     """Explicit blocks per stage, summing to the depth; empty = even split."""
-    meta_depth_per_stage: int = 1
+    meta_depth_per_stage: int = setting(1, lo=1)
     """Blocks per stage of the meta model (paper: 1, the shallowest possible)."""
-    kernel_backend: str = "auto"
+    kernel_backend: str = setting("auto", choices=("auto", "cuda", "torch"))
     """'auto' (fused csrc kernels where they pass their self-check), 'cuda' or 'torch' (PyTorch references)."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward (needed for ViT-H at useful batch sizes)."""
 
 
+AUG_RECIPES = ("deit", "3aug", "none")
+DEIT_T_PREFIX = "deit_t_"  # deit_t_<N>: DeiT-Tiny of depth N on 32x32 images (CIFAR-100), a preset and a recipe
+
+
+def parse_deit_t(name: str) -> int | None:
+    """N for a name deit_t_<N> (N >= 1), else None: the one parser of that name."""
+    if name.startswith(DEIT_T_PREFIX) and name[len(DEIT_T_PREFIX):].isdigit() and int(name[len(DEIT_T_PREFIX):]) > 0:
+        return int(name[len(DEIT_T_PREFIX):])
+    return None
+
+
 @dataclass
-class TrainConfig:
+class DataConfig(_Checked):
+    """Data options. Defaults suit the built-in demo; the DeiT values are the paper's ImageNet recipe."""
+
+    train: str = ""
+    """Training source: shard dir with manifest, manifest .json, shard paths/brace pattern, pipe: command, ImageFolder
+    tree or `path label` list; "" = the built-in demo."""
+    val: str = ""
+    """Validation source, same forms; "" = the built-in demo."""
+    train_manifest: str = ""
+    """Manifest for the training shards when it is not next to them (pipe:/remote sources)."""
+    val_manifest: str = ""
+    """Manifest for the validation shards when it is not next to them."""
+    demo_root: str = "demo_data"
+    """Where the demo shards are generated (once; safe with concurrent ranks)."""
+    num_workers: int = setting(2, lo=0)
+    """DataLoader worker processes per rank (0 = read in the training process); the sample order is reproducible
+    for a given (seed, epoch, rank, num_workers)."""
+    shuffle_buffer: int = setting(1000, lo=0)
+    """Samples held per worker for shuffling across shard boundaries."""
+    resampled: bool = True
+    """Draw shards with replacement, a fixed number of samples per epoch (multi-node safe); False = one exact pass
+    over the (selected) data per epoch."""
+    samples_per_epoch: Optional[int] = setting(None, lo=1)
+    """Samples per epoch; None = the size of the whole training set, also when train_fraction or dmt_splits select
+    a subset, so a subset trains for the full set's iterations (paper Tab. 5, supplementary §2)."""
+    recipe: str = setting("deit", choices=AUG_RECIPES)
+    """Augmentation: "deit" (RandAugment, random erasing), "3aug" (DeiT-III 3-Augment) or "none" (resize + crop)."""
+    auto_augment: str = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment spec (deit recipe)."""
+    color_jitter: float = setting(0.4, lo=0.0)
+    """Colour jitter (deit recipe; timm disables it under RandAugment as DeiT does; 3aug uses 0.3)."""
+    reprob: float = setting(0.25, lo=0.0, hi=1.0)
+    """Random erasing probability (DeiT-III's 3aug used 0.0: set it so)."""
+    mixup: float = setting(0.8, lo=0.0)
+    """Mixup alpha (0 with cutmix 0 disables mixing)."""
+    cutmix: float = setting(1.0, lo=0.0)
+    """CutMix alpha."""
+    smoothing: float = setting(0.1, lo=0.0, hi=1.0, hi_open=True)
+    """Label smoothing (inside Mixup when it is on)."""
+    train_fraction: float = setting(1.0, lo=0.0, hi=1.0, lo_open=True)
+    """Class-balanced subset of the training set (paper Tab. 5: 0.25, 0.5), at the full set's iterations."""
+    dmt_splits: int = setting(0, lo=0)
+    """Decentralized modular training: incubation job I reads subset I of N disjoint class-balanced subsets
+    (0 = off); meta pre-training and fine-tuning read the full set."""
+    max_bad_fraction: float = setting(0.01, lo=0.0, hi=1.0)
+    """Bad samples above this fraction of an epoch's samples stop the run."""
+
+
+@dataclass
+class TrainConfig(_Checked):
     """The recipe of one training phase (DeiT defaults, paper Sec. 4)."""
 
-    epochs: int = 10
+    epochs: int = setting(10, lo=1)
     """Epochs of this phase (an epoch is the data config's samples per epoch)."""
-    micro_batch: int = 64
+    micro_batch: int = setting(64, lo=1)
     """Micro-batch per rank; the global batch is micro_batch x grad_accum x world size."""
-    grad_accum: int = 0
-    """Gradient accumulation steps; 0 = take it from the ds_config (or 1). Setting it in both places is an error."""
-    optimizer: str = "adamw"
+    grad_accum: Optional[int] = setting(None, lo=1)
+    """Gradient accumulation steps; None = take it from the ds_config (or 1). Setting it in both is an error."""
+    clip_grad: Optional[float] = setting(None, lo=0.0, lo_open=True)
+    """Gradient clipping max norm, filled into DeepSpeed's `gradient_clipping` (None = off; the official code's
+    fine-tuning uses 1.0). Setting it here and in the ds_config is an error."""
+    optimizer: str = setting("adamw", choices=("adamw", "lamb"))
     """'adamw' or 'lamb' (the paper's large-model E2E baselines use LAMB)."""
-    lr: float = 5e-4
+    lr: float = setting(5e-4, lo=0.0, lo_open=True)
     """Peak learning rate for a global batch of 512; scaled linearly by global batch / 512 (DeiT)."""
-    min_lr: float = 1e-5
-    """Floor of the cosine schedule (scaled like lr)."""
-    warmup_epochs: float = 5.0
-    """Linear warmup length in epochs (0 for fine-tuning, as in the paper)."""
-    warmup_lr: float = 1e-6
-    """Learning rate at the start of warmup (scaled like lr)."""
-    weight_decay: float = 0.05
+    min_lr: float = setting(1e-5, lo=0.0)
+    """Floor of the cosine schedule (scaled like lr); at most lr."""
+    warmup_epochs: float = setting(5.0, lo=0.0)
+    """Linear warmup length in epochs (0 for fine-tuning, as in the paper); shorter than the phase."""
+    warmup_lr: float = setting(1e-6, lo=0.0)
+    """Learning rate at the start of warmup (scaled like lr); at most lr."""
+    weight_decay: float = setting(0.05, lo=0.0)
     """AdamW/LAMB weight decay; biases, norms, class token and position embedding get none."""
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = setting((0.9, 0.999), lo=0.0, hi=1.0, hi_open=True)
     """Adam betas."""
-    drop_path: float = 0.1
+    drop_path: float = setting(0.1, lo=0.0, hi=1.0, hi_open=True)
     """Stochastic depth rate of the trained model (target: 0.1 ViT-B, 0.5 ViT-L, 0.6 ViT-H in the paper)."""
+    drop_path_mode: str = setting("linear", choices=("linear", "uniform"))
+    """'linear' (timm/DeiT: 0 at the first block rising to drop_path at the last) or 'uniform' (CaiT: drop_path in
+    every block; the paper's ViT-L/H E2E baselines)."""
     imitation: bool = False
     """Incubation only: train by Module Imitation (L1 to the meta stage's output) instead of Module Incubation."""
-    eval_every: int = 1
+    meta_model: str = setting("fixed", choices=("fixed", "tunable", "random"))
+    """Incubation only, the paper's meta ablation: 'fixed' (pre-trained, frozen; the method), 'tunable'
+    (pre-trained, trained together with the module) or 'random' (randomly initialised, trained with the module)."""
+    eval_every: int = setting(1, lo=1)
     """Evaluate every N epochs (and always after the last)."""
-    ckpt_every: int = 1
+    ckpt_every: int = setting(1, lo=1)
     """Save a resumable checkpoint every N epochs (and always after the last)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = setting(2, lo=1)
     """Resumable checkpoints to keep per phase."""
+
+    def validate(self, where: str) -> None:
+        _check_domains(self, where)
+        if self.min_lr > self.lr:
+            raise UserError(f"{where}.min_lr={self.min_lr} is above {where}.lr={self.lr}")
+        if self.warmup_lr > self.lr:
+            raise UserError(f"{where}.warmup_lr={self.warmup_lr} is above {where}.lr={self.lr}")
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise UserError(f"{where}.warmup_epochs={self.warmup_epochs} is not shorter than the phase "
+                            f"({where}.epochs={self.epochs})")
+
+
+TRAIN_SECTIONS = ("meta", "incubate", "finetune", "e2e", "e2e_tune")
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Checked):
     """Everything a pipeline run needs; one per output directory."""
 
     name: str = "demo"
     """Recipe name, for the record."""
-    seed: int = 0
+    seed: int = setting(0, lo=0)
     """Seed for initialisation, data order and augmentation."""
     ds_config: str = "auto"
     """A file in ds_configs/ (name or path); 'auto' = zero2_bf16 with CUDA, cpu without."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The target model and its division."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data, augmentation."""
     meta: TrainConfig = field(default_factory=TrainConfig)
     """Pre-training of the meta model."""
     incubate: TrainConfig = field(default_factory=TrainConfig)
@@ -105,16 +246,38 @@ class RunConfig:
     """Fine-tuning of the assembled model (no warmup)."""
     e2e: TrainConfig = field(default_factory=TrainConfig)
     """The end-to-end baseline."""
-    stop_after_epochs: int = 0
-    """Stop each phase after this many epochs in one invocation (0 = run to the end); the next invocation resumes.
-    For time-limited or preemptible jobs."""
+    e2e_tune: TrainConfig = field(default_factory=lambda: TrainConfig(warmup_epochs=0.0))
+    """The paper's "E2E + tuning" control: the E2E model trained further with fine-tune's recipe (method e2e_tune)."""
+    stop_after_epochs: Optional[int] = setting(None, lo=1)
+    """Stop each phase after this many epochs in one invocation (None = run to the end); the next invocation
+    resumes. For time-limited or preemptible jobs."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
-        return _from_dict(cls, d, "")
+        cfg = _from_dict(cls, d, "")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "RunConfig":
+        """Every field's domain and the relations between fields; raises UserError naming the field."""
+        for sub, where in ((self, "config"), (self.model, "model"), (self.data, "data")):
+            _check_domains(sub, where)
+        for name in TRAIN_SECTIONS:
+            self.train_config(name).validate(name)
+        m = self.model
+        if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
+            raise UserError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+        if m.img_size and m.patch_size and m.img_size % m.patch_size:
+            raise UserError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
+        if m.stage_depths and len(m.stage_depths) != m.num_stages:
+            raise UserError(f"model.stage_depths has {len(m.stage_depths)} entries but model.num_stages={m.num_stages}")
+        if self.data.dmt_splits and self.data.dmt_splits != m.num_stages:
+            raise UserError(f"data.dmt_splits={self.data.dmt_splits}: decentralized training gives each of the "
+                            f"K={m.num_stages} modules its own subset; use dmt_splits={m.num_stages} or 0")
+        return self
 
     def save(self, path) -> None:
         from dsincubate.checkpoint import atomic_write_text
@@ -126,31 +289,46 @@ class RunConfig:
 
 
 def _from_dict(cls, d: dict[str, Any], where: str):
+    """`where` is the section's path ("" for the top level, "e2e", "model", ...), used in error messages."""
     if not isinstance(d, dict):
-        raise UserError(f"config{where}: expected an object, got {type(d).__name__}")
+        raise UserError(f"config{'.' + where if where else ''}: expected an object, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
-        raise UserError(f"config{where}: unknown field(s) {sorted(unknown)}")
+        raise UserError(f"config{'.' + where if where else ''}: unknown field(s) {sorted(unknown)}")
     kwargs = {}
     for key, value in d.items():
         hint = hints[key]
+        path = f"{where}.{key}" if where else key
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _from_dict(hint, value, f"{where}.{key}")
+            kwargs[key] = _from_dict(hint, value, path)
         else:
-            kwargs[key] = _coerce(value, hint, f"{where}.{key}")
-    return cls(**kwargs)
+            kwargs[key] = _coerce(value, hint, path)
+    try:  # the domain check names the field by its path (e2e.lr), not its class (TrainConfig.lr)
+        return cls(**kwargs)
+    except UserError as e:
+        raise UserError(str(e).replace(f"{cls.__name__}.", f"{where}." if where else "", 1)) from None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union and type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        hint = next(a for a in args if a is not type(None))
     origin = typing.get_origin(hint)
     try:
         if origin in (list, tuple):
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(value)
             (inner, *_) = typing.get_args(hint) or (str,)
             items = [_coerce(v, inner, where) for v in value]
+            if origin is tuple and len(typing.get_args(hint)) > 1 and ... not in typing.get_args(hint) \
+                    and len(items) != len(typing.get_args(hint)):
+                raise ValueError(value)
             return tuple(items) if origin is tuple else items
         if hint is bool:
             if isinstance(value, str):
@@ -159,18 +337,30 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
+            if not isinstance(value, (bool, int)):
+                raise TypeError(value)
             return bool(value)
-        if hint in (int, float, str):
-            if hint is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return hint(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from None
+        if hint in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise TypeError(value)
+            if hint is int:
+                f = float(value)
+                if not f.is_integer():
+                    raise ValueError(value)
+                return int(f)
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError(value)
+            return str(value)
+    except (TypeError, ValueError, OverflowError):
+        name = getattr(hint, "__name__", str(hint))
+        raise UserError(f"{where}: cannot read {value!r} as {name}") from None
     return value
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply `section.field=value` overrides (e.g. `incubate.epochs=3`, `model.stage_depths=2,4,4,2`)."""
+    """Apply `section.field=value` overrides (e.g. `incubate.epochs=3`, `model.stage_depths=2,4,4,2`); validates."""
     d = cfg.to_dict()
     for item in overrides:
         if "=" not in item:
@@ -182,24 +372,28 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             if not isinstance(node.get(part), dict):
                 raise UserError(f"--set {key}: no such section {part!r}")
             node = node[part]
-        if parts[-1] not in node:
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
             raise UserError(f"--set {key}: no such field {parts[-1]!r}")
         node[parts[-1]] = value
     return RunConfig.from_dict(d)
 
 
 def config_lines(cls) -> list[str]:
-    """Field documentation, for `dsincubate config --help-fields`."""
+    """Field documentation with domains, for `dsincubate config --fields`."""
     import ast
     import inspect
 
-    src = inspect.getsource(cls)
-    tree = ast.parse(src).body[0]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    tree = ast.parse(inspect.getsource(cls)).body[0]
     lines, last = [], None
     for node in tree.body:
         if isinstance(node, ast.AnnAssign):
             last = node.target.id
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and last:
-            lines.append(f"{cls.__name__}.{last}: {' '.join(node.value.value.split())}")
+            dom = domain_text(fields[last])
+            lines.append(f"{cls.__name__}.{last}: {' '.join(node.value.value.split())}" + (f" [{dom}]" if dom else ""))
             last = None
     return lines
+
+
+ALL_SECTIONS = (RunConfig, ModelConfig, DataConfig, TrainConfig)

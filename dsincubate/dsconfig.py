@@ -61,6 +61,9 @@ def validate(cfg: dict, where: str) -> None:
     zero = cfg.get("zero_optimization", {})
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise UserError(f"ds_config {where}: zero_optimization.stage must be 0, 1, 2 or 3")
+    for key in ("bf16", "fp16", "activation_checkpointing"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise UserError(f"ds_config {where}: {key!r} must be an object like {{\"enabled\": true}}")
     if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
         raise UserError(f"ds_config {where}: bf16 and fp16 are both enabled")
     ga = cfg.get("gradient_accumulation_steps", 1)
@@ -68,9 +71,16 @@ def validate(cfg: dict, where: str) -> None:
         raise UserError(f"ds_config {where}: gradient_accumulation_steps must be a positive integer")
 
 
-def resolve(base: dict, micro_batch: int, grad_accum: int, world_size: int, where: str) -> dict:
-    """The ds_config handed to `deepspeed.initialize`: the file's engine keys plus the recipe's batch sizes."""
+def resolve(base: dict, micro_batch: int, grad_accum: int | None, world_size: int, where: str,
+            clip_grad: float | None = None) -> dict:
+    """The ds_config handed to `deepspeed.initialize`: the file's engine keys plus the recipe's batch sizes and
+    gradient clipping (a key set in both the file and the run config is an error, never a silent override)."""
     cfg = copy.deepcopy(base)
+    if clip_grad is not None:
+        if cfg.get("gradient_clipping"):
+            raise UserError(f"gradient clipping is set both in {where} ({cfg['gradient_clipping']}) and in the run "
+                            f"config (clip_grad={clip_grad}); set it in one place")
+        cfg["gradient_clipping"] = float(clip_grad)
     if grad_accum and "gradient_accumulation_steps" in cfg:
         raise UserError(
             f"gradient accumulation is set both in {where} ({cfg['gradient_accumulation_steps']}) and in the run "

@@ -1,13 +1,15 @@
-"""The phases of Deep Incubation (paper Alg. 1) and the E2E baseline, as small objects for the one training loop.
+"""The phases of Deep Incubation (paper Alg. 1), the E2E baseline and its tuned control, as small objects.
 
-Each training phase builds its model (loading what earlier phases handed over), names its trainable part (whatever
-has `requires_grad`), computes its loss and says what it saves. `dsincubate.engine.run_phase` does everything else,
-identically for all of them, which is what keeps the E2E comparison fair.
+`make(name, cfg, root, num_classes, stage_index)` returns a ready phase: its inputs (checkpoints of earlier phases)
+are checked and resolved once, so the one training loop (`dsincubate.trainer.run_phase(phase, ctx, info)`) only
+asks it to build its model, name its trainable part, compute its loss (a dict with "loss", timm's task contract) and
+save its result. Everything else is done identically for all phases, which is what keeps the comparison fair.
 
-    meta       pre-train the meta model (K stages of `meta_depth_per_stage` blocks)            -> meta/model.safetensors
-    incubate   train target stage I inside the frozen meta model                              -> incubate/module_I/stage.safetensors
-    finetune   fine-tune the assembled target (see dsincubate.assemble)                       -> finetune/model.safetensors
-    e2e        train the same target whole, from scratch, same loop and recipe               -> e2e/model.safetensors
+    meta       pre-train the meta model (K stages of `meta_depth_per_stage` blocks)    -> meta/model.safetensors
+    incubate   train target stage I inside the meta model (fixed; or tunable/random)    -> incubate/module_I/stage.safetensors
+    finetune   fine-tune the assembled target (see dsincubate.assemble)                -> finetune/model.safetensors
+    e2e        train the same target whole, from scratch, same loop and recipe         -> e2e/model.safetensors
+    e2e_tune   train the E2E model further with the fine-tune recipe (paper's control) -> e2e_tune/model.safetensors
 """
 from __future__ import annotations
 
@@ -20,21 +22,18 @@ import torch.nn.functional as F
 from dsincubate import checkpoint as ckpt
 from dsincubate.config import RunConfig, TrainConfig
 from dsincubate.errors import UserError
+from dsincubate.layout import META_FILE, MODEL_FILE, STAGE_FILE, RunLayout
 from dsincubate.models import staged, vit
-
-META_FILE = "model.safetensors"
-STAGE_FILE = "stage.safetensors"
-MODEL_FILE = "model.safetensors"
 
 
 class Phase:
-    """Base: a phase of a run rooted at `root` (the run's output directory)."""
+    """Base: a phase of the run rooted at `root` (the run's output directory)."""
 
     name = ""
     output_file = MODEL_FILE
 
-    def __init__(self, cfg: RunConfig, root: Path, num_classes: int, module: int | None = None):
-        self.cfg, self.root, self.num_classes, self.module = cfg, Path(root), num_classes, module
+    def __init__(self, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None):
+        self.cfg, self.layout, self.num_classes, self.stage_index = cfg, RunLayout(root), num_classes, stage_index
 
     @property
     def train_cfg(self) -> TrainConfig:
@@ -42,11 +41,15 @@ class Phase:
 
     @property
     def out_dir(self) -> Path:
-        return self.root / self.name
+        return self.layout.phase_dir(self.name, self.stage_index)
 
     @property
     def label(self) -> str:
-        return self.name if self.module is None else f"{self.name}[{self.module}]"
+        return self.name if self.stage_index is None else f"{self.name}[{self.stage_index}]"
+
+    @property
+    def img_size(self) -> int:
+        return int(self.target_spec().kwargs["img_size"])
 
     def target_spec(self, drop_path: float | None = None) -> vit.ModelSpec:
         dp = self.train_cfg.drop_path if drop_path is None else drop_path
@@ -60,15 +63,23 @@ class Phase:
         d = self.cfg.to_dict()
         return {k: d[k] for k in ("seed", "ds_config", "model", "data", self.name)}
 
-    def check_inputs(self) -> None:
-        """Cheap checks before any heavy work; raise UserError."""
+    def resolve_inputs(self) -> None:
+        """Check and locate what earlier phases handed over (cheap; raises UserError). Called once by `make`."""
         self.depths()
+
+    def target(self) -> staged.StagedModel:
+        """The target model divided into K stages, with this phase's stochastic depth."""
+        tc = self.train_cfg
+        model = staged.StagedModel(staged.divide(vit.build(self.target_spec()), self.depths()))
+        if tc.drop_path_mode != "linear":
+            vit.set_drop_path(model, tc.drop_path, tc.drop_path_mode)
+        return model
 
     def build_model(self, load: bool = True) -> nn.Module:
         raise NotImplementedError
 
-    def loss(self, output, targets: torch.Tensor, criterion) -> torch.Tensor:
-        return criterion(output.float(), targets)
+    def loss(self, output, targets: torch.Tensor, criterion) -> dict[str, torch.Tensor]:
+        return {"loss": criterion(output.float(), targets)}
 
     def output_names(self, model: nn.Module) -> list[str]:
         """Parameter names (in `model`) saved as this phase's result."""
@@ -81,18 +92,23 @@ class Phase:
         return [self.output_file]
 
 
+def meta_spec(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -> vit.ModelSpec:
+    return vit.meta_spec(cfg.model, vit.target_spec(cfg.model, num_classes, 0.0), drop_path)
+
+
+def build_meta_model(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -> staged.StagedModel:
+    K, d = cfg.model.num_stages, cfg.model.meta_depth_per_stage
+    return staged.StagedModel(staged.divide(vit.build(meta_spec(cfg, num_classes, drop_path)), [d] * K))
+
+
 class MetaPhase(Phase):
     name = "meta"
 
-    def meta_spec(self) -> vit.ModelSpec:
-        return vit.meta_spec(self.cfg.model, self.target_spec(0.0), self.train_cfg.drop_path)
-
     def build_model(self, load: bool = True) -> nn.Module:
-        K, d = self.cfg.model.num_stages, self.cfg.model.meta_depth_per_stage
-        return staged.StagedModel(staged.divide(vit.build(self.meta_spec()), [d] * K))
+        return build_meta_model(self.cfg, self.num_classes, self.train_cfg.drop_path)
 
     def save_output(self, tensors):
-        meta = {"kind": "meta", "meta_spec": vit.meta_spec(self.cfg.model, self.target_spec(0.0), 0.0).to_json(),
+        meta = {"kind": "meta", "meta_spec": meta_spec(self.cfg, self.num_classes).to_json(),
                 "target_spec": self.target_spec(0.0).to_json(), "num_stages": self.cfg.model.num_stages,
                 "meta_depth_per_stage": self.cfg.model.meta_depth_per_stage}
         ckpt.save_tensors(self.out_dir / META_FILE, tensors, meta)
@@ -101,14 +117,14 @@ class MetaPhase(Phase):
 
 def meta_checkpoint(cfg: RunConfig, root: Path, num_classes: int) -> tuple[Path, str]:
     """The meta model file this run's incubation uses, checked against the run's model; returns (path, sha256)."""
-    path = Path(root) / "meta" / META_FILE
+    path = RunLayout(root).meta
     if not ckpt.complete(path.parent):
         raise UserError(f"meta checkpoint missing: {path} (run `dsincubate meta` first, or point --output at a run that has one)")
     header = ckpt.read_meta(path)
     if header.get("kind") != "meta":
         raise UserError(f"{path} is not a meta-model checkpoint")
     have = vit.ModelSpec.from_json(header["meta_spec"])
-    want = vit.meta_spec(cfg.model, vit.target_spec(cfg.model, num_classes, 0.0), 0.0)
+    want = meta_spec(cfg, num_classes)
     if header.get("num_stages") != cfg.model.num_stages:
         raise UserError(f"{path} has K={header.get('num_stages')} stages but the run asks for K={cfg.model.num_stages}")
     if not vit.same_architecture(have, want):
@@ -123,81 +139,106 @@ def meta_checkpoint(cfg: RunConfig, root: Path, num_classes: int) -> tuple[Path,
 class IncubatePhase(Phase):
     name = "incubate"
     output_file = STAGE_FILE
+    meta_path: Path | None = None
+    meta_sha: str | None = None
 
-    @property
-    def out_dir(self) -> Path:
-        return self.root / "incubate" / f"module_{self.module}"
-
-    def check_inputs(self) -> None:
+    def resolve_inputs(self) -> None:
         K = self.cfg.model.num_stages
         self.depths()
-        if self.module is None or not 0 <= self.module < K:
-            raise UserError(f"module index {self.module} out of range: K={K}, so 0..{K - 1}")
-        self.meta_path, self.meta_sha = meta_checkpoint(self.cfg, self.root, self.num_classes)
+        if self.stage_index is None or not 0 <= self.stage_index < K:
+            raise UserError(f"module index {self.stage_index} out of range: K={K}, so 0..{K - 1}")
+        if self.train_cfg.meta_model != "random":  # the random-init ablation needs no meta model
+            self.meta_path, self.meta_sha = meta_checkpoint(self.cfg, self.layout.root, self.num_classes)
 
     def config_key(self) -> dict:
-        return dict(super().config_key(), module=self.module, meta_sha256=self.meta_sha)
+        return dict(super().config_key(), stage_index=self.stage_index, meta_sha256=self.meta_sha)
 
     def build_model(self, load: bool = True) -> nn.Module:
-        K, d = self.cfg.model.num_stages, self.cfg.model.meta_depth_per_stage
-        meta_spec = vit.meta_spec(self.cfg.model, self.target_spec(0.0), 0.0)
-        meta_model = staged.StagedModel(staged.divide(vit.build(meta_spec), [d] * K))
-        if load:
+        tc = self.train_cfg
+        meta_model = build_meta_model(self.cfg, self.num_classes)
+        if load and self.meta_path is not None:
             tensors, _ = ckpt.load_tensors(self.meta_path)
             meta_model.load_state_dict(tensors, strict=True)
-        target_stages = staged.divide(vit.build(self.target_spec()), self.depths())
-        return staged.Hybrid(list(meta_model.stages), target_stages[self.module], self.module,
-                             imitation=self.train_cfg.imitation)
+        target_stages = list(self.target().stages)
+        return staged.Hybrid(list(meta_model.stages), target_stages[self.stage_index], self.stage_index,
+                             imitation=tc.imitation, freeze_meta=tc.meta_model == "fixed")
 
     def loss(self, output, targets, criterion):
-        if isinstance(output, tuple):  # Module Imitation: L1 between target and meta stage outputs
-            return F.l1_loss(output[0].float(), output[1].float())
-        return criterion(output.float(), targets)
+        if self.train_cfg.imitation and isinstance(output, tuple):  # Module Imitation: L1 to the meta stage's output
+            return {"loss": F.l1_loss(output[0].float(), output[1].float())}
+        return {"loss": criterion(output.float(), targets)}
 
     def output_names(self, model):
-        prefix = f"stages.{self.module}."
+        prefix = f"stages.{self.stage_index}."
         return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
 
     def save_output(self, tensors):
-        prefix = f"stages.{self.module}."
+        prefix = f"stages.{self.stage_index}."
         local = {n[len(prefix):]: t for n, t in tensors.items()}
         meta = {"kind": "stage", "spec": self.target_spec(0.0).to_json(), "num_stages": self.cfg.model.num_stages,
-                "index": self.module, "stage_depths": self.depths(), "meta_sha256": self.meta_sha,
-                "objective": "imitation" if self.train_cfg.imitation else "incubation"}
+                "index": self.stage_index, "stage_depths": self.depths(), "meta_sha256": self.meta_sha,
+                "objective": "imitation" if self.train_cfg.imitation else "incubation",
+                "meta_model": self.train_cfg.meta_model}
         ckpt.save_tensors(self.out_dir / STAGE_FILE, local, meta)
         return [STAGE_FILE]
 
 
-class FinetunePhase(Phase):
-    name = "finetune"
+class _FromModel(Phase):
+    """A phase that starts from a whole target model an earlier step wrote (`source`)."""
 
-    def check_inputs(self) -> None:
+    source = ""
+    source_path: Path | None = None
+
+    def resolve_inputs(self) -> None:
         self.depths()
-        path = self.root / "assemble" / MODEL_FILE
+        path = self.layout.model(self.source)
         if not ckpt.complete(path.parent):
-            raise UserError(f"assembled model missing: {path} (run `dsincubate assemble` first)")
+            raise UserError(f"{self.source} model missing: {path} (run `dsincubate {self.source}` first)")
         header = ckpt.read_meta(path)
         if not vit.same_architecture(vit.ModelSpec.from_json(header["spec"]), self.target_spec(0.0)):
             raise UserError(f"{path} holds another model than this run's target")
-        self.assembled_path = path
+        self.source_path = path
 
     def build_model(self, load: bool = True) -> nn.Module:
-        model = staged.StagedModel(staged.divide(vit.build(self.target_spec()), self.depths()))
+        model = self.target()
         if load:
-            tensors, _ = ckpt.load_tensors(self.assembled_path)
+            tensors, _ = ckpt.load_tensors(self.source_path)
             model.load_state_dict(tensors, strict=True)
         return model
+
+
+class FinetunePhase(_FromModel):
+    name = "finetune"
+    source = "assemble"
+
+
+class E2ETunePhase(_FromModel):
+    """The paper's "E2E training + tuning" control: E2E gets fine-tune's extra epochs too."""
+
+    name = "e2e_tune"
+    source = "e2e"
 
 
 class E2EPhase(Phase):
     name = "e2e"
 
     def build_model(self, load: bool = True) -> nn.Module:
-        return staged.StagedModel(staged.divide(vit.build(self.target_spec()), self.depths()))
+        return self.target()
 
 
-PHASES = {"meta": MetaPhase, "incubate": IncubatePhase, "finetune": FinetunePhase, "e2e": E2EPhase}
+PHASES = {"meta": MetaPhase, "incubate": IncubatePhase, "finetune": FinetunePhase, "e2e": E2EPhase,
+          "e2e_tune": E2ETunePhase}
 
 
-def make(name: str, cfg: RunConfig, root: Path, num_classes: int, module: int | None = None) -> Phase:
-    return PHASES[name](cfg, root, num_classes, module)
+def make(name: str, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None,
+         resolve: bool = True) -> Phase:
+    """A ready phase. `resolve=False` skips locating earlier phases' outputs (tune and benchmarks build the
+    architecture only, with `build_model(load=False)`)."""
+    if name not in PHASES:
+        raise UserError(f"unknown phase {name!r} (one of {', '.join(PHASES)})")
+    phase = PHASES[name](cfg, root, num_classes, stage_index)
+    if resolve:
+        phase.resolve_inputs()
+    elif name == "incubate" and (stage_index is None or not 0 <= stage_index < cfg.model.num_stages):
+        raise UserError(f"module index {stage_index} out of range: K={cfg.model.num_stages}")
+    return phase

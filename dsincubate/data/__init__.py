@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from dsincubate.config import AUG_RECIPES, DataConfig, _check_domains
 from dsincubate.data.demo import ensure_demo
 from dsincubate.data.loader import TrainLoader, ValLoader, cached_index, train_loader, val_loader
 from dsincubate.data.subsets import select_subset
@@ -31,34 +32,7 @@ from dsincubate.errors import UserError
 __all__ = ["DataConfig", "DataInfo", "resolve_data", "build_train_loader", "build_val_loader", "build_mixup",
            "TrainLoader", "ValLoader", "SeededMixup"]
 
-RECIPES = ("deit", "3aug", "none")
-
-
-@dataclass
-class DataConfig:
-    """Data options. Defaults suit the built-in demo; the DeiT values are the paper's ImageNet recipe."""
-    train: str = ""                 # train source: shard dir with manifest, manifest .json, shard paths/brace
-    #                                 pattern, pipe: command, ImageFolder tree or `path label` list; "" = demo
-    val: str = ""                   # val source, same forms; "" = built-in demo
-    train_manifest: str = ""        # manifest for train shards when it is not next to them (pipe:/remote)
-    val_manifest: str = ""          # same for val
-    demo_root: str = "demo_data"    # where the demo shards are generated (once; safe with concurrent ranks)
-    num_workers: int = 2            # DataLoader worker processes per rank (0 = read in the training process);
-    #                                 sample order is reproducible for a given (seed, epoch, rank, num_workers)
-    shuffle_buffer: int = 1000      # samples held per worker for shuffling across shard boundaries
-    resampled: bool = True          # draw shards with replacement, fixed samples per epoch (multi-node safe);
-    #                                 False = exact one pass over the (selected) data per epoch
-    samples_per_epoch: int = 0      # 0 = number of selected training samples (whole set, or the subset)
-    recipe: str = "deit"            # "deit" | "3aug" (DeiT-III 3-Augment) | "none" (resize + center crop)
-    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec (deit recipe)
-    color_jitter: float = 0.4       # deit recipe; timm disables it under RandAugment as DeiT does; 3aug uses 0.3
-    reprob: float = 0.25            # random erasing probability (DeiT-III 3aug used 0.0: set it so)
-    mixup: float = 0.8              # Mixup alpha (0 with cutmix 0 disables build_mixup)
-    cutmix: float = 1.0             # CutMix alpha
-    smoothing: float = 0.1          # label smoothing applied inside Mixup
-    train_fraction: float = 1.0     # class-balanced subset of the training set (paper: 0.25, 0.5)
-    dmt_splits: int = 0             # decentralized modular training: N disjoint class-balanced subsets (0 = off)
-    max_bad_fraction: float = 0.01  # bad samples above this fraction of an epoch's samples stop the run
+RECIPES = AUG_RECIPES
 
 
 @dataclass
@@ -83,12 +57,7 @@ class DataInfo:
 
 
 def _check_cfg(cfg: DataConfig) -> None:
-    if cfg.recipe not in RECIPES:
-        raise UserError(f"unknown augmentation recipe {cfg.recipe!r}; choose one of {', '.join(RECIPES)}")
-    if cfg.num_workers < 0 or cfg.shuffle_buffer < 0 or cfg.samples_per_epoch < 0:
-        raise UserError("num_workers, shuffle_buffer and samples_per_epoch must be >= 0")
-    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
-        raise UserError(f"max_bad_fraction must be in [0, 1], got {cfg.max_bad_fraction}")
+    _check_domains(cfg, "data")  # a config mutated after construction is checked again here
 
 
 def resolve_data(cfg: DataConfig) -> DataInfo:
@@ -120,7 +89,9 @@ def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     index = cached_index(info.train_source, cfg.train_manifest)
-    sel = select_subset(index, cfg.train_fraction, cfg.dmt_splits, subset_index if cfg.dmt_splits else None)
+    # DMT: only incubation jobs (which pass their stage index) read a subset; meta and fine-tune read the full set
+    dmt = cfg.dmt_splits if subset_index is not None else 0
+    sel = select_subset(index, cfg.train_fraction, dmt, subset_index if dmt else None)
     tf = build_transform(cfg.recipe, cfg, img_size=img_size, train=True, mean=info.mean, std=info.std)
     return train_loader(cfg, index, sel, tf, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch,
                         seed=seed, img_size=img_size, device=device)

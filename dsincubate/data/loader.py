@@ -179,9 +179,10 @@ class ValLoader(_Loader):
 def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_size: int, rank: int,
                  world_size: int, epoch: int, seed: int, img_size: int, device="cpu") -> TrainLoader:
     n = sel.num_samples
-    per_epoch = cfg.samples_per_epoch or n
+    # None = the whole set's size, also for a fraction or a DMT subset: the paper keeps the full set's iterations
+    per_epoch = cfg.samples_per_epoch or index.num_samples
     if not cfg.resampled:
-        per_epoch = min(per_epoch, n)  # one pass cannot hold more than the data
+        per_epoch = min(per_epoch, n)  # one pass cannot hold more than the (selected) data
     steps = per_epoch // (batch_size * world_size)
     if steps == 0:
         raise UserError(f"batch size {batch_size} x {world_size} rank(s) exceeds the {per_epoch} training samples "

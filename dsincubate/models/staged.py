@@ -97,11 +97,13 @@ class Hybrid(nn.Module):
 
     With `imitation=True` the training forward returns (target stage output, meta stage output) on the same input, for
     the Module Imitation ablation (paper Fig. 2b); the stages after `index` are then not run at all.
+    With `freeze_meta=False` (the paper's "tunable meta" ablations) the meta stages train with the target stage.
     """
 
-    def __init__(self, meta_stages: list[Stage], target_stage: Stage, index: int, imitation: bool = False):
+    def __init__(self, meta_stages: list[Stage], target_stage: Stage, index: int, imitation: bool = False,
+                 freeze_meta: bool = True):
         super().__init__()
-        self.index, self.imitation = index, imitation
+        self.index, self.imitation, self.freeze_meta = index, imitation, freeze_meta
         stages = list(meta_stages)
         self.meta_stage = None
         if imitation:
@@ -109,7 +111,10 @@ class Hybrid(nn.Module):
         stages[index] = target_stage
         self.stages = nn.ModuleList(stages)
         for p in self.frozen_parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(not freeze_meta)
+        if self.meta_stage is not None:  # an imitation teacher is never trained
+            for p in self.meta_stage.parameters():
+                p.requires_grad_(False)
         for p in self.target_stage.parameters():
             p.requires_grad_(True)
 
@@ -125,14 +130,14 @@ class Hybrid(nn.Module):
         super().train(mode)
         # Frozen meta stages stay deterministic (no drop path): the paper fixes the meta model.
         for i, s in enumerate(self.stages):
-            if i != self.index:
+            if i != self.index and self.freeze_meta:
                 s.eval()
         if self.meta_stage is not None:
             self.meta_stage.eval()
         return self
 
     def forward(self, x: torch.Tensor):
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_meta):
             for stage in self.stages[: self.index]:
                 x = stage(x)
         if self.imitation and self.training:  # evaluation always measures the hybrid's task accuracy
@@ -145,10 +150,14 @@ class Hybrid(nn.Module):
         return x
 
     def no_weight_decay(self) -> set[str]:
+        if not self.freeze_meta:
+            return {f"stages.{i}.{n}" for i, s in enumerate(self.stages) for n in s.no_weight_decay()}
         return {f"stages.{self.index}.{n}" for n in self.target_stage.no_weight_decay()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.target_stage.grad_checkpointing = enable
+        for i, s in enumerate(self.stages):
+            if i == self.index or not self.freeze_meta:
+                s.grad_checkpointing = enable
 
 
 def stage_to_timm_keys(state: dict[str, torch.Tensor], block_offset: int) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from dsincubate.config import ModelConfig
+from dsincubate.config import DEIT_T_PREFIX, ModelConfig, parse_deit_t
 from dsincubate.errors import UserError
 
 # name -> (timm architecture, overrides). Paper models: Tab. 1 (ViT-B/L/H), Tab. 6 (ViT-B-DN: depth 24, width 540,
@@ -28,7 +28,6 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "vit_h14": ("vit_huge_patch14_224", {}),
     "vit_b_dn": ("vit_base_patch16_224", dict(depth=24, embed_dim=540, num_heads=12)),
 }
-DEIT_T_PREFIX = "deit_t_"  # deit_t_<N>: DeiT-Tiny of depth N on 32x32 images (CIFAR-100)
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,8 @@ def _preset(name: str) -> tuple[str, dict]:
     if name in PRESETS:
         arch, kw = PRESETS[name]
         return arch, dict(kw)
-    if name.startswith(DEIT_T_PREFIX) and name[len(DEIT_T_PREFIX):].isdigit():
-        depth = int(name[len(DEIT_T_PREFIX):])
+    depth = parse_deit_t(name)
+    if depth is not None:
         return "deit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=depth, num_classes=100)
     if name in timm.list_models("*vit*") + timm.list_models("deit*"):
         return name, {}
@@ -136,6 +135,21 @@ def build(spec: ModelSpec) -> VisionTransformer:
     model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
     _check_supported(model, spec.timm_name)
     return model
+
+
+def set_drop_path(model: nn.Module, rate: float, mode: str) -> None:
+    """Stochastic depth per block: 'linear' (timm/DeiT, 0 at the first block rising to `rate`) or 'uniform' (CaiT,
+    `rate` everywhere; the paper's ViT-L/H E2E baselines). `model` is a VisionTransformer or anything whose
+    `.blocks` / `.stages[*].blocks` hold timm blocks, in depth order."""
+    from timm.layers import DropPath
+
+    blocks = list(model.blocks) if hasattr(model, "blocks") else [b for s in model.stages for b in s.blocks]
+    n = len(blocks)
+    for i, block in enumerate(blocks):
+        p = rate if mode == "uniform" else (rate * i / (n - 1) if n > 1 else 0.0)
+        for attr in ("drop_path1", "drop_path2"):
+            if hasattr(block, attr):
+                setattr(block, attr, DropPath(p) if p > 0 else nn.Identity())
 
 
 def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:

@@ -1,0 +1,101 @@
+"""`dsincubate eval`: top-1/top-5 on the validation data of any model the project makes, on one rank or many.
+
+    dsincubate eval --output runs/demo --model meta          # the meta model
+    dsincubate eval --output runs/demo --model hybrid:2      # the meta model with incubated module 2 (paper Fig. 9)
+    dsincubate eval --output runs/demo --model assemble      # the assembled model before fine-tuning
+    dsincubate eval --output runs/demo --model finetune      # also e2e, e2e_tune
+    dsincubate eval --output runs/demo --model runs/demo/export/finetune/model.safetensors   # any model file
+    deepspeed --num_accelerators 2 --module dsincubate eval --output runs/demo --model e2e  # several ranks
+
+Every rank holds the whole model and evaluates its share of the validation set (each sample once over all ranks);
+the counts are summed, so the result does not depend on the number of ranks. The numbers are computed exactly as
+the training loop's own evaluation (`dsincubate.trainer.evaluate`, the run's ds_config precision), so they agree with
+what each phase logged. The result is printed as one JSON line and written to `<model dir>/eval.json` (rank 0).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dsincubate import checkpoint as ckpt, dist, dsconfig, phases
+from dsincubate.errors import UserError
+from dsincubate.layout import RunLayout
+from dsincubate.models import staged, vit
+
+NAMED = ("meta", "assemble", "finetune", "e2e", "e2e_tune")
+
+
+def model_from_file(path: Path) -> torch.nn.Module:
+    """Rebuild the model a safetensors file of this project holds (meta, assembled, phase output or export)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"eval: {path}: no such file")
+    tensors, header = ckpt.load_tensors(path)
+    kind = header.get("kind")
+    if kind == "meta":
+        spec = vit.ModelSpec.from_json(header["meta_spec"])
+        depths = [header["meta_depth_per_stage"]] * header["num_stages"]
+    elif kind in ("assembled", "finetune", "e2e", "e2e_tune", "timm"):
+        spec = vit.ModelSpec.from_json(header["spec"])
+        depths = header.get("stage_depths")
+    elif kind == "stage":
+        raise UserError(f"eval: {path} is one incubated stage, not a model; use --model hybrid:{header.get('index')}")
+    else:
+        raise UserError(f"eval: {path} is not a model file of dsincubate (kind={kind!r})")
+    spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
+    if kind == "timm":  # exported: timm's own keys
+        model = vit.build(spec)
+    else:
+        model = staged.StagedModel(staged.divide(vit.build(spec), depths))
+    model.load_state_dict(tensors, strict=True)
+    return model
+
+
+def resolve(which: str, cfg, root: Path, num_classes: int) -> tuple[torch.nn.Module, Path]:
+    """(model, the directory its eval.json goes to) for a --model value."""
+    layout = RunLayout(root)
+    if which.startswith("hybrid:"):
+        try:
+            index = int(which.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"eval: --model {which!r}: use hybrid:<stage index>") from None
+        phase = phases.make("incubate", cfg, root, num_classes, index)
+        stage_dir = layout.phase_dir("incubate", index)
+        if not ckpt.complete(stage_dir):
+            raise UserError(f"eval: incubated module {index} missing: {layout.stage(index)}")
+        model = phase.build_model(load=True)
+        tensors, _ = ckpt.load_tensors(layout.stage(index))
+        model.target_stage.load_state_dict(tensors, strict=True)
+        return model, stage_dir
+    if which in NAMED:
+        path = layout.meta if which == "meta" else layout.model(which)
+        if not ckpt.complete(path.parent):
+            raise UserError(f"eval: {which} model missing or incomplete: {path}")
+        return model_from_file(path), path.parent
+    path = Path(which)
+    return model_from_file(path), path.parent
+
+
+def run_eval(which: str, cfg, root: Path, ctx: dist.DistContext, info, num_classes: int,
+             write: bool = True) -> dict:
+    from dsincubate.data import build_val_loader
+    from dsincubate.trainer import evaluate
+
+    model, where = resolve(which, cfg, root, num_classes)
+    head = model.stages[-1].head if hasattr(model, "stages") else model.head
+    if head.out_features < info.num_classes:
+        raise UserError(f"eval: the model has {head.out_features} classes but the data has {info.num_classes}")
+    ds_cfg = dsconfig.load(dsconfig.find(cfg.ds_config, ctx.has_cuda))
+    dtype = dsconfig.precision(ds_cfg)
+    model = model.to(ctx.device, dtype)
+    img = int(model.stages[0].patch_embed.img_size[0]) if hasattr(model, "stages") else model.patch_embed.img_size[0]
+    val = build_val_loader(cfg.data, info, batch_size=cfg.finetune.micro_batch, rank=ctx.rank,
+                           world_size=ctx.world_size, img_size=img, device=ctx.device)
+    result = dict(evaluate(model, val, ctx, dtype), model=which, world_size=ctx.world_size)
+    if ctx.is_main:
+        if write:
+            ckpt.atomic_write_json(where / "eval.json", result)
+        print(json.dumps(result))
+    return result

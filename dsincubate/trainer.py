@@ -1,0 +1,350 @@
+"""The one training loop, shared by every phase: train, evaluate, checkpoint/resume, record.
+
+    record = run_phase(phases.make("incubate", cfg, root, num_classes, 2), ctx, info)
+
+`run_phase` is an outline of named steps: `prepare` (skip a complete output, refuse one made with another config,
+resolve the ds_config, count steps), `build_engine` (dsincubate.engine), `resume`, then `train_epoch` /
+`train_step` per epoch and `end_epoch` (evaluate, log, checkpoint, stop), and `finish` (gather the trained weights,
+check the frozen ones did not move, save the output and, last, its MANIFEST.json). Every `ckpt_every` epochs a
+DeepSpeed checkpoint is saved that a re-run of the same command resumes from; the result equals an uninterrupted run
+(data order and augmentation are seeded per epoch; the `TrainState` travels in the checkpoint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from dsincubate import accounting, checkpoint as ckpt, dist, dsconfig
+from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
+from dsincubate.engine import Built, build_engine, resolve_ds_config
+from dsincubate.errors import UserError
+from dsincubate.phases import Phase
+
+SYNC_EVERY = 20  # training steps between host reads of the loss
+
+
+@dataclass
+class TrainState:
+    """What a resume needs besides the engine's own state; saved as the checkpoint's client state."""
+
+    epoch: int = 0
+    global_step: int = 0
+    images: int = 0
+    wall_seconds: float = 0.0
+    history: list = field(default_factory=list)
+    data_stats: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in d:  # DeepSpeed adds keys of its own to the client state
+                setattr(self, f.name, d[f.name])
+
+
+@dataclass
+class Run:
+    """One phase in training: its engine, data and bookkeeping (built by `prepare` + `build_engine`)."""
+
+    phase: Phase
+    ctx: dist.DistContext
+    info: DataInfo
+    ds_file: Path
+    ds_cfg: dict
+    steps_per_epoch: int
+    built: Built | None = None
+    state: TrainState = field(default_factory=TrainState)
+    logger: accounting.MetricLogger | None = None
+    mixup: object = None
+    criterion: object = None
+    flops: dict = field(default_factory=dict)
+    t_start: float = field(default_factory=time.time)
+    prior_wall: float = 0.0
+    epochs_this_run: int = 0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.phase.out_dir / "checkpoints"
+
+    @property
+    def dtype(self):
+        return dsconfig.precision(self.ds_cfg)
+
+    def train_loader(self, epoch: int, device="cpu"):
+        cfg = self.phase.cfg
+        return build_train_loader(cfg.data, self.info, batch_size=self.phase.train_cfg.micro_batch,
+                                  rank=self.ctx.rank, world_size=self.ctx.world_size, epoch=epoch, seed=cfg.seed,
+                                  img_size=self.phase.img_size, subset_index=self.phase.stage_index, device=device)
+
+
+def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
+    """Train one phase to completion (or to `stop_after_epochs`); returns its run record."""
+    run = prepare(phase, ctx, info)
+    if isinstance(run, dict):  # already complete
+        return run
+    run.built = build_engine(phase, ctx, run.ds_cfg, run.steps_per_epoch)
+    frozen_before = frozen_digest(run.built.engine.module)
+    start_outputs(run)
+    resume(run)
+    while run.state.epoch < phase.train_cfg.epochs:
+        stats = train_epoch(run)
+        if end_epoch(run, stats):
+            return {"phase": phase.name, "stage_index": phase.stage_index, "stopped_at_epoch": run.state.epoch}
+    return finish(run, frozen_before)
+
+
+def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
+    """Cheap checks and sizes before any engine exists; the saved record when the output is already complete."""
+    tc = phase.train_cfg
+    ds_file, ds_cfg = resolve_ds_config(phase, ctx)
+    _check_output(phase)
+    if ckpt.complete(phase.out_dir):
+        if ctx.is_main:
+            print(f"[dsincubate] {phase.label}: already complete in {phase.out_dir}, skipping")
+        return json.loads((phase.out_dir / "run.json").read_text())
+    accum = ds_cfg["gradient_accumulation_steps"]
+    run = Run(phase, ctx, info, ds_file, ds_cfg, steps_per_epoch=0)
+    run.mixup = build_mixup(phase.cfg.data, phase.num_classes, seed=phase.cfg.seed, rank=ctx.rank)
+    if run.mixup is not None and tc.micro_batch % 2:
+        raise UserError(f"{phase.label}: mixup/cutmix need an even micro_batch (got {tc.micro_batch})")
+    micro_steps = len(run.train_loader(0))
+    if micro_steps < accum:
+        raise UserError(f"{phase.label}: an epoch has {micro_steps} micro-batches per rank, fewer than gradient "
+                        f"accumulation {accum}; lower micro_batch or use more data")
+    run.steps_per_epoch = micro_steps // accum
+    run.criterion = _criterion(run.mixup, phase.cfg.data.smoothing)
+    run.flops = accounting.count_flops(lambda: phase.build_model(load=False), phase.img_size)
+    return run
+
+
+def start_outputs(run: Run) -> None:
+    phase, out = run.phase, run.phase.out_dir
+    run.logger = accounting.MetricLogger(out, enabled=run.ctx.is_main)
+    if run.ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        phase.cfg.save(out / "config.json")
+        ckpt.atomic_write_json(out / "ds_config.json", run.ds_cfg)
+        ckpt.atomic_write_json(out / "config_key.json", phase.config_key())
+
+
+def resume(run: Run) -> None:
+    found = ckpt.latest_resume_tag(run.ckpt_dir)
+    if found:
+        tag, _ = found
+        _, client = run.built.engine.load_checkpoint(str(run.ckpt_dir), tag, load_module_strict=False)
+        run.state.load_state_dict(client)
+        if run.ctx.is_main:
+            print(f"[dsincubate] {run.phase.label}: resumed from {run.ckpt_dir / tag} (epoch {run.state.epoch})")
+    run.prior_wall = run.state.wall_seconds  # earlier invocations' wall time: device-hours count every attempt
+
+
+def train_epoch(run: Run) -> dict:
+    """One epoch of training steps; returns the epoch's training metrics (loss read back every SYNC_EVERY steps)."""
+    phase, ctx, state, engine = run.phase, run.ctx, run.state, run.built.engine
+    tc, epoch, accum = phase.train_cfg, state.epoch, run.ds_cfg["gradient_accumulation_steps"]
+    dist.seed_everything(phase.cfg.seed + 1_000_003 * (epoch + 1) + 7919 * ctx.rank)
+    loader = run.train_loader(epoch, device=ctx.device)
+    if run.mixup is not None:
+        run.mixup.set_epoch(epoch)
+    engine.train()
+    bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}", ctx.is_main)
+    # the loss stays on the device: reading it back every step would stall the host behind the accelerator, so the
+    # finiteness check, progress bar and TensorBoard read it every SYNC_EVERY steps and at epoch end (before anything
+    # is saved); a NaN poisons the running sum, so none is missed
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    n_micro, t0, loss = 0, time.time(), None
+    try:
+        for images, targets in loader:
+            loss = train_step(run, images, targets)
+            loss_sum += loss.detach().double()
+            n_micro += 1
+            if n_micro % accum == 0:
+                state.global_step += 1
+            if n_micro % SYNC_EVERY == 0:
+                last = _check_finite(run, loss, loss_sum)
+                _report(run, bar, last, n_micro * images.shape[0] * ctx.world_size / max(time.time() - t0, 1e-9))
+            if bar is not None:
+                bar.update(1)
+        if n_micro:
+            _check_finite(run, loss, loss_sum)
+    finally:  # a bar left open would swallow the start of an error line
+        if bar is not None:
+            bar.close()
+    seconds = time.time() - t0
+    train_loss = (dist.all_reduce_sum(loss_sum.reshape(1)).cpu() / max(n_micro * ctx.world_size, 1)).item()
+    state.epoch = epoch + 1
+    state.data_stats = [loader.stats()]
+    return {"epoch": epoch + 1, "train_loss": train_loss, "lr": run.built.scheduler.get_last_lr()[0],
+            "epoch_seconds": seconds, "images_per_second": n_micro * tc.micro_batch * ctx.world_size / max(seconds, 1e-9)}
+
+
+def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Forward, the phase's loss, backward, step; returns the loss (on the device)."""
+    ctx, engine = run.ctx, run.built.engine
+    images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+    if run.mixup is not None:
+        images, targets = run.mixup(images, targets)
+    losses = run.phase.loss(engine(images.to(run.dtype)), targets, run.criterion)
+    engine.backward(losses["loss"])
+    engine.step()
+    run.state.images += images.shape[0] * ctx.world_size
+    return losses["loss"]
+
+
+def end_epoch(run: Run, metrics: dict) -> bool:
+    """Evaluate, log, checkpoint; True when the run stops here (stop_after_epochs) before the phase's end."""
+    phase, ctx, state, tc = run.phase, run.ctx, run.state, run.phase.train_cfg
+    if state.epoch % tc.eval_every == 0 or state.epoch == tc.epochs:
+        val = build_val_loader(phase.cfg.data, run.info, batch_size=tc.micro_batch, rank=ctx.rank,
+                               world_size=ctx.world_size, img_size=phase.img_size, device=ctx.device)
+        metrics.update(evaluate(run.built.engine, val, ctx, run.dtype))
+    state.history.append(metrics)
+    run.logger.epoch(metrics, state.global_step)
+    if ctx.is_main:
+        print(f"[dsincubate] {phase.label} epoch {state.epoch}/{tc.epochs}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr")))
+    state.wall_seconds = run.prior_wall + (time.time() - run.t_start)
+    run.epochs_this_run += 1
+    stop_after = phase.cfg.stop_after_epochs
+    stopping = bool(stop_after) and run.epochs_this_run >= stop_after and state.epoch < tc.epochs
+    if state.epoch % tc.ckpt_every == 0 or stopping:
+        _save_resume(run)
+    if stopping:
+        if ctx.is_main:
+            print(f"[dsincubate] {phase.label}: stopping after {run.epochs_this_run} epoch(s) as asked; "
+                  f"run the same command again to resume")
+        run.logger.close()
+    return stopping
+
+
+def finish(run: Run, frozen_before: str | None) -> dict:
+    """Gather the trained weights, check the frozen ones, write the output, run.json and (last) the manifest."""
+    phase, ctx, module = run.phase, run.ctx, run.built.engine.module
+    trainable = phase.output_names(module)
+    tensors = {name: _full_fp32(p) for name, p in module.named_parameters() if name in trainable}
+    frozen = {"sha256_before": frozen_before, "sha256_after": frozen_digest(module)}
+    if frozen["sha256_before"] != frozen["sha256_after"]:
+        raise RuntimeError(f"{phase.label}: frozen parameters changed during training; refusing to save")
+    wall = run.prior_wall + (time.time() - run.t_start)
+    record = accounting.run_record(
+        phase=phase, ds_cfg=run.ds_cfg, ds_file=run.ds_file, ctx=ctx, wall_seconds=wall, state=run.state,
+        flops=run.flops, kernels=run.built.kernels, trainable=trainable, engine_module=module, info=run.info,
+        frozen=frozen)
+    if ctx.is_main:
+        files = phase.save_output(tensors)
+        ckpt.atomic_write_json(phase.out_dir / "run.json", record)
+        ckpt.write_manifest(phase.out_dir, files + ["run.json"], {"phase": phase.name, "stage_index": phase.stage_index})
+        print(f"[dsincubate] {phase.label}: done in {wall:.1f}s; top1 {record['final'].get('top1', float('nan')):.2f}")
+    dist.barrier()
+    run.logger.close()
+    return record
+
+
+def evaluate(engine, loader, ctx, dtype) -> dict:
+    """top-1/top-5 and loss over the whole validation set (every sample once across ranks)."""
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    with torch.no_grad():
+        for images, targets, valid in loader:
+            logits = engine(images.to(ctx.device, dtype)).float().cpu()
+            targets, valid = targets.cpu(), valid.cpu().bool()
+            loss = torch.nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top5 == targets[:, None]
+            sums += torch.tensor([loss[valid].sum().item(), hit[valid, 0].sum().item(),
+                                  hit[valid].any(1).sum().item(), valid.sum().item()], dtype=torch.float64)
+    sums = dist.all_reduce_sum(sums.to(ctx.device)).cpu()
+    n = max(sums[3].item(), 1.0)
+    return {"val_loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+            "val_samples": int(sums[3].item())}
+
+
+# ---------------------------------------------------------------- helpers of the steps above
+
+def _report(run: Run, bar, last: float, rate: float) -> None:
+    lr = run.built.scheduler.get_last_lr()[0]
+    if bar is not None:
+        bar.set_postfix(loss=f"{last:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+    if run.ctx.is_main:
+        run.logger.scalar("train/loss", last, run.state.global_step)
+        run.logger.scalar("train/lr", lr, run.state.global_step)
+
+
+def _check_finite(run: Run, loss: torch.Tensor, loss_sum: torch.Tensor) -> float:
+    """The last step's loss as a float; stops the run when any loss on any rank since the epoch began was not
+    finite (decided together, so no rank stops while the others wait in a collective)."""
+    last, total = loss.item(), loss_sum.item()
+    bad = torch.tensor([0.0 if math.isfinite(last) and math.isfinite(total) else 1.0], device=run.ctx.device)
+    if dist.all_reduce_sum(bad).item() > 0:
+        found = ckpt.latest_resume_tag(run.ckpt_dir)
+        kept = f"the last complete checkpoint ({run.ckpt_dir / found[0]}) is kept" if found else "nothing was saved"
+        raise UserError(f"{run.phase.label}: non-finite loss (last {last}) within the {SYNC_EVERY} steps before step "
+                        f"{run.state.global_step} of epoch {run.state.epoch + 1}; {kept}; lower the learning rate")
+    return last
+
+
+def _criterion(mixup, smoothing: float):
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def _check_output(phase: Phase) -> None:
+    """Refuse to resume into (or overwrite) an output directory made with another config."""
+    saved = phase.out_dir / "config_key.json"
+    if saved.is_file():
+        try:
+            old = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{saved} is unreadable ({e}); use another --output or remove {phase.out_dir}") from None
+        new = json.loads(json.dumps(phase.config_key(), default=str))
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise UserError(f"{phase.out_dir} holds a {phase.label} run with another config (differs in: "
+                            f"{', '.join(changed)}); use another --output")
+
+
+def frozen_digest(module: torch.nn.Module) -> str | None:
+    """sha256 over the frozen parameters as the engine holds them (gathered under ZeRO-3; a collective)."""
+    import deepspeed
+
+    frozen = [(n, p) for n, p in module.named_parameters() if not p.requires_grad]
+    if not frozen:
+        return None
+    h = hashlib.sha256()
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
+        for name, p in frozen:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _full_fp32(param: torch.Tensor) -> torch.Tensor:
+    """The full-precision master copy of a trainable parameter, gathered across ZeRO partitions (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param)
+    return (param.data if full is None else full).detach().float().cpu().clone()
+
+
+def _save_resume(run: Run) -> None:
+    state, ctx = run.state, run.ctx
+    tag = ckpt.tag_for_epoch(state.epoch)
+    run.built.engine.save_checkpoint(str(run.ckpt_dir), tag=tag, client_state=state.state_dict(),
+                                     exclude_frozen_parameters=True)
+    dist.barrier()
+    if ctx.is_main:
+        ckpt.atomic_write_json(run.ckpt_dir / tag / ckpt.MANIFEST, {"epoch": state.epoch, "step": state.global_step})
+        ckpt.prune_resume_tags(run.ckpt_dir, run.phase.train_cfg.keep_checkpoints)
+    dist.barrier()
