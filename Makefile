@@ -12,17 +12,22 @@ $(BIN)/dsincubate: setup.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-fast test-gpu clean-demo
+.PHONY: install demo test test-fast test-build test-gpu clean-demo
 install: $(BIN)/dsincubate
 
 demo: install
 	$(BIN)/dsincubate pipeline --recipe demo --output runs/demo
 
+# Test tiers (markers in pytest.ini): `test` runs every test (CI: .ci/run); `test-fast` the unit tests only (no
+# subprocess runs of the launcher/CLI, no nvcc compile, no GPU, no multi-host); `test-build` the nvcc compile tests.
 test: install
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not integration"
+	$(BIN)/python -m pytest -q tests -m "not integration and not build and not gpu and not cluster"
+
+test-build: install
+	$(BIN)/python -m pytest -q tests -m build
 
 test-gpu: install
 	$(BIN)/python -m pytest -q tests -m gpu

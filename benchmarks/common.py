@@ -1,9 +1,11 @@
-"""Shared helpers of the benchmarks: which device this is, the git commit, result files, tables, child processes.
+"""Shared helpers of the benchmarks: which device this is, the git commit, result files and tables.
 
-Every benchmark writes `benchmarks/results/<name>_<device-kind>.json` holding the device description, the exact
-command, the git commit, the date and the load average at the start (the numbers are only comparable between runs on
-the same kind of device with a quiet machine), plus the printed table as text. Import from a benchmark script as
-`from benchmarks.common import ...` (the scripts put the repository root on sys.path) or `import common`.
+Every benchmark writes `benchmarks/results/<name>_<device-kind>_<YYYY-MM-DD>.json` (`write_result`; a second run on
+the same day gets `_2`, `_3`, ..., so a rerun never overwrites an earlier result) holding the device description, the
+exact command, the git commit, the date and the load average at the start (`header`; the numbers are only comparable
+between runs on the same kind of device with a quiet machine), plus the printed table as text next to it (`.txt`).
+Child processes, their results and the process's memory are `dsincubate.procutil`'s. Import from a benchmark script
+as `from benchmarks import common` (the scripts put the repository root on sys.path).
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -41,8 +42,8 @@ def cpu_model() -> str:
     return platform.processor() or "cpu"
 
 
-def device() -> dict:
-    """What the numbers were measured on: the accelerator if there is one, else the CPU."""
+def device(accelerator: bool = True) -> dict:
+    """What the numbers were measured on: the accelerator if there is one (and `accelerator`), else the CPU."""
     import torch
 
     d = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
@@ -54,7 +55,7 @@ def device() -> dict:
         d["deepspeed"] = deepspeed.__version__
     except Exception:  # noqa: BLE001
         pass
-    if torch.cuda.is_available():
+    if accelerator and torch.cuda.is_available():
         d.update(type="cuda", name=torch.cuda.get_device_name(0), count=torch.cuda.device_count(),
                  memory_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
     else:
@@ -96,9 +97,26 @@ def header(benchmark: str, dev: dict | None = None) -> dict:
             "device": dev or device()}
 
 
-def write_result(name: str, record: dict, table: str | None = None, out: str | Path | None = None) -> Path:
-    """Write the JSON record (and the table as text next to it, and inside it) under benchmarks/results/."""
-    path = Path(out) if out else RESULTS / f"{name}_{device_kind(record.get('device'))}.json"
+def result_path(name: str, dev: dict | None = None, date: str | None = None, suffixes=(".json", ".txt"),
+                kind: str | None = None) -> Path:
+    """`benchmarks/results/<name>_<device-kind>_<YYYY-MM-DD>.json`, with `_2`, `_3`, ... where a file of that name
+    (with any of `suffixes`) exists already: a rerun never overwrites an earlier result. `kind` overrides the
+    device kind; `date` (ISO, as in `header`) defaults to today (UTC)."""
+    day = (date or now())[:10]
+    stem = f"{name}_{kind or device_kind(dev)}_{day}"
+    n = 1
+    while True:
+        path = RESULTS / (f"{stem}.json" if n == 1 else f"{stem}_{n}.json")
+        if not any(path.with_suffix(s).exists() for s in suffixes):
+            return path
+        n += 1
+
+
+def write_result(name: str, record: dict, table: str | None = None, out: str | Path | None = None,
+                 kind: str | None = None) -> Path:
+    """Write the JSON record (and the table as text next to it, and inside it): to `out` where given, else to a new
+    `result_path` under benchmarks/results/ named after the record's device and date."""
+    path = Path(out) if out else result_path(name, record.get("device"), record.get("date"), kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     if table is not None:
         record = dict(record, table=table.splitlines())
@@ -126,52 +144,3 @@ def table(headers: list[str], rows: list[list], specs: list[str] | None = None) 
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-def peak_rss_bytes() -> int:
-    """High-water resident set size of this process (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def current_rss_bytes() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return peak_rss_bytes()
-
-
-def run_child(argv: list[str], *, timeout: float, env: dict | None = None, marker: str = "@@RESULT ") -> dict:
-    """Run a Python child that prints one `@@RESULT {json}` line; a crash, kill or timeout becomes an error row."""
-    e = dict(os.environ, **(env or {}))
-    e.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
-    except subprocess.TimeoutExpired as ex:
-        return {"ok": False, "error": f"timeout after {timeout:.0f}s",
-                "log_tail": ((ex.stdout or b"")[-2000:] if isinstance(ex.stdout, str) else "")}
-    for line in reversed(p.stdout.splitlines()):
-        if line.startswith(marker):
-            res = json.loads(line[len(marker):])
-            res.setdefault("ok", True)
-            return res
-    tail = (p.stdout[-1500:] + "\n" + p.stderr[-2500:]).strip()
-    return {"ok": False, "error": classify_failure(p.returncode, p.stdout + p.stderr), "returncode": p.returncode,
-            "log_tail": tail}
-
-
-def classify_failure(returncode: int, text: str) -> str:
-    """A short reason for a failed child: out of memory, killed, or the last error line."""
-    low = text.lower()
-    if ("out of memory" in low or "memoryerror" in low or "cannot allocate memory" in low
-            or "std::bad_alloc" in low or "defaultcpuallocator: can't allocate" in low):
-        return "out of memory"
-    if returncode in (-9, 137) or "return code = -9" in text:  # the deepspeed launcher reports its ranks' -9
-        return "killed (SIGKILL; likely out of memory)"
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    err = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
-    return f"exit {returncode}: {err.strip()[:200]}"
-
-
-def emit(result: dict, marker: str = "@@RESULT ") -> None:
-    """The child side of `run_child`."""
-    print(marker + json.dumps(result, default=float), flush=True)

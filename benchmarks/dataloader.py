@@ -18,17 +18,14 @@ rates are reported too. Targets: ours >= 80% of the raw decode rate per core, an
 JPEGs are --size square by default; --jpeg-size WxH writes larger ones (ImageNet's are ~500x375 on average), where
 decoding takes a larger share of the pipeline while the augmentation, which works at --size, costs the same.
 
-Prints a table and writes benchmarks/results/dataloader_<host-kind>.json with machine, command, commit and date.
+Prints a table and writes benchmarks/results/dataloader_<host-kind>_<date>.json (+ .txt with the table) with the
+machine (the CPU, also on a GPU host), command, commit and date (`benchmarks.common`).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 
@@ -36,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import common  # noqa: E402
 from dsincubate.data import DataConfig, build_train_loader, resolve_data  # noqa: E402
 from dsincubate.data.synth import jpeg_folder  # noqa: E402
 from dsincubate.data.transforms import build_transform, decode  # noqa: E402
@@ -123,26 +121,6 @@ def imagefolder(folder: str, recipe: str, args) -> int:
     return n
 
 
-def machine() -> dict:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu_model": model or platform.processor(), "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "load_average_at_start": os.getloadavg()}  # other jobs on a shared machine skew wall rates
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=2000)
@@ -151,9 +129,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workdir", default="/tmp/dsinc_bench")
-    ap.add_argument("--host-kind", default=f"cpu{os.cpu_count()}")
+    ap.add_argument("--host-kind", default=None, help="name of the machine in the result file (default cpu<cores>)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    machine = common.device(accelerator=False)  # the CPU, and the load average at the start (skews wall rates)
 
     w, h = (int(v) for v in args.jpeg_size.lower().split("x")) if args.jpeg_size else (args.size, args.size)
     tag = f"{args.size}" if (w, h) == (args.size, args.size) else f"{w}x{h}"
@@ -173,10 +152,11 @@ def main() -> int:
     for r in rows.values():
         r["vs_raw_decode"] = round(r["img_per_cpu_s"] / ceiling, 3)
 
-    print(f"{args.images} JPEGs {w}x{h} -> {args.size}px, batch {args.batch}, {args.workers} workers, {os.cpu_count()} cores")
-    print(f"{'pipeline':32s} {'img/s wall':>11s} {'img/CPU-s':>10s} {'vs raw':>7s}")
-    for name, r in rows.items():
-        print(f"{name:32s} {r['img_per_s']:11.1f} {r['img_per_cpu_s']:10.1f} {r['vs_raw_decode']:7.2f}")
+    lines = [f"{args.images} JPEGs {w}x{h} -> {args.size}px, batch {args.batch}, {args.workers} workers, "
+             f"{os.cpu_count()} cores",
+             common.table(["pipeline", "img/s wall", "img/CPU-s", "vs raw"],
+                          [[name, r["img_per_s"], r["img_per_cpu_s"], r["vs_raw_decode"]] for name, r in rows.items()],
+                          ["", ".1f", ".1f", ".2f"])]
     targets = {}
     for recipe in ("none", "deit"):
         o, f = rows[f"ours webdataset [{recipe}]"], rows[f"ImageFolder+PIL [{recipe}]"]
@@ -187,19 +167,18 @@ def main() -> int:
                            "meets_80pct_of_raw_decode": o["vs_raw_decode"] >= 0.8,
                            "ours_vs_imagefolder_per_core": round(o["img_per_cpu_s"] / f["img_per_cpu_s"], 3),
                            "ahead_of_imagefolder": o["img_per_cpu_s"] > 1.1 * f["img_per_cpu_s"]}
-        print(f"[{recipe}] ours/raw decode = {o['vs_raw_decode']:.2f} (target 0.80: "
-              f"{'met' if targets[recipe]['meets_80pct_of_raw_decode'] else 'NOT met'}); ours/ImageFolder = "
-              f"{targets[recipe]['ours_vs_imagefolder_per_core']:.2f}; ours/work floor = "
-              f"{targets[recipe]['ours_vs_work_floor_per_core']:.2f} (the recipe's own work alone reaches "
-              f"{floor['vs_raw_decode']:.2f} of raw decode)")
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"dataloader_{args.host_kind}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"benchmark": "dataloader", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                   "command": " ".join([sys.executable] + sys.argv), "git_commit": git_commit(),
-                   "machine": machine(), "settings": vars(args), "results": rows, "targets": targets}, f, indent=2)
-    print(f"wrote {out}")
+        lines.append(f"[{recipe}] ours/raw decode = {o['vs_raw_decode']:.2f} (target 0.80: "
+                     f"{'met' if targets[recipe]['meets_80pct_of_raw_decode'] else 'NOT met'}); ours/ImageFolder = "
+                     f"{targets[recipe]['ours_vs_imagefolder_per_core']:.2f}; ours/work floor = "
+                     f"{targets[recipe]['ours_vs_work_floor_per_core']:.2f} (the recipe's own work alone reaches "
+                     f"{floor['vs_raw_decode']:.2f} of raw decode)")
+    text = "\n".join(lines)
+    print(text)
+    record = common.header("dataloader", machine)
+    record.update(settings=vars(args), results=rows, targets=targets)
+    path = common.write_result("dataloader", record, f"machine: {machine['name']}  ({record['date']})\n" + text,
+                               args.out or None, kind=args.host_kind)
+    print(f"wrote {path}")
     return 0
 
 

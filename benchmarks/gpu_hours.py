@@ -13,10 +13,11 @@ after `--` goes to every dsincubate call (e.g. `--train /data/in1k/train --val /
 
 Device-hours come from each phase's run.json (`device_seconds` = wall seconds x devices; every phase counted,
 including meta pre-training), top-1 from the final evaluation (fine-tuned model for Deep Incubation). Writes
-benchmarks/results/gpu_hours_<device>.csv/.json/.png (accuracy vs device-hours, one line per method, the device in
-the axis label) and the device-hours saving factor of Deep Incubation at equal accuracy, linearly interpolated along
-each curve (see `hours_to_reach` / `saving_factor`). Re-running resumes: finished phases are skipped. The recipe (with the --set overrides) is resolved once and saved as
-<workdir>/sweep_config.json; every budget runs from it (`--config`), so all budgets share one setting.
+benchmarks/results/gpu_hours_<device>_<date>.csv/.json/.png (accuracy vs device-hours, one line per method, the
+device in the axis label) and the device-hours saving factor of Deep Incubation at equal accuracy, linearly
+interpolated along each curve (see `hours_to_reach` / `saving_factor`). Re-running resumes: finished phases are
+skipped. The recipe (with the --set overrides) is resolved once and saved as <workdir>/sweep_config.json; every
+budget runs from it (`--config`), so all budgets share one setting.
 
     python benchmarks/gpu_hours.py                         # CPU: demo model on the built-in data, 3 budgets, < 30 min
     python benchmarks/gpu_hours.py --recipe vit_b16 --budgets 0.1,0.2,0.4 --via script \\
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--demo-root", default=None, help="where the built-in demo data is generated (data.demo_root)")
     ap.add_argument("--collect-only", action="store_true", help="do not run; rebuild outputs from --workdir")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per budget (0 = none)")
-    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/gpu_hours_<device>)")
+    ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/gpu_hours_<device>_<date>)")
     args = ap.parse_args(argv)
     from dsincubate import recipes
     from dsincubate.config import apply_overrides
@@ -323,7 +324,8 @@ def main(argv=None) -> int:
             lines.append(f"  at {lv['accuracy']:.2f}%: {lv['factor']:.2f}x ({lv['kind']})")
     text = f"device: {dev['name']}  ({common.now()})\n" + "\n".join(lines)
     print(text)
-    stem = Path(args.out) if args.out else common.RESULTS / f"gpu_hours_{common.device_kind(dev)}"
+    stem = Path(args.out) if args.out else common.result_path(
+        "gpu_hours", dev, record["date"], suffixes=(".json", ".txt", ".csv", ".png")).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     common.write_result("gpu_hours", record, text, stem.with_suffix(".json"))
     write_outputs(rows, args, dev, cmp, stem)

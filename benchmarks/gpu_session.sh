@@ -35,6 +35,7 @@ import re, torch
 n = torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'
 m = re.search(r'\b[A-Z]\d{2,3}\b', n)
 print((m.group(0) if m else n.split()[-1]).lower())" 2>/dev/null || echo gpu)
+tag=${tag}_$(date -u +%F)  # device and date in every result name: a later session does not overwrite this one
 status=0
 case $part in
     kernels|all)

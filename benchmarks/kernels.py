@@ -6,8 +6,8 @@ Measures, each as forward + backward:
   * attention: TFLOP/s for ours and for every SDPA backend that accepts the shape (flash, cudnn, efficient,
     math) at ViT shapes (N = 197 / 257 / 577, head dim 64 / 80);
   * a timm vit_huge_patch14_224 bf16 training step (fwd + bwd + SGD) with kernels off / 'cuda' / 'auto'.
-Prints a table and writes benchmarks/results/kernels_<device>.json with the device name, command, git commit
-and date. Without a GPU it prints one line and exits with status 1.
+Prints a table and writes benchmarks/results/kernels_<device>_<date>.json (+ .txt with the table) with the device,
+command, git commit and date (`benchmarks.common`). Without a GPU it prints one line and exits with status 1.
 
 How to run (the ops are JIT-built on first use; CUDA_HOME must point at an nvcc matching torch's CUDA):
     CUDA_HOME=/usr/local/cuda python benchmarks/kernels.py            # everything (a few minutes)
@@ -18,19 +18,15 @@ How to run (the ops are JIT-built on first use; CUDA_HOME must point at an nvcc 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import re
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 from dsincubate.ops import flash_attention as attn_mod  # noqa: E402
 from dsincubate.ops import layernorm as ln_mod  # noqa: E402
 from dsincubate.ops import reference  # noqa: E402
@@ -167,32 +163,25 @@ def bench_vit(iters: int, batch: int) -> dict:
     return result
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def print_tables(res: dict) -> None:
-    print(f"device: {res['device']}   copy bandwidth: {res['copy_GBps']:.0f} GB/s")
-    print("\nresidual-add + LayerNorm, fwd+bwd, bf16")
-    print(f"{'rows x cols':>16} {'dsi GB/s':>9} {'torch GB/s':>10} {'dsi/copy':>8} {'speedup':>8}")
+def format_tables(res: dict) -> str:
+    lines = [f"device: {res['device']['name']}  ({res['date']})   copy bandwidth: {res['copy_GBps']:.0f} GB/s",
+             "\nresidual-add + LayerNorm, fwd+bwd, bf16",
+             f"{'rows x cols':>16} {'dsi GB/s':>9} {'torch GB/s':>10} {'dsi/copy':>8} {'speedup':>8}"]
     for r in res["layernorm"]:
-        print(f"{r['rows']:>9} x {r['cols']:<5} {r['dsi_GBps']:>9.0f} {r['torch_GBps']:>10.0f} "
-              f"{r['dsi_GBps'] / res['copy_GBps']:>8.2f} {r['torch_ms'] / r['dsi_ms']:>8.2f}")
-    print("\nattention, fwd+bwd, bf16, TFLOP/s")
+        lines.append(f"{r['rows']:>9} x {r['cols']:<5} {r['dsi_GBps']:>9.0f} {r['torch_GBps']:>10.0f} "
+                     f"{r['dsi_GBps'] / res['copy_GBps']:>8.2f} {r['torch_ms'] / r['dsi_ms']:>8.2f}")
+    lines.append("\nattention, fwd+bwd, bf16, TFLOP/s")
     names = [k[:-7] for k in res["attention"][0] if k.endswith("_TFLOPs")]
-    print(f"{'B x H x N x D':>18} " + " ".join(f"{n:>14}" for n in names))
+    lines.append(f"{'B x H x N x D':>18} " + " ".join(f"{n:>14}" for n in names))
     for r in res["attention"]:
         cells = [f"{r[n + '_TFLOPs']:>14.1f}" if r[n + "_TFLOPs"] is not None else f"{'n/a':>14}" for n in names]
-        print(f"{r['batch']:>4} x {r['heads']:>2} x {r['seq']:>3} x {r['head_dim']:>3} " + " ".join(cells))
+        lines.append(f"{r['batch']:>4} x {r['heads']:>2} x {r['seq']:>3} x {r['head_dim']:>3} " + " ".join(cells))
     if "vit" in res:
         v = res["vit"]
-        print(f"\n{v['model']} training step, batch {v['batch']}, {v['dtype']}")
+        lines.append(f"\n{v['model']} training step, batch {v['batch']}, {v['dtype']}")
         for mode in ("off", "cuda", "auto"):
-            print(f"  kernels {mode:<5} {v[mode + '_ms']:8.1f} ms/step  {v[mode + '_img_per_s']:7.1f} img/s")
+            lines.append(f"  kernels {mode:<5} {v[mode + '_ms']:8.1f} ms/step  {v[mode + '_img_per_s']:7.1f} img/s")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -200,32 +189,29 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     parser.add_argument("--skip-vit", action="store_true", help="skip the ViT-H/14 training step")
     parser.add_argument("--vit-batch", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default benchmarks/results/kernels_<device>_<date>.json)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py: no CUDA GPU available (torch.cuda.is_available() is False); nothing measured")
         return 1
     iters = 5 if args.quick else 20
-    device = torch.cuda.get_device_name()
     for builder_check in (ln_mod._supports({"device": "cuda", "dtype": "bfloat16", "weight_dtype": "float32"}),
                           attn_mod._supports({"device": "cuda", "dtype": "bfloat16", "head_dim": 64})):
         if not builder_check[0]:
             print(f"benchmarks/kernels.py: kernels unavailable: {builder_check[1]}")
             return 1
-    res = {"device": device, "command": " ".join([sys.executable, *sys.argv]), "git_commit": git_commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "cuda": torch.version.cuda}
+    res = common.header("kernels")
+    res.update(torch=torch.__version__, cuda=torch.version.cuda)
     res["copy_GBps"] = copy_bandwidth(iters)
     res["layernorm"] = bench_layernorm(iters, LN_SHAPES[1::2] if args.quick else LN_SHAPES)
     res["attention"] = bench_attention(iters, ATTN_SHAPES[::2] if args.quick else ATTN_SHAPES)
     if not args.skip_vit:
         res["vit"] = bench_vit(3 if args.quick else 10, args.vit_batch)
-    print_tables(res)
-    slug = re.sub(r"[^a-z0-9]+", "_", device.lower()).strip("_")
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    text = format_tables(res)
+    print(text)
+    path = common.write_result("kernels", res, text, args.out)
+    print(f"\nwrote {path}")
     return 0
 
 

@@ -8,8 +8,11 @@ For a model preset and micro-batch it measures, each configuration in a fresh su
                 trained, later meta stages frozen (input gradients only)
   finetune      the assembled target, every parameter trained (the same computation as e2e, from other weights)
 
-A step is a real training step: forward, cross-entropy, backward, AdamW step over the trainable parameters only
-(`dsincubate.engine.build_optimizer`), on one fixed random batch (data loading is not part of it). Time is the median
+Each model is the phase's own (`dsincubate.phases.make(..., resolve=False)`, `build_model(load=False)`: built on the
+meta device, then given weights on the measured device; no stochastic depth). A step is a real training step:
+forward, the phase's loss (cross-entropy), backward, the phase's optimizer step over the trainable parameters only
+(`dsincubate.engine.build_optimizer` at `engine.scaled_lr`), on one fixed random batch (data loading is not part of
+it). Time is the median
 of `--steps` timed steps after `--warmup` steps; by default the reported times come from one extra process that
 builds every configuration and times them round-robin (a step of each per round), so a background load that varies
 over time affects them alike (the per-process times are kept in the JSON as `isolated_step_seconds_median`). FLOPs per image are counted with torch.utils.flop_counter on the
@@ -26,13 +29,13 @@ ideal ratio from FLOP counts; each incubation step's peak memory below the E2E s
     python benchmarks/step_cost.py --preset vit_h14 --batch 32 --grad-checkpointing   # on a GPU (bf16 autocast)
     options: --stages K, --steps N, --warmup N, --threads N, --dtype fp32|bf16, --out PATH
 
-Writes benchmarks/results/step_cost_<device>.json (+ .txt with the table) with device, command, commit and date.
+Writes benchmarks/results/step_cost_<device>_<date>.json (+ .txt with the table) with device, command, commit and
+date.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -41,16 +44,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
+from dsincubate import procutil  # noqa: E402
 
 TOLERANCE = 0.15
 
 
 # ---------------------------------------------------------------- model construction (child and parent)
 
-def model_config(preset: str, stages: int, grad_ckpt: bool):
-    from dsincubate.config import ModelConfig
+def run_config(preset: str, stages: int, grad_ckpt: bool):
+    """The run config of the measured steps: the preset at K stages, PyTorch kernels, no stochastic depth."""
+    from dsincubate.config import ModelConfig, RunConfig
 
-    return ModelConfig(preset=preset, num_stages=stages, kernel_backend="torch", grad_checkpointing=grad_ckpt)
+    cfg = RunConfig(model=ModelConfig(preset=preset, num_stages=stages, kernel_backend="torch",
+                                      grad_checkpointing=grad_ckpt))
+    for name in ("meta", "incubate", "finetune", "e2e"):
+        cfg.train_config(name).drop_path = 0.0
+    return cfg
+
+
+def make_phase(kind: str, preset: str, stages: int, grad_ckpt: bool = False):
+    """The phase of a step kind (e2e, finetune, meta or incubate<I>), as the training loop makes it (no inputs)."""
+    from dsincubate import phases
+    from dsincubate.models import vit
+
+    cfg = run_config(preset, stages, grad_ckpt)
+    n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"])
+    name, index = ("incubate", int(kind[len("incubate"):])) if kind.startswith("incubate") else (kind, None)
+    return phases.make(name, cfg, Path("/nonexistent-step-cost-root"), n_cls, index, resolve=False)
 
 
 def _materialize(module, device):
@@ -69,35 +89,23 @@ def _materialize(module, device):
     return module
 
 
-def build(kind: str, preset: str, stages: int, grad_ckpt: bool = False, device="cpu", num_classes: int = 0):
-    """The trained model of a step kind: e2e, finetune, meta or incubate<I>."""
+def phase_model(phase, device="cpu"):
+    """The phase's model (`build_model(load=False)`), built on the meta device and materialised on `device` (only
+    what the phase keeps: an incubation's unused target stages never take memory)."""
     import torch
 
-    from dsincubate.models import staged, vit
-
-    mc = model_config(preset, stages, grad_ckpt)
-    target = vit.target_spec(mc, num_classes or None, 0.0)
-    depths = vit.stage_depths(mc, target.depth)
-    meta = vit.meta_spec(mc, target, 0.0)
-    on_meta = str(device) == "meta"
-    if kind in ("e2e", "finetune"):
-        model = staged.StagedModel(staged.divide(vit.build(target), depths))
-    elif kind == "meta":
-        model = staged.StagedModel(staged.divide(vit.build(meta), [mc.meta_depth_per_stage] * stages))
-    elif kind.startswith("incubate"):
-        i = int(kind[len("incubate"):])
-        meta_model = staged.StagedModel(staged.divide(vit.build(meta), [mc.meta_depth_per_stage] * stages))
-        # Only target stage I is materialised: the rest of the target never exists (build on the meta device).
-        with torch.device("meta"):
-            stage = staged.divide(vit.build(target), depths)[i]
-        if not on_meta:
-            _materialize(stage, "cpu")
-        model = staged.Hybrid(list(meta_model.stages), stage, i)
-    else:
-        raise ValueError(kind)
-    if grad_ckpt:
+    with torch.device("meta"):
+        model = phase.build_model(load=False)
+    if str(device) != "meta":
+        _materialize(model, device)
+    if phase.cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def build(kind: str, preset: str, stages: int, grad_ckpt: bool = False, device="cpu"):
+    """The trained model of a step kind: e2e, finetune, meta or incubate<I>."""
+    return phase_model(make_phase(kind, preset, stages, grad_ckpt), device)
 
 
 def kinds(stages: int) -> list[str]:
@@ -109,81 +117,74 @@ def label(kind: str) -> str:
 
 
 def count_flops(kind: str, preset: str, stages: int, img_size: int) -> dict:
-    import torch
-
     from dsincubate import accounting
 
-    class _Phase:  # the interface accounting.count_flops uses
-        @staticmethod
-        def build_model(load=False):
-            return build(kind, preset, stages, device="meta")
-
-    with torch.device("meta"):
-        return accounting.count_flops(_Phase, img_size)
+    return accounting.count_flops(lambda: build(kind, preset, stages, device="meta"), img_size)
 
 
 def img_size_of(preset: str, stages: int) -> tuple[int, int, int]:
-    from dsincubate.models import vit
-
-    spec = vit.target_spec(model_config(preset, stages, False))
-    return int(spec.kwargs["img_size"]), int(spec.kwargs["num_classes"]), spec.depth
+    phase = make_phase("e2e", preset, stages)
+    return phase.img_size, phase.num_classes, phase.target_spec().depth
 
 
-# ---------------------------------------------------------------- the child: one configuration
+# ---------------------------------------------------------------- the children: one configuration, or all interleaved
 
-def _vmhwm_reset() -> bool:
-    try:
-        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _vmhwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return common.peak_rss_bytes()
-
-
-def child(spec: dict) -> dict:
+def _batch(spec: dict):
+    """Threads, the device and the fixed random batch of a child."""
     import torch
 
     threads = common.set_threads(spec.get("threads") or None)
     cuda = torch.cuda.is_available() and spec["device"] != "cpu"
     dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
-    from dsincubate.config import TrainConfig
-    from dsincubate.engine import build_optimizer
-
     torch.manual_seed(0)
     b, s = spec["batch"], spec["img_size"]
     x = torch.randn(b, 3, s, s, device=dev)
     y = torch.randint(0, spec["num_classes"], (b,), device=dev)
-    rss_base = common.current_rss_bytes()
-    model = build(spec["kind"], spec["preset"], spec["stages"], spec["grad_ckpt"]).to(dev)
-    model.train()
-    opt = build_optimizer(model, TrainConfig(), 1e-4, {})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    return threads, dev, x, y
+
+
+def _trainer(kind: str, spec: dict, dev, x, y):
+    """The model, its optimizer (the phase's, over the trainable parameters, at the scaled lr) and one training step:
+    forward (under bf16 autocast if asked), the phase's loss, backward, optimizer step."""
+    import torch
+
+    from dsincubate.engine import build_optimizer, scaled_lr
+
+    phase = make_phase(kind, spec["preset"], spec["stages"], spec["grad_ckpt"])
+    model = phase_model(phase, dev).train()
+    tc = phase.train_cfg
+    opt = build_optimizer(model, tc, scaled_lr(tc.lr, spec["batch"]), {})
     crit = torch.nn.CrossEntropyLoss()
+    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
 
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
             out = model(x)
-        loss = crit(out.float(), y)
+        loss = phase.loss(out, y, crit)["loss"]
         loss.backward()
         opt.step()
-        if cuda:
+        if dev.type == "cuda":
             torch.cuda.synchronize()
         return loss
 
+    return model, opt, step
+
+
+def child(spec: dict) -> dict:
+    import torch
+
+    threads, dev, x, y = _batch(spec)
+    cuda = dev.type == "cuda"
+    rss_base = procutil.current_rss_bytes()
+    model, opt, step = _trainer(spec["kind"], spec, dev, x, y)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         mem_before = torch.cuda.memory_allocated()
-    reset = _vmhwm_reset()
+    reset = procutil.reset_peak_rss()
     times = []
     for k in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
@@ -202,7 +203,7 @@ def child(spec: dict) -> dict:
                    peak_delta_bytes=torch.cuda.max_memory_allocated() - mem_before,
                    model_state_bytes_allocated=mem_before)
     else:
-        peak = _vmhwm() if reset else common.peak_rss_bytes()
+        peak = procutil.peak_rss_bytes() if reset else procutil.max_rss_bytes()
         res.update(peak_bytes=peak, memory_kind="process RSS high-water (VmHWM) during the steps" if reset else
                    "process RSS high-water (ru_maxrss, whole process)", peak_delta_bytes=peak - rss_base,
                    rss_before_model_bytes=rss_base)
@@ -212,35 +213,13 @@ def child(spec: dict) -> dict:
 def child_interleaved(spec: dict) -> dict:
     """Every configuration in one process, timed round-robin (one step each per round), so that a background load
     that changes over time hits all of them alike. Memory is not measured here (see `child`)."""
-    import torch
-
-    threads = common.set_threads(spec.get("threads") or None)
-    cuda = torch.cuda.is_available() and spec["device"] != "cpu"
-    dev = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
-    from dsincubate.config import TrainConfig
-    from dsincubate.engine import build_optimizer
-
-    torch.manual_seed(0)
-    b, s = spec["batch"], spec["img_size"]
-    x = torch.randn(b, 3, s, s, device=dev)
-    y = torch.randint(0, spec["num_classes"], (b,), device=dev)
-    crit = torch.nn.CrossEntropyLoss()
-    setups = {}
-    for kind in spec["kinds"]:
-        model = build(kind, spec["preset"], spec["stages"], spec["grad_ckpt"]).to(dev).train()
-        setups[kind] = (model, build_optimizer(model, TrainConfig(), 1e-4, {}))
-    times = {k: [] for k in setups}
+    threads, dev, x, y = _batch(spec)
+    steps = {kind: _trainer(kind, spec, dev, x, y)[2] for kind in spec["kinds"]}
+    times = {k: [] for k in steps}
     for r in range(spec["warmup"] + spec["steps"]):
-        for kind, (model, opt) in setups.items():
+        for kind, step in steps.items():
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                out = model(x)
-            crit(out.float(), y).backward()
-            opt.step()
-            if cuda:
-                torch.cuda.synchronize()
+            step()
             if r >= spec["warmup"]:
                 times[kind].append(time.perf_counter() - t0)
     return {"threads": threads, "step_seconds": times,
@@ -258,8 +237,8 @@ def measure_preset(preset: str, batch: int, args, dev: dict) -> dict:
                     img_size=img, num_classes=ncls, warmup=args.warmup, steps=args.steps, threads=args.threads,
                     dtype=dtype, device=dev["type"])
         print(f"[step_cost] {preset} batch {batch}: {label(kind)} ...", flush=True)
-        res = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                               timeout=args.timeout)
+        res = procutil.run_child([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                                 timeout=args.timeout, cwd=common.ROOT)
         res["flops"] = count_flops(kind, preset, args.stages, img)
         res["label"] = label(kind)
         rows.append(res)
@@ -274,8 +253,8 @@ def measure_preset(preset: str, batch: int, args, dev: dict) -> dict:
         spec = dict(kinds=[r["kind"] for r in rows if r.get("ok")], preset=preset, stages=args.stages,
                     grad_ckpt=args.grad_checkpointing, batch=batch, img_size=img, num_classes=ncls,
                     warmup=args.warmup, steps=args.steps, threads=args.threads, dtype=dtype, device=dev["type"])
-        inter = common.run_child([sys.executable, str(Path(__file__).resolve()), "--child-interleaved",
-                                  json.dumps(spec)], timeout=args.timeout * 2)
+        inter = procutil.run_child([sys.executable, str(Path(__file__).resolve()), "--child-interleaved",
+                                    json.dumps(spec)], timeout=args.timeout * 2, cwd=common.ROOT)
         if inter.get("ok"):
             timing = "interleaved"
             for r in rows:
@@ -343,7 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default bf16 autocast on GPU, fp32 on CPU")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
-    ap.add_argument("--out", default=None, help="result path (default benchmarks/results/step_cost_<device>.json)")
+    ap.add_argument("--out", default=None,
+                    help="result path (default benchmarks/results/step_cost_<device>_<date>.json)")
     ap.add_argument("--no-interleave", action="store_true",
                     help="time each configuration in its own process only (default: also time all of them "
                          "round-robin in one process and report those, robust to a changing background load)")
@@ -351,10 +331,10 @@ def main(argv=None) -> int:
     ap.add_argument("--child-interleaved", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        common.emit(child(json.loads(args.child)))
+        procutil.emit_result(child(json.loads(args.child)))
         return 0
     if args.child_interleaved:
-        common.emit(child_interleaved(json.loads(args.child_interleaved)))
+        procutil.emit_result(child_interleaved(json.loads(args.child_interleaved)))
         return 0
     presets = [p.strip() for p in args.preset.split(",") if p.strip()]
     batches = [int(b) for b in args.batch.split(",")]

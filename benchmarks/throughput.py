@@ -9,9 +9,10 @@ backend; and the overhead of dsincubate's training loop against a minimal hand-w
    the deepspeed launcher): the phase's model, its optimizer, `deepspeed.initialize`, `--steps` timed steps on a
    random batch (no data loading). Failures (out of memory, a config the device cannot run) are rows, not crashes.
 3. Loop overhead: the same model, ds_config and data (dsincubate's WebDataset loader on the built-in demo data) for
-   `--loop-epochs` epochs (a) through `dsincubate e2e` (the real loop: `engine.run_phase`) and (b) through a minimal
-   hand-written loop (`deepspeed.initialize`, forward, cross-entropy, backward, step); images/s of the training
-   epochs after the first, runs alternated A/B/A/B. Target: ours within 5% of the minimal loop.
+   `--loop-epochs` epochs (a) through `dsincubate e2e` (the real loop: `dsincubate.trainer.run_phase`) and (b) through
+   a minimal hand-written loop over the same engine (`dsincubate.engine.build_engine`: model, kernels, optimizer;
+   then forward, cross-entropy, backward, step); images/s of the training epochs after the first, runs alternated
+   A/B/B/A. Target: ours within 5% of the minimal loop.
 
 GPU target: ViT-H/14 bf16 >= 45% MFU, e.g.
     python benchmarks/throughput.py --presets vit_h14 --batch 32 --ds-configs zero2_bf16,zero3_bf16 \\
@@ -19,7 +20,7 @@ GPU target: ViT-H/14 bf16 >= 45% MFU, e.g.
 CPU (small; what is committed from this machine):
     python benchmarks/throughput.py                 # tiny preset, batch 64, every shipped ds_config
 options: --phase e2e, --steps N, --skip-grid, --skip-loop, --out PATH.
-Writes benchmarks/results/throughput_<device>.json (+ .txt) with device, command, commit and date.
+Writes benchmarks/results/throughput_<device>_<date>.json (+ .txt) with device, command, commit and date.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
+from dsincubate import procutil  # noqa: E402
 
 
 # ---------------------------------------------------------------- 1. peak matmul rate
@@ -65,18 +67,14 @@ def matmul_rate(dtype_name: str, n: int, seconds: float) -> dict:
 # ---------------------------------------------------------------- 2. grid through dsincubate tune trials
 
 def flops_per_image(recipe: str, preset: str, phase: str, module: int) -> float:
-    import torch
-
     from dsincubate import accounting, phases, recipes
     from dsincubate.config import apply_overrides
-
-    cfg = apply_overrides(recipes.get(recipe), [f"model.preset={preset}"] if preset else [])
     from dsincubate.models import vit
 
+    cfg = apply_overrides(recipes.get(recipe), [f"model.preset={preset}"] if preset else [])
     n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"]) or 1000
-    ph = phases.make(phase, cfg, Path("/nonexistent"), n_cls, module if phase == "incubate" else None)
-    with torch.device("meta"):
-        return accounting.count_flops(ph, int(ph.target_spec().kwargs["img_size"]))["train_step_per_image"]
+    ph = phases.make(phase, cfg, Path("/nonexistent"), n_cls, module if phase == "incubate" else None, resolve=False)
+    return accounting.count_flops(lambda: ph.build_model(load=False), ph.img_size)["train_step_per_image"]
 
 
 def grid(args, peak_tflops: float) -> list[dict]:
@@ -118,30 +116,24 @@ def grid(args, peak_tflops: float) -> list[dict]:
 
 def minimal_loop(spec: dict) -> dict:
     """A hand-written DeepSpeed loop over dsincubate's loader: the floor our loop is compared to."""
-    import deepspeed
     import torch
     import torch.nn.functional as F
 
     from dsincubate import dist, dsconfig, phases, recipes
     from dsincubate.config import apply_overrides
     from dsincubate.data import build_train_loader, resolve_data
-    from dsincubate.engine import build_optimizer
+    from dsincubate.engine import build_engine, resolve_ds_config
 
     cfg = apply_overrides(recipes.get(spec["recipe"]), spec["sets"])
     info = resolve_data(cfg.data)
     ctx = dist.init()
-    phase = phases.make("e2e", cfg, Path(spec["out"]), cfg.model.num_classes or info.num_classes)
+    phase = phases.make("e2e", cfg, Path(spec["out"]), cfg.model.num_classes or info.num_classes, resolve=False)
     tc = phase.train_cfg
-    ds_cfg = dsconfig.resolve(dsconfig.load(dsconfig.find(cfg.ds_config, ctx.has_cuda)), tc.micro_batch,
-                              tc.grad_accum, ctx.world_size, "")
+    _, ds_cfg = resolve_ds_config(phase, ctx)
     dtype = dsconfig.precision(ds_cfg)
-    dist.seed_everything(cfg.seed)
-    model = phase.build_model()
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    opt = build_optimizer(model, tc, tc.lr, ds_cfg)  # the optimizer our engine builds: only the loop differs
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
-    img = int(phase.target_spec().kwargs["img_size"])
+    # The engine our loop builds (model, kernels, optimizer, scaled lr; no schedule): only the loop differs.
+    engine = build_engine(phase, ctx, ds_cfg, load=False).engine
+    img = phase.img_size
     rates = []
     for epoch in range(tc.epochs):
         loader = build_train_loader(cfg.data, info, batch_size=tc.micro_batch, rank=ctx.rank,
@@ -151,7 +143,7 @@ def minimal_loop(spec: dict) -> dict:
         n, t0 = 0, time.time()
         for x, y in loader:
             out = engine(x.to(ctx.device, dtype))
-            loss = F.cross_entropy(out.float(), y.to(ctx.device))
+            loss = phase.loss(out, y.to(ctx.device), F.cross_entropy)["loss"]
             engine.backward(loss)
             engine.step()
             n += x.shape[0] * ctx.world_size
@@ -192,14 +184,14 @@ def loop_overhead(args) -> dict:
                 p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=common.ROOT,
                                    timeout=args.timeout)
                 if p.returncode != 0:
-                    res[kind].append({"ok": False, "error": common.classify_failure(p.returncode, p.stdout + p.stderr)})
+                    res[kind].append({"ok": False, "error": procutil.classify_failure(p.returncode,
+                                                                                      p.stdout + p.stderr)})
                     continue
                 if kind == "ours":
                     lines = [json.loads(ln) for ln in (Path(tmp) / "e2e" / "metrics.jsonl").read_text().splitlines()]
                     rates = [ln["images_per_second"] for ln in lines]
                 else:
-                    line = next(ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("@@RESULT "))
-                    rates = json.loads(line[len("@@RESULT "):])["images_per_second_per_epoch"]
+                    rates = procutil.parse_result(p.stdout)["images_per_second_per_epoch"]
                 res[kind].append({"ok": True, "images_per_second_per_epoch": rates})
                 print(f"[throughput]   img/s per epoch: {', '.join(f'{r:.1f}' for r in rates)}", flush=True)
     steady = lambda runs: [r for run in runs if run.get("ok") for r in run["images_per_second_per_epoch"][1:]]  # noqa: E731
@@ -246,7 +238,7 @@ def main(argv=None) -> int:
     if args.minimal_loop:
         res = minimal_loop(json.loads(args.minimal_loop))
         if int(os.environ.get("RANK", "0")) == 0:
-            common.emit(res)
+            procutil.emit_result(res)
         return 0
     import torch
 

@@ -3,9 +3,10 @@ step, through the real `deepspeed` launcher (on a CPU machine: `--num_accelerato
 
 For each phase (meta pre-training, incubation of module `--module`, fine-tuning of the assembled ViT-H) and each
 setting (`--zero-config`, default `zero3_bf16`, on `--ranks` ranks; the same JSON with ZeRO stage 0 on 1 rank, so that
-only the sharding differs), one `deepspeed` job builds the phase's own model (`dsincubate.phases`, weights not
-loaded), activation checkpointing on, its AdamW over the trainable parameters, `deepspeed.initialize` with the
-resolved ds_config, and runs one training step (forward, backward, optimizer step) at micro-batch `--batch`, 224px. Every rank reports:
+only the sharding differs), one `deepspeed` job builds the phase's engine as training does
+(`dsincubate.engine.build_engine`: the phase's own model with weights not loaded, activation checkpointing on, its
+AdamW over the trainable parameters, `deepspeed.initialize` with the resolved ds_config), and runs one training step
+(forward, backward, optimizer step) at micro-batch `--batch`, 224px. Every rank reports:
 
   state        bytes of parameters + fp32 master copies + optimizer state this rank holds after the step
                (ZeRO-3 partitions `ds_tensor`, the optimizer's flat partitions and their Adam moments; deduplicated)
@@ -26,7 +27,7 @@ moments and ZeRO-3 shards all of them.
     python benchmarks/vith_memory.py --ranks 8 --batch 8    # GPUs
     options: --preset vit_h14, --module 1, --phases meta,incubate,finetune, --out PATH
 
-Writes benchmarks/results/vith_memory_<device>.json (+ .txt) with device, command, commit and date.
+Writes benchmarks/results/vith_memory_<device>_<date>.json (+ .txt) with device, command, commit and date.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -43,22 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+from dsincubate import procutil  # noqa: E402
 
 
 def state_bytes(engine) -> dict:
@@ -95,56 +80,50 @@ def state_bytes(engine) -> dict:
 
 
 def child(spec: dict) -> dict:
-    import deepspeed
     import torch
 
     from dsincubate import dist, dsconfig, phases, recipes
     from dsincubate.config import apply_overrides
-    from dsincubate.engine import build_optimizer
+    from dsincubate.engine import build_engine, resolve_ds_config
 
     ctx = dist.init()
-    rss0 = common.current_rss_bytes()
+    rss0 = procutil.current_rss_bytes()
     progress = Path(spec["result_dir"], f"progress{ctx.rank}.json")
 
     def mark(stage: str) -> None:  # where a rank that gets killed had got to, and its memory then
-        progress.write_text(json.dumps({"rank": ctx.rank, "stage": stage, "rss": common.current_rss_bytes() - rss0,
-                                        "hwm": _status("VmHWM") - rss0}))
+        progress.write_text(json.dumps({"rank": ctx.rank, "stage": stage,
+                                        "rss": procutil.current_rss_bytes() - rss0,
+                                        "hwm": procutil.status_bytes("VmHWM") - rss0}))
     name = spec["phase"]
     cfg = apply_overrides(recipes.get("vit_h14"), [
         f"model.preset={spec['preset']}", "model.grad_checkpointing=true", "model.kernel_backend=torch",
         f"ds_config={spec['ds_config']}", f"{name}.micro_batch={spec['batch']}", f"{name}.optimizer=adamw"])
-    phase = phases.make(name, cfg, Path("/nonexistent-vith-root"), 1000, spec["module"] if name == "incubate" else None)
+    phase = phases.make(name, cfg, Path("/nonexistent-vith-root"), 1000, spec["module"] if name == "incubate" else None,
+                        resolve=False)
     tc = phase.train_cfg
-    ds_file = dsconfig.find(cfg.ds_config, ctx.has_cuda)
-    ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, 0, ctx.world_size, str(ds_file))
+    _, ds_cfg = resolve_ds_config(phase, ctx)
     t0 = time.time()
-    dist.seed_everything(0)
-    model = phase.build_model(load=False)
-    model.set_grad_checkpointing(True)
-    n_total = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    rss_built = common.current_rss_bytes()
-    mark("built model")
-    optimizer = build_optimizer(model, tc, 1e-4, ds_cfg)
-    mark("optimizer built")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+    mark("building the engine")
+    engine = build_engine(phase, ctx, ds_cfg, load=False).engine  # model, optimizer, deepspeed.initialize
     mark("deepspeed.initialize done")
-    del model, optimizer
     gc.collect()
     t_init = time.time() - t0
-    rss_init = common.current_rss_bytes()
-    hwm_all_before = _status("VmHWM")
+    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # noqa: E731  (ZeRO-3 partitions)
+    n_total = sum(numel(p) for p in engine.module.parameters())
+    n_train = sum(numel(p) for p in engine.module.parameters() if p.requires_grad)
+    rss_init = procutil.current_rss_bytes()
+    hwm_all_before = procutil.status_bytes("VmHWM")
     if ctx.has_cuda:
         torch.cuda.reset_peak_memory_stats()
-    reset = _reset_hwm()
+    reset = procutil.reset_peak_rss()
     dtype = dsconfig.precision(ds_cfg)
-    img = int(phase.target_spec().kwargs["img_size"])
+    img = phase.img_size
     g = torch.Generator().manual_seed(ctx.rank)
     x = torch.randn(tc.micro_batch, 3, img, img, generator=g).to(ctx.device, dtype)
     y = torch.randint(0, 1000, (tc.micro_batch,), generator=g).to(ctx.device)
     engine.train()
     t1 = time.time()
-    loss = phase.loss(engine(x), y, torch.nn.CrossEntropyLoss())
+    loss = phase.loss(engine(x), y, torch.nn.CrossEntropyLoss())["loss"]
     mark("forward done")
     engine.backward(loss)
     mark("backward done")
@@ -158,19 +137,13 @@ def child(spec: dict) -> dict:
            "ds_config": spec["ds_config"], "zero_stage": dsconfig.zero_stage(ds_cfg),
            "precision": str(dtype).replace("torch.", ""), "params_total": n_total, "params_trainable": n_train,
            "threads": torch.get_num_threads(), "init_seconds": t_init, "step_seconds": t_step, "loss": float(loss),
-           "state": state_bytes(engine), "rss_before_model": rss0, "rss_after_build": rss_built - rss0,
-           "rss_after_initialize": rss_init - rss0, "rss_step": common.current_rss_bytes() - rss0,
-           "peak_step": (_status("VmHWM") - rss0) if reset else None,
-           "peak_all": max(hwm_all_before, _status("VmHWM")) - rss0}
+           "state": state_bytes(engine), "rss_before_model": rss0,
+           "rss_after_initialize": rss_init - rss0, "rss_step": procutil.current_rss_bytes() - rss0,
+           "peak_step": (procutil.status_bytes("VmHWM") - rss0) if reset else None,
+           "peak_all": max(hwm_all_before, procutil.status_bytes("VmHWM")) - rss0}
     if ctx.has_cuda:
         res["cuda_peak_step"] = torch.cuda.max_memory_allocated()
     return res
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(spec: dict, ranks: int, args) -> list[dict]:
@@ -181,7 +154,8 @@ def launch(spec: dict, ranks: int, args) -> list[dict]:
     spec = dict(spec, result_dir=tempfile.mkdtemp(prefix="vith_memory_"))
     ds = str(Path(sys.executable).with_name("deepspeed"))
     n = ["--num_gpus", str(ranks)] if torch.cuda.is_available() else ["--num_accelerators", str(ranks)]
-    cmd = [ds, *n, "--master_port", str(_free_port()), str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    cmd = [ds, *n, "--master_port", str(procutil.free_port()), str(Path(__file__).resolve()), "--child",
+           json.dumps(spec)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if not torch.cuda.is_available():
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
@@ -195,7 +169,7 @@ def launch(spec: dict, ranks: int, args) -> list[dict]:
     rows = [json.loads(f.read_text()) for f in sorted(Path(spec["result_dir"]).glob("rank*.json"))]
     if len(rows) != ranks:
         prog = [json.loads(f.read_text()) for f in sorted(Path(spec["result_dir"]).glob("progress*.json"))]
-        err = common.classify_failure(rc if isinstance(rc, int) else -1, out)
+        err = procutil.classify_failure(rc if isinstance(rc, int) else -1, out)
         if prog:
             err += "; last: " + ", ".join(f"rank {p['rank']} after '{p['stage']}' at {p['rss'] / 2**30:.1f} GiB"
                                           for p in prog)

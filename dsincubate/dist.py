@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from dsincubate.procutil import free_port
 
 
 @dataclass
@@ -33,12 +34,6 @@ class DistContext:
         return self.device_type == "cuda"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init() -> DistContext:
     import deepspeed
     import torch.distributed as dist
@@ -46,7 +41,7 @@ def init() -> DistContext:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)
     acc = get_accelerator()

@@ -3,12 +3,14 @@
 For one phase (meta, incubate --module I, finetune, e2e) of a recipe it tries every combination of micro-batch size,
 shipped ds_config (ZeRO stage 0/2/3, bf16/fp32, CPU offload of optimizer and parameters: `ds_configs/*.json`) and
 activation checkpointing (`model.grad_checkpointing`). Each trial runs in its own subprocess (optionally under the
-`deepspeed` launcher with several ranks): the phase's own model (weights not loaded), the phase's optimizer over its
-trainable parameters, `deepspeed.initialize` with the resolved ds_config, then `--warmup` + `--steps` training steps
-on a random batch. An out-of-memory error, a crash, a kill or a timeout becomes a row of the table, not the end of
-the sweep; once a configuration runs out of memory its larger micro-batches are skipped. `--memory-cap 2G` limits
-each trial's address space (RLIMIT_AS, set in the child after its imports, so the cap counts what the trial itself
-maps beyond the interpreter and libraries) to emulate a device on which a configuration does not fit.
+`deepspeed` launcher with several ranks): the phase's engine as the training loop builds it
+(`dsincubate.engine.build_engine`: the phase's own model with weights not loaded, its kernels, its optimizer over the
+trainable parameters at the scaled lr, `deepspeed.initialize` with the resolved ds_config), then `--warmup` +
+`--steps` training steps on a random batch. An out-of-memory error, a crash, a kill or a timeout becomes a row of
+the table, not the end of the sweep; once a configuration runs out of memory its larger micro-batches are skipped.
+`--memory-cap 2G` limits each trial's address space (RLIMIT_AS, set in the child after its imports, so the cap counts
+what the trial itself maps beyond the interpreter and libraries) to emulate a device on which a configuration does
+not fit.
 
 It prints a table of throughput (images/s over all ranks) and peak memory per rank (torch.cuda.max_memory_allocated
 on GPUs; the resident-set high-water mark on the CPU), and writes the fastest configuration that fitted as a ready
@@ -31,16 +33,14 @@ import json
 import os
 import re
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dsincubate import procutil
 from dsincubate.errors import UserError
 
-MARK = "@@TUNE "
 PHASES = ("meta", "incubate", "finetune", "e2e")
 
 
@@ -78,37 +78,38 @@ def parse_size(text: str) -> int:
 
 # ---------------------------------------------------------------- child: one trial
 
-def _vm(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+def _num_classes(cfg) -> int:
+    """The class count of the run: the config's, else the preset's, else the dataset's."""
+    if cfg.model.num_classes:
+        return cfg.model.num_classes
+    try:
+        from dsincubate.models import vit
 
+        n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"])
+        if n_cls:
+            return n_cls
+    except Exception:  # noqa: BLE001
+        pass
+    from dsincubate.data import resolve_data
 
-def _is_oom(e: BaseException) -> bool:
-    text = f"{type(e).__name__}: {e}".lower()
-    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate" in text or \
-        "cannot allocate" in text or "bad_alloc" in text or "failed to allocate" in text
+    return resolve_data(cfg.data).num_classes
 
 
 def run_trial(spec: dict) -> dict:
     """One trial in this process (rank of a launcher job or a single process); returns the result on rank 0."""
     import resource
 
-    import deepspeed
     import torch
 
-    from dsincubate import dist, dsconfig, recipes
+    from dsincubate import dist, dsconfig, phases, recipes
     from dsincubate.config import RunConfig, apply_overrides
-    from dsincubate.data import resolve_data
-    from dsincubate.engine import build_optimizer
-    from dsincubate import phases
+    from dsincubate.engine import build_engine, resolve_ds_config
 
     ctx = dist.init()
     cap = int(spec.get("memory_cap") or 0)
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if cap:  # the soft limit only, so that it can be lifted again to report the result
-        base = _vm("VmSize")
+        base = procutil.status_bytes("VmSize")
         resource.setrlimit(resource.RLIMIT_AS, (base + cap if hard == resource.RLIM_INFINITY else
                                                 min(base + cap, hard), hard))
     result = {"ok": False}
@@ -119,35 +120,16 @@ def run_trial(spec: dict) -> dict:
             f"ds_config={spec['ds_config']}", f"{phase_name}.micro_batch={spec['micro_batch']}",
             f"model.grad_checkpointing={str(spec['grad_checkpointing']).lower()}"]
         cfg = apply_overrides(cfg, sets)
-        if cfg.model.num_classes:
-            n_cls = cfg.model.num_classes
-        else:
-            try:
-                from dsincubate.models import vit
-
-                n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"])
-                if not n_cls:
-                    raise KeyError
-            except Exception:  # noqa: BLE001
-                n_cls = resolve_data(cfg.data).num_classes
+        n_cls = _num_classes(cfg)
+        # The real phase's architecture, trainable part, kernels, optimizer and lr (weights not loaded).
         phase = phases.make(phase_name, cfg, Path("/nonexistent-tune-root"), n_cls,
-                             spec.get("module") if phase_name == "incubate" else None)
+                            spec.get("module") if phase_name == "incubate" else None, resolve=False)
         tc = phase.train_cfg
-        ds_file = dsconfig.find(cfg.ds_config, ctx.has_cuda)
-        ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, ctx.world_size,
-                                  str(ds_file))
+        ds_file, ds_cfg = resolve_ds_config(phase, ctx)
         dtype = dsconfig.precision(ds_cfg)
-        dist.seed_everything(cfg.seed)
-        model = phase.build_model(load=False)  # same architecture and trainable part as the real phase
-        if cfg.model.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        if cfg.model.kernel_backend != "torch":
-            from dsincubate.engine import _apply_kernels
-
-            _apply_kernels(model, cfg.model.kernel_backend)
-        optimizer = build_optimizer(model, tc, tc.lr * ds_cfg["train_batch_size"] / 512, ds_cfg)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        img = int(phase.target_spec().kwargs["img_size"])
+        built = build_engine(phase, ctx, ds_cfg, load=False)
+        engine = built.engine
+        img = phase.img_size
         x = torch.randn(tc.micro_batch, 3, img, img, device=ctx.device).to(dtype)
         y = torch.randint(0, n_cls, (tc.micro_batch,), device=ctx.device)
         crit = torch.nn.CrossEntropyLoss()
@@ -158,7 +140,7 @@ def run_trial(spec: dict) -> dict:
         engine.train()
         for k in range(spec["warmup"] + spec["steps"]):
             t0 = time.perf_counter()
-            loss = phase.loss(engine(x), y, crit)
+            loss = phase.loss(engine(x), y, crit)["loss"]
             engine.backward(loss)
             engine.step()
             if ctx.has_cuda:
@@ -170,7 +152,7 @@ def run_trial(spec: dict) -> dict:
             peak = torch.cuda.max_memory_allocated()
             kind = "torch.cuda.max_memory_allocated"
         else:
-            peak = _vm("VmHWM")
+            peak = procutil.status_bytes("VmHWM")
             kind = "process RSS high-water (VmHWM)"
         t = torch.tensor([float(peak), step], dtype=torch.float64, device=ctx.device)
         if ctx.world_size > 1:
@@ -181,9 +163,10 @@ def run_trial(spec: dict) -> dict:
         result = {"ok": True, "step_seconds": step, "images_per_second": tc.micro_batch * ctx.world_size / step,
                   "peak_bytes_per_rank": peak, "memory_kind": kind, "world_size": ctx.world_size,
                   "device_name": ctx.device_name, "loss": float(loss), "ds_config_file": str(ds_file),
-                  "ds_config_engine": dsconfig.load(ds_file)}
+                  "ds_config_engine": dsconfig.load(ds_file), "kernels": built.kernels}
     except BaseException as e:  # noqa: BLE001  (any failure is a row of the table)
-        result = {"ok": False, "error": "out of memory" if _is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"}
+        oom = isinstance(e, MemoryError) or procutil.is_out_of_memory(f"{type(e).__name__}: {e}")
+        result = {"ok": False, "error": "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"}
     finally:
         if cap:
             resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
@@ -192,27 +175,7 @@ def run_trial(spec: dict) -> dict:
 
 # ---------------------------------------------------------------- parent: the sweep
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def classify(returncode: int, text: str) -> str:
-    low = text.lower()
-    if "out of memory" in low or "can't allocate" in low or "cannot allocate memory" in low or "bad_alloc" in low:
-        return "out of memory"
-    if returncode in (-9, 137) or "return code = -9" in text:  # the deepspeed launcher reports its ranks' -9
-        return "killed (SIGKILL: out of memory?)"
-    if returncode in (-11, 139):
-        return "crashed (segmentation fault)"
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    err = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
-    return f"exit {returncode}: {err.strip()[:200]}"
-
-
 def launch_trial(spec: dict, args, has_cuda: bool) -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     payload = json.dumps(spec)
     if args.ranks > 1 or args.launcher_args:
         ds = str(Path(sys.executable).with_name("deepspeed"))
@@ -220,25 +183,12 @@ def launch_trial(spec: dict, args, has_cuda: bool) -> dict:
         if not any(a.startswith(("--num_gpus", "--num_accelerators", "--include", "--hostfile")) for a in launcher):
             launcher += ["--num_gpus" if has_cuda else "--num_accelerators", str(args.ranks)]
         if not any(a.startswith("--master_port") for a in launcher):
-            launcher += ["--master_port", str(_free_port())]
+            launcher += ["--master_port", str(procutil.free_port())]
         cmd = [ds, *launcher, "--module", "dsincubate.tune", "--trial", payload]
     else:
         cmd = [sys.executable, "-m", "dsincubate.tune", "--trial", payload]
     t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timeout after {args.timeout:.0f}s", "wall_seconds": time.time() - t0}
-    res = None
-    for line in reversed(p.stdout.splitlines()):
-        if MARK in line:
-            res = json.loads(line[line.index(MARK) + len(MARK):])
-            break
-    if res is None:
-        res = {"ok": False, "error": classify(p.returncode, p.stdout + p.stderr),
-               "log_tail": (p.stdout[-800:] + p.stderr[-1500:]).strip()}
-    elif not res.get("ok") and p.returncode not in (0, None) and not res.get("error"):
-        res["error"] = classify(p.returncode, p.stdout + p.stderr)
+    res = procutil.run_child(cmd, timeout=args.timeout, env={"PYTHONUNBUFFERED": "1"})
     res["wall_seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -367,7 +317,7 @@ def run(args) -> int:
     if args.trial:
         res = run_trial(json.loads(args.trial))
         if res:
-            print(MARK + json.dumps(res), flush=True)
+            procutil.emit_result(res)
         return 0
     if args.steps < 1 or args.warmup < 0 or args.ranks < 1:
         raise UserError("--steps >= 1, --warmup >= 0 and --ranks >= 1")

@@ -1,6 +1,4 @@
-"""Test tiers: unit tests (fast, CPU), `integration` (real launchers in subprocesses on the debug recipe), `gpu`
-(kernel tests, skipped with a reason without CUDA). `make test` runs them all; `make test-fast` skips integration."""
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "integration: runs the real dsincubate/deepspeed commands in subprocesses")
+"""Test tiers (markers registered in pytest.ini, --strict-markers): unit tests (fast, CPU, in-process),
+`integration` (real `dsincubate`/`deepspeed` commands in subprocesses on the debug recipe), `build` (nvcc compiles the
+csrc kernels), `gpu` (kernel tests, skipped with a reason without CUDA), `cluster` (multi-host tier). `make test` runs
+them all; `make test-fast` runs only the unit tier."""

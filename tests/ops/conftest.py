@@ -1,4 +1,5 @@
-"""Shared setup for the dsincubate.ops tests: the `gpu` marker and a clean dispatcher per test.
+"""Shared setup for the dsincubate.ops tests: `gpu` tests skip without CUDA, and a clean dispatcher per test.
+The markers (`gpu`, `build`) are registered in pytest.ini.
 
     python -m pytest tests/ops            # CPU tests (GPU tests skip with a reason)
     python -m pytest tests/ops -m gpu     # only the GPU tests (need CUDA)
@@ -10,10 +11,6 @@ import pytest
 import torch
 
 from dsincubate.ops import dispatch
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped with a reason when there is none)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,6 +1,7 @@
 """Compile check: every CUDA source under csrc/ builds for sm_80 and sm_90 through the op builders (JIT, ninja)
 and the built extensions import. Needs nvcc (at $CUDA_HOME or /usr/local/cuda) but no GPU; skipped with a
-reason when nvcc is absent. Takes about 2 minutes on 2 cores from a cold cache.
+reason when nvcc is absent. Takes about 2 minutes on 2 cores from a cold cache. The tests that compile are marked
+`build` (`make test-build`); the source and flag checks are plain unit tests.
 
     CUDA_HOME=/usr/local/cuda python -m pytest tests/ops/test_compile.py
     DSI_OPS_CACHE=~/.cache/dsincubate/ops ...   reuse a cache instead of a fresh temporary one
@@ -63,6 +64,7 @@ def test_arch_flags_follow_torch_cuda_arch_list(monkeypatch):
         builder.cuda_arch_list()
 
 
+@pytest.mark.build
 @pytest.mark.parametrize("name", sorted(builder.ALL_BUILDERS))
 def test_op_compiles_for_sm80_and_sm90_and_imports(name, build_env):
     op = builder.ALL_BUILDERS[name]()
@@ -83,12 +85,14 @@ def test_op_compiles_for_sm80_and_sm90_and_imports(name, build_env):
         assert "sm_80" in listing and "sm_90" in listing, listing
 
 
+@pytest.mark.build
 def test_prebuild_all_reports_every_op(build_env):
     status = builder.prebuild_all(strict=True)
     assert set(status) == set(builder.ALL_BUILDERS)
     assert all(s.startswith("built: ") for s in status.values()), status
 
 
+@pytest.mark.build
 def test_kernels_reject_cpu_tensors_cleanly(build_env):
     # Without a GPU the extension still loads; calling it on CPU tensors must raise, not crash.
     module = builder.LayerNormBuilder().load()

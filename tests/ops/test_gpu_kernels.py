@@ -1,7 +1,8 @@
 """GPU tests of the CUDA kernels: forward + backward against float64 references over fp32 / bf16 / fp16, ViT
 preset shapes (hidden 192/384/540/768/1024/1280, head dims 64/80/45, seq 197/257/577/65) and odd shapes,
 with freed GPU memory poisoned with NaN first so an output element the kernel never writes is caught.
-Skipped with a reason when torch.cuda.is_available() is False.
+Skipped with a reason when torch.cuda.is_available() is False. The kernels are JIT-compiled with nvcc on first use,
+so these tests are also in the `build` tier.
 
     CUDA_HOME=/usr/local/cuda python -m pytest tests/ops -m gpu
 """
@@ -16,7 +17,7 @@ from dsincubate.ops import dispatch, reference
 from dsincubate.ops import flash_attention as attn_mod
 from dsincubate.ops import layernorm as ln_mod
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.build]
 
 # max |err| / max |ref| against float64
 LN_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 4e-3}

@@ -1,6 +1,7 @@
 """Benchmark bookkeeping: device-seconds accounting from run.json, the equal-accuracy saving factor of
-benchmarks/gpu_hours.py (interpolation, bounds, no extrapolation), step_cost's ideal ratios and target checks, and the
-tune helpers. Pure arithmetic on synthetic records: no timings are asserted."""
+benchmarks/gpu_hours.py (interpolation, bounds, no extrapolation), step_cost's ideal ratios and target checks, result
+file names, the tune helpers and the process utilities (dsincubate.procutil) they share. Pure arithmetic on synthetic
+records: no timings are asserted."""
 import json
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import common, gpu_hours, step_cost  # noqa: E402
-from dsincubate import accounting, checkpoint as ckpt, tune  # noqa: E402
+from dsincubate import accounting, checkpoint as ckpt, procutil, tune  # noqa: E402
 
 
 def _phase(root: Path, rel: str, wall: float, world: int, top1: float, epochs: int = 1) -> None:
@@ -140,12 +141,63 @@ def test_common_table_and_device_kind():
     assert common.device_kind({"type": "cuda", "name": "NVIDIA A100-SXM4-40GB"}) == "a100"
 
 
+def test_result_files_carry_device_and_date_and_never_overwrite(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    dev = {"type": "cpu", "cores": 2, "name": "cpu (2 cores)"}
+    record = {"benchmark": "x", "date": "2026-11-23T10:00:00+00:00", "device": dev}
+    first = common.write_result("x", record, "a table")
+    assert first.name == "x_cpu2_2026-11-23.json" and first.with_suffix(".txt").read_text() == "a table\n"
+    assert json.loads(first.read_text())["table"] == ["a table"]
+    second = common.write_result("x", dict(record, run=2), "another")
+    assert second.name == "x_cpu2_2026-11-23_2.json" and json.loads(first.read_text()).get("run") is None
+    assert common.write_result("x", record, kind="gpu-node").name == "x_gpu-node_2026-11-23.json"
+    assert common.result_path("x", dev, "2026-11-24").name == "x_cpu2_2026-11-24.json"
+    out = tmp_path / "named.json"  # --out names the file itself
+    assert common.write_result("x", record, None, out) == out and out.is_file()
+
+
 def test_tune_helpers():
     assert tune.parse_size("512M") == 512 * 2**20 and tune.parse_size("2G") == 2 * 2**30 and tune.parse_size("") == 0
     with pytest.raises(Exception):
         tune.parse_size("lots")
-    assert tune.classify(-9, "").startswith("killed")
-    assert tune.classify(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory") == "out of memory"
+    assert procutil.classify_failure(-9, "").startswith("killed")
+    assert procutil.classify_failure(1, "RuntimeError: DefaultCPUAllocator: can't allocate memory") == "out of memory"
+
+
+def test_failure_reasons():
+    oom = ["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "MemoryError",
+           "terminate called after throwing an instance of 'std::bad_alloc'",
+           "OSError: [Errno 12] Cannot allocate memory",
+           "RuntimeError: failed to allocate 123 bytes"]
+    assert all(procutil.classify_failure(1, t) == "out of memory" for t in oom)
+    assert procutil.classify_failure(1, "[launch.py] exiting: return code = -9").startswith("killed")
+    assert procutil.classify_failure(137, "").startswith("killed")
+    assert procutil.classify_failure(-11, "").startswith("crashed (segmentation fault)")
+    assert procutil.classify_failure(2, "Traceback\nValueError: bad\nexiting") == "exit 2: ValueError: bad"
+    assert procutil.is_out_of_memory("CUDA out of memory") and not procutil.is_out_of_memory("ValueError: x")
+
+
+def test_child_result_round_trip_and_failures(capsys, tmp_path):
+    procutil.emit_result({"ok": True, "x": 1.5})
+    out = capsys.readouterr().out
+    assert procutil.parse_result("noise\n[rank0]: " + out + "more noise\n") == {"ok": True, "x": 1.5}
+    assert procutil.parse_result("no result here\n") is None
+    py = sys.executable
+    ok = procutil.run_child([py, "-c", "from dsincubate import procutil; procutil.emit_result({'v': 3})"], timeout=60)
+    assert ok == {"v": 3, "ok": True}
+    bad = procutil.run_child([py, "-c", "raise ValueError('broken')"], timeout=60)
+    assert not bad["ok"] and bad["error"] == "exit 1: ValueError: broken" and bad["returncode"] == 1
+    slow = procutil.run_child([py, "-c", "import time; time.sleep(30)"], timeout=1)
+    assert not slow["ok"] and slow["error"] == "timeout after 1s"
+
+
+def test_process_memory_and_port():
+    assert procutil.status_bytes("VmSize") > procutil.status_bytes("VmRSS") > 0
+    assert procutil.status_bytes("NoSuchField") == 0
+    assert procutil.peak_rss_bytes() >= procutil.current_rss_bytes() > 0
+    assert procutil.max_rss_bytes() > 0
+    port = procutil.free_port()
+    assert 0 < port < 65536
 
 
 def test_gpu_session_commands_use_real_scripts_and_options():

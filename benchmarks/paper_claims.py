@@ -1,0 +1,243 @@
+"""The paper's small-scale findings, E2E against Deep Incubation at matched training FLOPs, several seeds per cell.
+
+Every cell runs `dsincubate pipeline --methods di,e2e` (the same command line, loop and recipe a user runs) with the
+cell's settings. E2E is given at least Deep Incubation's total training FLOPs, meta pre-training included: its epochs
+are ceil(DI FLOPs / E2E FLOPs per epoch), with FLOPs per image counted by `accounting.count_flops` on each phase's
+model (wall time on a shared 2-core machine swings several-fold, so budgets are matched on FLOPs; each run's
+device-hours from run.json are reported beside them). Each table also shows the meta model alone: where the small
+meta model is at least as good as both E2E and Deep Incubation, the setting does not reward a large model at all,
+and the verdict says so instead of counting a win or a loss.
+
+Experiments (paper references in brackets):
+  depth   target depth 8 / 16 / 32 at width 64, K = 4                      [Fig. 6, Tab. 2]
+  data    25 / 50 / 100 % of the training data at the full set's iterations [Tab. 5]
+  meta    meta model fixed / pre-trained + tunable / random + tunable       [Sec. 4.4 table]
+  kd      meta depth per stage 1 / 2 x Module Incubation / Imitation       [Fig. 8]
+  k       K = 2 / 4 / 8                                                     [Fig. 10 area]
+
+    python benchmarks/paper_claims.py                                 # CPU: depth + data, 3 seeds, built-in data
+    python benchmarks/paper_claims.py --experiments meta,kd --seeds 0,1,2
+    python benchmarks/paper_claims.py --scale paper --experiments depth -- --train /data/c100/train --val /data/c100/val
+    python benchmarks/paper_claims.py --collect-only                  # rebuild tables/plots from --workdir
+
+`--scale paper` runs the paper's DeiT-T-32/128 recipes (`deit_t_<N>`: 200 modular + 100 fine-tune epochs against
+400 for E2E) on CIFAR-100-size shards you provide after `--`, on a GPU. Writes
+benchmarks/results/paper_claims_<exp>_<device>_<date>.{json,txt,png}; re-running resumes (finished cells are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+# CPU scale: a narrow ViT (width 64, 2 heads) on the built-in 32x32 data with 8x8 patches, every phase at the demo
+# learning rate; DI = meta 12 epochs + 4 epochs per module + 4 fine-tune epochs. Only the last epoch is evaluated.
+CPU_BASE = ["model.embed_dim=64", "model.num_heads=2", "model.patch_size=8", "model.depth=16",
+            "model.kernel_backend=torch", "meta.epochs=12", "incubate.epochs=4", "finetune.epochs=4",
+            "meta.eval_every=100", "incubate.eval_every=100", "finetune.eval_every=100", "e2e.eval_every=100",
+            "finetune.lr=8e-3", "finetune.clip_grad=1.0", "finetune.warmup_epochs=0.5"]
+EXPERIMENTS = {
+    "depth": ("target depth", [(f"{d}", [f"model.depth={d}"]) for d in (8, 16, 32)]),
+    "data": ("training data", [(f"{int(f * 100)}%", [f"data.train_fraction={f}"]) for f in (0.25, 0.5, 1.0)]),
+    "meta": ("meta model", [(m, [f"incubate.meta_model={m}"]) for m in ("fixed", "tunable", "random")]),
+    "kd": ("meta depth x objective", [(f"d{d} {'imit' if im else 'incub'}",
+                                       [f"model.meta_depth_per_stage={d}", f"incubate.imitation={str(im).lower()}"])
+                                      for d in (1, 2) for im in (False, True)]),
+    "k": ("K", [(f"K={k}", [f"model.num_stages={k}"]) for k in (2, 4, 8)]),
+}
+PAPER_DEPTHS = (32, 128)
+
+
+def cells(experiment: str, scale: str) -> list[tuple[str, str, list[str]]]:
+    """(recipe, label, overrides) of every cell of an experiment."""
+    if scale == "paper":
+        if experiment == "depth":
+            return [(f"deit_t_{d}", f"{d}", []) for d in PAPER_DEPTHS]
+        return [("deit_t_32", label, sets) for label, sets in EXPERIMENTS[experiment][1]]
+    return [("demo", label, CPU_BASE + sets) for label, sets in EXPERIMENTS[experiment][1]]
+
+
+def e2e_epochs_for(recipe: str, sets: list[str], extra: list[str]) -> tuple[int, dict]:
+    """E2E epochs that give E2E at least Deep Incubation's training FLOPs (meta included), and the FLOP plan."""
+    from dsincubate import accounting, phases, recipes
+    from dsincubate.cli import _preflight
+    from dsincubate.config import apply_overrides
+
+    extra_sets = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    data = {a: extra[i + 1] for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")}
+    sets = sets + extra_sets + [f"data.{k[2:]}={v}" for k, v in data.items()]
+    cfg = apply_overrides(recipes.get(recipe), sets)
+    info = _preflight(cfg, False)
+    n_cls = cfg.model.num_classes or info.num_classes
+    per_epoch = cfg.data.samples_per_epoch or info.train_samples
+
+    def flops(name, i=None):
+        ph = phases.make(name, cfg, "/nonexistent", n_cls, i, resolve=False)
+        return accounting.count_flops(lambda: ph.build_model(load=False), ph.img_size)["train_step_per_image"]
+
+    K = cfg.model.num_stages
+    plan = {"meta": cfg.meta.epochs * per_epoch * flops("meta"),
+            "incubate": sum(cfg.incubate.epochs * per_epoch * flops("incubate", i) for i in range(K)),
+            "finetune": cfg.finetune.epochs * per_epoch * flops("e2e"), "e2e_per_epoch": per_epoch * flops("e2e")}
+    plan["di_total"] = plan["meta"] + plan["incubate"] + plan["finetune"]
+    return max(1, math.ceil(plan["di_total"] / plan["e2e_per_epoch"] - 1e-9)), plan
+
+
+def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], timeout: int) -> dict:
+    """One seed of one cell (skipped when its summary exists); returns its measured record."""
+    e2e_epochs, plan = e2e_epochs_for(recipe, sets, extra)
+    if not (out / "summary.json").is_file():
+        cmd = [sys.executable, "-m", "dsincubate", "pipeline", "--methods", "di,e2e", "--recipe", recipe,
+               "--output", str(out), "--set", f"seed={seed}", "--set", f"e2e.epochs={e2e_epochs}"]
+        for s in sets:
+            cmd += ["--set", s]
+        cmd += extra
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        with open(out / "log.txt", "w") as log:
+            p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT, timeout=timeout)
+        if p.returncode != 0:
+            return {"ok": False, "error": f"exit {p.returncode}, see {out / 'log.txt'}", "seed": seed}
+        print(f"[paper_claims]   {out.relative_to(out.parents[2])}: {time.time() - t0:.0f}s", flush=True)
+    return collect_cell(out, seed, plan, e2e_epochs)
+
+
+def collect_cell(out: Path, seed: int, plan: dict, e2e_epochs: int) -> dict:
+    s = json.loads((out / "summary.json").read_text())
+    runs = [json.loads(p.read_text()) for p in out.glob("*/run.json")] + \
+        [json.loads(p.read_text()) for p in out.glob("incubate/*/run.json")]
+    measured = {"di": 0.0, "e2e": 0.0}
+    for r in runs:
+        if r.get("phase") in ("meta", "incubate", "finetune", "e2e"):
+            key = "e2e" if r["phase"] == "e2e" else "di"
+            measured[key] += r["flops"]["train_step_per_image"] * r["images_processed"]
+    di = s["deep_incubation"]
+    return {"ok": True, "seed": seed, "meta": di["meta_top1"], "di": di["top1"], "e2e": s["e2e"]["top1"],
+            "assembled": di.get("assembled_top1"), "hybrids": di["incubate_top1"],
+            "di_hours": di["device_hours"], "e2e_hours": s["e2e"]["device_hours"], "e2e_epochs": e2e_epochs,
+            "di_flops": measured["di"], "e2e_flops": measured["e2e"], "planned": plan}
+
+
+def _ms(values: list[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def verdict(meta, di, e2e) -> str:
+    """What a cell shows, with the seeds' spread as the margin."""
+    (m, ms), (d, ds), (e, es) = meta, di, e2e
+    if None in (m, d, e):
+        return "incomplete"
+    if m >= max(d, e):
+        return "meta alone best: no reward for the large model"
+    margin = max(ds, es, 0.5)
+    if d - e > margin:
+        return "DI better"
+    if e - d > margin:
+        return "E2E better"
+    return "tie (within spread)"
+
+
+def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
+    title = EXPERIMENTS[experiment][0]
+    out, table_rows = [], []
+    for row in rows:
+        ok = [r for r in row["seeds"] if r.get("ok")]
+        stats = {k: _ms([r[k] for r in ok]) for k in ("meta", "assembled", "di", "e2e")}
+        flops = {k: _ms([r[k] for r in ok])[0] for k in ("di_flops", "e2e_flops", "di_hours", "e2e_hours")}
+        v = verdict(stats["meta"], stats["di"], stats["e2e"])
+        out.append(dict(row, stats=stats, means=flops, verdict=v, n_seeds=len(ok)))
+        pm = lambda k: "-" if stats[k][0] is None else f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"  # noqa: E731
+        table_rows.append([row["label"], len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"),
+                           None if flops["di_flops"] is None else flops["di_flops"] / 1e12,
+                           None if flops["e2e_flops"] is None else flops["e2e_flops"] / 1e12,
+                           flops["di_hours"], flops["e2e_hours"], v])
+    table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1", "DI TFLOP",
+                          "E2E TFLOP", "DI h", "E2E h", "verdict"], table_rows,
+                         ["", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
+    return table, out
+
+
+def plot(experiment: str, rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("e2e", "E2E", "o-"), ("di", "Deep Incubation", "s-"), ("meta", "meta model alone", "^--")):
+        m = [r["stats"][key][0] for r in rows]
+        s = [r["stats"][key][1] for r in rows]
+        if all(v is None for v in m):
+            continue
+        ax.errorbar(x, [float("nan") if v is None else v for v in m], yerr=[0 if v is None else v for v in s],
+                    fmt=style, capsize=3, label=label)
+    ax.set_xticks(x, [r["label"] for r in rows])
+    ax.set_xlabel(EXPERIMENTS[experiment][0])
+    ax.set_ylabel("top-1 % (mean ± std over seeds)")
+    ax.set_title(f"{experiment}: E2E at >= DI's training FLOPs ({device})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--experiments", default="depth,data", help=f"comma list of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
+    p.add_argument("--workdir", default="runs/paper_claims")
+    p.add_argument("--timeout", type=int, default=7200, help="seconds per pipeline run")
+    p.add_argument("--collect-only", action="store_true")
+    args = p.parse_args(argv)
+    common.set_threads()
+    exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    bad = [e for e in exps if e not in EXPERIMENTS]
+    if bad:
+        p.error(f"unknown experiment(s) {bad}; use {', '.join(EXPERIMENTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = Path(args.workdir) / args.scale
+    dev = common.device()
+    for exp in exps:
+        rows = []
+        for recipe, label, sets in cells(exp, args.scale):
+            print(f"[paper_claims] {exp} {label}", flush=True)
+            seed_rows = []
+            for seed in seeds:
+                out = work / exp / label.replace(" ", "_").replace("%", "pct").replace("=", "") / f"seed{seed}"
+                if args.collect_only:
+                    if (out / "summary.json").is_file():
+                        e2e_epochs, plan = e2e_epochs_for(recipe, sets, extra)
+                        seed_rows.append(collect_cell(out, seed, plan, e2e_epochs))
+                    continue
+                seed_rows.append(run_cell(out, recipe, sets, seed, extra, args.timeout))
+            rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
+        table, rows = summarise(exp, rows)
+        record = dict(common.header(f"paper_claims_{exp}", dev), scale=args.scale, experiment=exp, seeds=seeds,
+                      rows=rows, extra_args=extra,
+                      note="E2E epochs = ceil(DI training FLOPs / E2E FLOPs per epoch); mean ± std over seeds")
+        path = common.write_result(f"paper_claims_{exp}", record, table)
+        plot(exp, rows, path.with_suffix(".png"), common.device_kind(dev))
+        print(f"\n{exp}:\n{table}\n-> {path} (+ .txt, .png)\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
