@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stage index I in 0..K-1")
         if name == "eval":
             p.add_argument("--model", dest="which", default="finetune",
-                           help="meta, hybrid:I, assemble, finetune, e2e, e2e_tune or a .safetensors file")
+                           help="meta, hybrid:I, assemble, finetune, e2e, e2e_tune or a .safetensors file; "
+                                "a comma list evaluates several in one start")
         if name == "assemble":
             p.add_argument("--stages", nargs="+", default=None, help="explicit stage files (default: the run's)")
         if name == "export":
@@ -78,17 +79,17 @@ def load_config(args):
     from dsincubate import recipes
     from dsincubate.config import RunConfig, apply_overrides
 
-    saved = Path(args.output) / "config.json"
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file, not a run directory")
+    saved = out / "config.json"
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise UserError(f"--config {path}: no such file")
-        try:
-            cfg = RunConfig.from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise UserError(f"--config {path}: invalid JSON ({e.msg})") from None
+        cfg = RunConfig.from_dict(_read_json(path, "--config"))
     elif args.recipe is None and saved.is_file():
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))  # later phases of a run reuse its config
+        cfg = RunConfig.from_dict(_read_json(saved, "the run's saved config"))  # later phases reuse a run's config
     else:
         cfg = recipes.get(args.recipe or "demo")
     sets = list(args.overrides)
@@ -99,6 +100,15 @@ def load_config(args):
     if args.val:
         sets.append(f"data.val={args.val}")
     return apply_overrides(cfg, sets)
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _preflight(cfg, has_cuda: bool):
@@ -159,17 +169,21 @@ def run(args) -> int:
     phase = None
     if args.command in TRAIN_PHASES:  # its inputs checked before any process group or engine exists
         phase = phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None))
+        trainer.preflight(phase, int(os.environ.get("WORLD_SIZE", "1")))
     if args.command == "pipeline":
         methods = _methods(args.methods)
     if args.command == "eval":
         from dsincubate.evaluate import resolve
 
-        resolve(args.which, cfg, root, n_cls)  # a missing or wrong model fails here, before the process group
+        which = [w.strip() for w in args.which.split(",") if w.strip()]
+        for w in which:  # a missing or wrong model fails here, before the process group
+            resolve(w, cfg, root, n_cls)
     ctx = dist.init()
     if args.command == "eval":
         from dsincubate.evaluate import run_eval
 
-        run_eval(args.which, cfg, root, ctx, info, n_cls)
+        for w in which:
+            run_eval(w, cfg, root, ctx, info, n_cls)
         return 0
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,16 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
     return finish(run, frozen_before)
 
 
+def preflight(phase: Phase, world_size: int) -> None:
+    """The checks of `prepare` that need no process group (the CLI runs them before one exists): an output made with
+    another config, and the ds_config merged with the recipe."""
+    tc = phase.train_cfg
+    ds_file = dsconfig.find(phase.cfg.ds_config, torch.cuda.is_available())
+    dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, world_size, str(ds_file),
+                     clip_grad=tc.clip_grad)
+    _check_output(phase)
+
+
 def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
     """Cheap checks and sizes before any engine exists; the saved record when the output is already complete."""
     tc = phase.train_cfg

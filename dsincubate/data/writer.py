@@ -26,7 +26,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from dsincubate.checkpoint import atomic_write_json, sha256_file
-from dsincubate.data.sources import (IMAGE_EXTS, MANIFEST_FORMAT, MANIFEST_NAME, read_list_file,
+from dsincubate.data.sources import (IMAGE_EXTS, MANIFEST_FORMAT, MANIFEST_NAME, read_list_file, split_member,
                                      scan_image_folder)
 from dsincubate.errors import UserError
 
@@ -164,7 +164,7 @@ def verify_shards(out_dir: str) -> list[str]:
             continue
         with tarfile.open(path) as tf:
             names = [m.name for m in tf if m.isfile()]
-        keys = list(dict.fromkeys(n.split(".", 1)[0] for n in names))
+        keys = list(dict.fromkeys(k for k, _ in map(split_member, names) if k is not None))
         if keys != s["keys"] or len(keys) != s["samples"]:
             problems.append(f"{s['name']}: keys differ from manifest")
     if sum(s["samples"] for s in man["shards"]) != man["num_samples"]:

@@ -35,7 +35,8 @@ def demo_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def debug_run(tmp_path_factory, demo_root):
     root = tmp_path_factory.mktemp("run") / "debug"
-    dsi("pipeline", "--recipe", "debug", "--output", str(root), cwd=root.parent, demo_root=demo_root)
+    dsi("pipeline", "--recipe", "debug", "--methods", "di,e2e,e2e_tune", "--output", str(root), cwd=root.parent,
+        demo_root=demo_root)
     return root
 
 
@@ -85,6 +86,23 @@ def test_incubated_stage_changed_from_its_init(debug_run):
         assert set(trained) == set(init)
         changed = [k for k in init if not torch.equal(trained[k], init[k])]
         assert len(changed) == len(init), set(init) - set(changed)
+
+
+def test_eval_of_each_kind_of_model_agrees_with_what_its_phase_logged(debug_run, demo_root, tmp_path):
+    kinds = ["meta", "hybrid:0", "hybrid:3", "assemble", "finetune", "e2e", "e2e_tune",
+             str(debug_run / "export" / "finetune" / "model.safetensors")]
+    p = dsi("eval", "--output", str(debug_run), "--model", ",".join(kinds), cwd=tmp_path, demo_root=demo_root)
+    got = {r["model"]: r for r in (json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{"))}
+    assert set(got) == set(kinds)
+    logged = lambda d: json.loads((debug_run / d / "run.json").read_text())["final"]  # noqa: E731
+    summary = json.loads((debug_run / "summary.json").read_text())
+    for kind, d in (("meta", "meta"), ("hybrid:0", "incubate/module_0"), ("hybrid:3", "incubate/module_3"),
+                    ("finetune", "finetune"), ("e2e", "e2e"), ("e2e_tune", "e2e_tune"), (kinds[-1], "finetune")):
+        assert got[kind]["top1"] == pytest.approx(logged(d)["top1"]), kind
+        assert got[kind]["top5"] == pytest.approx(logged(d)["top5"]), kind
+        assert got[kind]["val_samples"] == logged(d)["val_samples"] == 600
+    assert got["assemble"]["top1"] == pytest.approx(summary["deep_incubation"]["assembled_top1"])
+    assert summary["e2e_tune"]["device_hours"] > summary["e2e"]["device_hours"]
 
 
 def test_export_loads_into_fresh_timm_model_with_identical_logits(debug_run):
@@ -184,8 +202,13 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[" ".join(a[:3]) for a, _ in BAD_INPUTS])
-def test_bad_input_gives_one_line_error_and_touches_nothing(debug_run, demo_root, tmp_path, args, message):
+SUBPROCESS_CASES = {0, 7, 10}  # a few through the real command; the rest in-process through cli.main(argv)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[" ".join(a[:3]) for a, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line_error_and_touches_nothing(debug_run, demo_root, tmp_path, case, capsys,
+                                                            monkeypatch):
+    args, message = BAD_INPUTS[case]
     (tmp_path / "emptydir").mkdir()
     (tmp_path / "bad.json").write_text('{"zero_optimization": {"stage": 3},')
     (tmp_path / "accum.json").write_text('{"gradient_accumulation_steps": 4}')
@@ -199,10 +222,18 @@ def test_bad_input_gives_one_line_error_and_touches_nothing(debug_run, demo_root
     if "--output" not in args:
         args += ["--output", str(debug_run)]
     before = tree_digest(debug_run)
-    p = dsi(*args, "--recipe", "debug", cwd=tmp_path, demo_root=demo_root, check=False)
-    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
-    err = [line for line in p.stderr.splitlines() if line.startswith("dsincubate: error:")]
-    assert len(err) == 1 and message in err[0], p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
+    if case in SUBPROCESS_CASES:
+        p = dsi(*args, "--recipe", "debug", cwd=tmp_path, demo_root=demo_root, check=False)
+        code, stderr = p.returncode, p.stderr
+    else:
+        from dsincubate import cli
+
+        monkeypatch.chdir(tmp_path)
+        code = cli.main([*args, "--recipe", "debug", "--set", f"data.demo_root={demo_root}"])
+        stderr = capsys.readouterr().err
+    assert code == 2, stderr[-2000:]
+    err = [line for line in stderr.splitlines() if line.startswith("dsincubate: error:")]
+    assert len(err) == 1 and message in err[0], stderr[-2000:]
+    assert "Traceback" not in stderr
     assert tree_digest(debug_run) == before
     assert not (tmp_path / "fresh" / "incubate").exists()

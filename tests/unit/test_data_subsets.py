@@ -107,3 +107,26 @@ def test_fraction_loader_resampled_stays_inside_subset(src):
     got = [j for x, _ in dl for j in ids_from_batch(x)]
     assert len(got) == 500 and set(got) <= want  # same step budget as asked, samples only from the subset
     assert dl.stats()["subset"]["selected_samples"] == 250
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_fraction_keeps_the_full_set_number_of_steps(src, fraction):
+    """Paper Tab. 5: a subset trains for the full set's iterations (samples_per_epoch unset = the whole set)."""
+    full = DataConfig(train=src, val=src, recipe="none", num_workers=1)
+    part = DataConfig(train=src, val=src, recipe="none", num_workers=1, train_fraction=fraction)
+    kw = dict(batch_size=10, rank=0, world_size=1, epoch=0, seed=0, img_size=8)
+    dl_full = build_train_loader(full, resolve_data(full), **kw)
+    dl_part = build_train_loader(part, resolve_data(part), **kw)
+    assert len(dl_part) == len(dl_full) == 100
+    want = {int(k[1:]) for ks in select_subset(cached_index(src), fraction).keys for k in ks}
+    assert {j for x, _ in dl_part for j in ids_from_batch(x)} <= want
+
+
+def test_dmt_meta_and_finetune_read_the_full_set(src):
+    """With dmt_splits, only incubation jobs (which pass a stage index) read a subset; meta pre-training and
+    fine-tuning (no stage index) read every sample."""
+    cfg = DataConfig(train=src, val=src, recipe="none", num_workers=2, resampled=False, dmt_splits=4,
+                     shuffle_buffer=32)
+    dl = build_train_loader(cfg, resolve_data(cfg), batch_size=10, rank=0, world_size=1, epoch=0, seed=0, img_size=8)
+    got = [j for x, _ in dl for j in ids_from_batch(x)]
+    assert sorted(got) == list(range(1000))

@@ -158,3 +158,33 @@ def test_e2e_tune_starts_from_the_e2e_model(tmp_path):
         phases.make("e2e_tune", cfg, tmp_path / "other", 10)
     tuned = phases.make("e2e_tune", cfg, tmp_path, 10).build_model()
     assert all(torch.equal(tuned.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["zero_epochs", "negative_lr", "output_is_a_file", "unreadable_saved_config",
+                                  "bf16_not_an_object", "min_lr_above_lr"])
+def test_bad_setting_from_the_command_line_is_one_error_line_and_exit_2(tmp_path, capsys, case):
+    from dsincubate import cli
+
+    out = tmp_path / "run"
+    args = ["e2e", "--recipe", "debug", "--output", str(out), "--set", f"data.demo_root={tmp_path / 'demo'}"]
+    if case == "zero_epochs":
+        args += ["--set", "e2e.epochs=0"]
+    elif case == "negative_lr":
+        args += ["--set", "e2e.lr=-0.1"]
+    elif case == "min_lr_above_lr":
+        args += ["--set", "e2e.min_lr=1.0"]
+    elif case == "output_is_a_file":
+        out.write_text("x")
+    elif case == "unreadable_saved_config":
+        out.mkdir()
+        (out / "config.json").write_text("{oops")
+        args.remove("--recipe"), args.remove("debug")
+    elif case == "bf16_not_an_object":
+        (tmp_path / "ds.json").write_text('{"bf16": true}')
+        args += ["--ds-config", str(tmp_path / "ds.json")]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsincubate: error:"), err
+    assert sorted(p.name for p in tmp_path.rglob("*") if "demo" not in str(p)) == \
+        [n for n in before if "demo" not in n]  # nothing written (the demo data aside)
