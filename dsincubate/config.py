@@ -143,6 +143,10 @@ class DataConfig(_Checked):
     samples_per_epoch: Optional[int] = setting(None, lo=1)
     """Samples per epoch; None = the size of the whole training set, also when train_fraction or dmt_splits select
     a subset, so a subset trains for the full set's iterations (paper Tab. 5, supplementary §2)."""
+    repeated_aug: int = setting(1, lo=1)
+    """Repeated augmentation (DeiT's RASampler, on by default in DeiT and the official code with 3): each drawn sample
+    is used this many times per epoch, each copy augmented on its own, the copies dealt round-robin over the ranks;
+    the epoch length stays the same (1 = off). Needs resampled shards; every rank then reads the same shards."""
     recipe: str = setting("deit", choices=AUG_RECIPES)
     """Augmentation: "deit" (RandAugment, random erasing), "3aug" (DeiT-III 3-Augment) or "none" (resize + crop)."""
     auto_augment: str = "rand-m9-mstd0.5-inc1"
@@ -274,6 +278,9 @@ class RunConfig(_Checked):
             raise UserError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
         if m.stage_depths and len(m.stage_depths) != m.num_stages:
             raise UserError(f"model.stage_depths has {len(m.stage_depths)} entries but model.num_stages={m.num_stages}")
+        if self.data.repeated_aug > 1 and not self.data.resampled:
+            raise UserError(f"data.repeated_aug={self.data.repeated_aug} needs data.resampled=true (a one-pass epoch "
+                            "uses every sample once)")
         if self.data.dmt_splits and self.data.dmt_splits != m.num_stages:
             raise UserError(f"data.dmt_splits={self.data.dmt_splits}: decentralized training gives each of the "
                             f"K={m.num_stages} modules its own subset; use dmt_splits={m.num_stages} or 0")

@@ -58,6 +58,8 @@ class DataInfo:
 
 def _check_cfg(cfg: DataConfig) -> None:
     _check_domains(cfg, "data")  # a config mutated after construction is checked again here
+    if cfg.repeated_aug > 1 and not cfg.resampled:
+        raise UserError(f"data.repeated_aug={cfg.repeated_aug} needs data.resampled=true")
 
 
 def resolve_data(cfg: DataConfig) -> DataInfo:

@@ -201,10 +201,11 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
         return ShardStream(plan, transform=transform, batch_size=batch_size, img_size=img_size,
                            num_classes=index.num_classes, seed=tf_seed[0], epoch=tf_seed[1], rank=tf_seed[2],
                            attempt=attempt, resampled=cfg.resampled, quotas=quotas,
+                           repeat=cfg.repeated_aug, world_size=world_size,
                            shuffle_buffer=cfg.shuffle_buffer, shuffle_plan=True)
 
     info = {"split": "train", "rank": rank, "world_size": world_size, "epoch": epoch, "seed": seed,
-            "mode": "resampled" if cfg.resampled else "one_pass", "samples_per_epoch": steps * batch_size *
+            "mode": "resampled" if cfg.resampled else "one_pass", "repeated_aug": cfg.repeated_aug, "samples_per_epoch": steps * batch_size *
             world_size, "recipe": cfg.recipe, "subset": sel.info, "source": index.source}
     return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                        expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,

@@ -53,8 +53,10 @@ class PlanItem:
 class ShardStream(IterableDataset):
     def __init__(self, plan: list[PlanItem], *, transform, batch_size: int, img_size: int, num_classes: int,
                  seed: int, epoch: int, rank: int, attempt: int = 0, resampled: bool = False,
-                 quotas: list[int] | None = None, shuffle_buffer: int = 0, shuffle_plan: bool = False):
+                 quotas: list[int] | None = None, shuffle_buffer: int = 0, shuffle_plan: bool = False,
+                 repeat: int = 1, world_size: int = 1):
         self.plan, self.transform, self.batch_size, self.img_size = plan, transform, batch_size, img_size
+        self.repeat, self.rank, self.world_size = repeat, rank, world_size
         self.num_classes, self.resampled, self.quotas = num_classes, resampled, quotas
         self.seed_key = [seed, epoch, rank, attempt]
         self.shuffle_buffer, self.shuffle_plan = shuffle_buffer, shuffle_plan
@@ -64,11 +66,15 @@ class ShardStream(IterableDataset):
         wi = get_worker_info()
         wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
         ss = np.random.SeedSequence(self.seed_key + [wid])
-        s = int(ss.generate_state(1)[0])
+        s = int(ss.generate_state(1)[0])  # augmentation: this rank's own randomness
+        # repeated augmentation: every rank draws the same shards in the same order (no rank in the seed) and keeps
+        # its share of the repeated stream; otherwise each rank draws its own
+        seed, epoch, _, attempt = self.seed_key
+        draw = ss if self.repeat == 1 else np.random.SeedSequence([seed, epoch, attempt, wid, 0x5A])
         if wi is not None:
             _seed_globals(s)
-            return self._run(wid, nw, ss)
-        return _isolated(self._run(wid, nw, ss), s)
+            return self._run(wid, nw, draw)
+        return _isolated(self._run(wid, nw, draw), s)
 
     # ---- reading -----------------------------------------------------------------------------------------------
     def _bad(self, kind: str, name: str, key: str, err: object = "") -> None:
@@ -217,6 +223,16 @@ class ShardStream(IterableDataset):
         rnd.shuffle(buf)
         yield from buf
 
+    def _dealt(self, samples):
+        """Repeated augmentation (DeiT's RASampler on a stream): the stream all ranks read alike, each sample `repeat`
+        times in a row, dealt round-robin to the ranks; each copy is augmented by the rank that gets it."""
+        p, k, W = 0, self.repeat, self.world_size
+        for s in samples:
+            for _ in range(k):
+                if p % W == self.rank:
+                    yield s
+                p += 1
+
     def _run(self, wid: int, nw: int, ss: np.random.SeedSequence):
         self.stats, self.examples, self.warned = Counter(), [], 0
         rng = np.random.default_rng(ss.spawn(1)[0])
@@ -227,7 +243,10 @@ class ShardStream(IterableDataset):
         shared = get_worker_info() is not None
         x, y, n = _alloc((B, 3, S, S), shared), torch.empty(B, dtype=torch.int64), 0
         if quota != 0:
-            for key, name, data, label in self._shuffled(self._samples(wid, nw, rng), rnd):
+            stream = self._shuffled(self._samples(wid, nw, rng), rnd)
+            if self.repeat > 1:
+                stream = self._dealt(stream)
+            for key, name, data, label in stream:
                 try:
                     img = decode(data)
                 except Exception as e:  # noqa: BLE001 - undecodable/corrupt image: skip and count

@@ -130,3 +130,31 @@ def test_dmt_meta_and_finetune_read_the_full_set(src):
     dl = build_train_loader(cfg, resolve_data(cfg), batch_size=10, rank=0, world_size=1, epoch=0, seed=0, img_size=8)
     got = [j for x, _ in dl for j in ids_from_batch(x)]
     assert sorted(got) == list(range(1000))
+
+
+@pytest.mark.parametrize("world,k", [(1, 3), (2, 3), (3, 3), (4, 2)])
+def test_repeated_augmentation_uses_each_sample_k_times_across_ranks(src, world, k):
+    """DeiT's RASampler on a stream: over all ranks each drawn sample appears k times (a copy cut off by the end of
+    the epoch aside), copies are augmented separately, and the epoch length does not change."""
+    cfg = DataConfig(train=src, val=src, recipe="none", num_workers=2, repeated_aug=k, samples_per_epoch=600,
+                     shuffle_buffer=64)
+    base = DataConfig(train=src, val=src, recipe="none", num_workers=2, samples_per_epoch=600, shuffle_buffer=64)
+    info = resolve_data(cfg)
+    kw = dict(batch_size=10, world_size=world, epoch=0, seed=3, img_size=8)
+    counts, per_rank = Counter(), []
+    for r in range(world):
+        dl = build_train_loader(cfg, info, rank=r, **kw)
+        assert len(dl) == len(build_train_loader(base, info, rank=r, **kw))  # same steps per epoch
+        got = [j for x, _ in dl for j in ids_from_batch(x)]
+        per_rank.append(got)
+        counts.update(got)
+    total = sum(counts.values())
+    assert total == 600 // (10 * world) * 10 * world
+    full = [n for n in counts.values() if n == k]
+    assert len(full) >= len(counts) - 2 * 2 * world  # only the copies at each worker's cut may be fewer
+    assert max(counts.values()) <= k
+    if world >= k:  # copies of a sample land on different ranks
+        assert all(len(set(g)) == len(g) for g in per_rank)
+    with pytest.raises(UserError, match="resampled"):
+        build_train_loader(DataConfig(train=src, val=src, recipe="none", repeated_aug=3, resampled=False), info,
+                           rank=0, **kw)

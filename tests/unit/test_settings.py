@@ -188,3 +188,16 @@ def test_bad_setting_from_the_command_line_is_one_error_line_and_exit_2(tmp_path
     assert len(err) == 1 and err[0].startswith("dsincubate: error:"), err
     assert sorted(p.name for p in tmp_path.rglob("*") if "demo" not in str(p)) == \
         [n for n in before if "demo" not in n]  # nothing written (the demo data aside)
+
+
+def test_deit3_recipe_uses_lamb_three_augment_and_no_binary_cross_entropy():
+    cfg = recipes.get("deit3_b16")
+    assert {cfg.train_config(s).optimizer for s in TRAIN_SECTIONS} == {"lamb"}
+    assert cfg.data.recipe == "3aug" and cfg.data.reprob == 0.0 and cfg.e2e.epochs == 400
+    assert cfg.data.smoothing > 0  # cross-entropy with smoothing, as the supplementary's DeiT III*
+
+
+def test_paper_recipes_turn_repeated_augmentation_on_and_refuse_it_without_resampling():
+    assert recipes.get("vit_b16").data.repeated_aug == 3 and recipes.get("demo").data.repeated_aug == 1
+    with pytest.raises(UserError, match="resampled"):
+        apply_overrides(recipes.get("vit_b16"), ["data.resampled=false"])
