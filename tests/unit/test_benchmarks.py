@@ -220,3 +220,37 @@ def test_gpu_session_commands_use_real_scripts_and_options():
     bad = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "nope"], capture_output=True,
                          text=True, env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, timeout=60)
     assert bad.returncode == 2
+
+
+def test_paper_claims_gives_e2e_at_least_di_flops_and_device_seconds(tmp_path):
+    from benchmarks import paper_claims
+
+    def run(rel, device_seconds, epoch_seconds=None):
+        d = tmp_path / rel
+        d.mkdir(parents=True)
+        rec = {"device_seconds": device_seconds, "world_size": 2,
+               "history": [{"epoch_seconds": s} for s in (epoch_seconds or [1.0])]}
+        (d / "run.json").write_text(json.dumps(rec))
+
+    run("meta", 10.0)
+    for i in range(4):
+        run(f"incubate/module_{i}", 5.0)
+    run("finetune", 12.0, [2.0, 4.0])  # 3 s per epoch on each of 2 devices = 6 device-seconds per E2E epoch
+    assert paper_claims.e2e_epochs_for_hours(tmp_path) == 7  # ceil(42 / 6)
+    n, plan = paper_claims.e2e_epochs_for("debug", ["model.kernel_backend=torch"],
+                                          ["--set", f"data.demo_root={tmp_path / 'demo'}"])
+    assert n * plan["e2e_per_epoch"] >= plan["di_total"] > (n - 1) * plan["e2e_per_epoch"]
+    assert plan["di_total"] == pytest.approx(plan["meta"] + plan["incubate"] + plan["finetune"])
+
+
+def test_paper_claims_verdict_and_shared_cells():
+    from benchmarks import paper_claims as pc
+
+    assert pc.verdict((30.0, 1.0), (25.0, 1.0), (28.0, 1.0)).startswith("meta alone best")
+    assert pc.verdict((10.0, 1.0), (25.0, 1.0), (20.0, 1.0)) == "DI better"
+    assert pc.verdict((10.0, 1.0), (20.0, 2.0), (21.0, 2.0)) == "tie (within spread)"
+    assert pc.verdict((10.0, 0.1), (20.0, 0.1), (25.0, 0.1)) == "E2E better"
+    depth8 = [c for c in pc.cells("depth", "cpu") if c[1] == "8"][0]
+    full = [c for c in pc.cells("data", "cpu") if c[1] == "100%"][0]
+    assert pc.cell_key(depth8[0], depth8[2]) == pc.cell_key(full[0], full[2])  # one run serves both tables
+    assert len({pc.cell_key(r, s) for r, _, s in pc.cells("depth", "cpu")}) == 3
