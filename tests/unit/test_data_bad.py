@@ -161,7 +161,7 @@ def test_failing_pipe_command_is_an_unopenable_shard(bad_dir):
 @pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
 def test_tar_reader_matches_tarfile_and_sees_cuts(fmt):
     import io
-    from dsincubate.data.pipeline import iter_tar
+    from dsincubate.data.tario import iter_tar
     buf = io.BytesIO()
     names = ["d/" + "x" * 90 + ".png", "short.cls", "a/b/c.jpg"] + (["ü/" + "y" * 120 + ".png"] if fmt != tarfile.USTAR_FORMAT else [])
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
