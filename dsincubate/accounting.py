@@ -77,6 +77,16 @@ class MetricLogger:
                 self.writer.add_scalar(f"epoch/{k}", v, metrics["epoch"])
         self.writer.flush()
 
+    def truncate_after(self, epoch: int) -> None:
+        """Drop metric lines of epochs after `epoch` (a resume trains them again; a kill between logging an epoch
+        and saving its checkpoint would otherwise leave it in metrics.jsonl twice)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        from dsincubate.checkpoint import atomic_write_text
+
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

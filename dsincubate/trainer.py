@@ -154,6 +154,8 @@ def resume(run: Run) -> None:
         run.state.load_state_dict(client)
         if run.ctx.is_main:
             print(f"[dsincubate] {run.phase.label}: resumed from {run.ckpt_dir / tag} (epoch {run.state.epoch})")
+    if run.ctx.is_main:  # epochs logged after the last checkpoint (a kill before it was saved) are trained again
+        run.logger.truncate_after(run.state.epoch)
     run.prior_wall = run.state.wall_seconds  # earlier invocations' wall time: device-hours count every attempt
 
 

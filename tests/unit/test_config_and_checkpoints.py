@@ -105,3 +105,14 @@ def test_warmup_cosine_schedule():
 def test_device_seconds_is_wall_times_devices():
     assert accounting.device_seconds(12.5, 8) == 100.0
     assert accounting.device_seconds(3.0, 1) == 3.0
+
+
+def test_metrics_of_epochs_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    log = accounting.MetricLogger(tmp_path, enabled=True)
+    for e in (1, 2, 3):
+        log.epoch({"epoch": e, "train_loss": 1.0 / e}, step=e)
+    log.truncate_after(2)  # killed after logging epoch 3 but before its checkpoint: epoch 3 is trained again
+    log.epoch({"epoch": 3, "train_loss": 0.3}, step=3)
+    log.close()
+    epochs = [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
