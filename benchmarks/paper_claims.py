@@ -55,11 +55,14 @@ EXPERIMENTS = {
     # at depth 8 (the cheapest target): the 100% cell is the depth experiment's depth-8 cell, run once
     "data": ("training data", [(f"{int(f * 100)}%", [f"data.train_fraction={f}"] if f < 1 else [])
                                for f in (0.25, 0.5, 1.0)]),
-    "meta": ("meta model", [(m, [f"incubate.meta_model={m}"]) for m in ("fixed", "tunable", "random")]),
+    # default-valued cells carry no override, so they share the depth-8 cell's runs
+    "meta": ("meta model", [(m, [f"incubate.meta_model={m}"] if m != "fixed" else [])
+                            for m in ("fixed", "tunable", "random")]),
     "kd": ("meta depth x objective", [(f"d{d} {'imit' if im else 'incub'}",
-                                       [f"model.meta_depth_per_stage={d}", f"incubate.imitation={str(im).lower()}"])
+                                       ([f"model.meta_depth_per_stage={d}"] if d != 1 else []) +
+                                       (["incubate.imitation=true"] if im else []))
                                       for d in (1, 2) for im in (False, True)]),
-    "k": ("K", [(f"K={k}", [f"model.num_stages={k}"]) for k in (2, 4, 8)]),
+    "k": ("K", [(f"K={k}", [f"model.num_stages={k}"] if k != 4 else []) for k in (2, 4, 8)]),
 }
 PAPER_DEPTHS = (32, 128)
 
