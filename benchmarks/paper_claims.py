@@ -66,8 +66,12 @@ EXPERIMENTS = {
 PAPER_DEPTHS = (32, 128)
 
 
-def cells(experiment: str, scale: str) -> list[tuple[str, str, list[str]]]:
-    """(recipe, label, overrides) of every cell of an experiment."""
+def cells(experiment: str, scale: str, depths: list[int] | None = None) -> list[tuple[str, str, list[str]]]:
+    """(recipe, label, overrides) of every cell of an experiment (`depths` replaces the depth experiment's)."""
+    if experiment == "depth" and depths:
+        if scale == "paper":
+            return [(f"deit_t_{d}", f"{d}", []) for d in depths]
+        return [("demo", f"{d}", CPU_BASE + [f"model.depth={d}"]) for d in depths]
     if scale == "paper":
         if experiment == "depth":
             return [(f"deit_t_{d}", f"{d}", []) for d in PAPER_DEPTHS]
@@ -244,6 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--experiments", default="depth,data", help=f"comma list of {', '.join(EXPERIMENTS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
+    p.add_argument("--depths", default="", help="depths of the depth experiment (default 8,16,32; paper: 32,128)")
     p.add_argument("--workdir", default="runs/paper_claims")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per pipeline run")
     p.add_argument("--collect-only", action="store_true")
@@ -258,7 +263,8 @@ def main(argv=None) -> int:
     dev = common.device()
     for exp in exps:
         rows = []
-        for recipe, label, sets in cells(exp, args.scale):
+        depths = [int(d) for d in args.depths.split(",") if d.strip()]
+        for recipe, label, sets in cells(exp, args.scale, depths):
             print(f"[paper_claims] {exp} {label}", flush=True)
             seed_rows = []
             for seed in seeds:
