@@ -179,17 +179,19 @@ def _ms(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def verdict(meta, di, e2e) -> str:
-    """What a cell shows, with the seeds' spread as the margin."""
-    (m, ms), (d, ds), (e, es) = meta, di, e2e
+def verdict(meta, di, e2e, diff=(None, None)) -> str:
+    """What a cell shows. DI and E2E of one seed share the meta model's seed and the data order, so their paired
+    difference (mean ± std over seeds) decides; the margin is its spread, at least 0.5 points."""
+    (m, _), (d, ds), (e, es) = meta, di, e2e
     if None in (m, d, e):
         return "incomplete"
     if m >= max(d, e):
         return "meta alone best: no reward for the large model"
-    margin = max(ds, es, 0.5)
-    if d - e > margin:
+    gap, spread = diff if diff[0] is not None else (d - e, max(ds, es))
+    margin = max(spread, 0.5)
+    if gap > margin:
         return "DI better"
-    if e - d > margin:
+    if -gap > margin:
         return "E2E better"
     return "tie (within spread)"
 
@@ -200,17 +202,18 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
     for row in rows:
         ok = [r for r in row["seeds"] if r.get("ok")]
         stats = {k: _ms([r[k] for r in ok]) for k in ("meta", "assembled", "di", "e2e")}
+        stats["di_minus_e2e"] = _ms([r["di"] - r["e2e"] for r in ok if r["di"] is not None and r["e2e"] is not None])
         flops = {k: _ms([r[k] for r in ok])[0] for k in ("di_flops", "e2e_flops", "di_hours", "e2e_hours")}
-        v = verdict(stats["meta"], stats["di"], stats["e2e"])
+        v = verdict(stats["meta"], stats["di"], stats["e2e"], stats["di_minus_e2e"])
         out.append(dict(row, stats=stats, means=flops, verdict=v, n_seeds=len(ok)))
         pm = lambda k: "-" if stats[k][0] is None else f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"  # noqa: E731
-        table_rows.append([row["label"], len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"),
+        table_rows.append([row["label"], len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
                            None if flops["di_flops"] is None else flops["di_flops"] / 1e12,
                            None if flops["e2e_flops"] is None else flops["e2e_flops"] / 1e12,
                            flops["di_hours"], flops["e2e_hours"], v])
-    table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1", "DI TFLOP",
-                          "E2E TFLOP", "DI h", "E2E h", "verdict"], table_rows,
-                         ["", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
+    table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1", "DI-E2E paired",
+                          "DI TFLOP", "E2E TFLOP", "DI h", "E2E h", "verdict"], table_rows,
+                         ["", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
     return table, out
 
 

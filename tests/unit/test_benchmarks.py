@@ -250,6 +250,9 @@ def test_paper_claims_verdict_and_shared_cells():
     assert pc.verdict((10.0, 1.0), (25.0, 1.0), (20.0, 1.0)) == "DI better"
     assert pc.verdict((10.0, 1.0), (20.0, 2.0), (21.0, 2.0)) == "tie (within spread)"
     assert pc.verdict((10.0, 0.1), (20.0, 0.1), (25.0, 0.1)) == "E2E better"
+    # paired over seeds: a consistent gap is a finding even when the seeds' spread is wider than the gap
+    assert pc.verdict((10.0, 1.0), (28.7, 5.1), (31.1, 4.0), (-2.4, 1.4)) == "E2E better"
+    assert pc.verdict((10.0, 1.0), (30.6, 4.9), (28.4, 4.9), (2.1, 3.9)) == "tie (within spread)"
     depth8 = [c for c in pc.cells("depth", "cpu") if c[1] == "8"][0]
     full = [c for c in pc.cells("data", "cpu") if c[1] == "100%"][0]
     assert pc.cell_key(depth8[0], depth8[2]) == pc.cell_key(full[0], full[2])  # one run serves both tables
