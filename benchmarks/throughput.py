@@ -129,7 +129,7 @@ def minimal_loop(spec: dict) -> dict:
     ctx = dist.init()
     phase = phases.make("e2e", cfg, Path(spec["out"]), cfg.model.num_classes or info.num_classes, resolve=False)
     tc = phase.train_cfg
-    _, ds_cfg = resolve_ds_config(phase, ctx)
+    _, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     dtype = dsconfig.precision(ds_cfg)
     # The engine our loop builds (model, kernels, optimizer, scaled lr; no schedule): only the loop differs.
     engine = build_engine(phase, ctx, ds_cfg, load=False).engine

@@ -101,7 +101,7 @@ def child(spec: dict) -> dict:
     phase = phases.make(name, cfg, Path("/nonexistent-vith-root"), 1000, spec["module"] if name == "incubate" else None,
                         resolve=False)
     tc = phase.train_cfg
-    _, ds_cfg = resolve_ds_config(phase, ctx)
+    _, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     t0 = time.time()
     mark("building the engine")
     engine = build_engine(phase, ctx, ds_cfg, load=False).engine  # model, optimizer, deepspeed.initialize

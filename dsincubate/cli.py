@@ -176,14 +176,14 @@ def run(args) -> int:
         from dsincubate.evaluate import resolve
 
         which = [w.strip() for w in args.which.split(",") if w.strip()]
-        for w in which:  # a missing or wrong model fails here, before the process group
-            resolve(w, cfg, root, n_cls)
+        # a missing or wrong model fails here, before the process group; each is loaded once
+        models = {w: resolve(w, cfg, root, n_cls) for w in which}
     ctx = dist.init()
     if args.command == "eval":
         from dsincubate.evaluate import run_eval
 
         for w in which:
-            run_eval(w, cfg, root, ctx, info, n_cls)
+            run_eval(w, cfg, root, ctx, info, n_cls, resolved=models[w])
         return 0
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ schedule and calls `deepspeed.initialize`. The training loop (`dsincubate.traine
 benchmarks all call it, so the learning-rate rule (peak lr x global batch / 512, DeiT), the optimizer and the kernels
 are the same everywhere.
 
-    ds_file, ds_cfg = resolve_ds_config(phase, ctx)
+    ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     built = build_engine(phase, ctx, ds_cfg, steps_per_epoch=100)   # built.engine, built.optimizer, built.scheduler
 """
 from __future__ import annotations
@@ -76,11 +76,11 @@ def apply_kernels(model, backend: str) -> dict:
     return apply_kernel_backend(model, backend)
 
 
-def resolve_ds_config(phase, ctx: dist.DistContext) -> tuple[Path, dict]:
+def resolve_ds_config(phase, has_cuda: bool, world_size: int) -> tuple[Path, dict]:
     """The ds_config file of the run and the dict handed to `deepspeed.initialize` (recipe keys filled in)."""
     tc = phase.train_cfg
-    ds_file = dsconfig.find(phase.cfg.ds_config, ctx.has_cuda)
-    ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, ctx.world_size, str(ds_file),
+    ds_file = dsconfig.find(phase.cfg.ds_config, has_cuda)
+    ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, world_size, str(ds_file),
                               clip_grad=tc.clip_grad)
     return ds_file, ds_cfg
 

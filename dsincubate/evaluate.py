@@ -79,11 +79,12 @@ def resolve(which: str, cfg, root: Path, num_classes: int) -> tuple[torch.nn.Mod
 
 
 def run_eval(which: str, cfg, root: Path, ctx: dist.DistContext, info, num_classes: int,
-             write: bool = True) -> dict:
+             write: bool = True, resolved: tuple[torch.nn.Module, Path] | None = None) -> dict:
+    """Evaluate one model; `resolved` is `resolve(which, ...)`'s result where the caller already has it."""
     from dsincubate.data import build_val_loader
     from dsincubate.trainer import evaluate
 
-    model, where = resolve(which, cfg, root, num_classes)
+    model, where = resolved or resolve(which, cfg, root, num_classes)
     head = model.stages[-1].head if hasattr(model, "stages") else model.head
     if head.out_features < info.num_classes:
         raise UserError(f"eval: the model has {head.out_features} classes but the data has {info.num_classes}")

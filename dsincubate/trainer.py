@@ -105,17 +105,14 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
 def preflight(phase: Phase, world_size: int) -> None:
     """The checks of `prepare` that need no process group (the CLI runs them before one exists): an output made with
     another config, and the ds_config merged with the recipe."""
-    tc = phase.train_cfg
-    ds_file = dsconfig.find(phase.cfg.ds_config, torch.cuda.is_available())
-    dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, world_size, str(ds_file),
-                     clip_grad=tc.clip_grad)
+    resolve_ds_config(phase, torch.cuda.is_available(), world_size)
     _check_output(phase)
 
 
 def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
     """Cheap checks and sizes before any engine exists; the saved record when the output is already complete."""
     tc = phase.train_cfg
-    ds_file, ds_cfg = resolve_ds_config(phase, ctx)
+    ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     _check_output(phase)
     if ckpt.complete(phase.out_dir):
         if ctx.is_main:

@@ -125,7 +125,7 @@ def run_trial(spec: dict) -> dict:
         phase = phases.make(phase_name, cfg, Path("/nonexistent-tune-root"), n_cls,
                             spec.get("module") if phase_name == "incubate" else None, resolve=False)
         tc = phase.train_cfg
-        ds_file, ds_cfg = resolve_ds_config(phase, ctx)
+        ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
         dtype = dsconfig.precision(ds_cfg)
         built = build_engine(phase, ctx, ds_cfg, load=False)
         engine = built.engine
