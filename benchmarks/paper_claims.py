@@ -16,6 +16,7 @@ Experiments (paper references in brackets):
   meta    meta model fixed / pre-trained + tunable / random + tunable       [Sec. 4.4 table]
   kd      meta depth per stage 1 / 2 x Module Incubation / Imitation       [Fig. 8]
   k       K = 2 / 4 / 8                                                     [Fig. 10 area]
+meta, kd and k change only Deep Incubation: their cells train DI and share the default cell's E2E run per seed.
 
     python benchmarks/paper_claims.py                                 # CPU: depth + data, 3 seeds, built-in data
     python benchmarks/paper_claims.py --experiments meta,kd --seeds 0,1,2
@@ -63,6 +64,10 @@ EXPERIMENTS = {
                                       for d in (1, 2) for im in (False, True)]),
     "k": ("K", [(f"K={k}", [f"model.num_stages={k}"] if k != 4 else []) for k in (2, 4, 8)]),
 }
+# Ablations of Deep Incubation's own settings: none of them changes the E2E run (same model, data, seed), so their
+# cells train Deep Incubation only and compare with the default cell's E2E run of the same seed. Its budget matched
+# the default cell's DI; the table's TFLOP columns show where an ablation's DI used more.
+DI_ONLY = {"meta", "kd", "k"}
 PAPER_DEPTHS = (32, 128)
 
 
@@ -139,12 +144,20 @@ def e2e_epochs_for_hours(out: Path) -> int:
     return max(1, math.ceil(di_seconds / per_epoch))
 
 
-def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], timeout: int) -> dict:
+def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], timeout: int,
+             e2e_from: Path | None = None) -> dict:
     """One seed of one cell: Deep Incubation first, then E2E with at least its FLOPs and its device-hours (finished
-    parts are kept on a re-run); returns the measured record."""
+    parts are kept on a re-run); with `e2e_from` (a DI-only ablation cell) E2E is that cell's run. Returns the
+    measured record."""
     flop_epochs, plan = e2e_epochs_for(recipe, sets, extra)
     sets = sets + [f"seed={seed}"]
     t0 = time.time()
+    if e2e_from is not None and e2e_from != out:
+        if not (out / "finetune" / "MANIFEST.json").is_file():
+            if not _pipeline(out, "di", recipe, sets, extra, timeout):
+                return {"ok": False, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}", "seed": seed}
+            print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
+        return collect_cell(out, seed, plan, flop_epochs, e2e_from)
     if not (out / "e2e" / "MANIFEST.json").is_file():
         if not (out / "finetune" / "MANIFEST.json").is_file() and not _pipeline(out, "di", recipe, sets, extra, timeout):
             return {"ok": False, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}", "seed": seed}
@@ -155,10 +168,13 @@ def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str
     return collect_cell(out, seed, plan, flop_epochs)
 
 
-def collect_cell(out: Path, seed: int, plan: dict, flop_epochs: int) -> dict:
+def collect_cell(out: Path, seed: int, plan: dict, flop_epochs: int, e2e_from: Path | None = None) -> dict:
     s = json.loads((out / "summary.json").read_text())
     runs = [json.loads(p.read_text()) for p in out.glob("*/run.json")] + \
         [json.loads(p.read_text()) for p in out.glob("incubate/*/run.json")]
+    if e2e_from is not None and e2e_from != out:  # a DI-only cell: E2E is the default cell's run of this seed
+        runs = [r for r in runs if r.get("phase") != "e2e"] + [json.loads((e2e_from / "e2e" / "run.json").read_text())]
+        s["e2e"] = json.loads((e2e_from / "summary.json").read_text())["e2e"]
     measured = {"di": 0.0, "e2e": 0.0}
     for r in runs:
         if r.get("phase") in ("meta", "incubate", "finetune", "e2e"):
@@ -168,7 +184,7 @@ def collect_cell(out: Path, seed: int, plan: dict, flop_epochs: int) -> dict:
     return {"ok": True, "seed": seed, "meta": di["meta_top1"], "di": di["top1"], "e2e": s["e2e"]["top1"],
             "assembled": di.get("assembled_top1"), "hybrids": di["incubate_top1"],
             "di_hours": di["device_hours"], "e2e_hours": s["e2e"]["device_hours"], "e2e_epochs": s["e2e"]["epochs"],
-            "e2e_epochs_flop_match": flop_epochs,
+            "e2e_epochs_flop_match": flop_epochs, "e2e_run": str((e2e_from or out) / "e2e"),
             "di_flops": measured["di"], "e2e_flops": measured["e2e"], "planned": plan}
 
 
@@ -205,6 +221,8 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
         stats["di_minus_e2e"] = _ms([r["di"] - r["e2e"] for r in ok if r["di"] is not None and r["e2e"] is not None])
         flops = {k: _ms([r[k] for r in ok])[0] for k in ("di_flops", "e2e_flops", "di_hours", "e2e_hours")}
         v = verdict(stats["meta"], stats["di"], stats["e2e"], stats["di_minus_e2e"])
+        if None not in (flops["di_flops"], flops["e2e_flops"]) and flops["di_flops"] > 1.02 * flops["e2e_flops"]:
+            v += " (DI had more FLOPs)"  # an ablation cell sharing the default cell's E2E run
         out.append(dict(row, stats=stats, means=flops, verdict=v, n_seeds=len(ok)))
         pm = lambda k: "-" if stats[k][0] is None else f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"  # noqa: E731
         table_rows.append([row["label"], len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
@@ -270,14 +288,20 @@ def main(argv=None) -> int:
         for recipe, label, sets in cells(exp, args.scale, depths):
             print(f"[paper_claims] {exp} {label}", flush=True)
             seed_rows = []
+            if exp in DI_ONLY:  # the default cell: the one without overrides of its own
+                default = [i for i, (_, own) in enumerate(EXPERIMENTS[exp][1]) if not own][0]
+                base_recipe, _, base_sets = cells(exp, args.scale, depths)[default]
             for seed in seeds:
                 out = work / cell_key(recipe, sets) / f"seed{seed}"  # identical cells of two experiments run once
+                e2e_from = work / cell_key(base_recipe, base_sets) / f"seed{seed}" if exp in DI_ONLY else None
+                if e2e_from is not None and e2e_from != out and not (e2e_from / "e2e" / "MANIFEST.json").is_file():
+                    run_cell(e2e_from, base_recipe, base_sets, seed, extra, args.timeout)  # the shared E2E first
                 if args.collect_only:
-                    if (out / "e2e" / "MANIFEST.json").is_file():
+                    if ((e2e_from or out) / "e2e" / "MANIFEST.json").is_file() and (out / "summary.json").is_file():
                         flop_epochs, plan = e2e_epochs_for(recipe, sets, extra)
-                        seed_rows.append(collect_cell(out, seed, plan, flop_epochs))
+                        seed_rows.append(collect_cell(out, seed, plan, flop_epochs, e2e_from))
                     continue
-                seed_rows.append(run_cell(out, recipe, sets, seed, extra, args.timeout))
+                seed_rows.append(run_cell(out, recipe, sets, seed, extra, args.timeout, e2e_from))
             rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
         table, rows = summarise(exp, rows)
         record = dict(common.header(f"paper_claims_{exp}", dev), scale=args.scale, experiment=exp, seeds=seeds,
