@@ -255,6 +255,13 @@ class RunConfig(_Checked):
     stop_after_epochs: Optional[int] = setting(None, lo=1)
     """Stop each phase after this many epochs in one invocation (None = run to the end); the next invocation
     resumes. For time-limited or preemptible jobs."""
+    collective_timeout_s: float = setting(600.0, lo=1.0)
+    """Seconds a collective (all-reduce, barrier, ...) waits for the other ranks before this rank fails: bounds how
+    long a job hangs when a host dies or its link is cut (a killed process is noticed at once). Not part of any
+    output's identity."""
+    log_every: int = setting(50, lo=1)
+    """Training steps between the one-line progress reports rank 0 prints when its output is not a terminal
+    (SLURM, pdsh, redirected logs); on a terminal a progress bar is drawn instead."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
