@@ -92,7 +92,7 @@ def _num_classes(cfg) -> int:
         pass
     from dsincubate.data import resolve_data
 
-    return resolve_data(cfg.data).num_classes
+    return resolve_data(cfg.data, cfg.model.num_classes).num_classes
 
 
 def run_trial(spec: dict) -> dict:

@@ -25,6 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dsincubate.config import AUG_RECIPES, DataConfig, _check_domains
 from dsincubate.data.demo import ensure_demo
 from dsincubate.data.loader import TrainLoader, ValLoader, cached_index, train_loader, val_loader
+from dsincubate.data.sources import with_classes
 from dsincubate.data.subsets import select_subset
 from dsincubate.data.transforms import SeededMixup, build_mixup_fn, build_transform
 from dsincubate.errors import UserError
@@ -62,15 +63,19 @@ def _check_cfg(cfg: DataConfig) -> None:
         raise UserError(f"data.repeated_aug={cfg.repeated_aug} needs data.resampled=true")
 
 
-def resolve_data(cfg: DataConfig) -> DataInfo:
+def resolve_data(cfg: DataConfig, num_classes: int | None = None) -> DataInfo:
     """Validate the sources (UserError naming a missing path or an empty shard list), generate the demo if a
-    source is "", and return DataInfo. Reads manifests / directory listings only, never images."""
+    source is "", and return DataInfo. Reads manifests / directory listings only, never images. `num_classes`
+    (model.num_classes) is the class count of sources that declare none (tars without a manifest or classes.txt)."""
     _check_cfg(cfg)
     demo = ensure_demo(cfg.demo_root) if not (cfg.train and cfg.val) else ""
     train_src = cfg.train or os.path.join(demo, "train")
     val_src = cfg.val or os.path.join(demo, "val")
     tr = cached_index(train_src, cfg.train_manifest)
     va = cached_index(val_src, cfg.val_manifest)
+    if not num_classes:  # a source that declares its classes tells the other one how many there are
+        num_classes = next((x.num_classes for x in (tr, va) if x.classes_declared), None)
+    tr, va = with_classes(tr, num_classes), with_classes(va, num_classes)
     numeric = [str(i) for i in range(tr.num_classes)]  # list files / scanned tars have no real class names
     if tr.num_classes != va.num_classes or (tr.class_names != va.class_names and numeric not in
                                             (tr.class_names, va.class_names)):
@@ -90,7 +95,7 @@ def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank
     _check_cfg(cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    index = cached_index(info.train_source, cfg.train_manifest)
+    index = with_classes(cached_index(info.train_source, cfg.train_manifest), info.num_classes)
     # DMT: only incubation jobs (which pass their stage index) read a subset; meta and fine-tune read the full set
     dmt = cfg.dmt_splits if subset_index is not None else 0
     sel = select_subset(index, cfg.train_fraction, dmt, subset_index if dmt else None)
@@ -105,7 +110,7 @@ def build_val_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: 
     _check_cfg(cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    index = cached_index(info.val_source, cfg.val_manifest)
+    index = with_classes(cached_index(info.val_source, cfg.val_manifest), info.num_classes)
     tf = build_transform("none", cfg, img_size=img_size, train=False, mean=info.mean, std=info.std)
     return val_loader(cfg, index, tf, batch_size=batch_size, rank=rank, world_size=world_size, img_size=img_size,
                       device=device)

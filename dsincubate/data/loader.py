@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dsincubate.data.pipeline import BAD_SAMPLE_KINDS, BAD_SHARD_KINDS, PlanItem, ShardStream
-from dsincubate.data.sources import DatasetIndex, load_index
+from dsincubate.data.sources import CLASSES_NAME, DatasetIndex, load_index
 from dsincubate.data.subsets import Selection, select_subset, split_by_sample, split_by_shard
 from dsincubate.errors import UserError
 
@@ -31,16 +31,20 @@ _INDEX_CACHE: dict = {}
 
 def cached_index(source: str, manifest: str = "") -> DatasetIndex:
     """load_index, cached per (source, manifest, manifest mtime): loaders are rebuilt every epoch."""
+    folder = source if os.path.isdir(source) else os.path.dirname(source)
     mpath = manifest or (os.path.join(source, "manifest.json") if os.path.isdir(source) else source)
-    try:
-        mtime = os.path.getmtime(mpath)
-    except OSError:
-        mtime = None
-    key = (source, manifest, mtime)
+    key = (source, manifest, _mtime(mpath), _mtime(os.path.join(folder, CLASSES_NAME)))
     if key not in _INDEX_CACHE:
         _INDEX_CACHE.clear()  # at most the train+val of one run matter; keep memory bounded
         _INDEX_CACHE[key] = load_index(source, manifest)
     return _INDEX_CACHE[key]
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return None
 
 
 def make_plan(index: DatasetIndex, keys_per_shard: list[list[str]]) -> list[PlanItem]:
@@ -69,6 +73,7 @@ class _Loader:
         self.num_workers, self.expected, self.max_bad = num_workers, expected, max_bad_fraction
         self.pad, self.attempts, self.info = pad, attempts, info
         self._worker_stats: dict = {}
+        self._bad: dict = {}  # (kind, shard, key) -> count: each bad sample once per epoch, however often read
         self._examples: list[str] = []
         self._yielded = 0
         self._padded = 0
@@ -80,17 +85,23 @@ class _Loader:
         total = Counter()
         for st in self._worker_stats.values():
             total.update(st)
+        for k in BAD_SAMPLE_KINDS + BAD_SHARD_KINDS:  # the per-read counters double count re-reads: use records
+            total[k] = 0
+        for (kind, _, _), n in self._bad.items():
+            total[kind] += n
         bad_samples = sum(total[k] for k in BAD_SAMPLE_KINDS)
+        read = total["samples"] + bad_samples
         out = {"steps": self.steps, "batch_size": self.batch_size, "samples_decoded": total["samples"],
-               "samples_yielded": self._yielded, "padded_samples": self._padded,
-               "bad_samples": bad_samples, "bad_fraction": bad_samples / max(1, self.expected),
+               "samples_yielded": self._yielded, "padded_samples": self._padded, "samples_read": read,
+               "bad_samples": bad_samples, "bad_fraction": bad_samples / max(1, self.expected, read),
                "bad_by_kind": {k: total[k] for k in BAD_SAMPLE_KINDS + BAD_SHARD_KINDS if total[k]},
                "shards_read": total["shards_read"], "bad_examples": list(self._examples)}
         return {**self.info, **out}
 
     def _check(self, final: bool) -> None:
         st = self.stats()
-        if st["bad_samples"] > self.max_bad * self.expected:
+        # against the samples read (what the epoch planned, more when bad data made it read further)
+        if st["bad_samples"] > self.max_bad * max(self.expected, st["samples_read"]):
             raise UserError(
                 f"too much bad data on rank {self.info.get('rank', 0)}: {st['bad_samples']} bad samples for "
                 f"{self.expected} expected this epoch (max_bad_fraction={self.max_bad}); by kind "
@@ -110,6 +121,8 @@ class _Loader:
                             pin_memory=self.device.type == "cuda")  # so the uint8 upload can overlap compute
             for item in dl:
                 self._worker_stats[(attempt, item["wid"])] = item["stats"]
+                for kind, shard, key, n in item["bad"]:
+                    self._bad[(kind, shard, key)] = max(n, self._bad.get((kind, shard, key), 0))
                 for e in item["examples"]:
                     if len(self._examples) < 5 and e not in self._examples:
                         self._examples.append(e)
@@ -124,6 +137,7 @@ class _Loader:
 
     def _iterate(self):
         self._worker_stats, self._examples, self._yielded, self._padded, self._emitted = {}, [], 0, 0, 0
+        self._bad = {}
         B, S = self.batch_size, self.img_size
         px, py, pn = [], [], 0   # pending partial batches
         for x, y, n in self._batches():

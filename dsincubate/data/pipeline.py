@@ -5,8 +5,9 @@ One `ShardStream` is the IterableDataset a DataLoader worker runs. It reads tar 
 ever dictionary keys, never filesystem paths. Bad data never stops or stalls it: an unopenable, truncated or empty
 shard, a sample without image or label, an out-of-range label or an undecodable image is skipped with a warning
 naming shard and key, and counted. Counts travel to the main process inside every item the worker yields
-(cumulative per worker), plus a final stats-only item, so the loader knows them exactly (loader.py checks the
-max-bad-fraction threshold).
+(cumulative per worker, and each bad record (kind, shard, key) once, so the loader counts a bad sample once per
+epoch however often it is read), plus a final stats-only item (loader.py checks the max-bad-fraction threshold).
+A shard cut mid-way keeps every sample whose image and label members were read whole before the cut.
 
 Workers yield full batches and, at the end of a one-pass stream, one partial batch; the loader merges partial
 batches, so a one-pass epoch delivers every sample exactly once however shards fall on workers. Resampled streams
@@ -32,7 +33,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import gopen
 
 from dsincubate.data.sources import IMAGE_EXTS, LABEL_EXTS, split_member
-from dsincubate.data.tario import iter_tar
+from dsincubate.data.tario import MemberCut, iter_tar
 from dsincubate.data.transforms import decode
 
 log = logging.getLogger("dsincubate.data")
@@ -78,8 +79,11 @@ class ShardStream(IterableDataset):
         return _isolated(self._run(wid, nw, draw), s)
 
     # ---- reading -----------------------------------------------------------------------------------------------
-    def _bad(self, kind: str, name: str, key: str, err: object = "") -> None:
-        self.stats[kind] += 1
+    def _bad(self, kind: str, name: str, key: str, err: object = "", count: int = 1) -> None:
+        self.stats[kind] += count
+        # the record the loader dedupes on: a bad sample read twice in an epoch (a top-up pass, a shard drawn
+        # again) is one bad sample
+        self.bad_new.append((kind, name, key, count))
         if len(self.examples) < 5:
             self.examples.append(f"{kind}: shard {name} key {key!r}")
         self.warned += 1
@@ -138,13 +142,22 @@ class ShardStream(IterableDataset):
                     yield from self._finish(item.name, key, group)
                 key = None
             except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+                cut = split_member(e.name)[0] if isinstance(e, MemberCut) else None
+                if key is not None and wanted:
+                    # the sample being read when the stream broke: whole if its image and label members were read
+                    # (or the cut is inside the next sample's member, so its own members had ended); else lost
+                    seen += 1
+                    if _complete(group) or (cut is not None and cut != key):
+                        yield from self._finish(item.name, key, group)
+                    else:
+                        self._bad("incomplete_sample", item.name, key, "stream ended inside this sample")
+                if cut is not None and cut != key and (item.keys is None or cut in item.keys):
+                    seen += 1  # a sample whose first member was cut
+                    self._bad("incomplete_sample", item.name, cut, "stream ended inside this sample")
                 if seen == 0:  # nothing usable: an empty file, or not a tar at all
                     error = ("empty_shard" if "empty" in str(e) else "unopenable_shard", e)
                 else:
                     error = ("truncated_shard", e)
-                if key is not None and wanted:
-                    seen += 1  # the sample being read when the stream broke is lost
-                    self._bad("incomplete_sample", item.name, key, "stream ended inside this sample")
             finally:
                 try:
                     stream.close()  # a failed pipe: command reports its exit status here
@@ -161,9 +174,11 @@ class ShardStream(IterableDataset):
         if error is not None:
             self._bad(error[0], item.name, "(whole shard)", error[1])
         if item.expected > seen:  # samples the manifest promised that never arrived
-            self.stats["missing_samples"] += item.expected - seen
+            self._bad("missing_samples", item.name, "(never arrived)", f"{item.expected - seen} samples",
+                      count=item.expected - seen)
 
     def _finish(self, name: str, key: str, group: dict):
+        """Yield the sample of one key's members, or count it as bad (missing image/label, label out of range)."""
         img = next((group[e] for e in IMAGE_EXTS if e in group), None)
         if img is None:
             self._bad("missing_image", name, key, f"members {sorted(group)}")
@@ -239,7 +254,7 @@ class ShardStream(IterableDataset):
                 p += 1
 
     def _run(self, wid: int, nw: int, ss: np.random.SeedSequence):
-        self.stats, self.examples, self.warned = Counter(), [], 0
+        self.stats, self.examples, self.warned, self.bad_new = Counter(), [], 0, []
         rng = np.random.default_rng(ss.spawn(1)[0])
         rnd = random.Random(int(rng.integers(1 << 62)))
         quota = self.quotas[wid] if self.quotas is not None else None
@@ -277,7 +292,12 @@ class ShardStream(IterableDataset):
 
     def _item(self, wid, x, y, n) -> dict:
         stats = {k: v for k, v in self.stats.items() if not k.startswith("_")}
-        return {"x": x, "y": y, "n": n, "wid": wid, "stats": stats, "examples": list(self.examples)}
+        bad, self.bad_new = self.bad_new, []  # only what is new since the last item: cheap per batch
+        return {"x": x, "y": y, "n": n, "wid": wid, "stats": stats, "examples": list(self.examples), "bad": bad}
+
+
+def _complete(group: dict) -> bool:
+    return any(e in group for e in IMAGE_EXTS) and any(e in group for e in LABEL_EXTS)
 
 
 def _alloc(shape, shared: bool) -> torch.Tensor:

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maxcount", type=int, default=1000, help="max samples per shard (default: 1000)")
     parser.add_argument("--maxsize", type=float, default=1e9, help="max bytes per shard (default: 1e9)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards (default: 0)")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="class count of a list file without a classes.txt beside it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--verify", action="store_true", help="only verify an existing shard directory")
 
@@ -45,7 +47,7 @@ def run(args) -> int:
     if os.path.abspath(args.out) == os.path.abspath(args.src):
         raise UserError("output directory must differ from the input")
     man = convert(args.src, args.out, prefix=args.prefix, maxcount=args.maxcount, maxsize=args.maxsize,
-                  seed=args.seed, progress=not args.no_progress)
+                  seed=args.seed, progress=not args.no_progress, num_classes=args.num_classes)
     print(json.dumps({"out": args.out, "samples": man["num_samples"], "classes": man["num_classes"],
                       "shards": len(man["shards"]), "written": man["written"], "kept": man["kept"]}))
     return 0

@@ -8,6 +8,10 @@ A source is one of:
     one next to a local `.tar` named in the command, or an explicit one;
   * a plain ImageFolder tree (one folder per class) or a list file of `path label` lines, read directly.
 
+Classes come from the manifest, the ImageFolder's folders, or a `classes.txt` beside tars / a list file; without
+any of these the source declares none and `with_classes` numbers `model.num_classes` of them. Labels are never
+used to guess the count: a label outside the class list is a bad sample, named by shard and key when read.
+
 The result (`DatasetIndex`) lists "shards": real tar shards, or chunks of image files for ImageFolder/list sources,
 so the reader treats every kind the same way. Used by `resolve_data` (cheap) and the loaders (cached).
 
@@ -15,15 +19,18 @@ so the reader treats every kind the same way. Used by `resolve_data` (cheap) and
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shlex
 import tarfile
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 
 import braceexpand
 import numpy as np
 
+from dsincubate.data.tario import iter_tar
 from dsincubate.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
@@ -57,6 +64,10 @@ class DatasetIndex:
     image_size: tuple[int, int] | None = None
     kind: str = "wds"                         # "wds" | "files"
     extra: dict = field(default_factory=dict)
+    # False for tars without a manifest and list files without a classes.txt: their labels do not say how many
+    # classes there are (one mislabelled sample must not make a 10-class set a 1,000-class one), so the count comes
+    # from model.num_classes (`with_classes`)
+    classes_declared: bool = True
 
     @property
     def num_samples(self) -> int:
@@ -100,24 +111,27 @@ def _entries_from_manifest(man: dict, mdir: str, urls: list[str] | None, names: 
 
 
 def scan_tar(path: str) -> tuple[list[str], list[int]]:
-    """Keys and labels of a local tar by reading headers and the tiny label members only (no image decode)."""
+    """Keys and labels of a local tar, reading headers and the tiny label members only (image data is skipped).
+    Stops quietly at damage (a cut, a bad header, not a tar): the keys before it are kept, and the reader reports
+    the damage when it reads the shard."""
     keys: list[str] = []
     labels: dict[str, int] = {}
-    with tarfile.open(path, mode="r:*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, ext = split_member(m.name)
-            if key is None:
-                continue
-            if not keys or keys[-1] != key:
-                keys.append(key)
-            if ext in LABEL_EXTS:
-                f = tf.extractfile(m)
-                try:
-                    labels[key] = int(f.read().decode().strip())
-                except ValueError:
-                    labels[key] = -1
+    try:
+        opener = gzip.open if path.endswith((".gz", ".tgz")) else open
+        with opener(path, "rb") as f:
+            for name, data in iter_tar(f, want=lambda n: split_member(n)[1] in LABEL_EXTS):
+                key, ext = split_member(name)
+                if key is None:
+                    continue
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                if ext in LABEL_EXTS:
+                    try:
+                        labels[key] = int(data.decode().strip())
+                    except (ValueError, UnicodeDecodeError):
+                        labels[key] = -1
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error):
+        pass
     return keys, [labels.get(k, -1) for k in keys]
 
 
@@ -172,13 +186,38 @@ def _index_tars(source: str, urls: list[str], manifest: str) -> DatasetIndex:
     # No manifest: index local tars by their headers (slower for huge sets; `dsincubate shards` writes one).
     entries = []
     for u, n in zip(urls, names):
-        try:
-            keys, labels = scan_tar(u)
-        except (tarfile.TarError, OSError, EOFError):
-            keys, labels = [], []  # unreadable: the reader reports it as a bad shard when it gets there
+        keys, labels = scan_tar(u)  # what precedes damage; the reader counts the damage when it gets there
         entries.append(ShardEntry(url=u, name=n, keys=keys, labels=labels))
-    top = max((max(e.labels) for e in entries if e.labels), default=-1)
-    return DatasetIndex(source=source, class_names=[str(i) for i in range(top + 1)], shards=entries)
+    classes = declared_classes(os.path.dirname(os.path.abspath(urls[0])))
+    return DatasetIndex(source=source, class_names=classes or [], shards=entries, classes_declared=classes is not None)
+
+
+CLASSES_NAME = "classes.txt"
+
+
+def declared_classes(folder: str) -> list[str] | None:
+    """Class names from `classes.txt` (one per line, label i = line i) in `folder`, or None when there is none."""
+    path = os.path.join(folder, CLASSES_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read class list {path}: {e}") from None
+    if not names:
+        raise UserError(f"class list {path} is empty")
+    return names
+
+
+def with_classes(index: DatasetIndex, num_classes: int | None) -> DatasetIndex:
+    """`index` with its class list: the declared one, else `num_classes` numbered classes; UserError if neither."""
+    if index.classes_declared:
+        return index
+    if not num_classes:
+        raise UserError(f"data source {index.source!r} declares no classes (no {MANIFEST_NAME}, no {CLASSES_NAME}): "
+                        "set model.num_classes, add a classes.txt, or write a manifest with `dsincubate shards`")
+    return replace(index, class_names=[str(i) for i in range(num_classes)], classes_declared=True)
 
 
 def _size(v) -> tuple[int, int] | None:
@@ -209,7 +248,7 @@ def scan_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     return items, classes
 
 
-def read_list_file(path: str) -> tuple[list[tuple[str, int]], list[str]]:
+def read_list_file(path: str) -> tuple[list[tuple[str, int]], list[str] | None]:
     base = os.path.dirname(os.path.abspath(path))
     items = []
     with open(path, encoding="utf-8") as f:
@@ -222,8 +261,7 @@ def read_list_file(path: str) -> tuple[list[tuple[str, int]], list[str]]:
                 items.append((p if os.path.isabs(p) else os.path.join(base, p), int(lab)))
             except ValueError as e:
                 raise UserError(f"{path}:{n}: expected 'path label', got {line!r}") from e
-    top = max((lab for _, lab in items), default=-1)
-    return items, [str(i) for i in range(top + 1)]
+    return items, declared_classes(base)
 
 
 def load_index(source: str, manifest: str = "") -> DatasetIndex:
@@ -258,7 +296,8 @@ def load_index(source: str, manifest: str = "") -> DatasetIndex:
                            manifest_path=source, image_size=_size(man.get("image_size")))
     elif source.endswith((".txt", ".lst", ".list")) and os.path.isfile(source):
         items, classes = read_list_file(source)
-        idx = _files_index(source, items, classes)
+        idx = _files_index(source, items, classes or [])
+        idx.classes_declared = classes is not None
     else:
         urls = list(braceexpand.braceexpand(source))
         if len(urls) == 1 and not os.path.exists(urls[0]):
@@ -266,6 +305,6 @@ def load_index(source: str, manifest: str = "") -> DatasetIndex:
         idx = _index_tars(source, urls, manifest)
     if not idx.shards or idx.num_samples == 0:
         raise UserError(f"data source {source!r} has no samples (empty shard list)")
-    if idx.num_classes == 0:
-        raise UserError(f"data source {source!r} has no labelled samples")
+    if idx.classes_declared and idx.num_classes == 0:
+        raise UserError(f"data source {source!r} has no classes")
     return idx

@@ -11,13 +11,15 @@ import tarfile
 
 
 def _read_exact(stream, n: int) -> bytes:
-    buf = stream.read(n)
-    while len(buf) < n:  # pipes may return short reads before EOF
-        more = stream.read(n - len(buf))
+    # in bounded chunks: a damaged header's size must not make read() allocate gigabytes for a short stream
+    parts, got = [], 0
+    while got < n:  # pipes may return short reads before EOF
+        more = stream.read(min(n - got, 1 << 24))
         if not more:
             break
-        buf += more
-    return buf
+        parts.append(more)
+        got += len(more)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _octal(field: bytes) -> int:
@@ -27,13 +29,44 @@ def _octal(field: bytes) -> int:
     return int(field, 8) if field else 0
 
 
-def iter_tar(stream):
-    """(member name, data) of the regular files of a tar stream, in order.
+class MemberCut(EOFError):
+    """The stream ended inside member `name` (its header was read whole, its data was not)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"tar member {name!r} truncated")
+        self.name = name
+
+
+MAX_MEMBER = 1 << 34  # 16 GiB: larger sizes in a shard's header are damage, not data to allocate
+
+
+def _skip(stream, n: int) -> bool:
+    """Skip n bytes (seek when the stream can); False if the stream ends first."""
+    try:
+        if stream.seekable():
+            pos = stream.tell()
+            end = stream.seek(0, 2)
+            stream.seek(min(pos + n, end))
+            return pos + n <= end
+    except (AttributeError, OSError):
+        pass
+    while n > 0:
+        got = len(stream.read(min(n, 1 << 20)))
+        if not got:
+            return False
+        n -= got
+    return True
+
+
+def iter_tar(stream, want=None):
+    """(member name, data) of the regular files of a tar stream, in order; with `want(name)` false the member's
+    data is skipped and b"" given instead (scanning labels without reading images).
 
     A minimal streaming reader: tarfile spends more time parsing headers than our whole 32px decode+augment, and
     it also takes a stream cut at a member boundary for a normal end. This one checks header checksums, follows
-    GNU long names and PAX path/size records, and raises EOFError unless the end-of-archive block is reached.
-    Names are returned as text only; nothing here touches the filesystem.
+    GNU long names and PAX path/size records, and raises EOFError unless the end-of-archive block is reached
+    (MemberCut, naming the member, when the cut is inside a member's data). Names are returned as text only;
+    nothing here touches the filesystem.
     """
     long_name, pax = None, {}
     first = True
@@ -50,15 +83,24 @@ def iter_tar(stream):
         if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
             raise tarfile.HeaderError("bad tar header checksum")
         size = int(pax.get("size", _octal(hdr[124:136])))
+        if not 0 <= size <= MAX_MEMBER:
+            raise tarfile.HeaderError(f"implausible member size {size}")
         typ = hdr[156:157]
         name = hdr[:100].split(b"\0", 1)[0]
         if hdr[257:262] == b"ustar" and hdr[345:346] != b"\0":
             name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
         name = long_name or pax.get("path") or name.decode("utf-8", "replace")
-        data = _read_exact(stream, size)
         pad = (-size) % 512
+        regular = typ in (b"0", b"\0", b"7")
+        if regular and want is not None and not want(name):
+            if not _skip(stream, size + pad):
+                raise MemberCut(name)
+            long_name, pax = None, {}
+            yield name, b""
+            continue
+        data = _read_exact(stream, size)
         if len(data) < size or len(_read_exact(stream, pad)) < pad:
-            raise EOFError("tar member truncated")
+            raise MemberCut(name) if regular else EOFError("tar member truncated")
         if typ == b"L":
             long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
             continue
@@ -68,15 +110,17 @@ def iter_tar(stream):
         if typ == b"g":
             continue
         long_name, pax = None, {}
-        if typ in (b"0", b"\0", b"7"):
+        if regular:
             yield name, data
 
 
 def _pax_records(data: bytes) -> dict:
     out, i = {}, 0
     while i < len(data):
-        sp = data.index(b" ", i)
+        sp = data.index(b" ", i)  # ValueError on damage: the caller counts the shard as bad
         length = int(data[i:sp])
+        if length <= sp - i:
+            raise ValueError("bad pax record length")
         key, _, value = data[sp + 1:i + length - 1].partition(b"=")
         out[key.decode()] = value.decode("utf-8", "replace")
         i += length

@@ -128,12 +128,18 @@ def _file_sample(i: int, path: str, label: int) -> Sample:
     return Sample(key=f"{i:09d}", label=label, ext=ext, size=os.path.getsize(path), read=read)
 
 
-def collect(src: str) -> tuple[list[Sample], list[str]]:
-    """Samples of an ImageFolder tree or list file, keyed by their position in the sorted input (stable)."""
+def collect(src: str, num_classes: int | None = None) -> tuple[list[Sample], list[str]]:
+    """Samples of an ImageFolder tree or list file, keyed by their position in the sorted input (stable). A list
+    file's classes come from a classes.txt beside it or `num_classes`, never from its largest label."""
     if os.path.isdir(src):
         items, classes = scan_image_folder(src)
     elif os.path.isfile(src):
         items, classes = read_list_file(src)
+        if classes is None:
+            if not num_classes:
+                raise UserError(f"list file {src!r} declares no classes: give --num-classes or add a classes.txt "
+                                "beside it")
+            classes = [str(i) for i in range(num_classes)]
     else:
         raise UserError(f"shard writer input {src!r} not found")
     if not items:
@@ -143,12 +149,13 @@ def collect(src: str) -> tuple[list[Sample], list[str]]:
         raise UserError(f"{len(missing)} listed image(s) not found, e.g. {missing[0]}")
     bad = [(p, lab) for p, lab in items if not 0 <= lab < len(classes)]
     if bad:
-        raise UserError(f"label {bad[0][1]} of {bad[0][0]} is negative")
+        raise UserError(f"label {bad[0][1]} of {bad[0][0]} is outside the {len(classes)} classes "
+                        f"[0, {len(classes)}) ({len(bad)} such line(s))")
     return [_file_sample(i, p, lab) for i, (p, lab) in enumerate(items)], classes
 
 
-def convert(src: str, out_dir: str, **kw) -> dict:
-    samples, classes = collect(src)
+def convert(src: str, out_dir: str, num_classes: int | None = None, **kw) -> dict:
+    samples, classes = collect(src, num_classes)
     return write_shards(samples, out_dir, classes, **kw)
 
 

@@ -86,7 +86,7 @@ def test_maxsize_and_list_file(folder, tmp_path):
     lst.write_text("".join(f"{p.relative_to(tmp_path)} {i % 5}\n" for i, p in enumerate(files)))
     out = tmp_path / "fromlist"
     one = os.path.getsize(files[0])
-    man = convert(str(lst), str(out), maxsize=4 * (one + 3 * 512), progress=False)
+    man = convert(str(lst), str(out), num_classes=5, maxsize=4 * (one + 3 * 512), progress=False)
     assert man["num_classes"] == 5 and all(s["samples"] <= 4 for s in man["shards"])
     assert sum(s["samples"] for s in man["shards"]) == 57
 
