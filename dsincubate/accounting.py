@@ -138,11 +138,20 @@ def device_seconds(wall_seconds: float, devices: int) -> float:
 
 
 def _load(path: Path) -> dict | None:
-    return json.loads((path / "run.json").read_text()) if complete(path) else None
+    from dsincubate.errors import UserError
+
+    if not complete(path):
+        return None
+    try:
+        return json.loads((path / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"summary: {path / 'run.json'} of a finished phase is unreadable ({e})") from None
 
 
-def summarize(root: Path, num_stages: int) -> dict:
-    """summary.json of a pipeline run: what finished, final top-1 and device-hours per phase and in total."""
+def summarize(root: Path, num_stages: int, write: bool = True) -> dict:
+    """summary.json of a pipeline run: what finished, final top-1 and device-hours per phase and in total (written
+    unless `write` is false). UserError when no phase of the run has finished."""
+    from dsincubate.errors import UserError
     from dsincubate.layout import RunLayout
 
     layout = RunLayout(root)
@@ -154,6 +163,8 @@ def summarize(root: Path, num_stages: int) -> dict:
     e2e_tune = _load(layout.phase_dir("e2e_tune"))
     assembled = json.loads((layout.assemble_dir / "eval.json").read_text()) \
         if (layout.assemble_dir / "eval.json").is_file() else {}
+    if not any([meta, ft, e2e, e2e_tune, *inc]):
+        raise UserError(f"summary: no finished phase under {root} (is --output the run directory?)")
     device = next((r["device_name"] for r in [meta, ft, e2e, *inc] if r), "unknown")
     di_hours = None
     if meta and ft and all(inc):
@@ -174,7 +185,8 @@ def summarize(root: Path, num_stages: int) -> dict:
     if e2e_tune:
         summary["e2e_tune"] = {"top1": e2e_tune["final"].get("top1"),
                                "device_hours": hours(e2e) + hours(e2e_tune) if e2e else None}
-    atomic_write_json(layout.summary, summary)
+    if write:
+        atomic_write_json(layout.summary, summary)
     return summary
 
 

@@ -4,7 +4,13 @@
 list when the jobs ran on different machines and their files were collected), checks that they cover 0..K-1 exactly
 once and agree on the target spec, K, stage depths and meta model (hash), and writes `<run>/assemble/model.safetensors`.
 `export` writes the final model (fine-tuned, or E2E) with timm's own parameter names, next to `model.json` holding the
-`timm.create_model` arguments, so `timm.create_model(**json)` + `load_state_dict` gives identical logits.
+`timm.create_model` arguments and `config.json` in timm's own format, so every way timm loads local weights gives the
+trained model, head included (timm drops a pretrained head whose class count differs from the pretrained_cfg's, so
+the class count travels in both files):
+
+    timm.create_model("local-dir:<run>/export/finetune", pretrained=True)                 # config.json
+    timm.create_model(**json.load(open(".../model.json")), pretrained=True)              # pretrained_cfg_overlay
+    timm.create_model(name, num_classes=N, checkpoint_path=".../model.safetensors")       # timm's load_checkpoint
 """
 from __future__ import annotations
 
@@ -56,11 +62,13 @@ def check_stage_set(files: list[Path]) -> list[tuple[Path, dict]]:
     return [(by_index[i], order[by_index[i]]) for i in range(K)]
 
 
-def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None = None) -> Path:
+def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None = None, dry_run: bool = False) -> Path:
     root = Path(root)
     if files is None:
         files = default_stage_files(root, num_stages)
     ordered = check_stage_set(files)
+    if dry_run:
+        return RunLayout(root).assembled
     t0 = time.time()
     head = ordered[0][1]
     spec = vit.ModelSpec.from_json(head["spec"])
@@ -81,11 +89,13 @@ def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None
     return out / MODEL_FILE
 
 
-def export(root: Path, source: str = "finetune") -> Path:
+def export(root: Path, source: str = "finetune", dry_run: bool = False) -> Path:
     """Write `<root>/export/<source>/model.safetensors` with timm keys and `model.json` with the create args."""
     src = RunLayout(root).model(source)
     if not ckpt.complete(src.parent):
         raise UserError(f"export: {src} missing or incomplete (run `dsincubate {source}` first)")
+    if dry_run:
+        return RunLayout(root).export_dir(source) / MODEL_FILE
     tensors, header = ckpt.load_tensors(src)
     spec = vit.ModelSpec.from_json(header["spec"])
     spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
@@ -93,6 +103,26 @@ def export(root: Path, source: str = "finetune") -> Path:
     model.load_state_dict(tensors, strict=True)
     out = RunLayout(root).export_dir(source)
     ckpt.save_tensors(out / MODEL_FILE, staged.timm_state_dict(model), {"kind": "timm", "spec": spec.to_json()})
-    ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **spec.kwargs})
-    ckpt.write_manifest(out, [MODEL_FILE, "model.json"], {"source": str(src)})
+    cfg = pretrained_cfg(spec)
+    ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **spec.kwargs, "pretrained_cfg_overlay":
+                                                dict(cfg, file=str((out / MODEL_FILE).resolve()))})
+    model_args = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
+    ckpt.atomic_write_json(out / "config.json", {"architecture": spec.timm_name, "num_classes": cfg["num_classes"],
+                                                 "num_features": spec.kwargs.get("embed_dim"),
+                                                 "model_args": model_args, "pretrained_cfg": cfg})
+    ckpt.write_manifest(out, [MODEL_FILE, "model.json", "config.json"], {"source": str(src)})
     return out / MODEL_FILE
+
+
+def pretrained_cfg(spec: vit.ModelSpec) -> dict:
+    """timm's pretrained_cfg for an exported model: its class count (so timm keeps the trained head) and the
+    preprocessing the project's eval used (bicubic resize to img_size / crop_pct, center crop, ImageNet mean/std)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from dsincubate.data.transforms import DEFAULT_CROP_PCT
+
+    size = int(spec.kwargs.get("img_size", 224))
+    return {"num_classes": int(spec.kwargs["num_classes"]), "input_size": [3, size, size], "fixed_input_size": True,
+            "interpolation": "bicubic", "crop_pct": DEFAULT_CROP_PCT, "crop_mode": "center",
+            "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
+            "first_conv": "patch_embed.proj", "classifier": "head"}

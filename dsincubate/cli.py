@@ -24,6 +24,13 @@ TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e", "e2e_tune")
 METHODS = ("di", "e2e", "e2e_tune")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error contract: one line on stderr, exit 2 (argparse prints usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="recipe name (debug, demo, vit_b16, vit_b_dn, vit_l16, vit_h14, "
                    "deit_t_<depth>); default demo, or the output's saved config when it has one")
@@ -35,10 +42,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", default=None, help="training data source (shards, pattern, pipe:, directory)")
     p.add_argument("--val", default=None, help="validation data source")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.add_argument("--dry-run", action="store_true", help="run every check a start would run (config, ds_config, "
+                   "data, inputs, output, sizes), print what would run, exit 0; starts nothing, writes nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsincubate", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="dsincubate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("meta", "pre-train the meta model"), ("incubate", "incubate target module I"),
@@ -120,7 +129,7 @@ def _preflight(cfg, has_cuda: bool):
     spec = vit.target_spec(cfg.model)
     vit.stage_depths(cfg.model, spec.depth)
     dsconfig.load(dsconfig.find(cfg.ds_config, has_cuda))
-    info = resolve_data(cfg.data)
+    info = resolve_data(cfg.data, cfg.model.num_classes)
     if cfg.model.num_classes and cfg.model.num_classes < info.num_classes:
         raise UserError(f"model.num_classes={cfg.model.num_classes} but the data has {info.num_classes} classes")
     return info
@@ -160,24 +169,33 @@ def run(args) -> int:
     if args.command == "summary":
         from dsincubate.accounting import format_summary, summarize
 
-        print(format_summary(summarize(root, cfg.model.num_stages)))
+        print(format_summary(summarize(root, cfg.model.num_stages, write=not args.dry_run)))
         return 0
     if args.command in ("assemble", "export"):
         return _single_process(args, cfg, root)
     from dsincubate import dist, phases, trainer
 
     phase = None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.command in TRAIN_PHASES:  # its inputs checked before any process group or engine exists
         phase = phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None))
-        trainer.preflight(phase, int(os.environ.get("WORLD_SIZE", "1")))
+        trainer.check_plan(phase, info, world_size, torch.cuda.is_available())
     if args.command == "pipeline":
         methods = _methods(args.methods)
+        # the phases that need no earlier output: a start-up failure of theirs is refused now
+        for name in (["meta"] if "di" in methods else []) + (["e2e"] if methods & {"e2e", "e2e_tune"} else []):
+            trainer.check_plan(phases.make(name, cfg, root, n_cls), info, world_size, torch.cuda.is_available())
     if args.command == "eval":
         from dsincubate.evaluate import resolve
 
         which = [w.strip() for w in args.which.split(",") if w.strip()]
         # a missing or wrong model fails here, before the process group; each is loaded once
         models = {w: resolve(w, cfg, root, n_cls) for w in which}
+    if args.dry_run:
+        print(f"dsincubate {args.command}: dry run, all checks passed; would write under {root}")
+        return 0
+    if phase is not None:
+        trainer.preflight(phase, world_size)
     ctx = dist.init()
     if args.command == "eval":
         from dsincubate.evaluate import run_eval
@@ -205,13 +223,15 @@ def _methods(text: str) -> set[str]:
 def _single_process(args, cfg, root: Path) -> int:
     from dsincubate.assemble import assemble, export
 
-    if os.environ.get("RANK", "0") != "0":
+    if os.environ.get("RANK", "0") != "0" and not args.dry_run:
         return 0  # under a launcher, rank 0 alone writes the files
     if args.command == "assemble":
-        path = assemble(root, [Path(s) for s in args.stages] if args.stages else None, cfg.model.num_stages)
+        path = assemble(root, [Path(s) for s in args.stages] if args.stages else None, cfg.model.num_stages,
+                        dry_run=args.dry_run)
     else:
-        path = export(root, args.source)
-    print(f"[dsincubate] {args.command}: wrote {path}")
+        path = export(root, args.source, dry_run=args.dry_run)
+    print(f"dsincubate {args.command}: dry run, all checks passed; would write {path}" if args.dry_run else
+          f"[dsincubate] {args.command}: wrote {path}")
     return 0
 
 

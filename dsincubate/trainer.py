@@ -109,24 +109,37 @@ def preflight(phase: Phase, world_size: int) -> None:
     _check_output(phase)
 
 
+def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) -> tuple[int, int]:
+    """Every check of a phase that needs no process group, engine or data read (the CLI runs it before any starts):
+    the ds_config merged with the recipe, an output made with another config, mixup's even batch, and an epoch of at
+    least one optimizer step per rank. Returns (micro-batches per rank and epoch, gradient accumulation)."""
+    tc = phase.train_cfg
+    _, ds_cfg = resolve_ds_config(phase, has_cuda, world_size)
+    _check_output(phase)
+    if build_mixup(phase.cfg.data, phase.num_classes) is not None and tc.micro_batch % 2:
+        raise UserError(f"{phase.label}: mixup/cutmix need an even micro_batch (got {tc.micro_batch})")
+    cfg = phase.cfg
+    micro_steps = len(build_train_loader(cfg.data, info, batch_size=tc.micro_batch, rank=0, world_size=world_size,
+                                         epoch=0, seed=cfg.seed, img_size=phase.img_size,
+                                         subset_index=phase.stage_index))
+    accum = ds_cfg["gradient_accumulation_steps"]
+    if micro_steps < accum:
+        raise UserError(f"{phase.label}: an epoch has {micro_steps} micro-batches per rank, fewer than gradient "
+                        f"accumulation {accum}; lower micro_batch or use more data")
+    return micro_steps, accum
+
+
 def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
     """Cheap checks and sizes before any engine exists; the saved record when the output is already complete."""
-    tc = phase.train_cfg
     ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     _check_output(phase)
     if ckpt.complete(phase.out_dir):
         if ctx.is_main:
             print(f"[dsincubate] {phase.label}: already complete in {phase.out_dir}, skipping")
         return json.loads((phase.out_dir / "run.json").read_text())
-    accum = ds_cfg["gradient_accumulation_steps"]
+    micro_steps, accum = check_plan(phase, info, ctx.world_size, ctx.has_cuda)
     run = Run(phase, ctx, info, ds_file, ds_cfg, steps_per_epoch=0)
     run.mixup = build_mixup(phase.cfg.data, phase.num_classes, seed=phase.cfg.seed, rank=ctx.rank)
-    if run.mixup is not None and tc.micro_batch % 2:
-        raise UserError(f"{phase.label}: mixup/cutmix need an even micro_batch (got {tc.micro_batch})")
-    micro_steps = len(run.train_loader(0))
-    if micro_steps < accum:
-        raise UserError(f"{phase.label}: an epoch has {micro_steps} micro-batches per rank, fewer than gradient "
-                        f"accumulation {accum}; lower micro_batch or use more data")
     run.steps_per_epoch = micro_steps // accum
     run.criterion = _criterion(run.mixup, phase.cfg.data.smoothing)
     run.flops = accounting.count_flops(lambda: phase.build_model(load=False), phase.img_size)

@@ -121,6 +121,48 @@ def test_export_loads_into_fresh_timm_model_with_identical_logits(debug_run):
             assert torch.equal(model(x), sm(x))
 
 
+TIMM_LOADS = r"""
+import json, sys
+import safetensors.torch, timm, torch
+out, ref = sys.argv[1], torch.load(sys.argv[2], weights_only=True)
+mj = json.load(open(out + "/model.json"))
+n = mj["num_classes"]
+ways = {
+    "local-dir": lambda: timm.create_model("local-dir:" + out, pretrained=True),
+    "model.json overlay": lambda: timm.create_model(**mj, pretrained=True),
+    "overlay + num_classes": lambda: timm.create_model(mj["model_name"], pretrained=True, num_classes=n,
+        img_size=mj["img_size"], patch_size=mj["patch_size"], embed_dim=mj["embed_dim"], depth=mj["depth"],
+        num_heads=mj["num_heads"], pretrained_cfg_overlay=mj["pretrained_cfg_overlay"]),
+    "checkpoint_path": lambda: timm.create_model(**{k: v for k, v in mj.items() if k != "pretrained_cfg_overlay"},
+                                                 checkpoint_path=out + "/model.safetensors"),
+}
+for name, make in ways.items():
+    with torch.no_grad():
+        got = make().eval()(ref["x"])
+    assert torch.equal(got, ref["logits"]), name
+assert "dsincubate" not in sys.modules
+print("ok", len(ways))
+"""
+
+
+def test_export_loads_with_the_trained_head_every_way_timm_loads_local_weights(debug_run, tmp_path):
+    import subprocess
+    import sys
+
+    for source in ("finetune", "e2e"):
+        trained, header = ckpt.load_tensors(debug_run / source / "model.safetensors")
+        sm = staged.StagedModel(staged.divide(vit.build(vit.ModelSpec.from_json(header["spec"])),
+                                              header["stage_depths"])).eval()
+        sm.load_state_dict(trained)
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            torch.save({"x": x, "logits": sm(x)}, tmp_path / "ref.pt")
+        # a process that never imports dsincubate, started outside the checkout
+        r = subprocess.run([sys.executable, "-c", TIMM_LOADS, str(debug_run / "export" / source), str(tmp_path / "ref.pt")],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == "ok 4", r.stderr[-2000:]
+
+
 def test_rerun_skips_complete_phases_and_changes_nothing(debug_run, demo_root):
     before = tree_digest(debug_run)
     p = dsi("pipeline", "--recipe", "debug", "--output", str(debug_run), cwd=debug_run.parent, demo_root=demo_root)
