@@ -3,11 +3,29 @@
 Under the launcher, RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* are set and `deepspeed.init_distributed` picks NCCL on GPUs
 or gloo on DeepSpeed's CPU accelerator. Run as a plain process (`dsincubate pipeline` on a laptop), we fill in a
 one-rank world on a free local port so the same engine code runs unchanged.
+
+Failure handling on clusters (tested by tests/cluster/):
+- collectives time out after `collective_timeout_s` (RunConfig; `set_collective_timeout` before `init`), so a rank
+  whose peer vanished without closing its sockets (host down, link cut) stops instead of waiting DeepSpeed's default;
+- a rank started by DeepSpeed's per-node launcher watches that launcher and the process that started it: when either
+  is gone (SIGTERM to the `deepspeed` runner, which takes its single-host path without forwarding signals; an ssh
+  session of the pdsh runner that dropped), it stops the launcher and itself instead of training on orphaned;
+- gloo announces the address its host name resolves to; where that is a loopback address (Debian's /etc/hosts maps
+  the host name to 127.0.1.1) or does not resolve, the other hosts cannot connect and init fails after its timeout,
+  so without GLOO_SOCKET_IFNAME set we pick the interface that routes to MASTER_ADDR;
+- `host_record()` says where this rank really runs (host name, the address it reaches MASTER_ADDR from, pid), which
+  the trainer writes per rank before the process group exists.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import random
+import signal
+import socket
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +52,16 @@ class DistContext:
         return self.device_type == "cuda"
 
 
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+_collective_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The timeout of every collective of the process group `init` creates (call before it)."""
+    global _collective_timeout_s
+    _collective_timeout_s = float(seconds)
+
+
 def init() -> DistContext:
     import deepspeed
     import torch.distributed as dist
@@ -42,8 +70,11 @@ def init() -> DistContext:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    else:
+        watch_launcher()
+        _pick_gloo_interface()
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(seconds=_collective_timeout_s))
     acc = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device_type = acc.device_name()
@@ -80,6 +111,95 @@ def _unlink_shm_buffer(dist) -> None:
         os.unlink(name)
     except FileNotFoundError:
         pass
+
+
+def host_record() -> dict:
+    """Where this process runs: host name, the local address it reaches MASTER_ADDR from (its address on the
+    cluster network), pid, and the rank variables the launcher gave it."""
+    addr = None
+    master = os.environ.get("MASTER_ADDR")
+    if master:
+        try:  # a UDP connect sends nothing; it only picks the route, hence our address towards the master
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((master, int(os.environ.get("MASTER_PORT", "9") or 9)))
+                addr = s.getsockname()[0]
+        except OSError:
+            addr = None
+    env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {"rank": int(env["RANK"] or 0), "local_rank": int(env["LOCAL_RANK"] or 0),
+            "world_size": int(env["WORLD_SIZE"] or 1), "host": socket.gethostname(), "addr": addr, "pid": os.getpid(),
+            "master_addr": env["MASTER_ADDR"], "master_port": env["MASTER_PORT"], "started_at": time.time()}
+
+
+def _pick_gloo_interface() -> str | None:
+    """Set GLOO_SOCKET_IFNAME to the interface this host reaches MASTER_ADDR through (unless it is set)."""
+    if os.environ.get("GLOO_SOCKET_IFNAME") or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    addr = host_record()["addr"]
+    if not addr:
+        return None
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == addr for a in addrs):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return name
+    return None
+
+
+def log_prefix() -> str:
+    """`[host rank r/w]`: on every rank's log lines, so that interleaved logs of many hosts can be told apart."""
+    return f"[{socket.gethostname()} rank {os.environ.get('RANK', '0')}/{os.environ.get('WORLD_SIZE', '1')}]"
+
+
+def _ppid_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def watch_launcher(poll_s: float = 0.5) -> bool:
+    """Stop this rank when DeepSpeed's per-node launcher, or the process that started that launcher, is gone.
+
+    DeepSpeed's `deepspeed` runner, when it runs ranks on this host itself (one host, no pdsh), does not forward
+    SIGTERM: killing it (scancel, a job time limit, `kill` on the pipeline) left `deepspeed.launcher.launch` and its
+    ranks training on for a minute or more. Under pdsh the launcher's parent is the remote shell of an ssh session;
+    when the session drops the ranks would likewise go on alone. A daemon thread polls both parents; on a change it
+    sends SIGTERM to the launcher (which ends all ranks of this host) and then ends this rank.
+    Returns whether a watch was started (only under DeepSpeed's launcher, found through /proc).
+    """
+    launcher = os.getppid()
+    try:
+        with open(f"/proc/{launcher}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    if "deepspeed.launcher.launch" not in cmd:
+        return False
+    starter = _ppid_of(launcher)
+
+    def loop():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != launcher:
+                why = "DeepSpeed's launcher exited"
+            elif _ppid_of(launcher) != starter:
+                why = "the process that started DeepSpeed's launcher (the deepspeed runner or ssh session) is gone"
+            else:
+                continue
+            print(f"{log_prefix()} [dsincubate] {why}; stopping this rank", file=sys.stderr, flush=True)
+            if os.getppid() == launcher:  # still ours (once it exited, its pid could belong to anyone)
+                try:
+                    os.kill(launcher, signal.SIGTERM)  # its handler ends every rank on this host
+                except OSError:
+                    pass
+                time.sleep(2.0)
+            os._exit(143)
+
+    threading.Thread(target=loop, name="dsincubate-launcher-watch", daemon=True).start()
+    return True
 
 
 def barrier() -> None:

@@ -8,6 +8,12 @@ resolve the ds_config, count steps), `build_engine` (dsincubate.engine), `resume
 check the frozen ones did not move, save the output and, last, its MANIFEST.json). Every `ckpt_every` epochs a
 DeepSpeed checkpoint is saved that a re-run of the same command resumes from; the result equals an uninterrupted run
 (data order and augmentation are seeded per epoch; the `TrainState` travels in the checkpoint).
+
+On clusters: every rank writes where it runs (`<phase>/ranks/rank_<r>.json`: host, address, pid, start time) before
+the process group exists, so a job that hangs can still be told apart from one on the wrong host, and run.json
+lists every rank's host with the phase's start and end times. When stderr is not a terminal (SLURM, pdsh, a log
+file), rank 0 prints one progress line every `log_every` steps (images/s, loss, lr, ETA) instead of progress-bar
+frames; every line this module prints starts with the rank's host and rank.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +111,23 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
 
 def preflight(phase: Phase, world_size: int) -> None:
     """The checks of `prepare` that need no process group (the CLI runs them before one exists): an output made with
-    another config, and the ds_config merged with the recipe."""
+    another config, and the ds_config merged with the recipe. Also sets the collective timeout of the process group
+    to come and records where this rank runs."""
     resolve_ds_config(phase, torch.cuda.is_available(), world_size)
     _check_output(phase)
+    dist.set_collective_timeout(phase.cfg.collective_timeout_s)
+    if not ckpt.complete(phase.out_dir):
+        write_host_record(phase)
+
+
+def write_host_record(phase: Phase) -> Path:
+    """`<phase>/ranks/rank_<r>.json`: this rank's host, address and pid, written before any collective (so that a
+    rank that then hangs, e.g. started on the wrong host, has left its whereabouts)."""
+    rec = dist.host_record()
+    path = phase.out_dir / "ranks" / f"rank_{rec['rank']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(path, rec)
+    return path
 
 
 def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) -> tuple[int, int]:
@@ -135,7 +156,7 @@ def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
     _check_output(phase)
     if ckpt.complete(phase.out_dir):
         if ctx.is_main:
-            print(f"[dsincubate] {phase.label}: already complete in {phase.out_dir}, skipping")
+            print(f"{dist.log_prefix()} [dsincubate] {phase.label}: already complete in {phase.out_dir}, skipping")
         return json.loads((phase.out_dir / "run.json").read_text())
     micro_steps, accum = check_plan(phase, info, ctx.world_size, ctx.has_cuda)
     run = Run(phase, ctx, info, ds_file, ds_cfg, steps_per_epoch=0)
@@ -163,7 +184,7 @@ def resume(run: Run) -> None:
         _, client = run.built.engine.load_checkpoint(str(run.ckpt_dir), tag, load_module_strict=False)
         run.state.load_state_dict(client)
         if run.ctx.is_main:
-            print(f"[dsincubate] {run.phase.label}: resumed from {run.ckpt_dir / tag} (epoch {run.state.epoch})")
+            print(f"{dist.log_prefix()} [dsincubate] {run.phase.label}: resumed from {run.ckpt_dir / tag} (epoch {run.state.epoch})")
     if run.ctx.is_main:  # epochs logged after the last checkpoint (a kill before it was saved) are trained again
         run.logger.truncate_after(run.state.epoch)
     run.prior_wall = run.state.wall_seconds  # earlier invocations' wall time: device-hours count every attempt
@@ -178,7 +199,10 @@ def train_epoch(run: Run) -> dict:
     if run.mixup is not None:
         run.mixup.set_epoch(epoch)
     engine.train()
-    bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}", ctx.is_main)
+    # a progress bar only on a terminal: in SLURM/pdsh logs its carriage-return frames are unreadable; there rank 0
+    # prints one line every log_every steps instead (_report)
+    bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}", ctx.is_main and _on_terminal())
+    log_every = phase.cfg.log_every
     # the loss stays on the device: reading it back every step would stall the host behind the accelerator, so the
     # finiteness check, progress bar and TensorBoard read it every SYNC_EVERY steps and at epoch end (before anything
     # is saved); a NaN poisons the running sum, so none is missed
@@ -191,9 +215,11 @@ def train_epoch(run: Run) -> dict:
             n_micro += 1
             if n_micro % accum == 0:
                 state.global_step += 1
-            if n_micro % SYNC_EVERY == 0:
+            if n_micro % SYNC_EVERY == 0 or n_micro % log_every == 0:  # the same steps on every rank (collective)
                 last = _check_finite(run, loss, loss_sum)
-                _report(run, bar, last, n_micro * images.shape[0] * ctx.world_size / max(time.time() - t0, 1e-9))
+                elapsed = max(time.time() - t0, 1e-9)
+                _report(run, bar, last, n_micro * images.shape[0] * ctx.world_size / elapsed,
+                        line=bar is None and n_micro % log_every == 0, step=(n_micro, len(loader)), elapsed=elapsed)
             if bar is not None:
                 bar.update(1)
         if n_micro:
@@ -232,7 +258,7 @@ def end_epoch(run: Run, metrics: dict) -> bool:
     state.history.append(metrics)
     run.logger.epoch(metrics, state.global_step)
     if ctx.is_main:
-        print(f"[dsincubate] {phase.label} epoch {state.epoch}/{tc.epochs}: " + ", ".join(
+        print(f"{dist.log_prefix()} [dsincubate] {phase.label} epoch {state.epoch}/{tc.epochs}: " + ", ".join(
             f"{k} {v:.4g}" for k, v in metrics.items() if k not in ("epoch", "lr")))
     state.wall_seconds = run.prior_wall + (time.time() - run.t_start)
     run.epochs_this_run += 1
@@ -242,7 +268,7 @@ def end_epoch(run: Run, metrics: dict) -> bool:
         _save_resume(run)
     if stopping:
         if ctx.is_main:
-            print(f"[dsincubate] {phase.label}: stopping after {run.epochs_this_run} epoch(s) as asked; "
+            print(f"{dist.log_prefix()} [dsincubate] {phase.label}: stopping after {run.epochs_this_run} epoch(s) as asked; "
                   f"run the same command again to resume")
         run.logger.close()
     return stopping
@@ -261,11 +287,12 @@ def finish(run: Run, frozen_before: str | None) -> dict:
         phase=phase, ds_cfg=run.ds_cfg, ds_file=run.ds_file, ctx=ctx, wall_seconds=wall, state=run.state,
         flops=run.flops, kernels=run.built.kernels, trainable=trainable, engine_module=module, info=run.info,
         frozen=frozen)
+    record.update(started_at=run.t_start, finished_at=time.time(), ranks=_gather_hosts(run))
     if ctx.is_main:
         files = phase.save_output(tensors)
         ckpt.atomic_write_json(phase.out_dir / "run.json", record)
         ckpt.write_manifest(phase.out_dir, files + ["run.json"], {"phase": phase.name, "stage_index": phase.stage_index})
-        print(f"[dsincubate] {phase.label}: done in {wall:.1f}s; top1 {record['final'].get('top1', float('nan')):.2f}")
+        print(f"{dist.log_prefix()} [dsincubate] {phase.label}: done in {wall:.1f}s; top1 {record['final'].get('top1', float('nan')):.2f}")
     dist.barrier()
     run.logger.close()
     return record
@@ -292,10 +319,39 @@ def evaluate(engine, loader, ctx, dtype) -> dict:
 
 # ---------------------------------------------------------------- helpers of the steps above
 
-def _report(run: Run, bar, last: float, rate: float) -> None:
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def _gather_hosts(run: Run) -> list[dict]:
+    """Every rank's host record (this invocation's), in rank order (a collective)."""
+    import torch.distributed as tdist
+
+    mine = dict(dist.host_record(), started_at=run.t_start)
+    if not (tdist.is_initialized() and run.ctx.world_size > 1):
+        return [mine]
+    out = [None] * run.ctx.world_size
+    tdist.all_gather_object(out, mine)
+    return out
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _report(run: Run, bar, last: float, rate: float, line: bool = False, step=(0, 0), elapsed: float = 0.0) -> None:
     lr = run.built.scheduler.get_last_lr()[0]
     if bar is not None:
         bar.set_postfix(loss=f"{last:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+    if line and run.ctx.is_main:
+        done, total = step
+        tc = run.phase.train_cfg
+        per_step = elapsed / max(done, 1)
+        left = (total - done) + (tc.epochs - run.state.epoch - 1) * total  # this epoch's rest + the later epochs'
+        print(f"{dist.log_prefix()} [dsincubate] {run.phase.label} epoch {run.state.epoch + 1}/{tc.epochs} step "
+              f"{done}/{total}: {rate:.1f} img/s, loss {last:.4f}, lr {lr:.3e}, ETA {_eta(left * per_step)}",
+              flush=True)
     if run.ctx.is_main:
         run.logger.scalar("train/loss", last, run.state.global_step)
         run.logger.scalar("train/lr", lr, run.state.global_step)

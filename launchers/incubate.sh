@@ -13,10 +13,17 @@
 # Phases: meta pretrain on the full allocation; then the K incubation jobs, which need no communication:
 #   * a hostfile with >= K hosts: job i runs on hosts i, i+K, ... concurrently, each with its own master port;
 #   * one node with G >= K GPUs: job i runs on GPUs [i*G/K, (i+1)*G/K) concurrently (--include localhost:...);
+#   * no GPU and --cpu-ranks R >= K: job i runs R/K CPU ranks, concurrently;
 #   * otherwise one after another on the full allocation.
-# It waits for all, names any that failed (logs in DIR/logs/), and stops; else assembles, fine-tunes on the full
-# allocation, exports, runs the E2E baseline and prints the summary. The output directory must be on a file
-# system every host sees. Re-running the same command resumes: finished phases are skipped, unfinished resume.
+# It waits for all, names any that failed (module, hosts, log in DIR/logs/), and stops; else assembles, fine-tunes
+# on the full allocation, exports, runs the E2E baseline and prints the summary. The output directory must be on a
+# file system every host sees. Re-running the same command resumes: finished phases and modules are skipped (a
+# module whose output is complete is not even launched), unfinished ones resume from their last checkpoint.
+#
+# With a hostfile every job goes through DeepSpeed's multi-node runner (pdsh over ssh; --force_multi), also a job
+# given a single host: without it DeepSpeed starts a one-host job on *this* machine while MASTER_ADDR names the
+# remote host, and the job hangs. SIGTERM/SIGINT/SIGHUP to this script stop every job on every host.
+# Tested on a cluster of network namespaces with sshd and pdsh (tests/cluster/, `make test-cluster`).
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
@@ -39,7 +46,7 @@ while [ $# -gt 0 ]; do
     --methods) METHODS="$2"; shift 2;;
     --cpu-ranks) CPU_RANKS="$2"; shift 2;;
     --) shift; EXTRA=("$@"); break;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
+    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "incubate.sh: error: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
@@ -57,18 +64,48 @@ CLI+=("${EXTRA[@]+"${EXTRA[@]}"}")
 
 # Launcher arguments for the full allocation.
 FULL=()
-[ -n "$HOSTFILE" ] && FULL+=(--hostfile "$HOSTFILE")
+[ -n "$HOSTFILE" ] && FULL+=(--hostfile "$HOSTFILE" --force_multi)
 [ -n "$INCLUDE" ] && FULL+=(--include "$INCLUDE")
 [ -n "$EXCLUDE" ] && FULL+=(--exclude "$EXCLUDE")
 [ -n "$NUM_GPUS" ] && FULL+=(--num_gpus "$NUM_GPUS")
 [ -n "$NUM_NODES" ] && FULL+=(--num_nodes "$NUM_NODES")
 [ "$HAS_GPU" = 0 ] && [ -z "$HOSTFILE" ] && FULL+=(--num_accelerators "$CPU_RANKS")
 
-launch() {  # launch <port> <launcher args...> -- <dsincubate args...>
+# Every job runs in the background and is waited for, so that a signal reaches the trap at once (bash runs traps
+# only between commands); the trap passes SIGTERM to every runner (DeepSpeed's pdsh runner then ends the ranks on
+# every host) and waits for them.
+JOBS=()
+stop_all() {
+  trap '' TERM INT HUP
+  echo "incubate.sh: $1: stopping ${#JOBS[@]} job(s)" >&2
+  for p in "${JOBS[@]+"${JOBS[@]}"}"; do kill -TERM "$p" 2>/dev/null || true; done
+  local t=0
+  while [ $t -lt 8 ]; do
+    local alive=0
+    for p in "${JOBS[@]+"${JOBS[@]}"}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    sleep 1; t=$((t + 1))
+  done
+  for p in "${JOBS[@]+"${JOBS[@]}"}"; do kill -KILL "$p" 2>/dev/null || true; done
+  exit 143
+}
+trap 'stop_all SIGTERM' TERM
+trap 'stop_all SIGINT' INT
+trap 'stop_all SIGHUP' HUP
+
+launch() {  # launch <port> <launcher args...> -- <dsincubate args...>   (in the foreground, signals handled)
   local port="$1"; shift
   local largs=() ; while [ "$1" != "--" ]; do largs+=("$1"); shift; done; shift
-  "$DS" "${largs[@]+"${largs[@]}"}" --master_port "$port" --module dsincubate "$@"
+  "$DS" "${largs[@]+"${largs[@]}"}" --master_port "$port" --module dsincubate "$@" &
+  local pid=$!
+  JOBS+=("$pid")
+  local rc=0
+  wait "$pid" || rc=$?
+  JOBS=("${JOBS[@]/$pid}")
+  return $rc
 }
+
+complete() { [ -f "$1/MANIFEST.json" ]; }  # an output counts once its manifest is written (written last)
 
 # Fail fast on bad input (one line, exit 2) before starting any job.
 "$PY" -m dsincubate config "${CLI[@]}" >/dev/null
@@ -77,7 +114,9 @@ mkdir -p "$OUTPUT/logs"
 
 if [[ ",$METHODS," == *",di,"* ]]; then
   echo "== meta pretrain"
-  launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- meta "${CLI[@]}"
+  if complete "$OUTPUT/meta"; then echo "   already complete"; else
+    launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- meta "${CLI[@]}"
+  fi
 
   # Decide how the K independent incubation jobs share the allocation.
   JOB_ARGS=()
@@ -86,7 +125,7 @@ if [[ ",$METHODS," == *",di,"* ]]; then
     if [ "${#HOSTS[@]}" -ge "$K" ]; then
       for ((i = 0; i < K; i++)); do
         sel=""; for ((h = i; h < ${#HOSTS[@]}; h += K)); do sel="${sel:+$sel@}${HOSTS[$h]}"; done
-        JOB_ARGS+=("--hostfile $HOSTFILE --include $sel")
+        JOB_ARGS+=("--hostfile $HOSTFILE --force_multi --include $sel")
       done
     fi
   elif [ "$HAS_GPU" = 1 ] && [ -z "$INCLUDE$EXCLUDE$NUM_NODES" ]; then
@@ -99,29 +138,43 @@ if [[ ",$METHODS," == *",di,"* ]]; then
         JOB_ARGS+=("--include localhost:$ids")
       done
     fi
+  elif [ "$HAS_GPU" = 0 ] && [ "$CPU_RANKS" -ge "$K" ]; then
+    for ((i = 0; i < K; i++)); do JOB_ARGS+=("--num_accelerators $((CPU_RANKS / K))"); done
   fi
 
   if [ "${#JOB_ARGS[@]}" -eq "$K" ]; then
     echo "== incubating $K modules concurrently"
     PIDS=()
     for ((i = 0; i < K; i++)); do
+      PIDS+=("")
+      if complete "$OUTPUT/incubate/module_$i"; then echo "   module $i: already complete"; continue; fi
       read -r -a JA <<<"${JOB_ARGS[$i]}"
       echo "   module $i on: ${JOB_ARGS[$i]} (log: $OUTPUT/logs/incubate_$i.log)"
-      launch $((PORT + 1 + i)) "${JA[@]}" -- incubate --module "$i" "${CLI[@]}" >"$OUTPUT/logs/incubate_$i.log" 2>&1 &
-      PIDS+=($!)
+      "$DS" "${JA[@]}" --master_port $((PORT + 1 + i)) --module dsincubate incubate --module "$i" "${CLI[@]}" \
+        >"$OUTPUT/logs/incubate_$i.log" 2>&1 &
+      PIDS[$i]=$!
+      JOBS+=("$!")
     done
     FAILED=()
-    for ((i = 0; i < K; i++)); do wait "${PIDS[$i]}" || FAILED+=("$i"); done
+    for ((i = 0; i < K; i++)); do
+      [ -n "${PIDS[$i]}" ] || continue
+      rc=0; wait "${PIDS[$i]}" || rc=$?
+      [ $rc = 0 ] || FAILED+=("$i:$rc")
+    done
+    JOBS=()
     if [ "${#FAILED[@]}" -gt 0 ]; then
-      for i in "${FAILED[@]}"; do
-        echo "incubate.sh: error: incubation of module $i failed; see $OUTPUT/logs/incubate_$i.log" >&2
+      for f in "${FAILED[@]}"; do
+        i="${f%%:*}"
+        echo "incubate.sh: error: incubation of module $i failed (exit ${f#*:}) on ${JOB_ARGS[$i]##*--include }; see $OUTPUT/logs/incubate_$i.log" >&2
         tail -n 5 "$OUTPUT/logs/incubate_$i.log" >&2 || true
       done
+      echo "incubate.sh: error: ${#FAILED[@]} of $K incubation job(s) failed; the others finished; run the same command again to re-run only the failed module(s)" >&2
       exit 1
     fi
   else
     echo "== incubating $K modules one after another (fewer than K hosts/GPUs)"
     for ((i = 0; i < K; i++)); do
+      if complete "$OUTPUT/incubate/module_$i"; then echo "   module $i: already complete"; continue; fi
       launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- incubate --module "$i" "${CLI[@]}"
     done
   fi

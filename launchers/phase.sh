@@ -17,4 +17,16 @@ esac
 LARGS=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do LARGS+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
+# With a hostfile and the pdsh runner, always go through pdsh (--force_multi): a job left with one host after
+# --include/--exclude would otherwise be started on this machine while MASTER_ADDR names that host (it hangs).
+case " ${LARGS[*]-} " in
+  *" --hostfile "*) case " ${LARGS[*]} " in
+                      *" --force_multi "*|*" --no_ssh "*) ;;
+                      *" --launcher pdsh "*) LARGS+=(--force_multi);;
+                      *" --launcher "*) ;;  # srun/mpirun place ranks themselves
+                      *) LARGS+=(--force_multi);;
+                    esac;;
+esac
+# exec: this script's pid becomes the runner's, so SIGTERM to it is SIGTERM to the runner (whose ranks stop: see
+# dsincubate/dist.py, watch_launcher, and DeepSpeed's own pdsh handler)
 exec "$DS" "${LARGS[@]+"${LARGS[@]}"}" --module dsincubate "$PHASE" "$@"
