@@ -38,6 +38,6 @@ setup(
         "ninja",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "hypothesis", "tensorboard"]},
     entry_points={"console_scripts": ["dsincubate=dsincubate.cli:main"]},
 )

@@ -51,21 +51,33 @@ def progress(total: int, desc: str, enabled: bool):
 
 
 class MetricLogger:
-    """metrics.jsonl + TensorBoard, rank 0 only."""
+    """metrics.jsonl + TensorBoard, rank 0 only. Every scalar's step is the global optimizer step (epoch metrics at
+    the epoch's last step), so one purge step can drop everything a killed run logged after its checkpoint."""
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
         self.writer = None
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
+        self.purge_step = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _tb(self):
+        # opened on first use, after `truncate_after` has set the purge step of a resume
+        if self.writer is None:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out_dir) / "tb"))
+            tb = self.out_dir / "tb"
+            # one file per session, named to sort after the earlier ones even within the same second (the file name
+            # holds only seconds and the host; without a suffix a quick re-run would overwrite the killed run's file)
+            n = len(list(tb.glob("events.out.tfevents.*"))) if tb.is_dir() else 0
+            self.writer = SummaryWriter(str(tb), purge_step=self.purge_step, filename_suffix=f".{n:04d}")
+        return self.writer
 
     def scalar(self, tag: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(tag, value, step)
+        if self.enabled:
+            self._tb().add_scalar(tag, value, step)
 
     def epoch(self, metrics: dict, step: int) -> None:
         if not self.enabled:
@@ -74,18 +86,22 @@ class MetricLogger:
             f.write(json.dumps({"time": time.time(), "step": step, **metrics}) + "\n")
         for k, v in metrics.items():
             if k != "epoch" and isinstance(v, (int, float)):
-                self.writer.add_scalar(f"epoch/{k}", v, metrics["epoch"])
-        self.writer.flush()
+                self._tb().add_scalar(f"epoch/{k}", v, step)
+        self._tb().flush()
 
     def truncate_after(self, epoch: int) -> None:
-        """Drop metric lines of epochs after `epoch` (a resume trains them again; a kill between logging an epoch
-        and saving its checkpoint would otherwise leave it in metrics.jsonl twice)."""
-        if not self.enabled or not self.path.is_file():
+        """Drop what was logged after epoch `epoch` (a resume trains it again; a kill between logging an epoch and
+        saving its checkpoint would otherwise leave it twice): its metrics.jsonl lines, and in TensorBoard every event
+        past that epoch's last step (a purge step: TensorBoard hides the earlier session's events from it on)."""
+        if not self.enabled:
             return
         from dsincubate.checkpoint import atomic_write_text
 
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", 0) <= epoch]
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+        lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()] if self.path.is_file() else []
+        keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= epoch]
+        if self.path.is_file():
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+        self.purge_step = (json.loads(keep[-1])["step"] + 1) if keep else 0
 
     def close(self) -> None:
         if self.writer is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -91,6 +92,9 @@ def load_config(args):
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file, not a run directory")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())  # where the run directory would go
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {out}: {existing} is not a writable directory")
     saved = out / "config.json"
     if args.config:
         path = Path(args.config)
@@ -161,6 +165,11 @@ def run(args) -> int:
         return 0
     import torch
 
+    if not torch.cuda.is_available():
+        # without a GPU, DeepSpeed would print a warning before choosing the CPU, and torch's extension builder one
+        # about the missing CUDA runtime, on every start: noise in front of any error line that follows
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     info = _preflight(cfg, torch.cuda.is_available())
     if args.command == "config":  # also the launchers' fail-fast check: it validated everything above
         print(json.dumps(cfg.to_dict(), indent=2))

@@ -66,6 +66,9 @@ def validate(cfg: dict, where: str) -> None:
             raise UserError(f"ds_config {where}: {key!r} must be an object like {{\"enabled\": true}}")
     if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
         raise UserError(f"ds_config {where}: bf16 and fp16 are both enabled")
+    clip = cfg.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+        raise UserError(f"ds_config {where}: gradient_clipping must be a number >= 0 (got {clip!r})")
     ga = cfg.get("gradient_accumulation_steps", 1)
     if not isinstance(ga, int) or ga < 1:
         raise UserError(f"ds_config {where}: gradient_accumulation_steps must be a positive integer")
@@ -93,7 +96,38 @@ def resolve(base: dict, micro_batch: int, grad_accum: int | None, world_size: in
     cfg["train_micro_batch_size_per_gpu"] = micro_batch
     cfg["train_batch_size"] = micro_batch * accum * world_size
     cfg.setdefault("steps_per_print", 10**9)  # our own progress bar and logs report progress
+    check_with_deepspeed(cfg, where)
     return cfg
+
+
+_SECTION_OF_MODEL = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadParamConfig":
+                     "zero_optimization.offload_param", "DeepSpeedZeroOffloadOptimizerConfig":
+                     "zero_optimization.offload_optimizer", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16"}
+
+
+def check_with_deepspeed(cfg: dict, where: str) -> None:
+    """Build DeepSpeed's own config object from `cfg` (no process group needed: it then assumes one rank, so the
+    batch size is checked per rank), so a key or value DeepSpeed would refuse at `initialize` is refused here, in
+    one line naming the key. Its pydantic models forbid unknown keys, which catches typos inside sections."""
+    import logging
+
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
+
+    probe = dict(cfg, train_batch_size=cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"])
+    log = logging.getLogger("DeepSpeed")
+    level = log.level
+    log.setLevel(logging.WARNING)  # its constructor logs INFO lines about the world size
+    try:
+        DeepSpeedConfig(probe)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join([_SECTION_OF_MODEL.get(e.title, e.title)] + [str(x) for x in err["loc"]])
+        raise UserError(f"ds_config {where}: {key}: {err['msg']} (got {err.get('input')!r})") from None
+    except (DeepSpeedConfigError, AssertionError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"ds_config {where}: DeepSpeed refuses it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        log.setLevel(level)
 
 
 def precision(cfg: dict):

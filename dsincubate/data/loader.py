@@ -36,7 +36,10 @@ def cached_index(source: str, manifest: str = "") -> DatasetIndex:
     key = (source, manifest, _mtime(mpath), _mtime(os.path.join(folder, CLASSES_NAME)))
     if key not in _INDEX_CACHE:
         _INDEX_CACHE.clear()  # at most the train+val of one run matter; keep memory bounded
-        _INDEX_CACHE[key] = load_index(source, manifest)
+        try:
+            _INDEX_CACHE[key] = load_index(source, manifest)
+        except OSError as e:  # permissions, a directory where a file should be, ...: the user's to fix
+            raise UserError(f"data source {source!r}: {e}") from None
     return _INDEX_CACHE[key]
 
 

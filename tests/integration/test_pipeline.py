@@ -276,6 +276,36 @@ def test_bad_input_gives_one_line_error_and_touches_nothing(debug_run, demo_root
     assert code == 2, stderr[-2000:]
     err = [line for line in stderr.splitlines() if line.startswith("dsincubate: error:")]
     assert len(err) == 1 and message in err[0], stderr[-2000:]
+    assert [ln for ln in stderr.splitlines() if ln.strip()] == err  # nothing else: no library warning before it
     assert "Traceback" not in stderr
     assert tree_digest(debug_run) == before
     assert not (tmp_path / "fresh" / "incubate").exists()
+
+
+def test_error_after_the_engine_started_prints_no_library_warning_before_its_line(tmp_path, demo_root):
+    """Too much bad data is only seen while training: the error line is the last line, and every line before it is
+    the data warnings naming shard and key (no DeepSpeed or torch warning in front)."""
+    import io
+    import tarfile
+
+    from dsincubate.data.synth import id_image, id_samples
+    from dsincubate.data.writer import image_bytes, write_shards
+
+    classes = [f"c{i}" for i in range(10)]
+    man = write_shards(id_samples(200), str(tmp_path / "train"), classes, maxcount=50, progress=False)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:  # the first shard loses its labels
+        for key in man["shards"][0]["keys"]:
+            data = image_bytes(id_image(int(key[1:])))
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "train" / man["shards"][0]["name"]).write_bytes(buf.getvalue())
+    write_shards(id_samples(60, start=500), str(tmp_path / "val"), classes, progress=False)
+    p = dsi("e2e", "--recipe", "debug", "--output", str(tmp_path / "run"), "--train", str(tmp_path / "train"),
+            "--val", str(tmp_path / "val"), cwd=tmp_path, demo_root=demo_root, check=False)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and lines[-1].startswith("dsincubate: error: too much bad data"), p.stderr[-2000:]
+    others = [ln for ln in lines[:-1] if "bad data" not in ln and "bad-data" not in ln]
+    assert others == [], others
+    assert not (tmp_path / "run" / "e2e" / "MANIFEST.json").exists()

@@ -145,3 +145,13 @@ def test_any_invocation_passes_its_checks_or_fails_with_one_line_and_touches_not
             assert len(lines) == 1 and "error" in lines[0], (argv, err)
         assert "Traceback" not in err
         assert _tree(out) == before, argv  # a dry run or a refusal writes nothing
+
+
+@pytest.mark.parametrize("output", ["{file}/run", "{file}"])
+def test_output_that_cannot_be_a_run_directory_is_refused_before_anything_starts(shards, tmp_path, capsys, output):
+    (tmp_path / "afile").write_text("keep")
+    out = output.format(file=tmp_path / "afile")
+    code, _, err = _invoke(["meta", "--recipe", "debug", "--output", out, "--train", str(shards / "train"),
+                            "--val", str(shards / "val")] + [a for s in SMALL for a in ("--set", s)], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--output" in err
+    assert (tmp_path / "afile").read_text() == "keep"

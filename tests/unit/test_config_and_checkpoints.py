@@ -107,12 +107,29 @@ def test_device_seconds_is_wall_times_devices():
     assert accounting.device_seconds(3.0, 1) == 3.0
 
 
-def test_metrics_of_epochs_after_the_resumed_checkpoint_are_dropped(tmp_path):
+def _session(tmp_path, resume_epoch, epochs, value):
+    """One run of a phase as the trainer logs it: a fresh logger, the resume's truncation, 10 steps per epoch."""
     log = accounting.MetricLogger(tmp_path, enabled=True)
-    for e in (1, 2, 3):
-        log.epoch({"epoch": e, "train_loss": 1.0 / e}, step=e)
-    log.truncate_after(2)  # killed after logging epoch 3 but before its checkpoint: epoch 3 is trained again
-    log.epoch({"epoch": 3, "train_loss": 0.3}, step=3)
+    if resume_epoch is not None:
+        log.truncate_after(resume_epoch)
+    for e in epochs:
+        for step in range(10 * (e - 1) + 1, 10 * e + 1):
+            log.scalar("train/loss", value + step, step)
+        log.epoch({"epoch": e, "train_loss": value + e}, step=10 * e)
     log.close()
-    epochs = [json.loads(ln)["epoch"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]
+
+
+def test_after_a_kill_and_resume_metrics_and_tensorboard_hold_each_epoch_and_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _session(tmp_path, None, [1, 2, 3], 0.0)  # killed after logging epoch 3 but before its checkpoint
+    _session(tmp_path, 2, [3, 4], 100.0)      # resumed from epoch 2's checkpoint: epoch 3 is trained again
+    lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4] and lines[2]["train_loss"] == 103.0
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    steps = [ev.step for ev in acc.Scalars("train/loss")]
+    assert steps == list(range(1, 41))
+    assert [ev.value for ev in acc.Scalars("train/loss")][20] == 121.0  # step 21 from the resumed run
+    assert [(ev.step, ev.value) for ev in acc.Scalars("epoch/train_loss")] == [(10, 1.0), (20, 2.0), (30, 103.0),
+                                                                                (40, 104.0)]
