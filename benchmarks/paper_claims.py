@@ -122,6 +122,30 @@ def e2e_epochs_for(recipe: str, sets: list[str], extra: list[str]) -> tuple[int,
     return max(1, math.ceil(plan["di_total"] / plan["e2e_per_epoch"] - 1e-9)), plan
 
 
+def reuse_meta(src: Path, out: Path, recipe: str, sets: list[str], extra: list[str]) -> bool:
+    """Copy the default cell's finished meta model into an ablation cell when the meta phase's config key (seed,
+    model, data, meta recipe) is the same: that phase would train the identical model again (training is
+    deterministic; an ablation of incubation does not touch it). The run records still count its device-hours."""
+    import shutil
+
+    from dsincubate import checkpoint as ckpt, phases, recipes
+    from dsincubate.config import RunConfig, apply_overrides
+
+    if not ckpt.complete(src / "meta") or (out / "meta").exists():
+        return False
+    extra_sets = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    data = [f"data.{a[2:]}={extra[i + 1]}" for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")]
+    cfg = apply_overrides(recipes.get(recipe), sets + extra_sets + data)
+    key = lambda c: json.loads(json.dumps(phases.make("meta", c, out, 1, resolve=False).config_key(), default=str))  # noqa: E731
+    saved = json.loads((src / "meta" / "config_key.json").read_text())
+    # through the config classes, so a field added since (absent from the saved key) counts at its default
+    if key(cfg) != key(RunConfig.from_dict({**cfg.to_dict(), **saved})):
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / "meta", out / "meta")
+    return True
+
+
 def _pipeline(out: Path, methods: str, recipe: str, sets: list[str], extra: list[str], timeout: int) -> bool:
     cmd = [sys.executable, "-m", "dsincubate", "pipeline", "--methods", methods, "--recipe", recipe,
            "--output", str(out)]
@@ -154,6 +178,7 @@ def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str
     t0 = time.time()
     if e2e_from is not None and e2e_from != out:
         if not (out / "finetune" / "MANIFEST.json").is_file():
+            reuse_meta(e2e_from, out, recipe, sets, extra)
             if not _pipeline(out, "di", recipe, sets, extra, timeout):
                 return {"ok": False, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}", "seed": seed}
             print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
