@@ -114,7 +114,13 @@ def check_with_deepspeed(cfg: dict, where: str) -> None:
     import pydantic
     from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
 
-    probe = dict(cfg, train_batch_size=cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"])
+    import torch.distributed as tdist
+
+    # DeepSpeedConfig checks the batch against the process group's world size once one exists (the trainer resolves
+    # the ds_config again after init): a probe sized for one rank was refused on every multi-rank run
+    ranks = tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    probe = dict(cfg, train_batch_size=cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"]
+                 * ranks)
     log = logging.getLogger("DeepSpeed")
     level = log.level
     log.setLevel(logging.WARNING)  # its constructor logs INFO lines about the world size
