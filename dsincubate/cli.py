@@ -171,10 +171,11 @@ def run(args) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     info = _preflight(cfg, torch.cuda.is_available())
-    if args.command == "config":  # also the launchers' fail-fast check: it validated everything above
+    n_cls = _num_classes(cfg, info)
+    if args.command == "config":  # also the launchers' fail-fast check: it refuses what training would refuse
+        _check_phases(cfg, root, n_cls, info, {"di", "e2e", "e2e_tune"})
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    n_cls = _num_classes(cfg, info)
     if args.command == "summary":
         from dsincubate.accounting import format_summary, summarize
 
@@ -191,9 +192,7 @@ def run(args) -> int:
         trainer.check_plan(phase, info, world_size, torch.cuda.is_available())
     if args.command == "pipeline":
         methods = _methods(args.methods)
-        # the phases that need no earlier output: a start-up failure of theirs is refused now
-        for name in (["meta"] if "di" in methods else []) + (["e2e"] if methods & {"e2e", "e2e_tune"} else []):
-            trainer.check_plan(phases.make(name, cfg, root, n_cls), info, world_size, torch.cuda.is_available())
+        _check_phases(cfg, root, n_cls, info, methods)
     if args.command == "eval":
         from dsincubate.evaluate import resolve
 
@@ -220,6 +219,23 @@ def run(args) -> int:
         trainer.run_phase(phase, ctx, info)
         return 0
     return _pipeline(methods, cfg, root, ctx, info, n_cls)
+
+
+def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
+    """trainer.check_plan for every phase the methods run (sizes, ds_config, outputs made with another config), so
+    that a pipeline or `config` refuses at once what a later phase would refuse hours later."""
+    import torch
+
+    from dsincubate import phases, trainer
+
+    names = [("meta", None)] + [("incubate", i) for i in range(cfg.model.num_stages)] + [("finetune", None)] \
+        if "di" in methods else []
+    names += [("e2e", None)] if methods & {"e2e", "e2e_tune"} else []
+    names += [("e2e_tune", None)] if "e2e_tune" in methods else []
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    for name, i in names:  # resolve=False: earlier phases' outputs need not exist yet
+        trainer.check_plan(phases.make(name, cfg, root, n_cls, i, resolve=False), info, world_size,
+                           torch.cuda.is_available())
 
 
 def _methods(text: str) -> set[str]:

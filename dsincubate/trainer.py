@@ -140,9 +140,12 @@ def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) ->
     if build_mixup(phase.cfg.data, phase.num_classes) is not None and tc.micro_batch % 2:
         raise UserError(f"{phase.label}: mixup/cutmix need an even micro_batch (got {tc.micro_batch})")
     cfg = phase.cfg
-    micro_steps = len(build_train_loader(cfg.data, info, batch_size=tc.micro_batch, rank=0, world_size=world_size,
-                                         epoch=0, seed=cfg.seed, img_size=phase.img_size,
-                                         subset_index=phase.stage_index))
+    try:
+        micro_steps = len(build_train_loader(cfg.data, info, batch_size=tc.micro_batch, rank=0, world_size=world_size,
+                                             epoch=0, seed=cfg.seed, img_size=phase.img_size,
+                                             subset_index=phase.stage_index))
+    except UserError as e:
+        raise UserError(f"{phase.label}: {e}") from None
     accum = ds_cfg["gradient_accumulation_steps"]
     if micro_steps < accum:
         raise UserError(f"{phase.label}: an epoch has {micro_steps} micro-batches per rank, fewer than gradient "
