@@ -36,10 +36,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnBwdPara
     constexpr int P = Pitch<DPAD>::value;
     constexpr int NJ = kBwdCols / kTpr;
     constexpr int NP = DPAD / (2 * kTpr);
-    __shared__ __align__(16) T Qs[kRows * P];
-    __shared__ __align__(16) T Gs[kRows * P];  // dO
-    __shared__ __align__(16) T Ks[kBwdCols * P];
-    __shared__ __align__(16) T Vs[kBwdCols * P];
+    DSI_SHARED_ARRAY(T, Qs, kRows * P);
+    DSI_SHARED_ARRAY(T, Gs, kRows * P);  // dO
+    DSI_SHARED_ARRAY(T, Ks, kBwdCols * P);
+    DSI_SHARED_ARRAY(T, Vs, kBwdCols * P);
 
     const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
     const int q0 = blockIdx.y * kRows;
@@ -111,12 +111,12 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdPa
     constexpr int P = Pitch<DPAD>::value;
     constexpr int NJ = kBwdCols / kTpr;
     constexpr int NP = DPAD / (2 * kTpr);
-    __shared__ __align__(16) T Ks[kRows * P];
-    __shared__ __align__(16) T Vs[kRows * P];
-    __shared__ __align__(16) T Qs[kBwdCols * P];
-    __shared__ __align__(16) T Gs[kBwdCols * P];  // dO
-    __shared__ float lse_s[kBwdCols];
-    __shared__ float delta_s[kBwdCols];
+    DSI_SHARED_ARRAY(T, Ks, kRows * P);
+    DSI_SHARED_ARRAY(T, Vs, kRows * P);
+    DSI_SHARED_ARRAY(T, Qs, kBwdCols * P);
+    DSI_SHARED_ARRAY(T, Gs, kBwdCols * P);  // dO
+    DSI_SHARED_ARRAY(float, lse_s, kBwdCols);
+    DSI_SHARED_ARRAY(float, delta_s, kBwdCols);
 
     const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
     const int k0 = blockIdx.y * kRows;
@@ -201,10 +201,10 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnBwdPa
 template <typename T, int DPAD>
 cudaError_t bwd_launch_d(const AttnBwdParams& p, cudaStream_t stream) {
     const dim3 grid((unsigned)(p.B * p.H), (unsigned)((p.N + kRows - 1) / kRows));
-    attn_bwd_dq_kernel<T, DPAD><<<grid, kThreads, 0, stream>>>(p);
+    DSI_LAUNCH(grid, kThreads, 0, stream, attn_bwd_dq_kernel<T, DPAD>)(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    attn_bwd_dkdv_kernel<T, DPAD><<<grid, kThreads, 0, stream>>>(p);
+    DSI_LAUNCH(grid, kThreads, 0, stream, attn_bwd_dkdv_kernel<T, DPAD>)(p);
     return cudaGetLastError();
 }
 
@@ -212,7 +212,7 @@ template <typename T>
 cudaError_t bwd_launch(const AttnBwdParams& p, cudaStream_t stream) {
     const int64_t rows = (int64_t)p.B * p.H * p.N;
     const int warps = kThreads / 32;
-    attn_bwd_delta_kernel<T><<<(unsigned)((rows + warps - 1) / warps), kThreads, 0, stream>>>(p);
+    DSI_LAUNCH((unsigned)((rows + warps - 1) / warps), kThreads, 0, stream, attn_bwd_delta_kernel<T>)(p);
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     return p.D <= 64 ? bwd_launch_d<T, 64>(p, stream) : bwd_launch_d<T, 128>(p, stream);

@@ -16,9 +16,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnFwdParams 
     constexpr int P = Pitch<DPAD>::value;
     constexpr int NJ = kFwdCols / kTpr;       // keys per lane per tile
     constexpr int NP = DPAD / (2 * kTpr);     // owned output feature pairs per lane
-    __shared__ __align__(16) T Qs[kRows * P];
-    __shared__ __align__(16) T Ks[kFwdCols * P];
-    __shared__ __align__(16) T Vs[kFwdCols * P];
+    DSI_SHARED_ARRAY(T, Qs, kRows * P);
+    DSI_SHARED_ARRAY(T, Ks, kFwdCols * P);
+    DSI_SHARED_ARRAY(T, Vs, kFwdCols * P);
 
     const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
     const int q0 = blockIdx.y * kRows;
@@ -105,9 +105,9 @@ template <typename T>
 cudaError_t fwd_launch(const AttnFwdParams& p, cudaStream_t stream) {
     const dim3 grid((unsigned)(p.B * p.H), (unsigned)((p.N + kRows - 1) / kRows));
     if (p.D <= 64)
-        attn_fwd_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
+        DSI_LAUNCH(grid, kThreads, 0, stream, attn_fwd_kernel<T, 64>)(p);
     else
-        attn_fwd_kernel<T, 128><<<grid, kThreads, 0, stream>>>(p);
+        DSI_LAUNCH(grid, kThreads, 0, stream, attn_fwd_kernel<T, 128>)(p);
     return cudaGetLastError();
 }
 

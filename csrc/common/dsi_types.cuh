@@ -2,11 +2,27 @@
 //
 // The kernels in csrc/ are plain CUDA (no torch headers) so that nvcc compiles them quickly; the per-op .cpp
 // binding files own all tensor checks and pass raw pointers, strides and a DsiDtype tag to the launchers.
+//
+// Portability layer: the kernel bodies use DSI_LAUNCH / DSI_SHARED_ARRAY / DSI_SHARED_ARRAY2D / DSI_DYNAMIC_SHARED
+// instead of `<<<...>>>` and `__shared__` so that the very same source also compiles with the host compiler in
+// the CPU execution harness (tests/ops/cpu_harness, built with -DDSI_CPU_HARNESS), which runs every CUDA thread
+// as a fiber with real barrier and warp-shuffle semantics under AddressSanitizer. Under nvcc they are plain CUDA.
 #pragma once
+
+#if defined(DSI_CPU_HARNESS)
+#include "dsi_cpu_cuda.h"  // test-only emulation of the CUDA built-ins; found on the harness's include path
+#else
+#include <cuda_runtime.h>
+// DSI_LAUNCH(grid, block, shmem, stream, kernel<...>)(args...): the kernel comes last so its template
+// arguments may contain commas.
+#define DSI_LAUNCH(grid, block, shmem, stream, ...) __VA_ARGS__<<<grid, block, shmem, stream>>>
+#define DSI_SHARED_ARRAY(T, name, n) __shared__ __align__(16) T name[n]
+#define DSI_SHARED_ARRAY2D(T, name, n0, n1) __shared__ __align__(16) T name[n0][n1]
+#define DSI_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "dsi_dtype.h"

@@ -42,7 +42,7 @@ __global__ void ln_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r, 
                               const float* __restrict__ gamma, const float* __restrict__ beta,
                               float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows, int cols,
                               float eps) {
-    extern __shared__ float cache_all[];
+    DSI_DYNAMIC_SHARED(float, cache_all);
     const int lane = threadIdx.x;
     const int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= rows) return;  // whole warp leaves together; the kernel has no block-level barrier
@@ -161,8 +161,8 @@ __global__ void ln_bwd_partial_kernel(const T* __restrict__ dy, const T* __restr
                                       const float* __restrict__ mean, const float* __restrict__ rstd,
                                       float* __restrict__ part_g, float* __restrict__ part_b, int64_t rows,
                                       int cols, int64_t rows_per_chunk) {
-    __shared__ float red_g[kPartialRowsY][kWarp + 1];
-    __shared__ float red_b[kPartialRowsY][kWarp + 1];
+    DSI_SHARED_ARRAY2D(float, red_g, kPartialRowsY, kWarp + 1);
+    DSI_SHARED_ARRAY2D(float, red_b, kPartialRowsY, kWarp + 1);
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int col = blockIdx.x * kWarp + tx;
     const int64_t r0 = (int64_t)blockIdx.y * rows_per_chunk;
@@ -225,13 +225,13 @@ cudaError_t ln_fwd_launch(const void* x, const void* r, void* y, void* s, const 
     T* sp = static_cast<T*>(s);
     const bool vec = aligned && cols % kVec == 0;
     if (vec && use_cache)
-        ln_fwd_kernel<T, kVec, true><<<grid, block, cache, stream>>>(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
+        DSI_LAUNCH(grid, block, cache, stream, ln_fwd_kernel<T, kVec, true>)(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
     else if (vec)
-        ln_fwd_kernel<T, kVec, false><<<grid, block, 0, stream>>>(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
+        DSI_LAUNCH(grid, block, 0, stream, ln_fwd_kernel<T, kVec, false>)(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
     else if (use_cache)
-        ln_fwd_kernel<T, 1, true><<<grid, block, cache, stream>>>(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
+        DSI_LAUNCH(grid, block, cache, stream, ln_fwd_kernel<T, 1, true>)(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
     else
-        ln_fwd_kernel<T, 1, false><<<grid, block, 0, stream>>>(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
+        DSI_LAUNCH(grid, block, 0, stream, ln_fwd_kernel<T, 1, false>)(xp, rp, yp, sp, gamma, beta, mean, rstd, rows, cols, eps);
     return cudaGetLastError();
 }
 
@@ -252,18 +252,18 @@ cudaError_t ln_bwd_launch(const void* dy, const void* ds, const void* s, const f
         const dim3 block(kWarp, kWarpsPerBlock);
         const dim3 grid((unsigned)((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
         if (aligned && cols % kVec == 0)
-            ln_bwd_dx_kernel<T, kVec><<<grid, block, 0, stream>>>(dyp, dsp, sp, gamma, mean, rstd, dxp, rows, cols);
+            DSI_LAUNCH(grid, block, 0, stream, ln_bwd_dx_kernel<T, kVec>)(dyp, dsp, sp, gamma, mean, rstd, dxp, rows, cols);
         else
-            ln_bwd_dx_kernel<T, 1><<<grid, block, 0, stream>>>(dyp, dsp, sp, gamma, mean, rstd, dxp, rows, cols);
+            DSI_LAUNCH(grid, block, 0, stream, ln_bwd_dx_kernel<T, 1>)(dyp, dsp, sp, gamma, mean, rstd, dxp, rows, cols);
         cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
         const dim3 pgrid((unsigned)((cols + kWarp - 1) / kWarp), (unsigned)chunks);
-        ln_bwd_partial_kernel<T><<<pgrid, dim3(kWarp, kPartialRowsY), 0, stream>>>(dyp, sp, mean, rstd, part_g,
+        DSI_LAUNCH(pgrid, dim3(kWarp, kPartialRowsY), 0, stream, ln_bwd_partial_kernel<T>)(dyp, sp, mean, rstd, part_g,
                                                                                     part_b, rows, cols, per);
         err = cudaGetLastError();
         if (err != cudaSuccess) return err;
     }
-    ln_bwd_final_kernel<<<(cols + 255) / 256, 256, 0, stream>>>(part_g, part_b, dgamma, dbeta, chunks, cols);
+    DSI_LAUNCH((cols + 255) / 256, 256, 0, stream, ln_bwd_final_kernel)(part_g, part_b, dgamma, dbeta, chunks, cols);
     return cudaGetLastError();
 }
 
