@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ("pipeline", "every phase in order, then the summary"),
                         ("assemble", "join the K incubated modules"), ("export", "write a timm safetensors file"),
                         ("summary", "print the E2E vs Deep Incubation table of a run"),
-                        ("config", "print the resolved config (and field docs with --fields)")):
+                        ("config", "print the resolved config (and field docs with --fields)"),
+                        ("import", "write an official Deep-Incubation .pth (meta, incubated module or model) as "
+                                   "this run's output")):
         p = sub.add_parser(name, help=help_)
         _common(p)
         if name == "incubate":
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--methods", default="di,e2e", help="comma list of di, e2e, e2e_tune (E2E + tuning)")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every config field with its documentation")
+        if name == "import":
+            p.add_argument("file", help="a .pth saved by the official code (with model_stages)")
+            p.add_argument("--as", dest="as_", choices=("finetune", "e2e"), default=None,
+                           help="where a whole model goes (default finetune)")
     ops = sub.add_parser("ops", help="report the fused kernels: compatible, built, backend in use")
     ops.add_argument("rest", nargs=argparse.REMAINDER)
     # Parsed by their own modules, imported on use (keeps start-up light).
@@ -162,6 +168,13 @@ def run(args) -> int:
 
         for cls in ALL_SECTIONS:
             print("\n".join(config_lines(cls)))
+        return 0
+    if args.command == "import":  # needs no data: the class count comes from the file's head
+        from dsincubate.importer import import_file
+
+        if args.dry_run:
+            raise UserError("import has no --dry-run; it writes nothing when the file does not fit")
+        print(f"[dsincubate] import: wrote {import_file(Path(args.file), cfg, root, args.as_)}")
         return 0
     import torch
 

@@ -1,0 +1,102 @@
+"""`dsincubate import`: files in the official code's format (generated here: `model`, `model_stages`, `args`,
+optimizer state) become this project's meta, stage and model outputs with identical weights and logits, or are
+refused in one line with nothing written.
+
+    pytest tests/unit/test_import.py -q
+"""
+import argparse
+import json
+
+import pytest
+import torch
+
+from dsincubate import checkpoint as ckpt, cli, phases, recipes
+from dsincubate.assemble import assemble
+from dsincubate.config import apply_overrides
+from dsincubate.layout import RunLayout
+from dsincubate.models import staged, vit
+
+SMALL = ["model.depth=4", "model.embed_dim=24", "model.num_heads=2", "model.num_stages=2", "model.img_size=16",
+         "model.patch_size=8", "model.kernel_backend=torch", "model.num_classes=10"]
+CFG = apply_overrides(recipes.get("debug"), SMALL)
+
+
+def _official(path, stages: list[torch.nn.Module]):
+    """What the official main.py saves: the full model (whose `stages.<i>.` keys repeat the blocks), the per-stage
+    state dicts, its argparse args and optimizer state."""
+    model = {}
+    for i, s in enumerate(stages):
+        for k, v in s.state_dict().items():
+            model[f"stages.{i}.{k}"] = v.clone()
+    torch.save({"model": model, "model_stages": [s.state_dict() for s in stages], "epoch": 99,
+                "args": argparse.Namespace(model="vit", lr=5e-4, divided_depths=[2, 2]),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]}}, path)
+
+
+def _target():
+    torch.manual_seed(1)
+    return staged.StagedModel(staged.divide(vit.build(phases.make("e2e", CFG, "/x", 10).target_spec()), [2, 2])).eval()
+
+
+def _import(path, root, *extra):
+    return cli.main(["import", str(path), "--recipe", "debug", "--output", str(root), *extra] +
+                    [a for s in SMALL for a in ("--set", s)])
+
+
+def test_official_model_file_round_trips_to_identical_logits(tmp_path):
+    model = _target()
+    _official(tmp_path / "vit.pth", list(model.stages))
+    assert _import(tmp_path / "vit.pth", tmp_path / "run") == 0
+    tensors, header = ckpt.load_tensors(RunLayout(tmp_path / "run").model("finetune"))
+    again = staged.StagedModel(staged.divide(vit.build(vit.ModelSpec.from_json(header["spec"])), [2, 2])).eval()
+    again.load_state_dict(tensors, strict=True)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    assert ckpt.complete(tmp_path / "run" / "finetune")
+    assert json.loads((tmp_path / "run" / "finetune" / "run.json").read_text())["imported_from"].endswith("vit.pth")
+
+
+def test_official_meta_and_incubated_files_feed_incubation_and_assembly(tmp_path):
+    root = tmp_path / "run"
+    torch.manual_seed(2)
+    meta = phases.build_meta_model(CFG, 10).eval()
+    _official(tmp_path / "meta.pth", list(meta.stages))
+    assert _import(tmp_path / "meta.pth", root) == 0
+    incubate = phases.make("incubate", CFG, root, 10, 1)  # resolves the imported meta model like a trained one
+    hybrid = incubate.build_model()
+    assert torch.equal(hybrid.stages[0].blocks[0].attn.qkv.weight, meta.stages[0].blocks[0].attn.qkv.weight)
+    target = _target()
+    for i in range(2):  # the official incubation file of module i: the hybrid's stages, target stage i at depth 2
+        stages = [target.stages[j] if j == i else meta.stages[j] for j in range(2)]
+        _official(tmp_path / f"inc{i}.pth", stages)
+        assert _import(tmp_path / f"inc{i}.pth", root) == 0
+        header = ckpt.read_meta(RunLayout(root).stage(i))
+        assert header["index"] == i and header["meta_sha256"] == phases.meta_checkpoint(CFG, root, 10)[1]
+    assembled, _ = ckpt.load_tensors(assemble(root, None, 2))
+    assert all(torch.equal(assembled[k], v) for k, v in target.state_dict().items())
+
+
+def test_file_of_another_architecture_is_refused_naming_keys_and_writes_nothing(tmp_path, capsys):
+    model = _target()
+    stages = [s.state_dict() for s in model.stages]
+    for s in stages:  # the official ViT-H has no qkv bias: such a file does not fit a model with one
+        for k in [k for k in s if k.endswith("attn.qkv.bias")]:
+            del s[k]
+    torch.save({"model_stages": stages}, tmp_path / "nobias.pth")
+    assert _import(tmp_path / "nobias.pth", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qkv.bias" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+class NotAllowed:  # any class outside the weights-only allow list
+    pass
+
+
+@pytest.mark.parametrize("payload", [NotAllowed(), {"model": {}}, [1, 2], {"model_stages": ["x"]}])
+def test_unsafe_or_foreign_pickles_are_refused_in_one_line(tmp_path, capsys, payload):
+    torch.save(payload, tmp_path / "f.pth")
+    assert _import(tmp_path / "f.pth", tmp_path / "run") == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
