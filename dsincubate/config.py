@@ -100,8 +100,10 @@ class ModelConfig(_Checked):
     """Explicit blocks per stage, summing to the depth; empty = even split."""
     meta_depth_per_stage: int = setting(1, lo=1)
     """Blocks per stage of the meta model (paper: 1, the shallowest possible)."""
-    kernel_backend: str = setting("auto", choices=("auto", "cuda", "torch"))
-    """'auto' (fused csrc kernels where they pass their self-check), 'cuda' or 'torch' (PyTorch references)."""
+    kernel_backend: str = setting("torch", choices=("torch", "cuda", "auto", "autotune"))
+    """'torch' (PyTorch's LayerNorm and SDPA, the default); opt-in fused csrc kernels: 'cuda' (each shape
+    self-checked), 'auto' (one self-checked choice per op, device and dtype, the same on every rank) or 'autotune'
+    (per shape the faster of kernel and torch, timed). `dsincubate ops` shows where each kernel was verified."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward (needed for ViT-H at useful batch sizes)."""
 

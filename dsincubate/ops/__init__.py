@@ -2,16 +2,18 @@
 PyTorch fallbacks that keep every run working without a GPU, a compiler or a correct kernel.
 
 Public API:
-    apply_kernel_backend(module, backend) -> dict      route timm ViT blocks through the ops ('auto'|'cuda'|'torch')
+    apply_kernel_backend(module, backend) -> dict      route timm ViT blocks through the ops (BACKENDS: 'torch' |
+                                                       'cuda' | 'auto' | 'autotune'; 'torch' is the default)
     remove_kernel_backend(module) -> int               undo it
     layer_norm(x, weight, bias, eps, backend)          fused LayerNorm
     add_layer_norm(x, residual, weight, bias, eps, backend) -> (LN(x + residual), x + residual)
     attention(q, k, v, scale, backend)                 [B, H, N, D] attention, no mask / dropout
     attention_qkv(qkv, scale, backend)                 packed [B, N, 3, H, D] -> [B, N, H, D]
-    decisions() -> list[dict]                          per-shape backend choices made so far (for run.json)
+    decisions() -> list[dict]                          backend choices made so far (for run.json)
 
 Building: dsincubate/ops/builder.py (JIT, cached; prebuild_all()). Status: `python -m dsincubate.ops.report`.
-Tests: `python -m pytest tests/ops` (GPU tests: `-m gpu`).
+Where each kernel has been verified (CPU execution harness, GPU): verification.py.
+Tests: `python -m pytest tests/ops` (GPU tests: `-m gpu`; CPU harness: `-m harness`).
 """
 
 from __future__ import annotations
@@ -66,20 +68,24 @@ def _op_status(op: str, key, backend: str) -> dict:
     ok, why = impl.supports(dict(key))  # loads (JIT-builds) the extension
     if not ok:
         return {"backend": "torch", "reason": why}
-    name, _ = dispatch.select(op, key, "cuda")  # runs the self-check; a failure disables with one warning
+    # Runs the self-check ('auto': the once-per-(device, dtype) decision); a failure disables with one warning.
+    name, _ = dispatch.select(op, key, dispatch.AUTO if backend == dispatch.AUTO else "cuda")
     if name != "cuda":
         return {"backend": "torch", "reason": impl.disabled or "kernel unavailable"}
     if backend == "cuda":
-        return {"backend": "cuda", "reason": "self-check passed; used for every supported shape"}
-    return {"backend": "auto", "reason": "self-check passed; per shape the faster of cuda and torch (see decisions)"}
+        return {"backend": "cuda", "reason": "self-check passed; every supported shape is self-checked, then used"}
+    if backend == dispatch.AUTO:
+        return {"backend": "auto", "reason": "self-check passed at the probe shape; used for every supported shape "
+                                             "of this device and dtype (the same choice on every rank)"}
+    return {"backend": "autotune", "reason": "self-check passed; per shape the faster of cuda and torch (timed)"}
 
 
 def apply_kernel_backend(module: torch.nn.Module, backend: str) -> dict:
     """Make every timm ViT Block (and its Attention) under `module` compute through the dsincubate ops.
 
-    'torch' (or no CUDA) leaves the modules untouched, so outputs are identical to plain timm. 'cuda' / 'auto'
-    build the extensions, self-check them on this device and patch the blocks without changing parameter names
-    or state_dict keys. Returns a JSON-serialisable description for run.json.
+    'torch' (or no CUDA) leaves the modules untouched, so outputs are identical to plain timm. 'cuda' / 'auto' /
+    'autotune' build the extensions, self-check them on this device and patch the blocks without changing
+    parameter names or state_dict keys. Returns a JSON-serialisable description for run.json.
     """
     dispatch.validate_backend(backend)
     info = {"requested": backend, "cuda_available": torch.cuda.is_available(), "blocks_patched": 0,

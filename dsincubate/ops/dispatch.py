@@ -1,11 +1,16 @@
-"""Backend selection for the dsincubate ops: 'auto' | 'cuda' | 'torch', with a correctness self-check.
+"""Backend selection for the dsincubate ops: 'torch' | 'cuda' | 'auto' | 'autotune', with a correctness self-check.
 
-Every op has a PyTorch reference (reference.py) and zero or more registered kernel implementations. For each
-(op, backend, shape key) the first call decides once:
+Every op has a PyTorch reference (reference.py) and zero or more registered kernel implementations.
 
-* 'torch'  -> the reference.
-* 'cuda'   -> the first kernel that supports the key and passes its self-check, else the reference.
-* 'auto'   -> the fastest (fwd + bwd wall time) of the reference and every kernel that passed the self-check.
+* 'torch'    -> the reference (the default everywhere: PyTorch's own LayerNorm and SDPA).
+* 'cuda'     -> per shape key, the first kernel that supports the key and passes its self-check at that key,
+                else the reference.
+* 'auto'     -> decided ONCE per (op, device, dtype): the first kernel that passes its self-check at the op's
+                fixed probe shape (OpSpec.probe) is used for every shape it supports, else the reference. No
+                timing and no dependence on call order, so every rank of a job (same GPU model and software)
+                makes the same choice; the decision is logged once.
+* 'autotune' -> per shape key, the fastest (fwd + bwd wall time) of the reference and every kernel that passed
+                the self-check. Timing is noisy: ranks and runs can choose differently.
 
 The self-check runs the kernel on random inputs of the key's shape (own RNG, autocast off, outside any
 checkpoint hooks) and compares outputs and input gradients with the reference computed in float64. A kernel
@@ -30,8 +35,9 @@ from .reference import relative_error
 
 logger = logging.getLogger("dsincubate.ops")
 
-BACKENDS = ("auto", "cuda", "torch")
+BACKENDS = ("torch", "cuda", "auto", "autotune")
 TORCH = "torch"
+AUTO = "auto"
 
 # max |err| / max |ref| allowed per compute dtype, against a float64 reference.
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-10}
@@ -49,6 +55,7 @@ class OpSpec:
     make_case: Callable[[dict, torch.Generator], list]
     call: Callable[[Callable, list], tuple]
     check_key: Callable[[dict], dict] = lambda key: key  # e.g. a smaller batch for the self-check
+    probe: Callable[[dict], dict] = lambda key: key  # 'auto': the fixed key checked for the key's (device, dtype)
 
 
 @dataclass
@@ -63,7 +70,8 @@ class KernelImpl:
 
 _SPECS: dict[str, OpSpec] = {}
 _IMPLS: dict[str, dict[str, KernelImpl]] = {}
-_CHOICE: dict[tuple, tuple[str, str]] = {}  # (op, backend, key) -> (impl name, reason)
+_CHOICE: dict[tuple, tuple[str, str]] = {}  # (op, backend, key) or (op, 'auto', device, dtype) -> (name, reason)
+_SUPPORTED: dict[tuple, bool] = {}  # (op, impl name, key) -> supports(key), for 'auto' (asked once per shape)
 _DECISIONS: list[dict] = []
 
 
@@ -91,6 +99,8 @@ def forget(op: str | None = None) -> None:
     """Drop cached decisions (of one op or all), so the next call decides again."""
     for ck in [ck for ck in _CHOICE if op is None or ck[0] == op]:
         del _CHOICE[ck]
+    for ck in [ck for ck in _SUPPORTED if op is None or ck[0] == op]:
+        del _SUPPORTED[ck]
 
 
 def reset() -> None:
@@ -210,11 +220,56 @@ def select(op: str, key: Key, backend: str) -> tuple[str, Callable | None]:
     """(name, fn) of the implementation to use; fn is None for the reference ('torch')."""
     if backend == TORCH:
         return TORCH, None
+    if backend == AUTO:
+        return _select_auto(op, key)
     ck = (op, backend, key)
     if ck not in _CHOICE:
         _CHOICE[ck] = _decide(op, key, backend)
     name = _CHOICE[ck][0]
     return (TORCH, None) if name == TORCH else (name, _IMPLS[op][name].fn)
+
+
+def _select_auto(op: str, key: Key) -> tuple[str, Callable | None]:
+    kd = dict(key)
+    group = (op, AUTO, kd["device"], kd["dtype"])
+    if group not in _CHOICE:
+        _CHOICE[group] = _decide_auto(op, kd)
+    name = _CHOICE[group][0]
+    impl = _IMPLS[op].get(name)
+    if impl is None or impl.disabled:
+        return TORCH, None
+    sk = (op, name, key)
+    if sk not in _SUPPORTED:  # shape limits (e.g. head dim <= 128) are deterministic, so still rank-identical
+        _SUPPORTED[sk] = bool(impl.supports(kd)[0])
+    return (name, impl.fn) if _SUPPORTED[sk] else (TORCH, None)
+
+
+def _decide_auto(op: str, kd: dict) -> tuple[str, str]:
+    """'auto': self-check every kernel at the op's probe key for this (device, dtype); the first that passes wins."""
+    probe = _SPECS[op].probe(kd)
+    pkey = tuple(sorted(probe.items()))
+    notes, choice = [], None
+    for impl in list(_IMPLS[op].values()):
+        if impl.disabled:
+            notes.append(f"{impl.name} disabled: {impl.disabled}")
+            continue
+        ok, why = impl.supports(probe)
+        if not ok:
+            notes.append(f"{impl.name} unsupported: {why}")
+            continue
+        err = self_check(op, impl, pkey)
+        if err is not None:
+            _disable(impl, f"failed self-check: {err}")
+            notes.append(f"{impl.name} failed self-check")
+            continue
+        choice = (impl.name, f"passed self-check at {probe}; used for every shape it supports")
+        break
+    if choice is None:
+        choice = (TORCH, "; ".join(notes) or "no kernel registered")
+    group = {"device": kd["device"], "dtype": kd["dtype"]}
+    logger.info("op %s backend=auto %s -> %s (%s)", op, group, choice[0], choice[1])
+    _DECISIONS.append({"op": op, "requested": AUTO, "key": group, "backend": choice[0], "reason": choice[1]})
+    return choice
 
 
 def _decide(op: str, key: Key, backend: str) -> tuple[str, str]:

@@ -1,7 +1,8 @@
 """Fused multi-head self-attention op: autograd wrapper of the flash-style CUDA kernels and the entry points.
 
-    o = attention(q, k, v, scale=None, backend="auto")        # q, k, v, o: [B, H, N, D]
-    o = attention_qkv(qkv, scale=None, backend="auto")        # qkv: [B, N, 3, H, D] -> o: [B, N, H, D]
+    o = attention(q, k, v, scale=None, backend="cuda")        # q, k, v, o: [B, H, N, D]
+    o = attention_qkv(qkv, scale=None, backend="cuda")        # qkv: [B, N, 3, H, D] -> o: [B, N, H, D]
+(backend defaults to 'torch'; see dispatch.py for 'cuda' / 'auto' / 'autotune')
 
 No mask, no dropout. The kernel takes fp16 / bf16 with head dim <= 128 and any sequence length; q, k, v may be
 strided views (e.g. of the packed qkv projection) as long as the last dim is contiguous, and its output is laid
@@ -90,7 +91,12 @@ def _check_key(key: dict) -> dict:
     return {**key, "batch": min(key["batch"], 2)}
 
 
-dispatch.register_op(dispatch.OpSpec(OP, _reference_op, _make_case, _call, _check_key))
+def _probe(key: dict) -> dict:
+    # 'auto' decides per (device, dtype) at one ViT-B/16-sized shape (12 heads of 64, 197 tokens).
+    return {"device": key["device"], "dtype": key["dtype"], "batch": 2, "heads": 12, "seq": 197, "head_dim": 64}
+
+
+dispatch.register_op(dispatch.OpSpec(OP, _reference_op, _make_case, _call, _check_key, probe=_probe))
 CUDA_IMPL = dispatch.register_impl(OP, "cuda", _cuda_op, _supports)
 
 
@@ -101,7 +107,7 @@ def make_key(q: torch.Tensor) -> dispatch.Key:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-              backend: str = "auto", torch_path=None) -> torch.Tensor:
+              backend: str = "torch", torch_path=None) -> torch.Tensor:
     """softmax(q k^T * scale) v for [B, H, N, D] tensors through the selected backend. `torch_path` overrides
     the reference call (the block patch passes timm's own Attention.forward)."""
     dispatch.validate_backend(backend)
@@ -114,7 +120,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return dispatch.call(OP, make_key(q), backend, (q, k, v, scale), ref)
 
 
-def attention_qkv(qkv: torch.Tensor, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+def attention_qkv(qkv: torch.Tensor, scale: float | None = None, backend: str = "torch") -> torch.Tensor:
     """Attention of a packed [B, N, 3, H, D] projection; returns [B, N, H, D]."""
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return attention(q, k, v, scale, backend).transpose(1, 2)

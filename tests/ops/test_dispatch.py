@@ -1,6 +1,6 @@
 """Backend selection and fallback on CPU, with kernels injected through dispatch.register_impl.
 
-Covers: 'torch' / 'cuda' / 'auto' selection, a kernel failing its self-check (wrong forward or wrong gradient)
+Covers: 'torch' (the default) / 'cuda' / 'auto' (once per op, device and dtype) / 'autotune' selection, a kernel failing its self-check (wrong forward or wrong gradient)
 being disabled with exactly one warning while training continues on the reference, a kernel raising at run
 time, one log line per decision, and the CUDA kernels declining CPU tensors.
 
@@ -70,11 +70,11 @@ def _inputs(rows=6, cols=32, seed=0):
 
 def test_unknown_backend_is_a_user_error():
     x, _, w, b = _inputs()
-    with pytest.raises(UserError, match="auto, cuda, torch"):
+    with pytest.raises(UserError, match="torch, cuda, auto, autotune"):
         layer_norm(x, w, b, backend="fast")
 
 
-@pytest.mark.parametrize("backend", ["auto", "cuda", "torch"])
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
 def test_cpu_without_injected_kernels_is_exactly_the_reference(backend):
     x, r, w, b = _inputs()
     assert torch.equal(layer_norm(x, w, b, 1e-6, backend=backend), reference.layer_norm(x, w, b, 1e-6))
@@ -179,7 +179,7 @@ def _toy_spec(ref_sleep):
 
 
 @pytest.mark.parametrize("ref_sleep,kernel_sleep,expected", [(0.004, 0.0, "fast"), (0.0, 0.004, "torch")])
-def test_auto_picks_the_fastest_backend_that_passed(ref_sleep, kernel_sleep, expected):
+def test_autotune_picks_the_fastest_backend_that_passed(ref_sleep, kernel_sleep, expected):
     dispatch.register_op(_toy_spec(ref_sleep))
     try:
         def kernel(x):
@@ -190,7 +190,7 @@ def test_auto_picks_the_fastest_backend_that_passed(ref_sleep, kernel_sleep, exp
         dispatch.register_impl("toy", "wrong", lambda x: (x * 3.0,), CPU)
         key = (("device", "cpu"), ("dtype", "float32"), ("n", 8))
         with pytest.warns(RuntimeWarning, match="'wrong'"):
-            name, _ = dispatch.select("toy", key, "auto")
+            name, _ = dispatch.select("toy", key, "autotune")
         assert name == expected
         (decision,) = dispatch.decisions()
         assert "fastest" in decision["reason"] and "wrong" not in decision["reason"]
@@ -249,3 +249,54 @@ def test_self_check_is_invisible_to_activation_checkpointing():
     out = checkpoint(lambda t: layer_norm(t * 2, w, b, 1e-6, backend="cuda"), x, use_reentrant=False)
     out.sum().backward()
     assert dispatch.decisions()[0]["backend"] == "good" and x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_torch_is_the_default_backend_everywhere():
+    import inspect
+
+    from dsincubate.config import ModelConfig
+
+    assert ModelConfig().kernel_backend == "torch"
+    for fn in (layer_norm, add_layer_norm, attention, attn_mod.attention_qkv):
+        assert inspect.signature(fn).parameters["backend"].default == "torch"
+    fake = Counting(_math_ln)
+    dispatch.register_impl(ln_mod.OP, "fake", fake, CPU)
+    x, _, w, b = _inputs()
+    layer_norm(x, w, b)
+    assert fake.calls == 0 and dispatch.decisions() == []
+
+
+def test_auto_decides_once_per_device_and_dtype_at_the_probe_shape(caplog):
+    """'auto' self-checks at the op's fixed probe key, logs one decision for (device, dtype), then uses the kernel
+    for every shape without timing or further checks, so every rank makes the same choice."""
+    seen = []
+
+    def fake(x, residual, weight, bias, eps):
+        seen.append(tuple(x.shape))
+        return _math_ln(x, residual, weight, bias, eps)
+
+    dispatch.register_impl(ln_mod.OP, "fake", fake, CPU)
+    with caplog.at_level(logging.INFO, logger="dsincubate.ops"):
+        for rows, cols in ((6, 32), (3, 40), (6, 32)):
+            x, r, w, b = _inputs(rows, cols)
+            y, s = add_layer_norm(x, r, w, b, 1e-6, backend="auto")
+            assert torch.allclose(y, reference.add_layer_norm(x, r, w, b, 1e-6)[0], atol=1e-5)
+    probe = ln_mod._probe({"device": "cpu", "dtype": "float32"})
+    assert seen[0] == (probe["rows"], probe["cols"])  # the self-check ran at the probe shape, first
+    assert seen[1:] == [(6, 32), (3, 40), (6, 32)]  # then each call, with no per-shape check or timing
+    (decision,) = dispatch.decisions()
+    assert decision["key"] == {"device": "cpu", "dtype": "float32"} and decision["backend"] == "fake"
+    assert len([r for r in caplog.records if "backend=auto" in r.getMessage()]) == 1
+    add_layer_norm(*[t.bfloat16() for t in _inputs()], 1e-6, backend="auto")  # another dtype: its own decision
+    assert [(d["key"]["dtype"], d["backend"]) for d in dispatch.decisions()] == [("float32", "fake"),
+                                                                               ("bfloat16", "fake")]
+
+
+def test_auto_falls_back_to_torch_for_the_whole_dtype_when_the_probe_fails():
+    bad = dispatch.register_impl(ln_mod.OP, "bad", Counting(_wrong_forward_ln), CPU)
+    with pytest.warns(RuntimeWarning, match="'bad'"):
+        for rows in (6, 3):
+            x, r, w, b = _inputs(rows)
+            y, _ = add_layer_norm(x, r, w, b, 1e-6, backend="auto")
+            assert torch.equal(y, reference.add_layer_norm(x, r, w, b, 1e-6)[0])
+    assert bad.fn.calls == 1 and [d["backend"] for d in dispatch.decisions()] == ["torch"]

@@ -39,11 +39,14 @@ def fwd_bwd(fn, leaves, cotangents):
     return [o.detach() for o in outs] + [t.grad for t in fresh]
 
 
-def assert_close(got, want, tol, what):
+def assert_close(got, want, tol, what, floor=0.0):
+    """max |got - want| <= tol * max(max |want|, floor); `floor` covers references that are exactly zero (dq, dk
+    at seq 1), where fp32 rounding noise is the right answer (found by the CPU harness tier)."""
     assert got.shape == want.shape, what
     assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten or overflow)"
-    err = reference.relative_error(got, want)
-    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+    diff = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+    scale = max(want.abs().max().item() if want.numel() else 0.0, floor, 1e-12)
+    assert diff <= tol * scale, f"{what}: relative error {diff / scale:.3g} > {tol}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -138,8 +141,9 @@ def test_attention_matches_float64(dtype, batch, heads, seq, head_dim, packed):
     got = fwd_bwd(lambda t: attn_mod._AttentionFn.apply(*split(t), scale), [qkv], cot)
     want = fwd_bwd(lambda t: reference.attention_math(*split(t), scale), [qkv.double()], [cot[0].double()])
     assert_close(got[0], want[0], ATTN_TOL[dtype], "o")
+    floor = 1e-3 * want[1].abs().max().item()
     for i, name in enumerate("qkv"):
-        assert_close(got[1][:, :, i], want[1][:, :, i], ATTN_TOL[dtype], f"d{name}")
+        assert_close(got[1][:, :, i], want[1][:, :, i], ATTN_TOL[dtype], f"d{name}", floor)
 
 
 def test_attention_backward_is_deterministic():
