@@ -1,6 +1,7 @@
 """Building a phase's DeepSpeed engine: the one place that turns a Phase and a ds_config into a training engine.
 
-`build_engine(phase, ctx, ds_cfg, steps_per_epoch)` builds the phase's model (loading what earlier phases handed over),
+`build_engine(phase, ctx, ds_cfg, steps_per_epoch)` builds the phase's model (loading what earlier phases handed over;
+under ZeRO-3 inside `deepspeed.zero.Init`, see `Phase.build_model_zero3`),
 swaps in the fused kernels, hands only the trainable parameters to the optimizer, builds the per-step warmup + cosine
 schedule and calls `deepspeed.initialize`. The training loop (`dsincubate.trainer`), `dsincubate tune` and the
 benchmarks all call it, so the learning-rate rule (peak lr x global batch / 512, DeiT), the optimizer and the kernels
@@ -106,7 +107,10 @@ def build_engine(phase, ctx: dist.DistContext, ds_cfg: dict, steps_per_epoch: in
 
     tc, cfg = phase.train_cfg, phase.cfg
     dist.seed_everything(cfg.seed)
-    model = phase.build_model(load=load)
+    if dsconfig.zero_stage(ds_cfg) == 3:  # partitioned while it is built: no rank holds the whole model
+        model = phase.build_model_zero3(ds_cfg, load=load)
+    else:
+        model = phase.build_model(load=load)
     kernels = apply_kernels(model, cfg.model.kernel_backend)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

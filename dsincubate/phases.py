@@ -10,6 +10,14 @@ save its result. Everything else is done identically for all phases, which is wh
     finetune   fine-tune the assembled target (see dsincubate.assemble)                -> finetune/model.safetensors
     e2e        train the same target whole, from scratch, same loop and recipe         -> e2e/model.safetensors
     e2e_tune   train the E2E model further with the fine-tune recipe (paper's control) -> e2e_tune/model.safetensors
+
+Under ZeRO-3 the engine builds through `build_model_zero3(ds_cfg, load)`: the model is constructed inside
+`deepspeed.zero.Init` (each submodule partitioned as soon as it exists), timm's initialisation is replayed one module
+at a time (`vit.init_weights_gathered`: same values as an unsharded build), and earlier phases' weights are loaded
+one tensor at a time into gathered parameters, so no rank ever holds the whole model. Incubation then builds the meta
+model and target stage I only, never the whole target; its stage I is drawn from a model of stage I's depth (same
+architecture, the target's drop-path rates for those blocks), so its initial values differ from the stage I of a
+whole-target build used without ZeRO-3.
 """
 from __future__ import annotations
 
@@ -78,6 +86,23 @@ class Phase:
     def build_model(self, load: bool = True) -> nn.Module:
         raise NotImplementedError
 
+    def build_model_zero3(self, ds_cfg: dict, load: bool = True) -> nn.Module:
+        """The model built inside `deepspeed.zero.Init` with `ds_cfg` (ZeRO stage 3): partitioned from the start."""
+        import deepspeed
+
+        with vit.deferred_init() as built, deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+            model, sources = self._construct_zero3()
+        for m in built:
+            vit.init_weights_gathered(m)
+        if load:
+            for module, path in sources:
+                load_gathered(module, path)
+        return model
+
+    def _construct_zero3(self) -> tuple[nn.Module, list]:
+        """(model, [(submodule, safetensors file to load into it), ...]) without loading anything."""
+        return self.build_model(load=False), []
+
     def loss(self, output, targets: torch.Tensor, criterion) -> dict[str, torch.Tensor]:
         return {"loss": criterion(output.float(), targets)}
 
@@ -90,6 +115,30 @@ class Phase:
                 "stage_depths": self.depths()}
         ckpt.save_tensors(self.out_dir / self.output_file, tensors, meta)
         return [self.output_file]
+
+
+def load_gathered(module: nn.Module, path: Path) -> None:
+    """Load a safetensors file into a ZeRO-3 partitioned module (strict): one tensor read and gathered at a time,
+    rank 0's copy kept and re-partitioned."""
+    import deepspeed
+    import torch.distributed as tdist
+    from safetensors import safe_open
+
+    names = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        missing, unexpected = (set(names) | set(buffers)) - keys, keys - set(names) - set(buffers)
+        if missing or unexpected:
+            raise UserError(f"{path} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
+                            f"{sorted(unexpected)[:5]}")
+        main = not tdist.is_initialized() or tdist.get_rank() == 0
+        for name, p in names.items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if main:
+                    p.data.copy_(f.get_tensor(name).to(p.dtype))
+        for name, b in buffers.items():
+            b.data.copy_(f.get_tensor(name).to(b.dtype))
 
 
 def meta_spec(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -> vit.ModelSpec:
@@ -163,6 +212,33 @@ class IncubatePhase(Phase):
         return staged.Hybrid(list(meta_model.stages), target_stages[self.stage_index], self.stage_index,
                              imitation=tc.imitation, freeze_meta=tc.meta_model == "fixed")
 
+    def target_stage_only(self) -> staged.Stage:
+        """Target stage I alone, from a model of stage I's depth (its embedding or head kept only when stage I has
+        them): the blocks get the whole target's drop-path rates for their positions."""
+        from timm.layers import DropPath
+
+        tc, depths, i = self.train_cfg, self.depths(), self.stage_index
+        spec = self.target_spec()
+        start, total = sum(depths[:i]), sum(depths)
+        part = vit.build(vit.ModelSpec(spec.timm_name, dict(spec.kwargs, depth=depths[i], drop_path_rate=0.0)))
+        stage = staged.Stage(part, 0, depths[i], first=i == 0, last=i == len(depths) - 1)
+        stage.block_offset = start
+        rate = tc.drop_path
+        for j, block in enumerate(stage.blocks):
+            k = start + j
+            p = rate if tc.drop_path_mode == "uniform" else (rate * k / (total - 1) if total > 1 else 0.0)
+            for attr in ("drop_path1", "drop_path2"):
+                if hasattr(block, attr):
+                    setattr(block, attr, DropPath(p) if p > 0 else nn.Identity())
+        return stage
+
+    def _construct_zero3(self):
+        tc = self.train_cfg
+        meta_model = build_meta_model(self.cfg, self.num_classes)
+        model = staged.Hybrid(list(meta_model.stages), self.target_stage_only(), self.stage_index,
+                              imitation=tc.imitation, freeze_meta=tc.meta_model == "fixed")
+        return model, ([(meta_model, self.meta_path)] if self.meta_path is not None else [])
+
     def loss(self, output, targets, criterion):
         if self.train_cfg.imitation and isinstance(output, tuple):  # Module Imitation: L1 to the meta stage's output
             return {"loss": F.l1_loss(output[0].float(), output[1].float())}
@@ -205,6 +281,10 @@ class _FromModel(Phase):
             tensors, _ = ckpt.load_tensors(self.source_path)
             model.load_state_dict(tensors, strict=True)
         return model
+
+    def _construct_zero3(self):
+        model = self.target()
+        return model, ([(model, self.source_path)] if self.source_path is not None else [])
 
 
 class FinetunePhase(_FromModel):

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from dsincubate.config import DEIT_T_PREFIX, ModelConfig, parse_deit_t
@@ -131,10 +134,77 @@ def meta_spec(cfg: ModelConfig, target: ModelSpec, drop_path: float = 0.0) -> Mo
     return ModelSpec(target.timm_name, kw)
 
 
+_DEFERRED: ContextVar[list | None] = ContextVar("dsincubate_vit_deferred_init", default=None)
+
+
+@contextmanager
+def deferred_init():
+    """Inside, `build` skips timm's weight initialisation and collects the models it builds (the yielded list); run
+    `init_weights_gathered` on each afterwards. For building inside `deepspeed.zero.Init`, which partitions every
+    submodule as soon as it is constructed: timm's initialisation at the end of the model's constructor would then
+    write into empty shards (a silent no-op that leaves PyTorch's default init)."""
+    built: list = []
+    token = _DEFERRED.set(built)
+    try:
+        yield built
+    finally:
+        _DEFERRED.reset(token)
+
+
 def build(spec: ModelSpec) -> VisionTransformer:
-    model = timm.create_model(spec.timm_name, pretrained=False, **spec.kwargs)
+    pending = _DEFERRED.get()
+    kwargs = dict(spec.kwargs, weight_init="skip") if pending is not None else spec.kwargs
+    model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
     _check_supported(model, spec.timm_name)
+    if pending is not None:
+        pending.append(model)
     return model
+
+
+def init_weights_gathered(model: VisionTransformer) -> None:
+    """timm's `VisionTransformer.init_weights` (its default 'timm' mode, as at construction) for a model built inside
+    `deepspeed.zero.Init` under `deferred_init`: the same calls in the same order, hence the same random draws as an
+    unsharded build, each on one module's parameters gathered (and re-partitioned right after, rank 0's values
+    kept), so no rank ever holds more than one module in full. Values are drawn in fp32 and then rounded to the
+    parameters' dtype (bf16 under bf16 ZeRO-3), as an unsharded build followed by DeepSpeed's cast gives."""
+    import deepspeed
+    from timm.models._manipulate import named_apply
+    from timm.models.vision_transformer import init_weights_vit_timm
+
+    if getattr(model, "fix_init", False) or getattr(model, "weight_init_mode", "reset") not in ("reset", ""):
+        raise ValueError("init_weights_gathered replays timm's default init only (no fix_init, no jax/moco modes)")
+
+    def in_fp32(params, fn):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            full = {p: p.data for p in params}
+            for p in params:
+                p.data = torch.empty(p.shape, dtype=torch.float32, device=full[p].device)
+            try:
+                fn()
+            finally:
+                for p in params:
+                    p.data = full[p].copy_(p.data.to(full[p].dtype))
+
+    def top():
+        if model.pos_embed is not None:
+            trunc_normal_(model.pos_embed, std=.02)
+        if model.cls_token is not None:
+            nn.init.normal_(model.cls_token, std=1e-6)
+        if model.reg_token is not None:
+            nn.init.normal_(model.reg_token, std=1e-6)
+
+    in_fp32([p for p in (model.pos_embed, model.cls_token, model.reg_token) if p is not None], top)
+
+    def each(module: nn.Module, name: str = "") -> None:
+        # a module with its own init_weights (not a Linear) may set its children's parameters too
+        if not isinstance(module, nn.Linear) and not hasattr(module, "init_weights"):
+            return  # timm's init leaves it as constructed (needs_reset=False)
+        recurse = not isinstance(module, nn.Linear)
+        params = list(module.parameters(recurse=recurse))
+        if params:
+            in_fp32(params, lambda: init_weights_vit_timm(module, name, needs_reset=False))
+
+    named_apply(each, model)
 
 
 def set_drop_path(model: nn.Module, rate: float, mode: str) -> None:
