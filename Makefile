@@ -12,7 +12,7 @@ $(BIN)/dsincubate: setup.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-fast test-build test-gpu clean-demo
+.PHONY: install demo test test-fast test-build test-gpu test-cluster clean-demo
 install: $(BIN)/dsincubate
 
 demo: install
@@ -31,6 +31,11 @@ test-build: install
 
 test-gpu: install
 	$(BIN)/python -m pytest -q tests -m gpu
+
+# The cluster tier (tests/cluster/, part of `test`): 4 hosts as network namespaces with sshd, pdsh and a one-machine
+# SLURM, built by the tests themselves (root; Debian's openssh-server, pdsh, slurm-wlm, munge via apt-get).
+test-cluster: install
+	$(BIN)/python -m pytest -q tests/cluster -m cluster --durations=0
 
 clean-demo:
 	rm -rf runs/demo

@@ -1,28 +1,105 @@
 #!/usr/bin/env bash
-# Submit the whole pipeline to SLURM with dependencies: meta -> K-task incubation array -> assemble + finetune (+ e2e).
+# Submit the whole pipeline to SLURM as a dependency chain: meta -> K-task incubation array -> assemble + fine-tune +
+# export -> report.
 #
 #   launchers/slurm_pipeline.sh --nodes 2 --gpus 8 --k 4 -- --recipe vit_h14 --output /shared/vith
+#   launchers/slurm_pipeline.sh --gpus 0 --ranks-per-node 4 -- --recipe debug --output /shared/dbg   # CPU ranks
+#
+# Options: --nodes N (per job), --gpus G (per node; 0 = no GPUs, CPU ranks), --ranks-per-node R (DeepSpeed slots per
+# node; default G), --k K (array size; must equal the run's model.num_stages), --master_port P, --partition P,
+# --sbatch "OPTS" (more sbatch options for every job). After `--`: the dsincubate options; --output must name a
+# directory every node sees. On CPUs with R >= K each array task runs R/K ranks (as launchers/incubate.sh does).
+#
+# A failed job stops the chain: the jobs after it are cancelled by SLURM (--kill-on-invalid-dep=yes), and the
+# report job, which runs whatever happened, prints which phase or module is missing and where its log is, writes
+# DIR/logs/slurm/report.txt and exits non-zero. Job scripts and logs go to DIR/logs/slurm/. Re-submitting the same
+# command resumes (complete phases and modules are skipped). Tested on a one-machine SLURM (slurmctld, slurmd,
+# munge) in tests/cluster/test_slurm.py: the chain, the array and a failing array task; multi-node srun is not.
 set -euo pipefail
-NODES=1 GPUS=8 K=4
+NODES=1 GPUS=8 K=4 RANKS="" PORT=29500 PARTITION="" SBATCH_OPTS=""
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   case "$1" in
     --nodes) NODES="$2"; shift 2;; --gpus) GPUS="$2"; shift 2;; --k) K="$2"; shift 2;;
-    *) echo "slurm_pipeline.sh: error: unknown option $1" >&2; exit 2;;
+    --ranks-per-node) RANKS="$2"; shift 2;; --master_port) PORT="$2"; shift 2;;
+    --partition) PARTITION="$2"; shift 2;; --sbatch) SBATCH_OPTS="$2"; shift 2;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
+    *) echo "slurm_pipeline.sh: error: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
 [ "${1:-}" = "--" ] && shift
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-full() {  # a job on the full allocation running one phase
-  echo "#!/usr/bin/env bash
-set -euo pipefail; cd $(dirname "$HERE")
-scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | awk '{print \$1\" slots=$GPUS\"}' > hosts.\$SLURM_JOB_ID
-$*"
+REPO="$(dirname "$HERE")"
+source "$HERE/_env.sh"
+
+OUTPUT=""
+for ((a = 1; a <= $#; a++)); do [ "${!a}" = "--output" ] && { b=$((a + 1)); OUTPUT="${!b}"; }; done
+[ -n "$OUTPUT" ] || { echo "slurm_pipeline.sh: error: pass --output DIR (on a shared file system) after --" >&2; exit 2; }
+OUTPUT="$(cd "$(dirname "$OUTPUT")" && pwd)/$(basename "$OUTPUT")"
+ARGS=("$@")
+for ((a = 0; a < ${#ARGS[@]}; a++)); do [ "${ARGS[$a]}" = "--output" ] && ARGS[$((a + 1))]="$OUTPUT"; done
+# fail fast (one line, exit 2) on bad input before anything is queued; also checks K against the run's config
+NUM_STAGES=$("$PY" -m dsincubate config "${ARGS[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
+[ "$NUM_STAGES" = "$K" ] || { echo "slurm_pipeline.sh: error: --k $K but the run has model.num_stages=$NUM_STAGES" >&2; exit 2; }
+
+SLOTS="${RANKS:-$GPUS}"
+[ "$SLOTS" -ge 1 ] || { echo "slurm_pipeline.sh: error: --gpus 0 needs --ranks-per-node R >= 1" >&2; exit 2; }
+TASK_SLOTS="$SLOTS"
+[ "$GPUS" = 0 ] && [ "$SLOTS" -ge "$K" ] && TASK_SLOTS=$((SLOTS / K))
+SB=(--parsable --nodes "$NODES" --kill-on-invalid-dep=yes)
+[ "$GPUS" -gt 0 ] && SB+=(--gpus-per-node "$GPUS")
+[ -n "$PARTITION" ] && SB+=(--partition "$PARTITION")
+read -r -a EXTRA_SB <<<"$SBATCH_OPTS"
+SB+=("${EXTRA_SB[@]+"${EXTRA_SB[@]}"}")
+JOBS="$OUTPUT/logs/slurm"
+mkdir -p "$JOBS"
+Q_ARGS=$(printf '%q ' "${ARGS[@]}")
+
+# One phase on the job's whole allocation: a hostfile from SLURM's node list; DeepSpeed's slurm launcher (srun) when
+# there are several nodes, a local launch on one (no ssh needed: --no_ssh_check, --master_addr given).
+job_script() {  # job_script NAME BODY
+  cat >"$JOBS/$1.sh" <<EOF
+#!/usr/bin/env bash
+set -euo pipefail
+cd $(printf '%q' "$REPO")
+HOSTFILE=$(printf '%q' "$JOBS")/hosts.\$SLURM_JOB_ID
+scontrol show hostnames "\$SLURM_JOB_NODELIST" | awk '{print \$1" slots=$SLOTS"}' >"\$HOSTFILE"
+MASTER=\$(head -n1 "\$HOSTFILE" | awk '{print \$1}')
+PHASE() { launchers/phase.sh "\$1" --hostfile "\$HOSTFILE" --launcher slurm --no_ssh_check --master_addr "\$MASTER" \\
+  --master_port $PORT -- $Q_ARGS; }
+$2
+EOF
+  chmod +x "$JOBS/$1.sh"
 }
-ARGS="$*"
-META=$(sbatch --parsable --nodes "$NODES" --gpus-per-node "$GPUS" --job-name dsi-meta \
-  --wrap "$(full launchers/phase.sh meta --hostfile hosts.\$SLURM_JOB_ID --launcher slurm -- $ARGS)")
-ARRAY=$(sbatch --parsable --dependency "afterok:$META" --array "0-$((K - 1))" --nodes "$NODES" \
-  --gpus-per-node "$GPUS" "$HERE/slurm_incubate.sbatch" "$@")
-FT=$(sbatch --parsable --dependency "afterok:$ARRAY" --nodes "$NODES" --gpus-per-node "$GPUS" --job-name dsi-finetune \
-  --wrap "$(full "python -m dsincubate assemble $ARGS && launchers/phase.sh finetune --hostfile hosts.\$SLURM_JOB_ID --launcher slurm -- $ARGS && python -m dsincubate export $ARGS")")
-echo "submitted: meta $META, incubation array $ARRAY, assemble+finetune $FT"
+job_script meta 'PHASE meta'
+job_script finetune "$(printf '%q' "$PY") -m dsincubate assemble $Q_ARGS
+PHASE finetune
+$(printf '%q' "$PY") -m dsincubate export --source finetune $Q_ARGS"
+META=$(sbatch "${SB[@]}" --job-name dsi-meta --output "$JOBS/meta-%j.out" "$JOBS/meta.sh")
+ARRAY=$(DSI_SLOTS="$TASK_SLOTS" DSI_MASTER_PORT="$PORT" DSI_REPO="$REPO" sbatch "${SB[@]}" --export=ALL \
+  --dependency "afterok:$META" --array "0-$((K - 1))" --job-name dsi-incubate --output "$JOBS/incubate-%A_%a.out" \
+  "$HERE/slurm_incubate.sbatch" "${ARGS[@]}")
+FT=$(sbatch "${SB[@]}" --dependency "afterok:$ARRAY" --job-name dsi-finetune --output "$JOBS/finetune-%j.out" \
+  "$JOBS/finetune.sh")
+cat >"$JOBS/report.sh" <<EOF
+#!/usr/bin/env bash
+# Runs after the chain, whatever happened: what is complete, what is not and where its log is.
+cd $(printf '%q' "$REPO")
+O=$(printf '%q' "$OUTPUT"); L=$(printf '%q' "$JOBS"); bad=0
+{
+  ok() { [ -f "\$O/\$1/MANIFEST.json" ]; }
+  if ok meta; then echo "meta: complete"; else echo "meta: FAILED (log: \$L/meta-$META.out)"; bad=1; fi
+  for ((i = 0; i < $K; i++)); do
+    if ok incubate/module_\$i; then echo "incubate module \$i: complete"
+    else echo "incubate module \$i: FAILED (log: \$L/incubate-$ARRAY_\$i.out)"; bad=1; fi
+  done
+  if ok finetune; then echo "finetune: complete"
+  else echo "finetune: not run or FAILED (log: \$L/finetune-$FT.out)"; bad=1; fi
+  [ \$bad = 0 ] && echo "pipeline: complete" || echo "pipeline: FAILED; fix the cause and submit the same command again (complete parts are skipped)"
+} | tee "\$L/report.txt"
+exit \$bad
+EOF
+
+REPORT=$(sbatch --parsable --nodes 1 --dependency "afterany:$META:$ARRAY:$FT" --job-name dsi-report \
+  --output "$JOBS/report-%j.out" "${EXTRA_SB[@]+"${EXTRA_SB[@]}"}" ${PARTITION:+--partition "$PARTITION"} "$JOBS/report.sh")
+echo "submitted: meta $META, incubation array $ARRAY (${K} tasks), assemble+finetune $FT, report $REPORT"
+echo "logs and report: $JOBS/"

@@ -238,8 +238,8 @@ class Cluster:
         return subprocess.run([str(self.workdir / "bin" / "ssh"), self.hosts[i], command], capture_output=True,
                               text=True, timeout=timeout)
 
-    def write_hostfile(self, path: Path, hosts: list[int]) -> Path:
-        path.write_text("".join(f"{self.hosts[i]} slots={self.slots}\n" for i in hosts))
+    def write_hostfile(self, path: Path, hosts: list[int], slots: int | None = None) -> Path:
+        path.write_text("".join(f"{self.hosts[i]} slots={slots or self.slots}\n" for i in hosts))
         return path
 
     def host_pids(self, i: int) -> list[int]:

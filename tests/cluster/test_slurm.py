@@ -1,0 +1,99 @@
+"""`launchers/slurm_pipeline.sh` on a real (one-machine) SLURM: the dependency chain meta -> K-task incubation array ->
+assemble + fine-tune -> report runs to the end and gives what a local run gives; a failing array task stops the
+chain and the report names it. Cluster tier: `make test-cluster` (slurm.py starts munged, slurmctld, slurmd)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import LAUNCHERS, demo_args, next_port
+from dsincubate import checkpoint as ckpt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cluster import ClusterUnavailable  # noqa: E402
+from slurm import Slurm  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    try:
+        with Slurm(tmp_path_factory.mktemp("slurm")) as s:
+            yield s
+    except ClusterUnavailable as e:
+        pytest.fail(f"cannot start the test SLURM: {e}", pytrace=False)
+
+
+def submit(slurm, out: Path, cwd: Path) -> dict:
+    cmd = [str(LAUNCHERS / "slurm_pipeline.sh"), "--gpus", "0", "--ranks-per-node", "4", "--k", "4",
+           "--master_port", str(next_port()), "--", "--recipe", "debug", "--output", str(out), *demo_args(cwd)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300,
+                       env=slurm.env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("submitted:"))
+    # "submitted: meta 12, incubation array 13 (4 tasks), assemble+finetune 14, report 15"
+    words = line.replace(",", "").split()
+    return {"meta": words[2], "array": words[5], "finetune": words[9], "report": words[11]}
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm, shared):
+    out = shared / "slurm_run"
+    jobs = submit(slurm, out, shared)
+    slurm.wait_idle(timeout=900)
+    return out, jobs
+
+
+def test_slurm_chain_runs_the_array_and_completes_the_pipeline(slurm, slurm_run):
+    out, jobs = slurm_run
+    report = (out / "logs/slurm/report.txt").read_text()
+    assert "pipeline: complete" in report, report + "\n" + "\n".join(
+        f"{p.name}:\n{p.read_text()[-1500:]}" for p in sorted((out / "logs/slurm").glob("*.out")))
+    for i in range(4):  # each module ran as its own array task, with its own log
+        log = (out / f"logs/slurm/incubate-{jobs['array']}_{i}.out").read_text()
+        assert f"incubation of module {i} on" in log
+        run = json.loads((out / f"incubate/module_{i}/run.json").read_text())
+        assert run["world_size"] == 1
+    for name in ("meta", "finetune"):
+        assert json.loads((out / name / "run.json").read_text())["world_size"] == 4
+    assert (out / "export/finetune/model.safetensors").is_file()
+    assert slurm.job_state(jobs["finetune"]) == "COMPLETED"
+
+
+def test_slurm_pipeline_gives_the_same_model_as_the_local_run(slurm_run, one_host_run):
+    out, _ = slurm_run
+    a, _ = ckpt.load_tensors(out / "finetune/model.safetensors")
+    b, _ = ckpt.load_tensors(one_host_run / "finetune/model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    top1 = lambda root: json.loads((root / "finetune/run.json").read_text())["final"]["top1"]  # noqa: E731
+    assert top1(out) == top1(one_host_run)
+
+
+def test_a_failed_array_task_stops_the_chain_and_the_report_names_it(slurm, slurm_run, shared, tmp_path):
+    done, _ = slurm_run
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copytree(done / "meta", out / "meta")
+    shutil.copy(done / "config.json", out / "config.json")
+    for i in (0, 2, 3):
+        shutil.copytree(done / f"incubate/module_{i}", out / f"incubate/module_{i}")
+    # module 1 fails: its directory holds a run made with another config, which incubate refuses (exit 2)
+    (out / "incubate/module_1").mkdir(parents=True)
+    (out / "incubate/module_1/config_key.json").write_text('{"seed": 12345}')
+    jobs = submit(slurm, out, tmp_path)
+    slurm.wait_idle(timeout=600)
+    report = (out / "logs/slurm/report.txt").read_text()
+    assert "incubate module 1: FAILED" in report and f"incubate-{jobs['array']}_1.out" in report, report
+    assert "pipeline: FAILED" in report
+    assert all(f"incubate module {i}: complete" in report for i in (0, 2, 3)), report
+    log = (out / f"logs/slurm/incubate-{jobs['array']}_1.out").read_text()
+    assert "another config" in log, log[-2000:]
+    assert slurm.job_state(jobs["finetune"]) == "CANCELLED"  # the chain stopped: fine-tuning never started
+    assert not (out / "finetune").exists()
+    report_log = next((out / "logs/slurm").glob(f"report-{jobs['report']}.out")).read_text()
+    assert "FAILED" in report_log
