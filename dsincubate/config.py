@@ -100,6 +100,12 @@ class ModelConfig(_Checked):
     """Explicit blocks per stage, summing to the depth; empty = even split."""
     meta_depth_per_stage: int = setting(1, lo=1)
     """Blocks per stage of the meta model (paper: 1, the shallowest possible)."""
+    meta_init: str = ""
+    """A trained model of the target's width to build the meta model from instead of a random init (supplementary
+    Sec. 3): a run directory (its fine-tuned, else E2E model), a dsincubate model file or a timm checkpoint
+    (.safetensors/.pth). Meta stage i takes the last `meta_depth_per_stage` blocks of target stage i (the blocks
+    whose output the next stage was trained on), the embedding and the head; meta pre-training then starts from it
+    (a few `meta.epochs` adapt it). Empty = random init, the paper's method."""
     kernel_backend: str = setting("torch", choices=("torch", "cuda", "auto", "autotune"))
     """'torch' (PyTorch's LayerNorm and SDPA, the default); opt-in fused csrc kernels: 'cuda' (each shape
     self-checked), 'auto' (one self-checked choice per op, device and dtype, the same on every rank) or 'autotune'

@@ -77,11 +77,14 @@ def classify(counts: list[int], target: list[int], meta_depth: int) -> tuple[str
 
 
 def _load_stage(module: torch.nn.Module, state: dict, path: Path, i: int) -> None:
-    missing, unexpected = module.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    shapes = [k for k, v in state.items() if k in module.state_dict() and module.state_dict()[k].shape != v.shape]
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and own[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise UserError(f"import: stage {i} of {path} does not fit the run's model: missing {missing[:4]}, "
-                        f"unexpected {unexpected[:4]}, other shapes {shapes[:4]}")
+        raise UserError(f"{path}: stage {i} does not fit the run's model: missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]}, other shapes {shapes[:3]}")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
 def _write(phase, tensors: dict, path: Path, extra: dict | None = None) -> Path:
@@ -148,3 +151,65 @@ def _convert(kind, index, stages, cfg, root, num_classes, path, as_):
     for i, (stage, state) in enumerate(zip(model.stages, stages)):
         _load_stage(stage, state, path, i)
     return phase, dict(model.state_dict()), {}
+
+
+def _timm_tensors(source: Path) -> dict[str, torch.Tensor]:
+    """A whole trained model under timm's key names, from a run directory, a dsincubate model file (stage keys) or a
+    timm checkpoint (.safetensors, or .pth/.bin loaded weights-only, possibly under "model"/"state_dict")."""
+    from dsincubate.models import staged
+
+    if source.is_dir():
+        layout = RunLayout(source)
+        found = [layout.model(n) for n in ("finetune", "e2e") if ckpt.complete(layout.model(n).parent)]
+        if not found:
+            raise UserError(f"model.meta_init: {source} holds no finished fine-tuned or E2E model")
+        source = found[0]
+    if not source.is_file():
+        raise UserError(f"model.meta_init: {source} not found")
+    if source.suffix == ".safetensors":
+        tensors, header = ckpt.load_tensors(source)
+        if "stage_depths" in header:  # a dsincubate whole model: stages.<i>.<stage-local key>
+            offsets = [sum(header["stage_depths"][:i]) for i in range(len(header["stage_depths"]))]
+            out = {}
+            for i, off in enumerate(offsets):
+                local = {k[len(f"stages.{i}."):]: v for k, v in tensors.items() if k.startswith(f"stages.{i}.")}
+                out.update(staged.stage_to_timm_keys(local, off))
+            return out
+        return tensors
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"model.meta_init: {source} does not load weights-only ({str(e).splitlines()[0]})") from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"model.meta_init: {source} is not a state dict")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def meta_from_model(cfg, num_classes: int, source: str | Path) -> dict[str, torch.Tensor]:
+    """The meta model's state dict (`stages.<i>.` keys) built from a trained model of the same width: meta stage i
+    takes the last `meta_depth_per_stage` blocks of target stage i, stage 0 the patch embedding, class and position
+    tokens, the last stage the final norm and head. Loaded strictly: another width or class count is refused."""
+    tensors = _timm_tensors(Path(source))
+    depths = phases.make("meta", cfg, "/nonexistent", num_classes, resolve=False).depths()
+    d = cfg.model.meta_depth_per_stage
+    if min(depths) < d:
+        raise UserError(f"model.meta_init: stage depths {depths} are shorter than meta_depth_per_stage={d}")
+    meta = phases.build_meta_model(cfg, num_classes)
+    for i, stage in enumerate(meta.stages):
+        first = sum(depths[:i + 1]) - d  # the last d blocks of target stage i
+        state = {}
+        for k in stage.state_dict():
+            if k.startswith("blocks."):
+                j, rest = k[len("blocks."):].split(".", 1)
+                state[k] = tensors.get(f"blocks.{first + int(j)}.{rest}")
+            else:
+                state[k] = tensors.get(k)
+        absent = [k for k, v in state.items() if v is None]
+        if absent:
+            raise UserError(f"model.meta_init: {source} lacks {absent[:4]} (not a model of this architecture?)")
+        _load_stage(stage, state, Path(source), i)
+    return dict(meta.state_dict())

@@ -117,20 +117,40 @@ class Phase:
         return [self.output_file]
 
 
-def load_gathered(module: nn.Module, path: Path) -> None:
-    """Load a safetensors file into a ZeRO-3 partitioned module (strict): one tensor read and gathered at a time,
-    rank 0's copy kept and re-partitioned."""
+class _Tensors:
+    """A dict of tensors with safetensors' reader interface (keys, get_tensor), for `load_gathered`."""
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_tensor(self, name):
+        return self.tensors[name]
+
+
+def load_gathered(module: nn.Module, path: Path | dict) -> None:
+    """Load a safetensors file (or a dict of tensors) into a ZeRO-3 partitioned module (strict): one tensor read and
+    gathered at a time, rank 0's copy kept and re-partitioned."""
     import deepspeed
     import torch.distributed as tdist
     from safetensors import safe_open
 
     names = dict(module.named_parameters())
     buffers = dict(module.named_buffers())
-    with safe_open(str(path), framework="pt") as f:
+    with (_Tensors(path) if isinstance(path, dict) else safe_open(str(path), framework="pt")) as f:
         keys = set(f.keys())
         missing, unexpected = (set(names) | set(buffers)) - keys, keys - set(names) - set(buffers)
         if missing or unexpected:
-            raise UserError(f"{path} does not fit the model: missing {sorted(missing)[:5]}, unexpected "
+            what = "the initial tensors" if isinstance(path, dict) else path
+            raise UserError(f"{what} do not fit the model: missing {sorted(missing)[:5]}, unexpected "
                             f"{sorted(unexpected)[:5]}")
         main = not tdist.is_initialized() or tdist.get_rank() == 0
         for name, p in names.items():
@@ -153,8 +173,26 @@ def build_meta_model(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -
 class MetaPhase(Phase):
     name = "meta"
 
+    def resolve_inputs(self) -> None:
+        super().resolve_inputs()
+        init = self.cfg.model.meta_init
+        if init and not Path(init).exists():
+            raise UserError(f"model.meta_init: {init} not found (a run directory or a model file)")
+
     def build_model(self, load: bool = True) -> nn.Module:
-        return build_meta_model(self.cfg, self.num_classes, self.train_cfg.drop_path)
+        model = build_meta_model(self.cfg, self.num_classes, self.train_cfg.drop_path)
+        if load and self.cfg.model.meta_init:  # supplementary Sec. 3: a meta model from a trained model
+            model.load_state_dict(self._init_tensors(), strict=True)
+        return model
+
+    def _init_tensors(self) -> dict[str, torch.Tensor]:
+        from dsincubate.importer import meta_from_model
+
+        return meta_from_model(self.cfg, self.num_classes, self.cfg.model.meta_init)
+
+    def _construct_zero3(self):
+        model = build_meta_model(self.cfg, self.num_classes, self.train_cfg.drop_path)
+        return model, ([(model, self._init_tensors())] if self.cfg.model.meta_init else [])
 
     def save_output(self, tensors):
         meta = {"kind": "meta", "meta_spec": meta_spec(self.cfg, self.num_classes).to_json(),

@@ -100,3 +100,58 @@ def test_unsafe_or_foreign_pickles_are_refused_in_one_line(tmp_path, capsys, pay
     assert _import(tmp_path / "f.pth", tmp_path / "run") == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("form", ["run_dir", "timm_safetensors", "timm_pth"])
+def test_meta_init_takes_each_stage_last_block_the_embedding_and_head_of_a_trained_model(tmp_path, form):
+    from safetensors.torch import save_file
+
+    from dsincubate.importer import meta_from_model
+
+    target = _target()  # depths [2, 2]: meta stage 0 <- block 1, meta stage 1 <- block 3
+    timm_keys = staged.timm_state_dict(target)
+    if form == "run_dir":
+        _official(tmp_path / "vit.pth", list(target.stages))
+        assert _import(tmp_path / "vit.pth", tmp_path / "run") == 0
+        source = tmp_path / "run"
+    elif form == "timm_safetensors":
+        source = tmp_path / "m.safetensors"
+        save_file({k: v.contiguous() for k, v in timm_keys.items()}, str(source))
+    else:
+        source = tmp_path / "m.pth"
+        torch.save({"model": timm_keys, "epoch": 3}, source)
+    meta = meta_from_model(CFG, 10, source)
+    assert torch.equal(meta["stages.0.blocks.0.mlp.fc1.weight"], timm_keys["blocks.1.mlp.fc1.weight"])
+    assert torch.equal(meta["stages.1.blocks.0.attn.qkv.weight"], timm_keys["blocks.3.attn.qkv.weight"])
+    for k in ("pos_embed", "cls_token", "patch_embed.proj.weight"):
+        assert torch.equal(meta[f"stages.0.{k}"], timm_keys[k])
+    assert torch.equal(meta["stages.1.head.weight"], timm_keys["head.weight"])
+    model = phases.build_meta_model(CFG, 10)
+    model.load_state_dict(meta, strict=True)  # exactly the meta model's tensors
+
+
+def test_meta_init_from_another_width_is_refused(tmp_path):
+    from dsincubate.importer import meta_from_model
+    from dsincubate.errors import UserError
+
+    wide = apply_overrides(recipes.get("debug"), SMALL + ["model.embed_dim=32"])
+    model = staged.StagedModel(staged.divide(vit.build(phases.make("e2e", wide, "/x", 10).target_spec()), [2, 2]))
+    torch.save(staged.timm_state_dict(model), tmp_path / "wide.pth")
+    with pytest.raises(UserError, match="does not fit"):
+        meta_from_model(CFG, 10, tmp_path / "wide.pth")
+
+
+def test_meta_phase_with_meta_init_starts_from_the_trained_model_and_records_it(tmp_path):
+    from dsincubate.errors import UserError
+    from dsincubate.importer import meta_from_model
+
+    target = _target()
+    torch.save(staged.timm_state_dict(target), tmp_path / "trained.pth")
+    cfg = apply_overrides(CFG, [f"model.meta_init={tmp_path / 'trained.pth'}"])
+    phase = phases.make("meta", cfg, tmp_path / "run", 10)
+    model = phase.build_model()
+    want = meta_from_model(cfg, 10, tmp_path / "trained.pth")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in want.items())
+    assert phase.config_key()["model"]["meta_init"] == str(tmp_path / "trained.pth")  # another init: another output
+    with pytest.raises(UserError, match="meta_init"):
+        phases.make("meta", apply_overrides(CFG, ["model.meta_init=/nonexistent/x.pth"]), tmp_path / "run", 10)
