@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (DEEPSPEED, LAUNCHERS, demo_args, job_env, next_port, proc_env, procs_with, run_logged, tail,
+from cluster_helpers import (DEEPSPEED, LAUNCHERS, demo_args, job_env, next_port, proc_env, procs_with, run_logged, tail,
                       wait_for)
 
 pytestmark = pytest.mark.cluster

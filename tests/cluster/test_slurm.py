@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LAUNCHERS, demo_args, next_port
+from cluster_helpers import LAUNCHERS, demo_args, next_port
 from dsincubate import checkpoint as ckpt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
