@@ -212,6 +212,11 @@ class TrainConfig(_Checked):
     every block; the paper's ViT-L/H E2E baselines)."""
     imitation: bool = False
     """Incubation only: train by Module Imitation (L1 to the meta stage's output) instead of Module Incubation."""
+    img_size: Optional[int] = setting(None, lo=1)
+    """Fine-tune and e2e_tune only: the input resolution of this phase (None = the model's). Larger than the
+    model's fine-tunes at high resolution (paper Tab. 1, the 384px rows): the position embedding is resampled
+    (timm's bicubic resampling) when the earlier model is loaded; export records the new size. A multiple of the
+    patch size."""
     meta_model: str = setting("fixed", choices=("fixed", "tunable", "random"))
     """Incubation only, the paper's meta ablation: 'fixed' (pre-trained, frozen; the method), 'tunable'
     (pre-trained, trained together with the module) or 'random' (randomly initialised, trained with the module)."""
@@ -286,6 +291,9 @@ class RunConfig(_Checked):
             _check_domains(sub, where)
         for name in TRAIN_SECTIONS:
             self.train_config(name).validate(name)
+            if self.train_config(name).img_size and name not in ("finetune", "e2e_tune"):
+                raise UserError(f"{name}.img_size: only fine-tuning (finetune, e2e_tune) changes the resolution; "
+                                "set model.img_size for the whole run")
         m = self.model
         if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
             raise UserError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")

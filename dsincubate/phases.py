@@ -61,7 +61,14 @@ class Phase:
 
     def target_spec(self, drop_path: float | None = None) -> vit.ModelSpec:
         dp = self.train_cfg.drop_path if drop_path is None else drop_path
-        return vit.target_spec(self.cfg.model, self.num_classes, dp)
+        spec = vit.target_spec(self.cfg.model, self.num_classes, dp)
+        size = self.train_cfg.img_size  # a high-resolution fine-tune
+        if size and size != spec.kwargs["img_size"]:
+            if size % spec.kwargs["patch_size"]:
+                raise UserError(f"{self.name}.img_size={size} is not a multiple of the patch size "
+                                f"{spec.kwargs['patch_size']}")
+            spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, img_size=size))
+        return spec
 
     def depths(self) -> list[int]:
         return vit.stage_depths(self.cfg.model, self.target_spec().depth)
@@ -302,6 +309,7 @@ class _FromModel(Phase):
 
     source = ""
     source_path: Path | None = None
+    source_size: int | None = None
 
     def resolve_inputs(self) -> None:
         self.depths()
@@ -309,20 +317,37 @@ class _FromModel(Phase):
         if not ckpt.complete(path.parent):
             raise UserError(f"{self.source} model missing: {path} (run `dsincubate {self.source}` first)")
         header = ckpt.read_meta(path)
-        if not vit.same_architecture(vit.ModelSpec.from_json(header["spec"]), self.target_spec(0.0)):
+        have, want = vit.ModelSpec.from_json(header["spec"]), self.target_spec(0.0)
+        self.source_size = int(have.kwargs["img_size"])  # a high-resolution fine-tune starts from another size
+        same_but_size = vit.ModelSpec(have.timm_name, dict(have.kwargs, img_size=want.kwargs["img_size"]))
+        if not vit.same_architecture(same_but_size, want):
             raise UserError(f"{path} holds another model than this run's target")
         self.source_path = path
+
+    def source_tensors(self) -> dict[str, torch.Tensor]:
+        """The earlier model's tensors, its position embedding resampled to this phase's resolution if it differs."""
+        from timm.layers import resample_abs_pos_embed
+
+        tensors, _ = ckpt.load_tensors(self.source_path)
+        patch, size = self.target_spec().kwargs["patch_size"], self.img_size
+        if self.source_size != size:
+            key = "stages.0.pos_embed"
+            tensors[key] = resample_abs_pos_embed(tensors[key], new_size=[size // patch] * 2,
+                                                  old_size=[self.source_size // patch] * 2, num_prefix_tokens=1)
+        return tensors
 
     def build_model(self, load: bool = True) -> nn.Module:
         model = self.target()
         if load:
-            tensors, _ = ckpt.load_tensors(self.source_path)
-            model.load_state_dict(tensors, strict=True)
+            model.load_state_dict(self.source_tensors(), strict=True)
         return model
 
     def _construct_zero3(self):
         model = self.target()
-        return model, ([(model, self.source_path)] if self.source_path is not None else [])
+        if self.source_path is None:
+            return model, []
+        resampled = self.source_size != self.img_size  # then the tensors, not the file, are what fits
+        return model, [(model, self.source_tensors() if resampled else self.source_path)]
 
 
 class FinetunePhase(_FromModel):

@@ -155,3 +155,45 @@ def test_meta_phase_with_meta_init_starts_from_the_trained_model_and_records_it(
     assert phase.config_key()["model"]["meta_init"] == str(tmp_path / "trained.pth")  # another init: another output
     with pytest.raises(UserError, match="meta_init"):
         phases.make("meta", apply_overrides(CFG, ["model.meta_init=/nonexistent/x.pth"]), tmp_path / "run", 10)
+
+
+def _assembled_run(root):
+    """A run directory holding an assembled model, as `dsincubate assemble` leaves it."""
+    model = _target()
+    spec = phases.make("e2e", CFG, root, 10).target_spec(0.0)
+    out = RunLayout(root).assemble_dir
+    out.mkdir(parents=True)
+    ckpt.save_tensors(out / "model.safetensors", dict(model.state_dict()),
+                      {"kind": "assembled", "spec": spec.to_json(), "num_stages": 2, "stage_depths": [2, 2]})
+    ckpt.write_manifest(out, ["model.safetensors"])
+    return model
+
+
+def test_high_resolution_finetune_starts_from_the_assembled_model_with_a_resampled_position_embedding(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    assembled = _assembled_run(tmp_path)
+    same = phases.make("finetune", CFG, tmp_path, 10).build_model().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # at the model's own resolution: exactly the assembled model
+        assert torch.equal(same(x), assembled(x))
+    hires = phases.make("finetune", apply_overrides(CFG, ["finetune.img_size=32"]), tmp_path, 10)
+    assert hires.img_size == 32 and hires.target_spec().kwargs["img_size"] == 32
+    model = hires.build_model().eval()
+    old = assembled.state_dict()
+    for k, v in model.state_dict().items():
+        if k == "stages.0.pos_embed":
+            assert v.shape[1] == 1 + 16 and torch.equal(v, resample_abs_pos_embed(old[k], [4, 4], [2, 2], 1))
+        else:
+            assert torch.equal(v, old[k]), k
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("setting, message", [("meta.img_size=32", "only fine-tuning"),
+                                              ("finetune.img_size=20", "multiple of the patch size")])
+def test_resolution_change_outside_finetuning_or_off_the_patch_grid_is_refused(tmp_path, setting, message):
+    from dsincubate.errors import UserError
+
+    _assembled_run(tmp_path)
+    with pytest.raises(UserError, match=message):
+        phases.make("finetune", apply_overrides(CFG, [setting]), tmp_path, 10).build_model()
