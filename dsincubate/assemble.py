@@ -104,12 +104,15 @@ def export(root: Path, source: str = "finetune", dry_run: bool = False) -> Path:
     out = RunLayout(root).export_dir(source)
     ckpt.save_tensors(out / MODEL_FILE, staged.timm_state_dict(model), {"kind": "timm", "spec": spec.to_json()})
     cfg = pretrained_cfg(spec)
-    ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **spec.kwargs, "pretrained_cfg_overlay":
+    # timm cannot take a LayerNorm eps as an argument (the official ViT-H's 1e-5): config.json records it for the user
+    args = {k: v for k, v in spec.kwargs.items() if k not in vit.SPEC_ONLY}
+    ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **args, "pretrained_cfg_overlay":
                                                 dict(cfg, file=str((out / MODEL_FILE).resolve()))})
-    model_args = {k: v for k, v in spec.kwargs.items() if k != "num_classes"}
+    model_args = {k: v for k, v in args.items() if k != "num_classes"}
+    eps = {"layer_norm_eps": spec.kwargs["norm_eps"]} if "norm_eps" in spec.kwargs else {}  # timm ignores it
     ckpt.atomic_write_json(out / "config.json", {"architecture": spec.timm_name, "num_classes": cfg["num_classes"],
                                                  "num_features": spec.kwargs.get("embed_dim"),
-                                                 "model_args": model_args, "pretrained_cfg": cfg})
+                                                 "model_args": model_args, "pretrained_cfg": cfg, **eps})
     ckpt.write_manifest(out, [MODEL_FILE, "model.json", "config.json"], {"source": str(src)})
     return out / MODEL_FILE
 

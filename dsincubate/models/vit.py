@@ -30,7 +30,10 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "vit_l16": ("vit_large_patch16_224", {}),
     "vit_h14": ("vit_huge_patch14_224", {}),
     "vit_b_dn": ("vit_base_patch16_224", dict(depth=24, embed_dim=540, num_heads=12)),
+    # the official code's ViT-H/14 (its own vision_transformer.py): no qkv bias, torch's LayerNorm eps 1e-5
+    "vit_h14_official": ("vit_huge_patch14_224", dict(qkv_bias=False, norm_eps=1e-5)),
 }
+SPEC_ONLY = ("norm_eps",)  # spec keys that are not timm.create_model arguments (applied after construction)
 
 
 @dataclass(frozen=True)
@@ -153,8 +156,14 @@ def deferred_init():
 
 def build(spec: ModelSpec) -> VisionTransformer:
     pending = _DEFERRED.get()
-    kwargs = dict(spec.kwargs, weight_init="skip") if pending is not None else spec.kwargs
+    kwargs = {k: v for k, v in spec.kwargs.items() if k not in SPEC_ONLY}
+    if pending is not None:
+        kwargs["weight_init"] = "skip"
     model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    if "norm_eps" in spec.kwargs:  # timm's kwargs cannot set it (its LayerNorm defaults to 1e-6)
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.eps = float(spec.kwargs["norm_eps"])
     _check_supported(model, spec.timm_name)
     if pending is not None:
         pending.append(model)

@@ -197,3 +197,13 @@ def test_resolution_change_outside_finetuning_or_off_the_patch_grid_is_refused(t
     _assembled_run(tmp_path)
     with pytest.raises(UserError, match=message):
         phases.make("finetune", apply_overrides(CFG, [setting]), tmp_path, 10).build_model()
+
+
+def test_official_vit_h_preset_has_no_qkv_bias_and_torch_layernorm_eps():
+    spec = vit.target_spec(apply_overrides(recipes.get("debug"), ["model.preset=vit_h14_official", "model.depth=2",
+                                                                    "model.embed_dim=32", "model.num_heads=2",
+                                                                    "model.num_stages=2"]).model, 10)
+    model = vit.build(spec)
+    assert model.blocks[0].attn.qkv.bias is None
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    assert model.patch_embed.patch_size == (14, 14)
