@@ -390,8 +390,11 @@ def _check_output(phase: Phase) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{saved} is unreadable ({e}); use another --output or remove {phase.out_dir}") from None
         new = json.loads(json.dumps(phase.config_key(), default=str))
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        # a phase made without resolving its inputs (the CLI's up-front check of every phase) does not know the meta
+        # model's sha256 yet (None): that is not a difference; training resolves it and compares it
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                         and not (k == "meta_sha256" and new.get(k) is None))
+        if changed:
             raise UserError(f"{phase.out_dir} holds a {phase.label} run with another config (differs in: "
                             f"{', '.join(changed)}); use another --output")
 
