@@ -13,8 +13,11 @@ AdamW over the trainable parameters, `deepspeed.initialize` with the resolved ds
   rss_step     resident set after the step minus before the model was built
   peak_step    resident-set high-water mark during the step (VmHWM reset after deepspeed.initialize) minus the same
                baseline: weights, gradients, optimizer state, activations and communication buffers
-  peak_all     lifetime VmHWM, including building the unpartitioned model (our engine builds the full model on every
-               rank and DeepSpeed partitions it at initialize)
+  peak_build   resident-set high-water mark while the engine is built (model construction, weights, optimizer,
+               `deepspeed.initialize`) minus the same baseline. Under ZeRO-3 the model is built inside
+               `deepspeed.zero.Init` (dsincubate.phases.Phase.build_model_zero3), so no rank ever holds the whole
+               model; target: ZeRO-3 build peak per rank <= 0.55 of the unsharded build on 2 ranks
+  peak_all     lifetime VmHWM (build and step)
 
 and the table gives ZeRO-3 per rank / no-ZeRO, target: state near 1/2 with 2 ranks. ViT-H has 632M parameters: fp32
 weights 2.5 GB, Adam moments 5 GB per unsharded rank, so the 1-rank fine-tune step needs 10-13 GB of RAM. With fp32
@@ -25,6 +28,7 @@ moments and ZeRO-3 shards all of them.
     python benchmarks/vith_memory.py                        # CPU: 2 ranks, batch 1, zero3_bf16 vs bf16 stage 0
     python benchmarks/vith_memory.py --zero-config zero3_fp32 --base-config cpu --out results/vith_memory_fp32_cpu2.json
     python benchmarks/vith_memory.py --ranks 8 --batch 8    # GPUs
+    python benchmarks/vith_memory.py --build-only           # only the build peaks (no training step)
     options: --preset vit_h14, --module 1, --phases meta,incubate,finetune, --out PATH
 
 Writes benchmarks/results/vith_memory_<device>_<date>.json (+ .txt) with device, command, commit and date.
@@ -104,7 +108,9 @@ def child(spec: dict) -> dict:
     _, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     t0 = time.time()
     mark("building the engine")
+    build_reset = procutil.reset_peak_rss()
     engine = build_engine(phase, ctx, ds_cfg, load=False).engine  # model, optimizer, deepspeed.initialize
+    peak_build = (procutil.status_bytes("VmHWM") - rss0) if build_reset else None
     mark("deepspeed.initialize done")
     gc.collect()
     t_init = time.time() - t0
@@ -113,6 +119,12 @@ def child(spec: dict) -> dict:
     n_train = sum(numel(p) for p in engine.module.parameters() if p.requires_grad)
     rss_init = procutil.current_rss_bytes()
     hwm_all_before = procutil.status_bytes("VmHWM")
+    if spec.get("build_only"):
+        return {"rank": ctx.rank, "world_size": ctx.world_size, "device_name": ctx.device_name, "phase": name,
+                "ds_config": spec["ds_config"], "zero_stage": dsconfig.zero_stage(ds_cfg),
+                "params_total": n_total, "params_trainable": n_train, "init_seconds": t_init,
+                "state": state_bytes(engine), "rss_before_model": rss0, "rss_after_initialize": rss_init - rss0,
+                "peak_build": peak_build, "build_only": True}
     if ctx.has_cuda:
         torch.cuda.reset_peak_memory_stats()
     reset = procutil.reset_peak_rss()
@@ -139,7 +151,7 @@ def child(spec: dict) -> dict:
            "threads": torch.get_num_threads(), "init_seconds": t_init, "step_seconds": t_step, "loss": float(loss),
            "state": state_bytes(engine), "rss_before_model": rss0,
            "rss_after_initialize": rss_init - rss0, "rss_step": procutil.current_rss_bytes() - rss0,
-           "peak_step": (procutil.status_bytes("VmHWM") - rss0) if reset else None,
+           "peak_step": (procutil.status_bytes("VmHWM") - rss0) if reset else None, "peak_build": peak_build,
            "peak_all": max(hwm_all_before, procutil.status_bytes("VmHWM")) - rss0}
     if ctx.has_cuda:
         res["cuda_peak_step"] = torch.cuda.max_memory_allocated()
@@ -179,6 +191,27 @@ def launch(spec: dict, ranks: int, args) -> list[dict]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
+def summarize_build(results: dict, phases_, args) -> tuple[str, dict]:
+    """The build peaks only (`--build-only`)."""
+    rows, ratios = [], {}
+    for ph in phases_:
+        base, zero = results.get((ph, "base"), []), results.get((ph, "zero"), [])
+        b = base[0] if base and base[0].get("ok", True) else None
+        for label, rr in (("no ZeRO x1", base), (f"ZeRO-3 x{args.ranks}", zero)):
+            for r in rr:
+                if not r.get("ok", True):
+                    rows.append([ph, label, "-", r.get("error", "failed")[:40], None, None, None])
+                    continue
+                rows.append([ph, label, str(r["rank"]), f"{r['params_trainable'] / 1e6:.0f}M/{r['params_total'] / 1e6:.0f}M",
+                             r["state"]["total"] / 2**20, r["peak_build"] / 2**20,
+                             (r["peak_build"] / b["peak_build"]) if b else None])
+        if b and zero and all(r.get("ok", True) for r in zero):
+            ratios[ph] = {"peak_build_per_rank_over_unsharded": max(r["peak_build"] for r in zero) / b["peak_build"],
+                          "state_per_rank_over_unsharded": max(r["state"]["total"] for r in zero) / b["state"]["total"]}
+    head = ["phase", "setting", "rank", "trainable/total", "state MiB", "build peak MiB", "build peak/1-rank"]
+    return common.table(head, rows, ["", "", "", "", ".0f", ".0f", ".3f"]), ratios
+
+
 def summarize(results: dict, phases_, args) -> tuple[str, dict]:
     mib = lambda b: None if b is None else b / 2**20  # noqa: E731
     rows, ratios, notes = [], {}, []
@@ -198,7 +231,8 @@ def summarize(results: dict, phases_, args) -> tuple[str, dict]:
                              mib(r["peak_step"]), (r["peak_step"] / b["peak_step"]) if b and r["peak_step"] else None,
                              mib(r["peak_all"])])
         if b and zero and all(r.get("ok", True) for r in zero):
-            ratios[ph] = {"state_per_rank_over_unsharded": max(r["state"]["total"] for r in zero) / b["state"]["total"],
+            ratios[ph] = {"peak_build_per_rank_over_unsharded": max(r["peak_build"] for r in zero) / b["peak_build"],
+                          "state_per_rank_over_unsharded": max(r["state"]["total"] for r in zero) / b["state"]["total"],
                           "peak_step_per_rank_over_unsharded": max(r["peak_step"] for r in zero) / b["peak_step"],
                           "peak_all_per_rank_over_unsharded": max(r["peak_all"] for r in zero) / b["peak_all"]}
     head = ["phase", "setting", "rank", "trainable/total", "state MiB", "state/1-rank", "rss after step MiB",
@@ -219,6 +253,7 @@ def main(argv=None) -> int:
                     help="the unsharded 1-rank config; 'same' (default) = the ZeRO config with ZeRO stage 0, so only "
                          "the sharding differs")
     ap.add_argument("--timeout", type=float, default=1500)
+    ap.add_argument("--build-only", action="store_true", help="measure building the engines only (no step)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -245,9 +280,21 @@ def main(argv=None) -> int:
         record["settings"]["base_config_json"] = base
     results = {}
     for ph in phases_:  # one job at a time: the unsharded one first, then the ZeRO-3 ranks
-        spec = dict(phase=ph, preset=args.preset, batch=args.batch, module=args.module)
+        spec = dict(phase=ph, preset=args.preset, batch=args.batch, module=args.module, build_only=args.build_only)
         results[(ph, "base")] = launch(dict(spec, ds_config=args.base_config), 1, args)
         results[(ph, "zero")] = launch(dict(spec, ds_config=args.zero_config), args.ranks, args)
+    if args.build_only:
+        table, ratios = summarize_build(results, phases_, args)
+        text = (f"device: {dev['name']}  ({common.now()})\n{args.preset}: building the engine (model, optimizer, "
+                f"deepspeed.initialize; ZeRO-3 inside deepspeed.zero.Init), {args.zero_config} on {args.ranks} ranks "
+                f"vs {Path(args.base_config).stem} on 1 rank\n{table}\n"
+                + "\n".join(f"{ph}: ZeRO-3 build peak per rank / unsharded = "
+                            f"{r['peak_build_per_rank_over_unsharded']:.3f} (target <= 0.55)" for ph, r in ratios.items()))
+        print("\n" + text)
+        record["results"] = [{"phase": ph, "setting": s, "ranks": v} for (ph, s), v in results.items()]
+        record["ratios"] = ratios
+        print(f"wrote {common.write_result('vith_memory_build', record, text, args.out)}")
+        return 0
     table, ratios = summarize(results, phases_, args)
     text = (f"device: {dev['name']}  ({common.now()})\n{args.preset}, micro-batch {args.batch} per rank, activation "
             f"checkpointing on, {args.zero_config} on {args.ranks} ranks vs "
