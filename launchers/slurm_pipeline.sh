@@ -90,7 +90,7 @@ O=$(printf '%q' "$OUTPUT"); L=$(printf '%q' "$JOBS"); bad=0
   if ok meta; then echo "meta: complete"; else echo "meta: FAILED (log: \$L/meta-$META.out)"; bad=1; fi
   for ((i = 0; i < $K; i++)); do
     if ok incubate/module_\$i; then echo "incubate module \$i: complete"
-    else echo "incubate module \$i: FAILED (log: \$L/incubate-$ARRAY_\$i.out)"; bad=1; fi
+    else echo "incubate module \$i: FAILED (log: \$L/incubate-${ARRAY}_\$i.out)"; bad=1; fi
   done
   if ok finetune; then echo "finetune: complete"
   else echo "finetune: not run or FAILED (log: \$L/finetune-$FT.out)"; bad=1; fi
