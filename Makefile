@@ -12,7 +12,7 @@ $(BIN)/dsincubate: setup.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-fast test-build test-gpu test-cluster clean-demo
+.PHONY: install demo test test-fast test-build test-gpu test-harness test-cluster clean-demo
 install: $(BIN)/dsincubate
 
 demo: install
@@ -24,13 +24,19 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
-	$(BIN)/python -m pytest -q tests -m "not integration and not build and not gpu and not cluster"
+	$(BIN)/python -m pytest -q tests -m "not integration and not build and not gpu and not cluster and not harness"
 
 test-build: install
 	$(BIN)/python -m pytest -q tests -m build
 
 test-gpu: install
 	$(BIN)/python -m pytest -q tests -m gpu
+
+# The csrc CUDA kernels run on the CPU execution harness (tests/ops/cpu_harness: g++ + ASan/UBSan, no GPU). On a
+# full pass it refreshes the package's record of what passed (dsincubate/ops/kernel_verification.json, shown by
+# `dsincubate ops`); commit that file with kernel changes.
+test-harness: install
+	DSI_VERIFICATION_FILE=$(CURDIR)/dsincubate/ops/kernel_verification.json $(BIN)/python -m pytest -q tests -m harness
 
 # The cluster tier (tests/cluster/, part of `test`): 4 hosts as network namespaces with sshd, pdsh and a one-machine
 # SLURM, built by the tests themselves (root; Debian's openssh-server, pdsh, slurm-wlm, munge via apt-get).

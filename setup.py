@@ -20,7 +20,12 @@ setup(
     name="dsincubate",
     version="0.1.0",
     description="Deep Incubation (modular training of large ViTs) on DeepSpeed",
-    packages=find_packages(include=["dsincubate", "dsincubate.*"]),
+    # csrc/ ships inside the package as dsincubate/csrc (dsincubate.ops.builder looks there first), so a
+    # non-editable install can JIT-build the kernels; the verification record feeds `dsincubate ops`.
+    packages=find_packages(include=["dsincubate", "dsincubate.*"]) + ["dsincubate.csrc"],
+    package_dir={"dsincubate.csrc": "csrc"},
+    package_data={"dsincubate.csrc": ["*/*.cu", "*/*.cuh", "*/*.h", "*/*.cpp"],
+                  "dsincubate.ops": ["kernel_verification.json"]},
     # A non-editable install carries the shipped ds_configs to <prefix>/share/dsincubate (dsincubate.dsconfig looks there).
     data_files=[("share/dsincubate/ds_configs", sorted(glob.glob("ds_configs/*.json")))],
     python_requires=">=3.10",

@@ -6,6 +6,9 @@ Measures, each as forward + backward:
   * attention: TFLOP/s for ours and for every SDPA backend that accepts the shape (flash, cudnn, efficient,
     math) at ViT shapes (N = 197 / 257 / 577, head dim 64 / 80);
   * a timm vit_huge_patch14_224 bf16 training step (fwd + bwd + SGD) with kernels off / 'cuda' / 'auto'.
+Before timing, each op's kernels are self-checked against the float64 PyTorch reference at its probe shape in bf16
+and fp16 (dsincubate.ops.dispatch.self_check); a pass is recorded as GPU evidence for `dsincubate ops`
+(dsincubate/ops/verification.py), a failure is printed and ends the run with status 1 after the timings.
 Prints a table and writes benchmarks/results/kernels_<device>_<date>.json (+ .txt with the table) with the device,
 command, git commit and date (`benchmarks.common`). Without a GPU it prints one line and exits with status 1.
 
@@ -29,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
 from dsincubate.ops import flash_attention as attn_mod  # noqa: E402
 from dsincubate.ops import layernorm as ln_mod  # noqa: E402
-from dsincubate.ops import reference  # noqa: E402
+from dsincubate.ops import dispatch, reference, verification  # noqa: E402
 
 LN_SHAPES = [(64 * 197, 192), (64 * 197, 384), (32 * 197, 540), (32 * 197, 768), (32 * 257, 1024),
              (32 * 257, 1280), (37, 1000)]
@@ -58,6 +61,22 @@ def copy_bandwidth(iters: int) -> float:
     b = torch.empty_like(a)
     t = timed(lambda: b.copy_(a), iters)
     return 2 * a.numel() / t / 1e9
+
+
+def check_kernels() -> dict:
+    """Self-check every kernel op on this GPU (bf16 and fp16 at its probe shape); record the ops that pass."""
+    out = {}
+    for op, mod in (("layernorm", ln_mod), ("attention", attn_mod)):
+        errors = {}
+        for dtype in ("bfloat16", "float16"):
+            probe = mod._probe({"device": f"cuda:{torch.cuda.current_device()}", "dtype": dtype})
+            errors[dtype] = dispatch.self_check(op, mod.CUDA_IMPL, tuple(sorted(probe.items())))
+        out[op] = errors
+        if all(e is None for e in errors.values()):
+            verification.record(op, "gpu", verification.gpu_details("benchmarks/kernels.py self-check"))
+        else:
+            print(f"benchmarks/kernels.py: {op} self-check FAILED: {errors}")
+    return out
 
 
 def bench_layernorm(iters: int, shapes) -> list[dict]:
@@ -203,6 +222,7 @@ def main(argv=None) -> int:
             return 1
     res = common.header("kernels")
     res.update(torch=torch.__version__, cuda=torch.version.cuda)
+    res["self_check"] = check_kernels()
     res["copy_GBps"] = copy_bandwidth(iters)
     res["layernorm"] = bench_layernorm(iters, LN_SHAPES[1::2] if args.quick else LN_SHAPES)
     res["attention"] = bench_attention(iters, ATTN_SHAPES[::2] if args.quick else ATTN_SHAPES)
@@ -212,7 +232,7 @@ def main(argv=None) -> int:
     print(text)
     path = common.write_result("kernels", res, text, args.out)
     print(f"\nwrote {path}")
-    return 0
+    return 0 if all(e is None for errs in res["self_check"].values() for e in errs.values()) else 1
 
 
 if __name__ == "__main__":

@@ -31,7 +31,16 @@ import torch
 
 logger = logging.getLogger("dsincubate.ops")
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _find_csrc() -> Path:
+    """The kernel sources: dsincubate/csrc in an installed package (setup.py ships csrc/ there as package data),
+    else csrc/ at the root of the checkout (editable install, or running from the source tree)."""
+    installed = Path(__file__).resolve().parents[1] / "csrc"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
+
+
+CSRC = _find_csrc()
 DEFAULT_ARCHS = ("8.0", "9.0")
 _ARCH_RE = re.compile(r"^(\d+)\.(\d+)([a-z]?)(\+PTX)?$")
 

@@ -1,10 +1,12 @@
 """ds_report-style status of the dsincubate CUDA ops (what `dsincubate ops` prints).
 
-Per op: whether it can be built here (and why not), whether a build is cached (and where), and which backend a
-model will use for the requested kernel backend. --build compiles now; --check also runs the kernel
-self-check on the GPU (ViT-B/16-sized shapes).
+Per op: whether it can be built here (and why not), whether a build is cached (and where), which backend a
+model will use for the requested kernel backend (default 'torch', as the config), and per kernel where it has
+been verified for the current sources: the CPU execution harness (make test-harness: the kernel bodies run on
+the CPU under ASan/UBSan) and real GPUs (make test-gpu, benchmarks/kernels.py); see verification.py. --build
+compiles now; --check also runs the kernel self-check on the GPU (ViT-B/16-sized shapes).
 
-    python -m dsincubate.ops.report [--backend auto|cuda|torch] [--build] [--check]
+    python -m dsincubate.ops.report [--backend torch|cuda|auto|autotune] [--build] [--check]
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 
 import torch
 
-from . import _op_status, dispatch
+from . import _op_status, dispatch, verification
 from .builder import ALL_BUILDERS, cache_root, cuda_arch_list, cuda_home, nvcc_version
 
 # ViT-B/16 at 224: 197 tokens, width 768, 12 heads of 64.
@@ -52,13 +54,16 @@ def _will_use(name: str, backend: str, compatible: bool, why: str, built: bool) 
         return f"torch ({why})"
     when = "" if built else "JIT build on first use, then "
     if backend == "cuda":
-        return f"cuda ({when}self-check; torch if it fails)"
-    return f"auto ({when}self-check, then per shape the faster of cuda and torch)"
+        return f"cuda ({when}self-check per shape; torch if it fails)"
+    if backend == dispatch.AUTO:
+        return f"auto ({when}one self-check per device and dtype; cuda for every supported shape if it passes)"
+    return f"autotune ({when}self-check, then per shape the faster of cuda and torch, timed)"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dsincubate ops", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=dispatch.BACKENDS, default="auto", help="kernel backend to report on")
+    parser.add_argument("--backend", choices=dispatch.BACKENDS, default="torch",
+                        help="kernel backend to report on (default: torch, the config default)")
     parser.add_argument("--build", action="store_true", help="compile the compatible ops now")
     parser.add_argument("--check", action="store_true", help="build and self-check the kernels on this GPU")
     args = parser.parse_args(argv)
@@ -90,11 +95,26 @@ def main(argv=None) -> int:
         rows.append((name, "yes" if compatible else f"no: {why}", f"yes ({builder.build_dir()})" if built else "no",
                      use))
     for name, compat, built, use in rows:
+        harness, gpu = verification.summary(name)
         print(f"{name}")
         print(f"  compatible   {compat}")
         print(f"  built        {built}")
         print(f"  backend      {use}")
+        print(f"  sources      {verification.source_hash(name)} ({builder_sources(name)})")
+        print(f"  CPU harness  {harness}")
+        print(f"  GPU          {gpu}")
+        h_ok = "passed" if harness.startswith("passed") else "no"
+        g_ok = "passed" if gpu.startswith("passed") else "no"
+        print(f"    {'kernel':<24}{'CPU harness':<13}{'GPU':<8}what")
+        for kernel, what in verification.KERNELS[name].items():
+            print(f"    {kernel:<24}{h_ok:<13}{g_ok:<8}{what}")
     return 1 if failed else 0
+
+
+def builder_sources(op: str) -> str:
+    from .builder import ALL_BUILDERS, CSRC
+
+    return ", ".join(str(CSRC / s) for s in ALL_BUILDERS[op].SOURCES if s.endswith(".cu"))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,16 @@ def record(op: str, where: str, details: dict | None = None, path: Path | None =
     return rec
 
 
+def gpu_details(via: str) -> dict:
+    """What a 'gpu' record says about the machine: device name and compute capability, torch and CUDA."""
+    import torch
+
+    i = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(i)
+    return {"device": f"{torch.cuda.get_device_name(i)} (sm_{major}{minor})", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "via": via}
+
+
 def status(op: str) -> dict:
     """{'cpu_harness': record | None, 'gpu': [records], 'stale': [older-source records]} for the current sources."""
     current = source_hash(op)

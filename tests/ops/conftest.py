@@ -13,7 +13,43 @@ import torch
 from dsincubate.ops import dispatch
 
 
+# GPU evidence for `dsincubate ops`: when every collected GPU test of an op passed on a CUDA device, the session
+# records it (dsincubate/ops/verification.py) against the current kernel sources.
+_GPU_TESTS = {"layernorm": "test_layernorm_", "attention": "test_attention_"}
+_gpu_collected: dict[str, set] = {op: set() for op in _GPU_TESTS}
+_gpu_passed: dict[str, set] = {op: set() for op in _GPU_TESTS}
+
+
+def _gpu_op(item_or_report) -> str | None:
+    nodeid = item_or_report.nodeid
+    if "test_gpu_kernels.py::" not in nodeid:
+        return None
+    name = nodeid.split("::")[-1]
+    return next((op for op, prefix in _GPU_TESTS.items() if name.startswith(prefix)), None)
+
+
+def pytest_runtest_logreport(report):
+    op = _gpu_op(report)
+    if op is not None and report.when == "call" and report.passed:
+        _gpu_passed[op].add(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not torch.cuda.is_available():
+        return
+    from dsincubate.ops import verification
+
+    for op, collected in _gpu_collected.items():
+        if collected and collected == _gpu_passed[op]:
+            verification.record(op, "gpu", {**verification.gpu_details("make test-gpu (tests/ops/test_gpu_kernels.py)"),
+                                            "tests": len(collected)})
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        op = _gpu_op(item)
+        if op is not None:
+            _gpu_collected[op].add(item.nodeid)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False")

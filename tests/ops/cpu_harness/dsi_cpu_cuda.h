@@ -36,9 +36,12 @@
 #ifndef __launch_bounds__
 #define __launch_bounds__(...)
 #endif
-// Inline every helper into the kernel body (CUDA's out-of-line host conversions dominated the run time).
+// Inline every helper into the kernel body (CUDA's out-of-line host conversions dominated the run time);
+// DSI_HARNESS_NO_FLATTEN (quick -O0 builds of the mutated copies in the mutant tests) skips it.
+#ifndef DSI_HARNESS_NO_FLATTEN
 #undef __global__
 #define __global__ __attribute__((flatten))
+#endif
 
 namespace dsi_cpu {
 
