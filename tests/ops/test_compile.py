@@ -99,3 +99,18 @@ def test_kernels_reject_cpu_tensors_cleanly(build_env):
     x = torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="CUDA"):
         module.forward(x, None, torch.ones(8), torch.zeros(8), 1e-5)
+
+
+def test_setup_ships_every_kernel_source_as_package_data():
+    """A non-editable install must carry csrc/ (as dsincubate/csrc) so the builders find and JIT-build it."""
+    import ast
+    import fnmatch
+
+    setup_py = Path(__file__).resolve().parents[2] / "setup.py"
+    call = next(n for n in ast.walk(ast.parse(setup_py.read_text())) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: k.value for k in call.keywords}
+    assert ast.literal_eval(kw["package_dir"]) == {"dsincubate.csrc": "csrc"}
+    patterns = ast.literal_eval(kw["package_data"])["dsincubate.csrc"]
+    needed = {s for cls in builder.ALL_BUILDERS.values() for s in cls.SOURCES + cls.HEADERS}
+    assert all(any(fnmatch.fnmatch(s, p) for p in patterns) for s in needed), (needed, patterns)
