@@ -21,7 +21,7 @@ from pathlib import Path
 
 from dsincubate.errors import UserError
 
-TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e", "e2e_tune")
+TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd")
 METHODS = ("di", "e2e", "e2e_tune")
 
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("meta", "pre-train the meta model"), ("incubate", "incubate target module I"),
                         ("finetune", "fine-tune the assembled model"), ("e2e", "train the target end to end"),
                         ("e2e_tune", "train the E2E model further with the fine-tune recipe (the paper's control)"),
+                        ("m2mkd", "distil teacher module I into student module I through the meta model (m2mKD)"),
                         ("eval", "top-1/top-5 of any model of a run (or a model file) on the validation data"),
                         ("pipeline", "every phase in order, then the summary"),
                         ("assemble", "join the K incubated modules"), ("export", "write a timm safetensors file"),
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "this run's output")):
         p = sub.add_parser(name, help=help_)
         _common(p)
-        if name == "incubate":
+        if name in ("incubate", "m2mkd"):
             p.add_argument("--module", "--stage-index", dest="stage_index", type=int, required=True,
                            help="stage index I in 0..K-1")
         if name == "eval":

@@ -100,6 +100,12 @@ class ModelConfig(_Checked):
     """Explicit blocks per stage, summing to the depth; empty = even split."""
     meta_depth_per_stage: int = setting(1, lo=1)
     """Blocks per stage of the meta model (paper: 1, the shallowest possible)."""
+    meta_embed_dim: Optional[int] = setting(None, lo=1)
+    """Width of the meta model (None = the target's). Another width than the target's incubates each module through
+    stitch layers (LayerNorm + Linear) at its input and output, trained with it and dropped at assembly: one meta
+    model serves targets of several widths (supplementary Sec. 3). Divisible by meta_num_heads."""
+    meta_num_heads: Optional[int] = setting(None, lo=1)
+    """Attention heads of the meta model (None = the target's)."""
     meta_init: str = ""
     """A trained model of the target's width to build the meta model from instead of a random init (supplementary
     Sec. 3): a run directory (its fine-tuned, else E2E model), a dsincubate model file or a timm checkpoint
@@ -212,6 +218,14 @@ class TrainConfig(_Checked):
     every block; the paper's ViT-L/H E2E baselines)."""
     imitation: bool = False
     """Incubation only: train by Module Imitation (L1 to the meta stage's output) instead of Module Incubation."""
+    kd_alpha: float = setting(0.5, lo=0.0, hi=1.0)
+    """m2mKD only: weight of distillation, loss = (1 - kd_alpha) CE(s, y) + kd_alpha tau^2 KL(softmax(t/tau) ||
+    softmax(s/tau)) with t, s the teacher's and the student's module I through the frozen meta tail."""
+    kd_tau: float = setting(1.0, lo=0.0, lo_open=True)
+    """m2mKD only: the distillation temperature tau."""
+    teacher: str = "e2e"
+    """m2mKD only: the trained monolithic model whose module I is distilled: 'e2e' or 'finetune' (this run's), or a
+    dsincubate model file of the target's architecture (another run's, or an imported one)."""
     img_size: Optional[int] = setting(None, lo=1)
     """Fine-tune and e2e_tune only: the input resolution of this phase (None = the model's). Larger than the
     model's fine-tunes at high resolution (paper Tab. 1, the 384px rows): the position embedding is resampled
@@ -238,7 +252,7 @@ class TrainConfig(_Checked):
                             f"({where}.epochs={self.epochs})")
 
 
-TRAIN_SECTIONS = ("meta", "incubate", "finetune", "e2e", "e2e_tune")
+TRAIN_SECTIONS = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd")
 
 
 @dataclass
@@ -265,6 +279,9 @@ class RunConfig(_Checked):
     """The end-to-end baseline."""
     e2e_tune: TrainConfig = field(default_factory=lambda: TrainConfig(warmup_epochs=0.0))
     """The paper's "E2E + tuning" control: the E2E model trained further with fine-tune's recipe (method e2e_tune)."""
+    m2mkd: TrainConfig = field(default_factory=TrainConfig)
+    """m2mKD: distilling module I of a trained teacher into student module I through the frozen meta model
+    (`dsincubate m2mkd --module I`); the recipes copy incubation's settings."""
     stop_after_epochs: Optional[int] = setting(None, lo=1)
     """Stop each phase after this many epochs in one invocation (None = run to the end); the next invocation
     resumes. For time-limited or preemptible jobs."""
@@ -297,6 +314,9 @@ class RunConfig(_Checked):
         m = self.model
         if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
             raise UserError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+        if m.meta_embed_dim and m.meta_num_heads and m.meta_embed_dim % m.meta_num_heads:
+            raise UserError(f"model.meta_embed_dim={m.meta_embed_dim} is not divisible by "
+                            f"model.meta_num_heads={m.meta_num_heads}")
         if m.img_size and m.patch_size and m.img_size % m.patch_size:
             raise UserError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
         if m.stage_depths and len(m.stage_depths) != m.num_stages:

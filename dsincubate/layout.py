@@ -3,6 +3,7 @@
     <root>/config.json                        the run's resolved config (written once)
     <root>/meta/model.safetensors             meta model            (MetaPhase)
     <root>/incubate/module_<i>/stage.safetensors  target stage i    (IncubatePhase, stage_index i)
+    <root>/m2mkd/module_<i>/stage.safetensors  student stage i      (M2mkdPhase, stage_index i)
     <root>/assemble/model.safetensors         the K stages joined   (dsincubate.assemble)
     <root>/finetune/model.safetensors         Deep Incubation's result
     <root>/e2e/model.safetensors              the E2E baseline
@@ -41,10 +42,10 @@ class RunLayout:
 
     def phase_dir(self, name: str, stage_index: int | None = None) -> Path:
         """The output directory of a training phase (`incubate` needs its stage index)."""
-        if name == "incubate":
+        if name in ("incubate", "m2mkd"):
             if stage_index is None:
-                raise ValueError("the incubate phase needs a stage_index")
-            return self.root / "incubate" / f"module_{stage_index}"
+                raise ValueError(f"the {name} phase needs a stage_index")
+            return self.root / name / f"module_{stage_index}"
         return self.root / name
 
     @property

@@ -248,14 +248,21 @@ class IncubatePhase(Phase):
         return dict(super().config_key(), stage_index=self.stage_index, meta_sha256=self.meta_sha)
 
     def build_model(self, load: bool = True) -> nn.Module:
-        tc = self.train_cfg
         meta_model = build_meta_model(self.cfg, self.num_classes)
         if load and self.meta_path is not None:
             tensors, _ = ckpt.load_tensors(self.meta_path)
             meta_model.load_state_dict(tensors, strict=True)
-        target_stages = list(self.target().stages)
-        return staged.Hybrid(list(meta_model.stages), target_stages[self.stage_index], self.stage_index,
-                             imitation=tc.imitation, freeze_meta=tc.meta_model == "fixed")
+        return self._hybrid(meta_model, list(self.target().stages)[self.stage_index])
+
+    def _hybrid(self, meta_model: staged.StagedModel, target_stage: staged.Stage) -> staged.Hybrid:
+        """Paper Eq. 3; with a meta model of another width, stitches enter and leave the target stage."""
+        tc, i, K = self.train_cfg, self.stage_index, self.cfg.model.num_stages
+        w_meta = int(meta_spec(self.cfg, self.num_classes).kwargs["embed_dim"])
+        w = int(self.target_spec().kwargs["embed_dim"])
+        stitch_in = staged.Stitch(w_meta, w) if w_meta != w and i > 0 else None
+        stitch_out = staged.Stitch(w, w_meta) if w_meta != w and i < K - 1 else None
+        return staged.Hybrid(list(meta_model.stages), target_stage, i, imitation=tc.imitation,
+                             freeze_meta=tc.meta_model == "fixed", stitch_in=stitch_in, stitch_out=stitch_out)
 
     def target_stage_only(self) -> staged.Stage:
         """Target stage I alone, from a model of stage I's depth (its embedding or head kept only when stage I has
@@ -278,10 +285,8 @@ class IncubatePhase(Phase):
         return stage
 
     def _construct_zero3(self):
-        tc = self.train_cfg
         meta_model = build_meta_model(self.cfg, self.num_classes)
-        model = staged.Hybrid(list(meta_model.stages), self.target_stage_only(), self.stage_index,
-                              imitation=tc.imitation, freeze_meta=tc.meta_model == "fixed")
+        model = self._hybrid(meta_model, self.target_stage_only())
         return model, ([(meta_model, self.meta_path)] if self.meta_path is not None else [])
 
     def loss(self, output, targets, criterion):
@@ -296,10 +301,10 @@ class IncubatePhase(Phase):
     def save_output(self, tensors):
         prefix = f"stages.{self.stage_index}."
         local = {n[len(prefix):]: t for n, t in tensors.items()}
+        objective = "m2mkd" if self.name == "m2mkd" else "imitation" if self.train_cfg.imitation else "incubation"
         meta = {"kind": "stage", "spec": self.target_spec(0.0).to_json(), "num_stages": self.cfg.model.num_stages,
                 "index": self.stage_index, "stage_depths": self.depths(), "meta_sha256": self.meta_sha,
-                "objective": "imitation" if self.train_cfg.imitation else "incubation",
-                "meta_model": self.train_cfg.meta_model}
+                "objective": objective, "meta_model": self.train_cfg.meta_model}
         ckpt.save_tensors(self.out_dir / STAGE_FILE, local, meta)
         return [STAGE_FILE]
 
@@ -369,8 +374,75 @@ class E2EPhase(Phase):
         return self.target()
 
 
+class M2mkdPhase(IncubatePhase):
+    """m2mKD (Lo et al.): student module I learns inside the frozen meta model from the task labels and from teacher
+    module I (a trained monolithic model's, divided like the target) through the same meta prefix and tail. Its
+    output is a stage file like incubation's, so `assemble --stages m2mkd/module_*/stage.safetensors` joins the
+    students and `finetune` trains them end to end."""
+
+    name = "m2mkd"
+    teacher_path: Path | None = None
+
+    def resolve_inputs(self) -> None:
+        super().resolve_inputs()
+        t = self.train_cfg.teacher
+        path = self.layout.model(t) if t in ("e2e", "finetune") else Path(t)
+        if not ckpt.complete(path.parent) and not (t not in ("e2e", "finetune") and path.is_file()):
+            raise UserError(f"m2mkd teacher {t!r}: {path} missing or unfinished (train it first, or give a model file)")
+        header = ckpt.read_meta(path)
+        spec = header.get("spec")
+        if not spec or header.get("stage_depths") is None:
+            raise UserError(f"m2mkd teacher {path} is not a whole dsincubate model (kind {header.get('kind')!r})")
+        have = vit.ModelSpec.from_json(spec)
+        w_meta = int(meta_spec(self.cfg, self.num_classes).kwargs["embed_dim"])
+        if int(have.kwargs["embed_dim"]) != w_meta or int(have.kwargs["num_classes"]) != self.num_classes:
+            raise UserError(f"m2mkd teacher {path} (width {have.kwargs['embed_dim']}, {have.kwargs['num_classes']} "
+                            f"classes) does not fit the meta model (width {w_meta}, {self.num_classes} classes): the "
+                            "meta model must be at the teacher's width")
+        self.teacher_path, self.teacher_spec, self.teacher_depths = path, have, list(header["stage_depths"])
+        if len(self.teacher_depths) != self.cfg.model.num_stages:
+            raise UserError(f"m2mkd teacher {path} is divided into {len(self.teacher_depths)} modules, the run into "
+                            f"K={self.cfg.model.num_stages}")
+
+    def config_key(self) -> dict:
+        return dict(super().config_key(), teacher=str(self.teacher_path))
+
+    def teacher_stage(self, load: bool = True) -> staged.Stage:
+        teacher = staged.StagedModel(staged.divide(vit.build(self.teacher_spec), self.teacher_depths))
+        if load:
+            tensors, _ = ckpt.load_tensors(self.teacher_path)
+            teacher.load_state_dict(tensors, strict=True)
+        return teacher.stages[self.stage_index]
+
+    def build_model(self, load: bool = True) -> nn.Module:
+        return staged.Distill(super().build_model(load), self.teacher_stage(load and self.teacher_path is not None))
+
+    def _construct_zero3(self):
+        raise UserError("m2mkd under ZeRO-3 is not supported yet: use a ZeRO-1/2 ds_config for module distillation")
+
+    def loss(self, output, targets, criterion):
+        """(1 - alpha) CE(s, y) + alpha tau^2 KL(softmax(t/tau) || softmax(s/tau)); the KL is summed over batch and
+        classes and divided by their product, as the m2mKD code does (so alpha weighs a per-logit mean)."""
+        tc = self.train_cfg
+        if not isinstance(output, tuple):
+            return {"loss": criterion(output.float(), targets)}
+        s, t = output[0].float(), output[1].float()
+        ce = criterion(s, targets)
+        kl = F.kl_div(F.log_softmax(s / tc.kd_tau, -1), F.log_softmax(t / tc.kd_tau, -1), reduction="sum",
+                      log_target=True) / s.numel()
+        return {"loss": (1 - tc.kd_alpha) * ce + tc.kd_alpha * tc.kd_tau ** 2 * kl, "ce": ce.detach(),
+                "kd": kl.detach()}
+
+    def output_names(self, model):
+        prefix = f"hybrid.stages.{self.stage_index}."
+        return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+
+    def save_output(self, tensors):
+        return super().save_output({n[len("hybrid."):]: t for n, t in tensors.items()})
+
+
 PHASES = {"meta": MetaPhase, "incubate": IncubatePhase, "finetune": FinetunePhase, "e2e": E2EPhase,
-          "e2e_tune": E2ETunePhase}
+          "e2e_tune": E2ETunePhase, "m2mkd": M2mkdPhase}
 
 
 def make(name: str, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None,
@@ -382,6 +454,6 @@ def make(name: str, cfg: RunConfig, root: Path, num_classes: int, stage_index: i
     phase = PHASES[name](cfg, root, num_classes, stage_index)
     if resolve:
         phase.resolve_inputs()
-    elif name == "incubate" and (stage_index is None or not 0 <= stage_index < cfg.model.num_stages):
+    elif name in ("incubate", "m2mkd") and (stage_index is None or not 0 <= stage_index < cfg.model.num_stages):
         raise UserError(f"module index {stage_index} out of range: K={cfg.model.num_stages}")
     return phase

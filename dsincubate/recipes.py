@@ -31,6 +31,7 @@ def paper(preset: str, drop_path: float = 0.1, warmup: float = 5.0, e2e_optimize
         finetune=finetune,
         e2e=dataclasses.replace(deit, optimizer=e2e_optimizer, drop_path_mode=e2e_drop_path_mode),
         e2e_tune=dataclasses.replace(finetune),  # the control gets exactly fine-tune's recipe
+        m2mkd=dataclasses.replace(deit, epochs=100, drop_path=0.1),  # module distillation: incubation's recipe
     )
 
 
@@ -46,7 +47,7 @@ def deit3_b16() -> RunConfig:
     cfg = paper("vit_b16", drop_path=0.1)
     cfg.name = "deit3_b16"
     cfg.data = dataclasses.replace(cfg.data, recipe="3aug", color_jitter=0.3, reprob=0.0)
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune):
+    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd):
         tc.optimizer = "lamb"
         tc.lr = 3e-3 * 512 / 2048
     cfg.e2e.epochs = 400
@@ -107,6 +108,7 @@ def demo() -> RunConfig:
     # reached 34.5% at 8e-3 against 27.5% at 1e-3 without clipping.
     cfg.finetune.warmup_epochs = 0.5
     cfg.e2e_tune = dataclasses.replace(cfg.finetune)
+    cfg.m2mkd = dataclasses.replace(cfg.incubate)
     return cfg
 
 
@@ -117,7 +119,7 @@ def debug() -> RunConfig:
     cfg.model = ModelConfig(preset="tiny", depth=4, embed_dim=48, num_heads=3, num_stages=4, kernel_backend="torch")
     cfg.data.samples_per_epoch = 256
     cfg.data.num_workers = 1
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune):
+    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd):
         tc.epochs = 1
         tc.micro_batch = 32
         tc.warmup_epochs = 0.0

@@ -92,16 +92,31 @@ class StagedModel(nn.Module):
             s.grad_checkpointing = enable
 
 
+class Stitch(nn.Module):
+    """LayerNorm + Linear from one width to another: joins a target stage to a meta model of another width
+    (supplementary Sec. 3; m2mKD's stitch layers). Trained with the stage, dropped at assembly."""
+
+    def __init__(self, width_in: int, width_out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width_in)
+        self.proj = nn.Linear(width_in, width_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))
+
+
 class Hybrid(nn.Module):
     """Meta model with stage `index` replaced by a target stage; everything but the target stage is frozen.
 
     With `imitation=True` the training forward returns (target stage output, meta stage output) on the same input, for
     the Module Imitation ablation (paper Fig. 2b); the stages after `index` are then not run at all.
     With `freeze_meta=False` (the paper's "tunable meta" ablations) the meta stages train with the target stage.
+    With `stitch_in` / `stitch_out` (a meta model of another width) the target stage is entered and left through
+    them; they train with it.
     """
 
     def __init__(self, meta_stages: list[Stage], target_stage: Stage, index: int, imitation: bool = False,
-                 freeze_meta: bool = True):
+                 freeze_meta: bool = True, stitch_in: Stitch | None = None, stitch_out: Stitch | None = None):
         super().__init__()
         self.index, self.imitation, self.freeze_meta = index, imitation, freeze_meta
         stages = list(meta_stages)
@@ -110,21 +125,32 @@ class Hybrid(nn.Module):
             self.meta_stage = stages[index]  # the stage being imitated: frozen, kept as a teacher
         stages[index] = target_stage
         self.stages = nn.ModuleList(stages)
+        self.stitch_in, self.stitch_out = stitch_in, stitch_out
         for p in self.frozen_parameters():
             p.requires_grad_(not freeze_meta)
         if self.meta_stage is not None:  # an imitation teacher is never trained
             for p in self.meta_stage.parameters():
                 p.requires_grad_(False)
-        for p in self.target_stage.parameters():
+        for p in self.trained_modules().parameters():
             p.requires_grad_(True)
 
     @property
     def target_stage(self) -> Stage:
         return self.stages[self.index]
 
+    def trained_modules(self) -> nn.ModuleList:
+        """The target stage and its stitches: what incubation always trains."""
+        return nn.ModuleList([m for m in (self.stitch_in, self.target_stage, self.stitch_out) if m is not None])
+
     def frozen_parameters(self):
-        seen = {id(p) for p in self.target_stage.parameters()}
+        seen = {id(p) for p in self.trained_modules().parameters()}
         return [p for p in self.parameters() if id(p) not in seen]
+
+    def _target(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stitch_in is not None:
+            x = self.stitch_in(x)
+        x = self.target_stage(x)
+        return self.stitch_out(x) if self.stitch_out is not None else x
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -143,8 +169,8 @@ class Hybrid(nn.Module):
         if self.imitation and self.training:  # evaluation always measures the hybrid's task accuracy
             with torch.no_grad():
                 teacher = self.meta_stage(x)
-            return self.target_stage(x), teacher
-        x = self.target_stage(x)
+            return self._target(x), teacher
+        x = self._target(x)
         for stage in self.stages[self.index + 1:]:
             x = stage(x)
         return x
@@ -177,3 +203,43 @@ def timm_state_dict(model: StagedModel) -> dict[str, torch.Tensor]:
     for stage in model.stages:
         out.update(stage_to_timm_keys(stage.state_dict(), stage.block_offset))
     return out
+
+
+class Distill(nn.Module):
+    """m2mKD's module distillation through the meta model: student stage `index` and teacher stage `index` (a trained
+    monolithic model's) each between the same frozen meta prefix and tail. Training forward: (student logits, teacher
+    logits), the prefix run once; evaluation: the student hybrid's logits. Only the student (and its stitches)
+    trains; meta and teacher are frozen and in eval mode."""
+
+    def __init__(self, hybrid: Hybrid, teacher_stage: Stage):
+        super().__init__()
+        self.hybrid, self.teacher_stage = hybrid, teacher_stage
+        for p in teacher_stage.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.hybrid.train(mode)  # keeps the meta stages in eval mode
+        self.teacher_stage.eval()
+        return self
+
+    def _tail(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.hybrid.stages[self.hybrid.index + 1:]:
+            x = stage(x)
+        return x
+
+    def forward(self, x: torch.Tensor):
+        h = self.hybrid
+        if not self.training:
+            return h(x)
+        with torch.no_grad():
+            for stage in h.stages[: h.index]:
+                x = stage(x)
+            teacher = self._tail(self.teacher_stage(x))
+        return self._tail(h._target(x)), teacher
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"hybrid.{n}" for n in self.hybrid.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.hybrid.set_grad_checkpointing(enable)

@@ -134,6 +134,14 @@ def meta_spec(cfg: ModelConfig, target: ModelSpec, drop_path: float = 0.0) -> Mo
     if cfg.meta_depth_per_stage < 1:
         raise UserError("model.meta_depth_per_stage must be >= 1")
     kw = dict(target.kwargs, depth=cfg.num_stages * cfg.meta_depth_per_stage, drop_path_rate=float(drop_path))
+    if cfg.meta_embed_dim:  # a meta model of another width: incubation stitches each module in
+        kw["embed_dim"] = cfg.meta_embed_dim
+        kw["num_heads"] = cfg.meta_num_heads or kw["num_heads"]
+    elif cfg.meta_num_heads:
+        kw["num_heads"] = cfg.meta_num_heads
+    if kw["embed_dim"] % kw["num_heads"]:
+        raise UserError(f"meta model: width {kw['embed_dim']} is not divisible by {kw['num_heads']} heads "
+                        "(set model.meta_num_heads)")
     return ModelSpec(target.timm_name, kw)
 
 

@@ -309,3 +309,35 @@ def test_error_after_the_engine_started_prints_no_library_warning_before_its_lin
     others = [ln for ln in lines[:-1] if "bad data" not in ln and "bad-data" not in ln]
     assert others == [], others
     assert not (tmp_path / "run" / "e2e" / "MANIFEST.json").exists()
+
+
+def test_meta_init_and_high_resolution_finetune_run_through_the_real_pipeline(debug_run, demo_root, tmp_path):
+    """A meta model built from the debug run's fine-tuned model (model.meta_init) feeds a whole Deep Incubation
+    pipeline whose fine-tune runs at 1.5x the resolution: every phase completes, the assembled target keeps the
+    target's width and depth, and the export records the new size."""
+    root = tmp_path / "reuse"
+    dsi("pipeline", "--recipe", "debug", "--methods", "di", "--output", str(root), "--set",
+        f"model.meta_init={debug_run}", "--set", "finetune.img_size=48", cwd=tmp_path, demo_root=demo_root)
+    assert json.loads((root / "meta" / "config_key.json").read_text())["model"]["meta_init"] == str(debug_run)
+    assembled, _ = ckpt.load_tensors(root / "assemble" / "model.safetensors")
+    source, _ = ckpt.load_tensors(debug_run / "finetune" / "model.safetensors")
+    assert {k: v.shape for k, v in assembled.items()} == {k: v.shape for k, v in source.items()}
+    tuned, header = ckpt.load_tensors(root / "finetune" / "model.safetensors")
+    spec = vit.ModelSpec.from_json(header["spec"]).kwargs
+    assert spec["img_size"] == 48 and tuned["stages.0.pos_embed"].shape[1] == 1 + (48 // spec["patch_size"]) ** 2
+    assert json.loads((root / "export" / "finetune" / "model.json").read_text())["img_size"] == 48
+
+
+def test_cross_width_meta_model_incubates_a_target_of_another_width_through_the_real_pipeline(tmp_path, demo_root):
+    """A meta model of width 32 incubates the debug target (width 48) through stitch layers: every phase
+    completes and the assembled and fine-tuned models have the target's width throughout."""
+    root = tmp_path / "cross"
+    dsi("pipeline", "--recipe", "debug", "--methods", "di", "--output", str(root), "--set", "model.meta_embed_dim=32",
+        "--set", "model.meta_num_heads=2", cwd=tmp_path, demo_root=demo_root)
+    meta, _ = ckpt.load_tensors(root / "meta" / "model.safetensors")
+    assert meta["stages.0.cls_token"].shape[-1] == 32
+    for name in ("assemble", "finetune"):
+        tensors, header = ckpt.load_tensors(root / name / "model.safetensors")
+        assert vit.ModelSpec.from_json(header["spec"]).kwargs["embed_dim"] == 48
+        assert {t.shape[-1] for k, t in tensors.items() if k.endswith(("norm1.weight", "cls_token"))} == {48}
+    assert json.loads((root / "summary.json").read_text())["deep_incubation"]["top1"] is not None

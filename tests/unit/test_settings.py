@@ -201,3 +201,46 @@ def test_paper_recipes_turn_repeated_augmentation_on_and_refuse_it_without_resam
     assert recipes.get("vit_b16").data.repeated_aug == 3 and recipes.get("demo").data.repeated_aug == 1
     with pytest.raises(UserError, match="resampled"):
         apply_overrides(recipes.get("vit_b16"), ["data.resampled=false"])
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_cross_width_incubation_trains_exactly_the_module_and_its_stitches_and_hands_over_the_module(tmp_path, index):
+    cfg = _cfg("model.meta_embed_dim=16", "model.meta_num_heads=2")  # meta width 16, target width 24
+    meta_state = _meta_run(tmp_path, cfg)
+    assert meta_state["stages.0.cls_token"].shape[-1] == 16
+    phase = phases.make("incubate", cfg, tmp_path, 10, index)
+    torch.manual_seed(0)
+    model = phase.build_model()
+    assert (model.stitch_in is None) == (index == 0) and (model.stitch_out is None) == (index == 1)
+    changed = _train_steps(model)
+    intended = {n for n, _ in model.named_parameters() if n.startswith((f"stages.{index}.", "stitch_"))}
+    assert changed == intended and any(n.startswith("stitch_") for n in changed)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in meta_state.items()
+               if not k.startswith(f"stages.{index}."))  # the meta model did not move
+    names = phase.output_names(model)
+    assert names and all(n.startswith(f"stages.{index}.") for n in names)  # stitches are not handed to assembly
+    assert model.stages[index].blocks[0].attn.qkv.weight.shape[-1] == 24
+
+
+def test_cross_width_stage_files_assemble_into_a_model_of_the_target_width(tmp_path):
+    from dsincubate.assemble import assemble
+
+    cfg = _cfg("model.meta_embed_dim=16", "model.meta_num_heads=2")
+    _meta_run(tmp_path, cfg)
+    for i in range(2):
+        phase = phases.make("incubate", cfg, tmp_path, 10, i)
+        model = phase.build_model()
+        phase.out_dir.mkdir(parents=True)
+        files = phase.save_output({n: p.detach() for n, p in model.named_parameters() if n in phase.output_names(model)})
+        ckpt.write_manifest(phase.out_dir, files)
+    tensors, header = ckpt.load_tensors(assemble(tmp_path, None, 2))
+    widths = {t.shape[-1] for k, t in tensors.items() if k.endswith(("norm1.weight", "norm2.weight", "cls_token"))}
+    assert widths == {24} and vit.ModelSpec.from_json(header["spec"]).kwargs["embed_dim"] == 24
+    model = staged.StagedModel(staged.divide(vit.build(vit.ModelSpec.from_json(header["spec"])), [2, 2]))
+    model.load_state_dict(tensors, strict=True)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_meta_width_not_divisible_by_its_heads_is_refused():
+    with pytest.raises(UserError, match="meta_embed_dim"):
+        _cfg("model.meta_embed_dim=15", "model.meta_num_heads=2")
