@@ -341,3 +341,19 @@ def test_cross_width_meta_model_incubates_a_target_of_another_width_through_the_
         assert vit.ModelSpec.from_json(header["spec"]).kwargs["embed_dim"] == 48
         assert {t.shape[-1] for k, t in tensors.items() if k.endswith(("norm1.weight", "cls_token"))} == {48}
     assert json.loads((root / "summary.json").read_text())["deep_incubation"]["top1"] is not None
+
+
+def test_m2mkd_module_trains_through_the_engine_with_meta_and_teacher_frozen(debug_run, demo_root, tmp_path):
+    """One m2mKD job through the real command: a new run directory holding the debug run's meta model, the debug
+    run's E2E model as teacher; the frozen parameters (meta and teacher) hash the same before and after."""
+    import shutil
+
+    root = tmp_path / "kd"
+    root.mkdir()
+    shutil.copytree(debug_run / "meta", root / "meta")
+    dsi("m2mkd", "--module", "1", "--recipe", "debug", "--output", str(root), "--set",
+        f"m2mkd.teacher={debug_run / 'e2e' / 'model.safetensors'}", cwd=tmp_path, demo_root=demo_root)
+    run = json.loads((root / "m2mkd" / "module_1" / "run.json").read_text())
+    assert run["frozen_params"]["sha256_before"] == run["frozen_params"]["sha256_after"] is not None
+    header = ckpt.read_meta(root / "m2mkd" / "module_1" / "stage.safetensors")
+    assert header["objective"] == "m2mkd" and header["index"] == 1
