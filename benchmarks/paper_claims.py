@@ -143,6 +143,8 @@ def reuse_meta(src: Path, out: Path, recipe: str, sets: list[str], extra: list[s
         return False
     out.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src / "meta", out / "meta")
+    # the key in this code's spelling (a field added since, at its default, would read as another config)
+    ckpt.atomic_write_json(out / "meta" / "config_key.json", key(cfg))
     return True
 
 
