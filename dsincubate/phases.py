@@ -335,7 +335,7 @@ class _FromModel(Phase):
 
         tensors, _ = ckpt.load_tensors(self.source_path)
         patch, size = self.target_spec().kwargs["patch_size"], self.img_size
-        if self.source_size != size:
+        if self.source_size is not None and self.source_size != size:
             key = "stages.0.pos_embed"
             tensors[key] = resample_abs_pos_embed(tensors[key], new_size=[size // patch] * 2,
                                                   old_size=[self.source_size // patch] * 2, num_prefix_tokens=1)
@@ -351,7 +351,8 @@ class _FromModel(Phase):
         model = self.target()
         if self.source_path is None:
             return model, []
-        resampled = self.source_size != self.img_size  # then the tensors, not the file, are what fits
+        # resampled: the tensors, not the file, are what fits (source_size is None when set by hand: the same size)
+        resampled = self.source_size is not None and self.source_size != self.img_size
         return model, [(model, self.source_tensors() if resampled else self.source_path)]
 
 

@@ -184,7 +184,14 @@ def resume(run: Run) -> None:
     found = ckpt.latest_resume_tag(run.ckpt_dir)
     if found:
         tag, _ = found
-        _, client = run.built.engine.load_checkpoint(str(run.ckpt_dir), tag, load_module_strict=False)
+        damaged = UserError(f"{run.phase.label}: the checkpoint {run.ckpt_dir / tag} cannot be loaded (damaged or "
+                            "incomplete); remove it to resume from an earlier one or start the phase again")
+        try:
+            path, client = run.built.engine.load_checkpoint(str(run.ckpt_dir), tag, load_module_strict=False)
+        except (AssertionError, RuntimeError, OSError, KeyError, ValueError, EOFError) as e:
+            raise damaged from e  # DeepSpeed asserts on missing files, torch raises on truncated ones
+        if path is None or not client:  # or DeepSpeed only warns and returns nothing
+            raise damaged
         run.state.load_state_dict(client)
         if run.ctx.is_main:
             print(f"{dist.log_prefix()} [dsincubate] {run.phase.label}: resumed from {run.ckpt_dir / tag} (epoch {run.state.epoch})")

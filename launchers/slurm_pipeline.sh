@@ -38,6 +38,7 @@ OUTPUT="$(cd "$(dirname "$OUTPUT")" && pwd)/$(basename "$OUTPUT")"
 ARGS=("$@")
 for ((a = 0; a < ${#ARGS[@]}; a++)); do [ "${ARGS[$a]}" = "--output" ] && ARGS[$((a + 1))]="$OUTPUT"; done
 # fail fast (one line, exit 2) on bad input before anything is queued; also checks K against the run's config
+"$PY" -m dsincubate config "${ARGS[@]}" >/dev/null || exit 2
 NUM_STAGES=$("$PY" -m dsincubate config "${ARGS[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
 [ "$NUM_STAGES" = "$K" ] || { echo "slurm_pipeline.sh: error: --k $K but the run has model.num_stages=$NUM_STAGES" >&2; exit 2; }
 

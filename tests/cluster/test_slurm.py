@@ -82,17 +82,18 @@ def test_a_failed_array_task_stops_the_chain_and_the_report_names_it(slurm, slur
     shutil.copy(done / "config.json", out / "config.json")
     for i in (0, 2, 3):
         shutil.copytree(done / f"incubate/module_{i}", out / f"incubate/module_{i}")
-    # module 1 fails: its directory holds a run made with another config, which incubate refuses (exit 2)
-    (out / "incubate/module_1").mkdir(parents=True)
-    (out / "incubate/module_1/config_key.json").write_text('{"seed": 12345}')
-    jobs = submit(slurm, out, tmp_path)
+    # module 1 fails at run time, after its engine started (what the launcher's up-front checks cannot see): its
+    # latest resumable checkpoint is damaged (a manifest, no files)
+    (out / "incubate/module_1/checkpoints/epoch00001").mkdir(parents=True)
+    (out / "incubate/module_1/checkpoints/epoch00001/MANIFEST.json").write_text("{}")
+    jobs = submit(slurm, out, shared)  # the finished run's settings (its demo data too), so its phases are reused
     slurm.wait_idle(timeout=600)
     report = (out / "logs/slurm/report.txt").read_text()
     assert "incubate module 1: FAILED" in report and f"incubate-{jobs['array']}_1.out" in report, report
     assert "pipeline: FAILED" in report
     assert all(f"incubate module {i}: complete" in report for i in (0, 2, 3)), report
     log = (out / f"logs/slurm/incubate-{jobs['array']}_1.out").read_text()
-    assert "another config" in log, log[-2000:]
+    assert "cannot be loaded" in log, log[-2000:]
     assert slurm.job_state(jobs["finetune"]) == "CANCELLED"  # the chain stopped: fine-tuning never started
     assert not (out / "finetune").exists()
     report_log = next((out / "logs/slurm").glob(f"report-{jobs['report']}.out")).read_text()
