@@ -200,7 +200,7 @@ def run(args) -> int:
     from dsincubate import dist, phases, trainer
 
     phase = None
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _world_size()
     if args.command in TRAIN_PHASES:  # its inputs checked before any process group or engine exists
         phase = phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None))
         trainer.check_plan(phase, info, world_size, torch.cuda.is_available())
@@ -246,10 +246,14 @@ def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
         if "di" in methods else []
     names += [("e2e", None)] if methods & {"e2e", "e2e_tune"} else []
     names += [("e2e_tune", None)] if "e2e_tune" in methods else []
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     for name, i in names:  # resolve=False: earlier phases' outputs need not exist yet
-        trainer.check_plan(phases.make(name, cfg, root, n_cls, i, resolve=False), info, world_size,
+        trainer.check_plan(phases.make(name, cfg, root, n_cls, i, resolve=False), info, _world_size(),
                            torch.cuda.is_available())
+
+
+def _world_size() -> int:
+    """The world size the command will run at (the launcher's WORLD_SIZE; 1 alone), known before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _methods(text: str) -> set[str]:

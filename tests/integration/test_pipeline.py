@@ -105,6 +105,15 @@ def test_eval_of_each_kind_of_model_agrees_with_what_its_phase_logged(debug_run,
     assert summary["e2e_tune"]["device_hours"] > summary["e2e"]["device_hours"]
 
 
+def _trained_model(path: Path) -> staged.StagedModel:
+    """A phase's whole-model output rebuilt from its own header, in eval mode."""
+    tensors, header = ckpt.load_tensors(path)
+    model = staged.StagedModel(staged.divide(vit.build(vit.ModelSpec.from_json(header["spec"])),
+                                             header["stage_depths"])).eval()
+    model.load_state_dict(tensors)
+    return model
+
+
 def test_export_loads_into_fresh_timm_model_with_identical_logits(debug_run):
     for source in ("finetune", "e2e"):
         out = debug_run / "export" / source
@@ -112,10 +121,7 @@ def test_export_loads_into_fresh_timm_model_with_identical_logits(debug_run):
         model = timm.create_model(args.pop("model_name"), pretrained=False, **args).eval()
         tensors, _ = ckpt.load_tensors(out / "model.safetensors")
         model.load_state_dict(tensors, strict=True)
-        trained, header = ckpt.load_tensors(debug_run / source / "model.safetensors")
-        sm = staged.StagedModel(staged.divide(vit.build(vit.ModelSpec.from_json(header["spec"])),
-                                              header["stage_depths"])).eval()
-        sm.load_state_dict(trained)
+        sm = _trained_model(debug_run / source / "model.safetensors")
         x = torch.randn(4, 3, 32, 32)
         with torch.no_grad():
             assert torch.equal(model(x), sm(x))
@@ -150,10 +156,7 @@ def test_export_loads_with_the_trained_head_every_way_timm_loads_local_weights(d
     import sys
 
     for source in ("finetune", "e2e"):
-        trained, header = ckpt.load_tensors(debug_run / source / "model.safetensors")
-        sm = staged.StagedModel(staged.divide(vit.build(vit.ModelSpec.from_json(header["spec"])),
-                                              header["stage_depths"])).eval()
-        sm.load_state_dict(trained)
+        sm = _trained_model(debug_run / source / "model.safetensors")
         x = torch.randn(3, 3, 32, 32)
         with torch.no_grad():
             torch.save({"x": x, "logits": sm(x)}, tmp_path / "ref.pt")
