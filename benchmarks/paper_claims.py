@@ -16,7 +16,11 @@ Experiments (paper references in brackets):
   meta    meta model fixed / pre-trained + tunable / random + tunable       [Sec. 4.4 table]
   kd      meta depth per stage 1 / 2 x Module Incubation / Imitation       [Fig. 8]
   k       K = 2 / 4 / 8                                                     [Fig. 10 area]
-meta, kd and k change only Deep Incubation: their cells train DI and share the default cell's E2E run per seed.
+  reuse   meta model from scratch / built from a trained model (`model.meta_init`, the same seed's E2E model of
+          the default cell) with 2 meta epochs, and with the saved FLOPs spent on incubation   [suppl. Sec. 3]
+  width   meta model of the target's width 64 / of width 32 stitched into the width-64 target  [suppl. Sec. 3]
+meta, kd, k, reuse and width change only Deep Incubation: their cells train DI and share the default cell's E2E run
+per seed. In `reuse`, the source model's own training is not counted in DI's budget (a reused model is sunk cost).
 
     python benchmarks/paper_claims.py                                 # CPU: depth + data, 3 seeds, built-in data
     python benchmarks/paper_claims.py --experiments meta,kd --seeds 0,1,2
@@ -63,11 +67,18 @@ EXPERIMENTS = {
                                        (["incubate.imitation=true"] if im else []))
                                       for d in (1, 2) for im in (False, True)]),
     "k": ("K", [(f"K={k}", [f"model.num_stages={k}"] if k != 4 else []) for k in (2, 4, 8)]),
+    # {e2e} is the default cell's E2E model of the same seed. 14 meta epochs saved = 0.91 TFLOP = 4 incubation epochs
+    # of all 4 modules (0.23 TFLOP each), so the last cell spends about the scratch cell's FLOPs.
+    "reuse": ("meta model", [("scratch, meta 16 ep", []),
+                             ("from E2E, meta 2 ep", ["model.meta_init={e2e}", "meta.epochs=2"]),
+                             ("from E2E, meta 2 + inc 10 ep", ["model.meta_init={e2e}", "meta.epochs=2",
+                                                               "incubate.epochs=10"])]),
+    "width": ("meta width", [("64 (own)", []), ("32 (stitched)", ["model.meta_embed_dim=32", "model.meta_num_heads=2"])]),
 }
 # Ablations of Deep Incubation's own settings: none of them changes the E2E run (same model, data, seed), so their
 # cells train Deep Incubation only and compare with the default cell's E2E run of the same seed. Its budget matched
 # the default cell's DI; the table's TFLOP columns show where an ablation's DI used more.
-DI_ONLY = {"meta", "kd", "k"}
+DI_ONLY = {"meta", "kd", "k", "reuse", "width"}
 PAPER_DEPTHS = (32, 128)
 
 
@@ -321,14 +332,15 @@ def main(argv=None) -> int:
             for seed in seeds:
                 out = work / cell_key(recipe, sets) / f"seed{seed}"  # identical cells of two experiments run once
                 e2e_from = work / cell_key(base_recipe, base_sets) / f"seed{seed}" if exp in DI_ONLY else None
+                seed_sets = [s.replace("{e2e}", str((e2e_from or out) / "e2e" / "model.safetensors")) for s in sets]
                 if e2e_from is not None and e2e_from != out and not (e2e_from / "e2e" / "MANIFEST.json").is_file():
                     run_cell(e2e_from, base_recipe, base_sets, seed, extra, args.timeout)  # the shared E2E first
                 if args.collect_only:
                     if ((e2e_from or out) / "e2e" / "MANIFEST.json").is_file() and (out / "summary.json").is_file():
-                        flop_epochs, plan = e2e_epochs_for(recipe, sets, extra)
+                        flop_epochs, plan = e2e_epochs_for(recipe, seed_sets, extra)
                         seed_rows.append(collect_cell(out, seed, plan, flop_epochs, e2e_from))
                     continue
-                seed_rows.append(run_cell(out, recipe, sets, seed, extra, args.timeout, e2e_from))
+                seed_rows.append(run_cell(out, recipe, seed_sets, seed, extra, args.timeout, e2e_from))
             rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
         table, rows = summarise(exp, rows)
         record = dict(common.header(f"paper_claims_{exp}", dev), scale=args.scale, experiment=exp, seeds=seeds,
