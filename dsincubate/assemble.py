@@ -5,7 +5,7 @@ list when the jobs ran on different machines and their files were collected), ch
 once and agree on the target spec, K, stage depths and meta model (hash), and writes `<run>/assemble/model.safetensors`.
 `export` writes the final model (fine-tuned, or E2E) with timm's own parameter names, next to `model.json` holding the
 `timm.create_model` arguments and `config.json` in timm's own format, so every way timm loads local weights gives the
-trained model, head included (timm drops a pretrained head whose class count differs from the pretrained_cfg's, so
+trained model, head included (a V-MoE, no timm architecture, gets its spec in `model.json` instead) (timm drops a pretrained head whose class count differs from the pretrained_cfg's, so
 the class count travels in both files):
 
     timm.create_model("local-dir:<run>/export/finetune", pretrained=True)                 # config.json
@@ -106,6 +106,11 @@ def export(root: Path, source: str = "finetune", dry_run: bool = False) -> Path:
     cfg = pretrained_cfg(spec)
     # timm cannot take a LayerNorm eps as an argument (the official ViT-H's 1e-5): config.json records it for the user
     args = {k: v for k, v in spec.kwargs.items() if k not in vit.SPEC_ONLY}
+    if spec.kwargs.get("moe"):  # a V-MoE is no timm architecture: its spec rebuilds it (every expert in the file)
+        ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **args, "moe": spec.kwargs["moe"],
+                                                    "spec": spec.to_json(), "load_with": MOE_LOAD_HINT})
+        ckpt.write_manifest(out, [MODEL_FILE, "model.json"], {"source": str(src)})
+        return out / MODEL_FILE
     ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **args, "pretrained_cfg_overlay":
                                                 dict(cfg, file=str((out / MODEL_FILE).resolve()))})
     model_args = {k: v for k, v in args.items() if k != "num_classes"}
@@ -115,6 +120,10 @@ def export(root: Path, source: str = "finetune", dry_run: bool = False) -> Path:
                                                  "model_args": model_args, "pretrained_cfg": cfg, **eps})
     ckpt.write_manifest(out, [MODEL_FILE, "model.json", "config.json"], {"source": str(src)})
     return out / MODEL_FILE
+
+
+MOE_LOAD_HINT = ("dsincubate.models.vit.build(dsincubate.models.vit.ModelSpec.from_json(model_json['spec']))"
+                 ".load_state_dict(safetensors.torch.load_file('model.safetensors'))")
 
 
 def pretrained_cfg(spec: vit.ModelSpec) -> dict:

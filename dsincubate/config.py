@@ -118,6 +118,26 @@ class ModelConfig(_Checked):
     (per shape the faster of kernel and torch, timed). `dsincubate ops` shows where each kernel was verified."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward (needed for ViT-H at useful batch sizes)."""
+    moe_every: int = setting(0, lo=0)
+    """Vision-MoE (V-MoE): 0 = a dense ViT; N >= 1 = the MLP of every N-th block (blocks N-1, 2N-1, ...; V-MoE's
+    every other block is 2) is a DeepSpeed MoE layer (`deepspeed.moe.layer.MoE`). The meta model stays dense.
+    Needs ZeRO stage 0-2 (DeepSpeed's MoE layers do not support ZeRO-3)."""
+    moe_experts: int = setting(8, lo=1)
+    """Experts per MoE layer; divisible by moe_ep_size."""
+    moe_top_k: int = setting(2, lo=1)
+    """Experts each token is routed to (V-MoE: 2); at most moe_experts."""
+    moe_capacity_factor: float = setting(1.25, lo=0.0, lo_open=True)
+    """Training capacity per expert, as a multiple of tokens x top_k / experts (tokens over it are dropped and pass
+    through the residual only)."""
+    moe_eval_capacity_factor: float = setting(2.0, lo=0.0, lo_open=True)
+    """Capacity factor in evaluation."""
+    moe_min_capacity: int = setting(4, lo=0)
+    """Least capacity per expert, whatever the factor gives."""
+    moe_aux_weight: float = setting(0.01, lo=0.0)
+    """Weight of the MoE layers' load-balancing loss added to every phase's objective (V-MoE: 0.01)."""
+    moe_ep_size: int = setting(1, lo=1)
+    """Expert parallelism: each MoE layer's experts are spread over groups of this many ranks (all-to-all routing,
+    DeepSpeed's expert-parallel groups); the world size must be a multiple. Files always hold every expert."""
 
 
 AUG_RECIPES = ("deit", "3aug", "none")
@@ -317,6 +337,10 @@ class RunConfig(_Checked):
         if m.meta_embed_dim and m.meta_num_heads and m.meta_embed_dim % m.meta_num_heads:
             raise UserError(f"model.meta_embed_dim={m.meta_embed_dim} is not divisible by "
                             f"model.meta_num_heads={m.meta_num_heads}")
+        if m.moe_every and m.moe_experts % m.moe_ep_size:
+            raise UserError(f"model.moe_experts={m.moe_experts} is not divisible by model.moe_ep_size={m.moe_ep_size}")
+        if m.moe_every and m.moe_top_k > m.moe_experts:
+            raise UserError(f"model.moe_top_k={m.moe_top_k} is above model.moe_experts={m.moe_experts}")
         if m.img_size and m.patch_size and m.img_size % m.patch_size:
             raise UserError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
         if m.stage_depths and len(m.stage_depths) != m.num_stages:

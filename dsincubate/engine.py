@@ -49,6 +49,14 @@ class WarmupCosine:
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, ds_cfg: dict):
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups_weight_decay(model, tc.weight_decay, no_weight_decay_list=nwd)  # trainable params only
+    if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
+        # a V-MoE: expert parameters go into their own groups (reduced over the expert-data-parallel group, not
+        # the whole world), as DeepSpeed's MoE engine and ZeRO expect
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        for i, g in enumerate(groups):
+            g["name"] = f"group{i}"
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
     if tc.optimizer == "adamw":
         if dsconfig.offloads_optimizer(ds_cfg):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -105,12 +113,16 @@ def build_engine(phase, ctx: dist.DistContext, ds_cfg: dict, steps_per_epoch: in
     """
     import deepspeed
 
+    from dsincubate.models import moe
+
     tc, cfg = phase.train_cfg, phase.cfg
     dist.seed_everything(cfg.seed)
-    if dsconfig.zero_stage(ds_cfg) == 3:  # partitioned while it is built: no rank holds the whole model
-        model = phase.build_model_zero3(ds_cfg, load=load)
-    else:
-        model = phase.build_model(load=load)
+    with moe.expert_parallel(cfg.model.moe_ep_size if cfg.model.moe_every else 1):  # a V-MoE's local experts
+        if dsconfig.zero_stage(ds_cfg) == 3:  # partitioned while it is built: no rank holds the whole model
+            model = phase.build_model_zero3(ds_cfg, load=load)
+        else:
+            model = phase.build_model(load=load)
+    phase.model = model  # the phase adds its model's MoE load-balancing losses to its objective
     kernels = apply_kernels(model, cfg.model.kernel_backend)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -122,4 +134,6 @@ def build_engine(phase, ctx: dist.DistContext, ds_cfg: dict, steps_per_epoch: in
             tc.min_lr / tc.lr))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_cfg)
+    if moe.layers(model):
+        moe.check_layout(cfg.model.moe_ep_size)
     return Built(engine, optimizer, scheduler, kernels)

@@ -39,6 +39,7 @@ class Phase:
 
     name = ""
     output_file = MODEL_FILE
+    model: nn.Module | None = None  # set by the engine builder: the model whose MoE losses `objective` adds
 
     def __init__(self, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None):
         self.cfg, self.layout, self.num_classes, self.stage_index = cfg, RunLayout(root), num_classes, stage_index
@@ -112,6 +113,18 @@ class Phase:
 
     def loss(self, output, targets: torch.Tensor, criterion) -> dict[str, torch.Tensor]:
         return {"loss": criterion(output.float(), targets)}
+
+    def objective(self, output, targets: torch.Tensor, criterion) -> dict[str, torch.Tensor]:
+        """The phase's loss plus, for a V-MoE, `model.moe_aux_weight` x its trained MoE layers' load-balancing loss
+        (reported as "moe_aux"): what the training step minimises."""
+        from dsincubate.models import moe
+
+        losses = self.loss(output, targets, criterion)
+        aux = moe.aux_loss(self.model) if self.model is not None else None
+        if aux is not None:
+            losses["moe_aux"] = aux.detach()
+            losses["loss"] = losses["loss"] + self.cfg.model.moe_aux_weight * aux
+        return losses
 
     def output_names(self, model: nn.Module) -> list[str]:
         """Parameter names (in `model`) saved as this phase's result."""
@@ -342,9 +355,11 @@ class _FromModel(Phase):
         return tensors
 
     def build_model(self, load: bool = True) -> nn.Module:
+        from dsincubate.models import moe
+
         model = self.target()
-        if load:
-            model.load_state_dict(self.source_tensors(), strict=True)
+        if load:  # a V-MoE built expert-parallel holds only its rank's experts of the file's
+            model.load_state_dict(moe.localize(self.source_tensors(), moe.current_ep()), strict=True)
         return model
 
     def _construct_zero3(self):

@@ -33,6 +33,7 @@ from dsincubate import accounting, checkpoint as ckpt, dist, dsconfig
 from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
 from dsincubate.engine import Built, build_engine, resolve_ds_config
 from dsincubate.errors import UserError
+from dsincubate.models import moe
 from dsincubate.phases import Phase
 
 SYNC_EVERY = 20  # training steps between host reads of the loss
@@ -134,9 +135,16 @@ def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) ->
     """Every check of a phase that needs no process group, engine or data read (the CLI runs it before any starts):
     the ds_config merged with the recipe, an output made with another config, mixup's even batch, and an epoch of at
     least one optimizer step per rank. Returns (micro-batches per rank and epoch, gradient accumulation)."""
-    tc = phase.train_cfg
+    tc, m = phase.train_cfg, phase.cfg.model
     _, ds_cfg = resolve_ds_config(phase, has_cuda, world_size)
     _check_output(phase)
+    if m.moe_every and phase.name != "meta":  # the meta model is dense
+        if dsconfig.zero_stage(ds_cfg) == 3:
+            raise UserError(f"{phase.label}: a V-MoE (model.moe_every={m.moe_every}) needs ZeRO stage 0-2; DeepSpeed's "
+                            "MoE layers do not support ZeRO-3 (use ds_config zero2_bf16 or cpu)")
+        if world_size % m.moe_ep_size:
+            raise UserError(f"{phase.label}: world size {world_size} is not a multiple of model.moe_ep_size="
+                            f"{m.moe_ep_size}")
     if build_mixup(phase.cfg.data, phase.num_classes) is not None and tc.micro_batch % 2:
         raise UserError(f"{phase.label}: mixup/cutmix need an even micro_batch (got {tc.micro_batch})")
     cfg = phase.cfg
@@ -251,7 +259,7 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> torch.T
     images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
     if run.mixup is not None:
         images, targets = run.mixup(images, targets)
-    losses = run.phase.loss(engine(images.to(run.dtype)), targets, run.criterion)
+    losses = run.phase.objective(engine(images.to(run.dtype)), targets, run.criterion)
     engine.backward(losses["loss"])
     engine.step()
     run.state.images += images.shape[0] * ctx.world_size
@@ -289,6 +297,8 @@ def finish(run: Run, frozen_before: str | None) -> dict:
     phase, ctx, module = run.phase, run.ctx, run.built.engine.module
     trainable = phase.output_names(module)
     tensors = {name: _full_fp32(p) for name, p in module.named_parameters() if name in trainable}
+    if moe.layers(module):  # every expert of every rank, under its global index (a collective)
+        tensors = moe.gather_experts(tensors, phase.cfg.model.moe_ep_size)
     frozen = {"sha256_before": frozen_before, "sha256_after": frozen_digest(module)}
     if frozen["sha256_before"] != frozen["sha256_after"]:
         raise RuntimeError(f"{phase.label}: frozen parameters changed during training; refusing to save")

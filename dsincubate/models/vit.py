@@ -33,7 +33,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
     # the official code's ViT-H/14 (its own vision_transformer.py): no qkv bias, torch's LayerNorm eps 1e-5
     "vit_h14_official": ("vit_huge_patch14_224", dict(qkv_bias=False, norm_eps=1e-5)),
 }
-SPEC_ONLY = ("norm_eps",)  # spec keys that are not timm.create_model arguments (applied after construction)
+# spec keys that are not timm.create_model arguments (applied after construction): the official ViT-H's LayerNorm eps,
+# and a V-MoE's MoE layers (dsincubate.models.moe)
+SPEC_ONLY = ("norm_eps", "moe")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,12 @@ def target_spec(cfg: ModelConfig, num_classes: int | None = None, drop_path: flo
     if full["img_size"] % full["patch_size"]:
         raise UserError(f"model: image size {full['img_size']} is not divisible by patch size {full['patch_size']}")
     full["drop_path_rate"] = float(drop_path)
+    if cfg.moe_every:
+        if cfg.moe_every > full["depth"]:
+            raise UserError(f"model.moe_every={cfg.moe_every} is above the depth {full['depth']}: no block would be MoE")
+        full["moe"] = {"every": cfg.moe_every, "experts": cfg.moe_experts, "top_k": cfg.moe_top_k,
+                       "capacity_factor": cfg.moe_capacity_factor,
+                       "eval_capacity_factor": cfg.moe_eval_capacity_factor, "min_capacity": cfg.moe_min_capacity}
     return ModelSpec(arch, full)
 
 
@@ -134,6 +142,7 @@ def meta_spec(cfg: ModelConfig, target: ModelSpec, drop_path: float = 0.0) -> Mo
     if cfg.meta_depth_per_stage < 1:
         raise UserError("model.meta_depth_per_stage must be >= 1")
     kw = dict(target.kwargs, depth=cfg.num_stages * cfg.meta_depth_per_stage, drop_path_rate=float(drop_path))
+    kw.pop("moe", None)  # the meta model is a dense ViT (a V-MoE target incubates inside it)
     if cfg.meta_embed_dim:  # a meta model of another width: incubation stitches each module in
         kw["embed_dim"] = cfg.meta_embed_dim
         kw["num_heads"] = cfg.meta_num_heads or kw["num_heads"]
@@ -173,6 +182,10 @@ def build(spec: ModelSpec) -> VisionTransformer:
             if isinstance(m, nn.LayerNorm):
                 m.eps = float(spec.kwargs["norm_eps"])
     _check_supported(model, spec.timm_name)
+    if spec.kwargs.get("moe"):
+        from dsincubate.models import moe
+
+        moe.apply(model, spec.kwargs["moe"])
     if pending is not None:
         pending.append(model)
     return model
