@@ -179,7 +179,9 @@ def summarize(root: Path, num_stages: int, write: bool = True) -> dict:
     e2e_tune = _load(layout.phase_dir("e2e_tune"))
     assembled = json.loads((layout.assemble_dir / "eval.json").read_text()) \
         if (layout.assemble_dir / "eval.json").is_file() else {}
-    if not any([meta, ft, e2e, e2e_tune, *inc]):
+    students = [_load(layout.phase_dir("m2mkd", i)) for i in range(num_stages)]
+    kd_ft = _load(layout.phase_dir("m2mkd_finetune"))
+    if not any([meta, ft, e2e, e2e_tune, kd_ft, *inc, *students]):
         raise UserError(f"summary: no finished phase under {root} (is --output the run directory?)")
     device = next((r["device_name"] for r in [meta, ft, e2e, *inc] if r), "unknown")
     di_hours = None
@@ -201,6 +203,17 @@ def summarize(root: Path, num_stages: int, write: bool = True) -> dict:
     if e2e_tune:
         summary["e2e_tune"] = {"top1": e2e_tune["final"].get("top1"),
                                "device_hours": hours(e2e) + hours(e2e_tune) if e2e else None}
+    if kd_ft or any(students):
+        kd_eval = layout.assemble_dir_of("m2mkd") / "eval.json"
+        summary["m2mkd"] = {
+            "top1": kd_ft["final"].get("top1") if kd_ft else None,
+            # the meta model's cost counts (it is trained for m2mKD too); the teacher's does not (a reused model)
+            "device_hours": hours(meta) + sum(hours(r) for r in students) + hours(kd_ft)
+            if meta and kd_ft and all(students) else None,
+            "phases": {"students": [hours(r) for r in students], "finetune": hours(kd_ft)},
+            "student_top1": [r["final"].get("top1") if r else None for r in students],
+            "assembled_top1": json.loads(kd_eval.read_text()).get("top1") if kd_eval.is_file() else None,
+        }
     if write:
         atomic_write_json(layout.summary, summary)
     return summary
@@ -211,14 +224,23 @@ def format_summary(s: dict) -> str:
     di, e2e = s["deep_incubation"], s["e2e"]
     rows = [("E2E", f(e2e["top1"], ".2f"), f(e2e["device_hours"], ".4f"))]
     rows.append(("DI: meta pretrain", f(di["meta_top1"], ".2f"), f(di["phases"]["meta"], ".4f")))
-    for i, (h, t) in enumerate(zip(di["phases"]["incubate"], di["incubate_top1"])):
-        rows.append((f"DI: incubate module {i}", f(t, ".2f"), f(h, ".4f")))
-    if di.get("assembled_top1") is not None:
-        rows.append(("DI: assembled, before finetune", f(di["assembled_top1"], ".2f"), "-"))
-    rows.append(("DI: finetune (final)", f(di["top1"], ".2f"), f(di["phases"]["finetune"], ".4f")))
-    rows.append(("Deep Incubation total", f(di["top1"], ".2f"), f(di["device_hours"], ".4f")))
+    if "m2mkd" not in s or di["phases"]["finetune"] is not None or any(di["phases"]["incubate"]):
+        for i, (h, t) in enumerate(zip(di["phases"]["incubate"], di["incubate_top1"])):
+            rows.append((f"DI: incubate module {i}", f(t, ".2f"), f(h, ".4f")))
+        if di.get("assembled_top1") is not None:
+            rows.append(("DI: assembled, before finetune", f(di["assembled_top1"], ".2f"), "-"))
+        rows.append(("DI: finetune (final)", f(di["top1"], ".2f"), f(di["phases"]["finetune"], ".4f")))
+        rows.append(("Deep Incubation total", f(di["top1"], ".2f"), f(di["device_hours"], ".4f")))
     if "e2e_tune" in s:
         rows.append(("E2E + tuning (total)", f(s["e2e_tune"]["top1"], ".2f"), f(s["e2e_tune"]["device_hours"], ".4f")))
+    if "m2mkd" in s:
+        kd = s["m2mkd"]
+        for i, (h, t) in enumerate(zip(kd["phases"]["students"], kd["student_top1"])):
+            rows.append((f"m2mKD: student module {i}", f(t, ".2f"), f(h, ".4f")))
+        if kd.get("assembled_top1") is not None:
+            rows.append(("m2mKD: assembled, before finetune", f(kd["assembled_top1"], ".2f"), "-"))
+        rows.append(("m2mKD: finetune (final)", f(kd["top1"], ".2f"), f(kd["phases"]["finetune"], ".4f")))
+        rows.append(("m2mKD total (meta, not teacher)", f(kd["top1"], ".2f"), f(kd["device_hours"], ".4f")))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'run':<{width}}  {'top-1 %':>8}  {'device-hours':>12}   (device: {s['device']})"]
     lines += [f"{a:<{width}}  {b:>8}  {c:>12}" for a, b, c in rows]

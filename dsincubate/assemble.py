@@ -23,12 +23,13 @@ from dsincubate.models import staged, vit
 from dsincubate.layout import MODEL_FILE, STAGE_FILE, RunLayout
 
 
-def default_stage_files(root: Path, num_stages: int) -> list[Path]:
+def default_stage_files(root: Path, num_stages: int, method: str = "incubate") -> list[Path]:
     files = []
     for i in range(num_stages):
-        d = RunLayout(root).phase_dir("incubate", i)
+        d = RunLayout(root).phase_dir(method, i)
         if not ckpt.complete(d):
-            raise UserError(f"incubated module {i} missing or incomplete: {d / STAGE_FILE} (run `dsincubate incubate --module {i}`)")
+            raise UserError(f"{'incubated' if method == 'incubate' else 'm2mKD'} module {i} missing or incomplete: "
+                            f"{d / STAGE_FILE} (run `dsincubate {method} --module {i}`)")
         files.append(d / STAGE_FILE)
     return files
 
@@ -62,13 +63,16 @@ def check_stage_set(files: list[Path]) -> list[tuple[Path, dict]]:
     return [(by_index[i], order[by_index[i]]) for i in range(K)]
 
 
-def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None = None, dry_run: bool = False) -> Path:
+def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None = None, dry_run: bool = False,
+             method: str = "incubate") -> Path:
+    """Join the stage files (default: the run's modules of `method`, incubate or m2mkd) into one model."""
     root = Path(root)
     if files is None:
-        files = default_stage_files(root, num_stages)
+        files = default_stage_files(root, num_stages, method)
     ordered = check_stage_set(files)
+    out = RunLayout(root).assemble_dir_of(method)
     if dry_run:
-        return RunLayout(root).assembled
+        return out / MODEL_FILE
     t0 = time.time()
     head = ordered[0][1]
     spec = vit.ModelSpec.from_json(head["spec"])
@@ -78,7 +82,6 @@ def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None
         missing, unexpected = model.stages[i].load_state_dict(tensors, strict=False)
         if missing or unexpected:
             raise UserError(f"assemble: {f} does not fit stage {i}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    out = RunLayout(root).assemble_dir
     meta = {"kind": "assembled", "spec": head["spec"], "num_stages": head["num_stages"],
             "stage_depths": head["stage_depths"], "meta_sha256": head["meta_sha256"],
             "stages": [{"file": str(f), "sha256": ckpt.sha256_file(f)} for f, _ in ordered]}

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from dsincubate.errors import UserError
 
-TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd")
-METHODS = ("di", "e2e", "e2e_tune")
+TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd", "m2mkd_finetune")
+METHODS = ("di", "e2e", "e2e_tune", "m2mkd")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("finetune", "fine-tune the assembled model"), ("e2e", "train the target end to end"),
                         ("e2e_tune", "train the E2E model further with the fine-tune recipe (the paper's control)"),
                         ("m2mkd", "distil teacher module I into student module I through the meta model (m2mKD)"),
+                        ("m2mkd_finetune", "train the assembled m2mKD students end to end"),
                         ("eval", "top-1/top-5 of any model of a run (or a model file) on the validation data"),
                         ("pipeline", "every phase in order, then the summary"),
                         ("assemble", "join the K incubated modules"), ("export", "write a timm safetensors file"),
@@ -73,12 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
                                 "a comma list evaluates several in one start")
         if name == "assemble":
             p.add_argument("--stages", nargs="+", default=None, help="explicit stage files (default: the run's)")
+            p.add_argument("--method", choices=("incubate", "m2mkd"), default="incubate",
+                           help="whose modules: incubation's (-> assemble/) or m2mKD's students (-> m2mkd/assemble/)")
         if name == "export":
-            p.add_argument("--source", choices=("finetune", "e2e"), default="finetune")
+            p.add_argument("--source", choices=("finetune", "e2e", "e2e_tune", "m2mkd_finetune"), default="finetune")
         if name == "pipeline":
-            p.add_argument("--methods", default="di,e2e", help="comma list of di, e2e, e2e_tune (E2E + tuning)")
+            p.add_argument("--methods", default="di,e2e", help="comma list of di, e2e, e2e_tune (E2E + tuning), "
+                                                               "m2mkd (distil m2mkd.teacher into student modules)")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every config field with its documentation")
+            p.add_argument("--methods", default="di,e2e,e2e_tune",
+                           help="check the phases of these pipeline methods (the launchers' fail-fast check)")
         if name == "import":
             p.add_argument("file", help="a .pth saved by the official code (with model_stages)")
             p.add_argument("--as", dest="as_", choices=("finetune", "e2e"), default=None,
@@ -187,7 +193,7 @@ def run(args) -> int:
     info = _preflight(cfg, torch.cuda.is_available())
     n_cls = _num_classes(cfg, info)
     if args.command == "config":  # also the launchers' fail-fast check: it refuses what training would refuse
-        _check_phases(cfg, root, n_cls, info, {"di", "e2e", "e2e_tune"})
+        _check_phases(cfg, root, n_cls, info, _methods(args.methods))
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if args.command == "summary":
@@ -246,9 +252,28 @@ def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
         if "di" in methods else []
     names += [("e2e", None)] if methods & {"e2e", "e2e_tune"} else []
     names += [("e2e_tune", None)] if "e2e_tune" in methods else []
+    if "m2mkd" in methods:
+        _check_teacher(cfg, root, methods)
+        names += ([] if "di" in methods else [("meta", None)]) + [("m2mkd", i) for i in range(cfg.model.num_stages)]
+        names += [("m2mkd_finetune", None)]
     for name, i in names:  # resolve=False: earlier phases' outputs need not exist yet
         trainer.check_plan(phases.make(name, cfg, root, n_cls, i, resolve=False), info, _world_size(),
                            torch.cuda.is_available())
+
+
+def _check_teacher(cfg, root: Path, methods: set[str]) -> None:
+    """The m2mKD teacher exists or a method of this pipeline makes it (before m2mkd runs)."""
+    from dsincubate import checkpoint as ckpt
+    from dsincubate.layout import RunLayout
+
+    t = cfg.m2mkd.teacher
+    made_by = {"e2e": "e2e", "finetune": "di"}
+    if t in made_by:
+        if made_by[t] not in methods and not ckpt.complete(RunLayout(root).phase_dir(t)):
+            raise UserError(f"m2mkd.teacher={t}: this run has no finished {t} model; add {made_by[t]} to --methods "
+                            "or give a model file")
+    elif not Path(t).is_file():
+        raise UserError(f"m2mkd.teacher={t}: no such model file")
 
 
 def _world_size() -> int:
@@ -270,7 +295,7 @@ def _single_process(args, cfg, root: Path) -> int:
         return 0  # under a launcher, rank 0 alone writes the files
     if args.command == "assemble":
         path = assemble(root, [Path(s) for s in args.stages] if args.stages else None, cfg.model.num_stages,
-                        dry_run=args.dry_run)
+                        dry_run=args.dry_run, method=args.method)
     else:
         path = export(root, args.source, dry_run=args.dry_run)
     print(f"dsincubate {args.command}: dry run, all checks passed; would write {path}" if args.dry_run else
@@ -279,7 +304,8 @@ def _single_process(args, cfg, root: Path) -> int:
 
 
 def _pipeline(methods: set[str], cfg, root: Path, ctx, info, n_cls: int) -> int:
-    """Deep Incubation (meta, K incubations, assemble, finetune), E2E and E2E + tuning in one process group."""
+    """Deep Incubation (meta, K incubations, assemble, finetune), E2E, E2E + tuning and m2mKD (meta, K students,
+    assemble, fine-tune) in one process group."""
     from dsincubate import dist, phases, trainer
     from dsincubate.accounting import format_summary, summarize
     from dsincubate.assemble import assemble, export
@@ -314,6 +340,19 @@ def _pipeline(methods: set[str], cfg, root: Path, ctx, info, n_cls: int) -> int:
         dist.barrier()
     if "e2e_tune" in methods and not train("e2e_tune"):
         return 0
+    if "m2mkd" in methods:  # after di/e2e: the teacher may be this run's finetune or e2e model
+        if not all([train("meta")] + [train("m2mkd", i) for i in range(cfg.model.num_stages)]):
+            return 0
+        if ctx.is_main and not (layout.assemble_dir_of("m2mkd") / "MANIFEST.json").is_file():
+            assemble(root, None, cfg.model.num_stages, method="m2mkd")
+        dist.barrier()
+        if not (layout.assemble_dir_of("m2mkd") / "eval.json").is_file():
+            run_eval("m2mkd_assemble", cfg, root, ctx, info, n_cls)
+        dist.barrier()
+        if not train("m2mkd_finetune"):
+            return 0
+        if ctx.is_main:
+            export(root, "m2mkd_finetune")
     dist.barrier()
     if ctx.is_main:
         print(format_summary(summarize(root, cfg.model.num_stages)))

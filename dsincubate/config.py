@@ -272,7 +272,7 @@ class TrainConfig(_Checked):
                             f"({where}.epochs={self.epochs})")
 
 
-TRAIN_SECTIONS = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd")
+TRAIN_SECTIONS = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd", "m2mkd_finetune")
 
 
 @dataclass
@@ -302,6 +302,9 @@ class RunConfig(_Checked):
     m2mkd: TrainConfig = field(default_factory=TrainConfig)
     """m2mKD: distilling module I of a trained teacher into student module I through the frozen meta model
     (`dsincubate m2mkd --module I`); the recipes copy incubation's settings."""
+    m2mkd_finetune: TrainConfig = field(default_factory=lambda: TrainConfig(warmup_epochs=0.0, clip_grad=1.0))
+    """Training the assembled m2mKD students end to end (`dsincubate m2mkd_finetune`; the m2mKD recipe: no warmup,
+    gradient clipping 1.0)."""
     stop_after_epochs: Optional[int] = setting(None, lo=1)
     """Stop each phase after this many epochs in one invocation (None = run to the end); the next invocation
     resumes. For time-limited or preemptible jobs."""

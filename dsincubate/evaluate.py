@@ -24,7 +24,7 @@ from dsincubate.errors import UserError
 from dsincubate.layout import RunLayout
 from dsincubate.models import staged, vit
 
-NAMED = ("meta", "assemble", "finetune", "e2e", "e2e_tune")
+NAMED = ("meta", "assemble", "finetune", "e2e", "e2e_tune", "m2mkd_assemble", "m2mkd_finetune")
 
 
 def model_from_file(path: Path) -> torch.nn.Module:
@@ -37,7 +37,7 @@ def model_from_file(path: Path) -> torch.nn.Module:
     if kind == "meta":
         spec = vit.ModelSpec.from_json(header["meta_spec"])
         depths = [header["meta_depth_per_stage"]] * header["num_stages"]
-    elif kind in ("assembled", "finetune", "e2e", "e2e_tune", "timm"):
+    elif kind in ("assembled", "finetune", "e2e", "e2e_tune", "m2mkd_finetune", "timm"):
         spec = vit.ModelSpec.from_json(header["spec"])
         depths = header.get("stage_depths")
     elif kind == "stage":

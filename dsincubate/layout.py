@@ -4,6 +4,8 @@
     <root>/meta/model.safetensors             meta model            (MetaPhase)
     <root>/incubate/module_<i>/stage.safetensors  target stage i    (IncubatePhase, stage_index i)
     <root>/m2mkd/module_<i>/stage.safetensors  student stage i      (M2mkdPhase, stage_index i)
+    <root>/m2mkd/assemble/model.safetensors   the K students joined (assemble --method m2mkd)
+    <root>/m2mkd/finetune/model.safetensors   m2mKD's result        (M2mkdFinetunePhase)
     <root>/assemble/model.safetensors         the K stages joined   (dsincubate.assemble)
     <root>/finetune/model.safetensors         Deep Incubation's result
     <root>/e2e/model.safetensors              the E2E baseline
@@ -46,6 +48,8 @@ class RunLayout:
             if stage_index is None:
                 raise ValueError(f"the {name} phase needs a stage_index")
             return self.root / name / f"module_{stage_index}"
+        if name == "m2mkd_finetune":
+            return self.root / "m2mkd" / "finetune"
         return self.root / name
 
     @property
@@ -59,6 +63,10 @@ class RunLayout:
     def assemble_dir(self) -> Path:
         return self.root / "assemble"
 
+    def assemble_dir_of(self, method: str) -> Path:
+        """Where the modules trained by `method` (incubate or m2mkd) are joined."""
+        return self.assemble_dir if method == "incubate" else self.root / "m2mkd" / "assemble"
+
     @property
     def assembled(self) -> Path:
         return self.assemble_dir / MODEL_FILE
@@ -67,6 +75,8 @@ class RunLayout:
         """The model file a phase (meta, finetune, e2e, e2e_tune) or the assembly wrote."""
         if name == "assemble":
             return self.assembled
+        if name == "m2mkd_assemble":
+            return self.assemble_dir_of("m2mkd") / MODEL_FILE
         return self.phase_dir(name) / MODEL_FILE
 
     def export_dir(self, source: str) -> Path:

@@ -10,6 +10,8 @@ save its result. Everything else is done identically for all phases, which is wh
     finetune   fine-tune the assembled target (see dsincubate.assemble)                -> finetune/model.safetensors
     e2e        train the same target whole, from scratch, same loop and recipe         -> e2e/model.safetensors
     e2e_tune   train the E2E model further with the fine-tune recipe (paper's control) -> e2e_tune/model.safetensors
+    m2mkd      distil teacher module I into student module I (m2mKD)                    -> m2mkd/module_I/stage.safetensors
+    m2mkd_finetune  train the assembled students end to end                              -> m2mkd/finetune/model.safetensors
 
 Under ZeRO-3 the engine builds through `build_model_zero3(ds_cfg, load)`: the model is constructed inside
 `deepspeed.zero.Init` (each submodule partitioned as soon as it exists), timm's initialisation is replayed one module
@@ -193,6 +195,11 @@ def build_meta_model(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -
 class MetaPhase(Phase):
     name = "meta"
 
+    def config_key(self) -> dict:
+        key = super().config_key()  # the meta model is dense: a V-MoE target's MoE settings do not change it
+        key["model"] = {k: v for k, v in key["model"].items() if not k.startswith("moe_")}
+        return key
+
     def resolve_inputs(self) -> None:
         super().resolve_inputs()
         init = self.cfg.model.meta_init
@@ -243,6 +250,14 @@ def meta_checkpoint(cfg: RunConfig, root: Path, num_classes: int) -> tuple[Path,
     return path, sha
 
 
+def stage_only(spec: vit.ModelSpec, depths: list[int], i: int) -> staged.Stage:
+    """Stage i of a model divided by `depths`, built from a model of stage i's depth alone (no drop path)."""
+    part = vit.build(vit.ModelSpec(spec.timm_name, dict(spec.kwargs, depth=depths[i], drop_path_rate=0.0)))
+    stage = staged.Stage(part, 0, depths[i], first=i == 0, last=i == len(depths) - 1)
+    stage.block_offset = sum(depths[:i])
+    return stage
+
+
 class IncubatePhase(Phase):
     name = "incubate"
     output_file = STAGE_FILE
@@ -283,11 +298,8 @@ class IncubatePhase(Phase):
         from timm.layers import DropPath
 
         tc, depths, i = self.train_cfg, self.depths(), self.stage_index
-        spec = self.target_spec()
         start, total = sum(depths[:i]), sum(depths)
-        part = vit.build(vit.ModelSpec(spec.timm_name, dict(spec.kwargs, depth=depths[i], drop_path_rate=0.0)))
-        stage = staged.Stage(part, 0, depths[i], first=i == 0, last=i == len(depths) - 1)
-        stage.block_offset = start
+        stage = stage_only(self.target_spec(), depths, i)
         rate = tc.drop_path
         for j, block in enumerate(stage.blocks):
             k = start + j
@@ -333,7 +345,8 @@ class _FromModel(Phase):
         self.depths()
         path = self.layout.model(self.source)
         if not ckpt.complete(path.parent):
-            raise UserError(f"{self.source} model missing: {path} (run `dsincubate {self.source}` first)")
+            how = "assemble --method m2mkd" if self.source == "m2mkd_assemble" else self.source
+            raise UserError(f"{self.source} model missing: {path} (run `dsincubate {how}` first)")
         header = ckpt.read_meta(path)
         have, want = vit.ModelSpec.from_json(header["spec"]), self.target_spec(0.0)
         self.source_size = int(have.kwargs["img_size"])  # a high-resolution fine-tune starts from another size
@@ -374,6 +387,13 @@ class _FromModel(Phase):
 class FinetunePhase(_FromModel):
     name = "finetune"
     source = "assemble"
+
+
+class M2mkdFinetunePhase(_FromModel):
+    """The assembled m2mKD students trained end to end (the m2mKD recipe: no warmup, clipping 1.0)."""
+
+    name = "m2mkd_finetune"
+    source = "m2mkd_assemble"
 
 
 class E2ETunePhase(_FromModel):
@@ -434,7 +454,18 @@ class M2mkdPhase(IncubatePhase):
         return staged.Distill(super().build_model(load), self.teacher_stage(load and self.teacher_path is not None))
 
     def _construct_zero3(self):
-        raise UserError("m2mkd under ZeRO-3 is not supported yet: use a ZeRO-1/2 ds_config for module distillation")
+        """The hybrid as incubation builds it, and teacher stage I alone (never the whole teacher), its weights
+        loaded one gathered tensor at a time like the meta model's."""
+        from safetensors import safe_open
+
+        hybrid, sources = super()._construct_zero3()
+        teacher = stage_only(self.teacher_spec, self.teacher_depths, self.stage_index)
+        if self.teacher_path is None:
+            return staged.Distill(hybrid, teacher), sources
+        prefix = f"stages.{self.stage_index}."
+        with safe_open(str(self.teacher_path), framework="pt") as f:
+            tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        return staged.Distill(hybrid, teacher), sources + [(teacher, tensors)]
 
     def loss(self, output, targets, criterion):
         """(1 - alpha) CE(s, y) + alpha tau^2 KL(softmax(t/tau) || softmax(s/tau)); the KL is summed over batch and
@@ -458,7 +489,7 @@ class M2mkdPhase(IncubatePhase):
 
 
 PHASES = {"meta": MetaPhase, "incubate": IncubatePhase, "finetune": FinetunePhase, "e2e": E2EPhase,
-          "e2e_tune": E2ETunePhase, "m2mkd": M2mkdPhase}
+          "e2e_tune": E2ETunePhase, "m2mkd": M2mkdPhase, "m2mkd_finetune": M2mkdFinetunePhase}
 
 
 def make(name: str, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None,

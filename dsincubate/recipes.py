@@ -32,6 +32,7 @@ def paper(preset: str, drop_path: float = 0.1, warmup: float = 5.0, e2e_optimize
         e2e=dataclasses.replace(deit, optimizer=e2e_optimizer, drop_path_mode=e2e_drop_path_mode),
         e2e_tune=dataclasses.replace(finetune),  # the control gets exactly fine-tune's recipe
         m2mkd=dataclasses.replace(deit, epochs=100, drop_path=0.1),  # module distillation: incubation's recipe
+        m2mkd_finetune=dataclasses.replace(finetune),  # m2mKD: no warmup, clipping 1.0, as fine-tuning here
     )
 
 
@@ -47,7 +48,7 @@ def deit3_b16() -> RunConfig:
     cfg = paper("vit_b16", drop_path=0.1)
     cfg.name = "deit3_b16"
     cfg.data = dataclasses.replace(cfg.data, recipe="3aug", color_jitter=0.3, reprob=0.0)
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd):
+    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
         tc.optimizer = "lamb"
         tc.lr = 3e-3 * 512 / 2048
     cfg.e2e.epochs = 400
@@ -109,6 +110,7 @@ def demo() -> RunConfig:
     cfg.finetune.warmup_epochs = 0.5
     cfg.e2e_tune = dataclasses.replace(cfg.finetune)
     cfg.m2mkd = dataclasses.replace(cfg.incubate)
+    cfg.m2mkd_finetune = dataclasses.replace(cfg.finetune)  # with its half epoch of warmup (see above)
     return cfg
 
 
@@ -119,7 +121,7 @@ def debug() -> RunConfig:
     cfg.model = ModelConfig(preset="tiny", depth=4, embed_dim=48, num_heads=3, num_stages=4, kernel_backend="torch")
     cfg.data.samples_per_epoch = 256
     cfg.data.num_workers = 1
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd):
+    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
         tc.epochs = 1
         tc.micro_batch = 32
         tc.warmup_epochs = 0.0

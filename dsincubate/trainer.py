@@ -30,6 +30,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from dsincubate import accounting, checkpoint as ckpt, dist, dsconfig
+from dsincubate.config import RunConfig
 from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
 from dsincubate.engine import Built, build_engine, resolve_ds_config
 from dsincubate.errors import UserError
@@ -407,6 +408,11 @@ def _check_output(phase: Phase) -> None:
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{saved} is unreadable ({e}); use another --output or remove {phase.out_dir}") from None
         new = json.loads(json.dumps(phase.config_key(), default=str))
+        defaults = json.loads(json.dumps(RunConfig().to_dict(), default=str))
+        for k, section in old.items():  # a field added since the output was made counts at its default
+            if isinstance(section, dict) and isinstance(new.get(k), dict) and isinstance(defaults.get(k), dict):
+                old[k] = {**{f: v for f, v in new[k].items() if f not in section and v == defaults[k].get(f)},
+                          **section}
         # a phase made without resolving its inputs (the CLI's up-front check of every phase) does not know the meta
         # model's sha256 yet (None): that is not a difference; training resolves it and compares it
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)

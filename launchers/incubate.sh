@@ -7,7 +7,7 @@
 #
 # Options (passed to every `deepspeed` call): --hostfile F, --include S, --exclude S, --num_gpus N, --num_nodes N,
 # --master_port P (base port; concurrent jobs use P+1..P+K). Pipeline options: --recipe R | --config C,
-# --output DIR, --ds-config D, --methods di,e2e, --cpu-ranks N (ranks per CPU job, default 1). Anything after `--`
+# --output DIR, --ds-config D, --methods di,e2e[,m2mkd], --cpu-ranks N (ranks per CPU job, default 1). Anything after `--`
 # goes to every `dsincubate` call (e.g. --set incubate.epochs=50, --train/--val).
 #
 # Phases: meta pretrain on the full allocation; then the K incubation jobs, which need no communication:
@@ -16,7 +16,9 @@
 #   * no GPU and --cpu-ranks R >= K: job i runs R/K CPU ranks, concurrently;
 #   * otherwise one after another on the full allocation.
 # It waits for all, names any that failed (module, hosts, log in DIR/logs/), and stops; else assembles, fine-tunes
-# on the full allocation, exports, runs the E2E baseline and prints the summary. The output directory must be on a
+# on the full allocation, exports, runs the E2E baseline and prints the summary. Method m2mkd (after di and e2e, whose
+# model may be its teacher) runs its K student jobs (`dsincubate m2mkd --module I`) the same way, then assembles
+# them (m2mkd/assemble), trains them end to end (m2mkd/finetune) and exports. The output directory must be on a
 # file system every host sees. Re-running the same command resumes: finished phases and modules are skipped (a
 # module whose output is complete is not even launched), unfinished ones resume from their last checkpoint.
 #
@@ -108,54 +110,56 @@ launch() {  # launch <port> <launcher args...> -- <dsincubate args...>   (in the
 complete() { [ -f "$1/MANIFEST.json" ]; }  # an output counts once its manifest is written (written last)
 
 # Fail fast on bad input (one line, exit 2) before starting any job.
-"$PY" -m dsincubate config "${CLI[@]}" >/dev/null
+"$PY" -m dsincubate config --methods "$METHODS" "${CLI[@]}" >/dev/null
 K=$("$PY" -m dsincubate config "${CLI[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
 mkdir -p "$OUTPUT/logs"
 
-if [[ ",$METHODS," == *",di,"* ]]; then
+# Decide how K independent module jobs (incubation or m2mKD) share the allocation.
+JOB_ARGS=()
+if [ -n "$HOSTFILE" ]; then
+  mapfile -t HOSTS < <(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1}')
+  if [ "${#HOSTS[@]}" -ge "$K" ]; then
+    for ((i = 0; i < K; i++)); do
+      sel=""; for ((h = i; h < ${#HOSTS[@]}; h += K)); do sel="${sel:+$sel@}${HOSTS[$h]}"; done
+      JOB_ARGS+=("--hostfile $HOSTFILE --force_multi --include $sel")
+    done
+  fi
+elif [ "$HAS_GPU" = 1 ] && [ -z "$INCLUDE$EXCLUDE$NUM_NODES" ]; then
+  G=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+  [ -n "$NUM_GPUS" ] && G="$NUM_GPUS"
+  if [ "$G" -ge "$K" ]; then
+    per=$((G / K))
+    for ((i = 0; i < K; i++)); do
+      ids=$(seq -s, $((i * per)) $(((i + 1) * per - 1)))
+      JOB_ARGS+=("--include localhost:$ids")
+    done
+  fi
+elif [ "$HAS_GPU" = 0 ] && [ "$CPU_RANKS" -ge "$K" ]; then
+  for ((i = 0; i < K; i++)); do JOB_ARGS+=("--num_accelerators $((CPU_RANKS / K))"); done
+fi
+
+meta() {
   echo "== meta pretrain"
   if complete "$OUTPUT/meta"; then echo "   already complete"; else
     launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- meta "${CLI[@]}"
   fi
+}
 
-  # Decide how the K independent incubation jobs share the allocation.
-  JOB_ARGS=()
-  if [ -n "$HOSTFILE" ]; then
-    mapfile -t HOSTS < <(grep -v '^\s*#' "$HOSTFILE" | awk 'NF {print $1}')
-    if [ "${#HOSTS[@]}" -ge "$K" ]; then
-      for ((i = 0; i < K; i++)); do
-        sel=""; for ((h = i; h < ${#HOSTS[@]}; h += K)); do sel="${sel:+$sel@}${HOSTS[$h]}"; done
-        JOB_ARGS+=("--hostfile $HOSTFILE --force_multi --include $sel")
-      done
-    fi
-  elif [ "$HAS_GPU" = 1 ] && [ -z "$INCLUDE$EXCLUDE$NUM_NODES" ]; then
-    G=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
-    [ -n "$NUM_GPUS" ] && G="$NUM_GPUS"
-    if [ "$G" -ge "$K" ]; then
-      per=$((G / K))
-      for ((i = 0; i < K; i++)); do
-        ids=$(seq -s, $((i * per)) $(((i + 1) * per - 1)))
-        JOB_ARGS+=("--include localhost:$ids")
-      done
-    fi
-  elif [ "$HAS_GPU" = 0 ] && [ "$CPU_RANKS" -ge "$K" ]; then
-    for ((i = 0; i < K; i++)); do JOB_ARGS+=("--num_accelerators $((CPU_RANKS / K))"); done
-  fi
-
+modules() {  # modules <incubate|m2mkd>: the K module jobs, concurrently where the allocation allows
+  local phase="$1" i rc f
   if [ "${#JOB_ARGS[@]}" -eq "$K" ]; then
-    echo "== incubating $K modules concurrently"
-    PIDS=()
+    echo "== $phase: $K modules concurrently"
+    local PIDS=() FAILED=() JA
     for ((i = 0; i < K; i++)); do
       PIDS+=("")
-      if complete "$OUTPUT/incubate/module_$i"; then echo "   module $i: already complete"; continue; fi
+      if complete "$OUTPUT/$phase/module_$i"; then echo "   module $i: already complete"; continue; fi
       read -r -a JA <<<"${JOB_ARGS[$i]}"
-      echo "   module $i on: ${JOB_ARGS[$i]} (log: $OUTPUT/logs/incubate_$i.log)"
-      "$DS" "${JA[@]}" --master_port $((PORT + 1 + i)) --module dsincubate incubate --module "$i" "${CLI[@]}" \
-        >"$OUTPUT/logs/incubate_$i.log" 2>&1 &
+      echo "   module $i on: ${JOB_ARGS[$i]} (log: $OUTPUT/logs/${phase}_$i.log)"
+      "$DS" "${JA[@]}" --master_port $((PORT + 1 + i)) --module dsincubate "$phase" --module "$i" "${CLI[@]}" \
+        >"$OUTPUT/logs/${phase}_$i.log" 2>&1 &
       PIDS[$i]=$!
       JOBS+=("$!")
     done
-    FAILED=()
     for ((i = 0; i < K; i++)); do
       [ -n "${PIDS[$i]}" ] || continue
       rc=0; wait "${PIDS[$i]}" || rc=$?
@@ -165,20 +169,24 @@ if [[ ",$METHODS," == *",di,"* ]]; then
     if [ "${#FAILED[@]}" -gt 0 ]; then
       for f in "${FAILED[@]}"; do
         i="${f%%:*}"
-        echo "incubate.sh: error: incubation of module $i failed (exit ${f#*:}) on ${JOB_ARGS[$i]##*--include }; see $OUTPUT/logs/incubate_$i.log" >&2
-        tail -n 5 "$OUTPUT/logs/incubate_$i.log" >&2 || true
+        echo "incubate.sh: error: $phase of module $i failed (exit ${f#*:}) on ${JOB_ARGS[$i]##*--include }; see $OUTPUT/logs/${phase}_$i.log" >&2
+        tail -n 5 "$OUTPUT/logs/${phase}_$i.log" >&2 || true
       done
-      echo "incubate.sh: error: ${#FAILED[@]} of $K incubation job(s) failed; the others finished; run the same command again to re-run only the failed module(s)" >&2
+      echo "incubate.sh: error: ${#FAILED[@]} of $K $phase job(s) failed; the others finished; run the same command again to re-run only the failed module(s)" >&2
       exit 1
     fi
   else
-    echo "== incubating $K modules one after another (fewer than K hosts/GPUs)"
+    echo "== $phase: $K modules one after another (fewer than K hosts/GPUs)"
     for ((i = 0; i < K; i++)); do
-      if complete "$OUTPUT/incubate/module_$i"; then echo "   module $i: already complete"; continue; fi
-      launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- incubate --module "$i" "${CLI[@]}"
+      if complete "$OUTPUT/$phase/module_$i"; then echo "   module $i: already complete"; continue; fi
+      launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- "$phase" --module "$i" "${CLI[@]}"
     done
   fi
+}
 
+if [[ ",$METHODS," == *",di,"* ]]; then
+  meta
+  modules incubate
   echo "== assemble"
   "$PY" -m dsincubate assemble "${CLI[@]}"
   echo "== fine-tune"
@@ -190,5 +198,15 @@ if [[ ",$METHODS," == *",e2e,"* ]]; then
   echo "== E2E baseline"
   launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- e2e "${CLI[@]}"
   "$PY" -m dsincubate export --source e2e "${CLI[@]}"
+fi
+
+if [[ ",$METHODS," == *",m2mkd,"* ]]; then  # after di/e2e: the teacher (m2mkd.teacher) may be this run's model
+  meta
+  modules m2mkd
+  echo "== assemble the m2mKD students"
+  "$PY" -m dsincubate assemble --method m2mkd "${CLI[@]}"
+  echo "== m2mKD: train the students end to end"
+  launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- m2mkd_finetune "${CLI[@]}"
+  "$PY" -m dsincubate export --source m2mkd_finetune "${CLI[@]}"
 fi
 "$PY" -m dsincubate summary "${CLI[@]}"

@@ -68,6 +68,14 @@ class MoEMlp(nn.Module):
         self.l_aux: torch.Tensor | None = None
         _init_experts(self, mlp, experts, ep_size)
 
+    def train(self, mode: bool = True):
+        # DeepSpeed's random token selection (top-1) and sampled second expert (top-2) would also apply in
+        # evaluation: on in training only, so evaluation routes deterministically (V-MoE's top-k)
+        super().train(mode)
+        gate = self.moe.deepspeed_moe.gate
+        gate.use_rts = gate.top2_2nd_expert_sampling = mode
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_meta:  # FLOP counting on the meta device (accounting.count_flops): routing needs real values
             return self._compute_like(x)

@@ -1,0 +1,144 @@
+"""m2mKD against E2E for the same Vision-MoE student, at matched training FLOPs and device-hours, several seeds.
+
+The teacher is the E2E model of `paper_claims.py`'s default cell (the dense depth-8, width-64 ViT on the built-in
+data; trained here first when that run is missing), the meta model that cell's (m2mKD uses the Deep Incubation meta
+model at the teacher's width; reused, its device-hours still counted). The student is a V-MoE of the same depth and
+width on DeepSpeed MoE (MoE MLP in every other block, 4 experts, top-2). Per seed:
+
+  m2mKD    `dsincubate pipeline --methods m2mkd`: 4 student modules distilled through the frozen meta model
+           (6 epochs each), assembled, trained end to end (4 epochs);
+  E2E      `dsincubate pipeline --methods e2e`, the same student from scratch, for at least m2mKD's training FLOPs
+           (meta included, the teacher's own training not: a reused model) and its device-hours, both measured
+           from the m2mKD run's run.json files.
+
+    python benchmarks/m2mkd_vs_e2e.py --seeds 0,1,2 --workdir runs/paper_claims     # shares paper_claims' runs
+    python benchmarks/m2mkd_vs_e2e.py --collect-only --workdir runs/paper_claims
+
+Writes benchmarks/results/m2mkd_vs_e2e_<device>_<date>.{json,txt,png}; re-running resumes (finished runs are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common, paper_claims as pc  # noqa: E402
+
+VMOE = ["model.moe_every=2", "model.moe_experts=4", "model.moe_top_k=2"]
+# m2mKD's phases get what Deep Incubation's get in the default cell (incubate 6, finetune 4 epochs, same lr/clip)
+KD = ["m2mkd.epochs=6", "m2mkd.eval_every=100", "m2mkd_finetune.epochs=4", "m2mkd_finetune.eval_every=100",
+      "m2mkd_finetune.lr=8e-3", "m2mkd_finetune.clip_grad=1.0", "m2mkd_finetune.warmup_epochs=0.5"]
+
+
+def _runs(out: Path, names: list[str]) -> list[dict]:
+    return [json.loads((out / n / "run.json").read_text()) for n in names]
+
+
+def e2e_epochs(out: Path, K: int) -> tuple[int, dict]:
+    """Student E2E epochs with at least m2mKD's measured training FLOPs and device-seconds (meta included)."""
+    runs = _runs(out, ["meta"] + [f"m2mkd/module_{i}" for i in range(K)] + ["m2mkd/finetune"])
+    flops = sum(r["flops"]["train_step_per_image"] * r["images_processed"] for r in runs)
+    ft = runs[-1]  # the assembled student: the same model as the student E2E
+    per_epoch_flops = ft["flops"]["train_step_per_image"] * ft["images_processed"] / ft["epochs"]
+    per_epoch_s = statistics.mean(h["epoch_seconds"] for h in ft["history"]) * ft["world_size"]
+    seconds = sum(r["device_seconds"] for r in runs)
+    plan = {"kd_flops": flops, "kd_device_seconds": seconds, "e2e_flops_per_epoch": per_epoch_flops,
+            "e2e_seconds_per_epoch": per_epoch_s}
+    return max(1, math.ceil(flops / per_epoch_flops - 1e-9), math.ceil(seconds / per_epoch_s)), plan
+
+
+def run_seed(work: Path, seed: int, extra: list[str], timeout: int, collect_only: bool) -> dict:
+    base_recipe, _, base_sets = pc.cells("meta", "cpu")[0]  # the default cell: teacher and meta model
+    teacher_run = work / pc.cell_key(base_recipe, base_sets) / f"seed{seed}"
+    sets = pc.CPU_BASE + VMOE + KD
+    out = work / pc.cell_key("demo", sets + ["m2mkd.teacher=<default cell E2E>"]) / f"seed{seed}"
+    if not collect_only:
+        if not (teacher_run / "e2e" / "MANIFEST.json").is_file():
+            pc.run_cell(teacher_run, base_recipe, base_sets, seed, extra, timeout)
+        teacher = teacher_run / "e2e" / "model.safetensors"
+        kd_sets = sets + [f"m2mkd.teacher={teacher}", f"seed={seed}"]
+        if not (out / "m2mkd" / "finetune" / "MANIFEST.json").is_file():
+            pc.reuse_meta(teacher_run, out, "demo", kd_sets, extra)
+            if not pc._pipeline(out, "m2mkd", "demo", kd_sets, extra, timeout):
+                return {"ok": False, "seed": seed, "error": f"m2mKD failed, see {out / 'log_m2mkd.txt'}"}
+        if not (out / "e2e" / "MANIFEST.json").is_file():
+            epochs, _ = e2e_epochs(out, 4)
+            if not pc._pipeline(out, "e2e", "demo", kd_sets + [f"e2e.epochs={epochs}"], extra, timeout):
+                return {"ok": False, "seed": seed, "error": f"student E2E failed, see {out / 'log_e2e.txt'}"}
+    if not (out / "e2e" / "MANIFEST.json").is_file():
+        return {"ok": False, "seed": seed, "error": "not run"}
+    s = json.loads((out / "summary.json").read_text())
+    teacher_summary = json.loads((teacher_run / "summary.json").read_text())
+    epochs, plan = e2e_epochs(out, 4)
+    e2e_run = _runs(out, ["e2e"])[0]
+    return {"ok": True, "seed": seed, "teacher": teacher_summary["e2e"]["top1"],
+            "meta": s["deep_incubation"]["meta_top1"], "assembled": s["m2mkd"]["assembled_top1"],
+            "kd": s["m2mkd"]["top1"], "e2e": s["e2e"]["top1"], "kd_hours": s["m2mkd"]["device_hours"],
+            "e2e_hours": s["e2e"]["device_hours"], "e2e_epochs": s["e2e"]["epochs"], "kd_flops": plan["kd_flops"],
+            "e2e_flops": e2e_run["flops"]["train_step_per_image"] * e2e_run["images_processed"], "plan": plan,
+            "run": str(out)}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--workdir", default="runs/paper_claims", help="shared with paper_claims.py (teacher and meta)")
+    p.add_argument("--timeout", type=int, default=7200, help="seconds per pipeline run")
+    p.add_argument("--collect-only", action="store_true")
+    args = p.parse_args(argv)
+    common.set_threads()
+    work, dev = Path(args.workdir) / "cpu", common.device()
+    rows = [run_seed(work, int(s), extra, args.timeout, args.collect_only) for s in args.seeds.split(",")]
+    ok = [r for r in rows if r["ok"]]
+    ms = {k: pc._ms([r[k] for r in ok]) for k in ("teacher", "meta", "assembled", "kd", "e2e")}
+    ms["diff"] = pc._ms([r["kd"] - r["e2e"] for r in ok])
+    means = {k: pc._ms([r[k] for r in ok])[0] for k in ("kd_flops", "e2e_flops", "kd_hours", "e2e_hours")}
+    verdict = pc.verdict(ms["meta"], ms["kd"], ms["e2e"], ms["diff"]).replace("DI", "m2mKD")
+    pm = lambda k: "-" if ms[k][0] is None else f"{ms[k][0]:.1f} ± {ms[k][1]:.1f}"  # noqa: E731
+    tflop = lambda v: None if v is None else v / 1e12  # noqa: E731
+    table = common.table(
+        ["student", "seeds", "teacher (dense E2E)", "meta top-1", "assembled", "m2mKD top-1", "E2E top-1",
+         "m2mKD-E2E paired", "m2mKD TFLOP", "E2E TFLOP", "m2mKD h", "E2E h", "verdict"],
+        [["V-MoE d8 w64 4x top-2", len(ok), pm("teacher"), pm("meta"), pm("assembled"), pm("kd"), pm("e2e"),
+          pm("diff"), tflop(means["kd_flops"]), tflop(means["e2e_flops"]), means["kd_hours"], means["e2e_hours"],
+          verdict]], ["", "", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
+    record = dict(common.header("m2mkd_vs_e2e", dev), seeds=args.seeds, rows=rows, stats=ms, means=means,
+                  verdict=verdict, extra_args=extra,
+                  note="teacher = paper_claims default cell's E2E model (its cost not counted); E2E epochs = "
+                       "max(ceil(m2mKD FLOPs / E2E FLOPs per epoch), ceil(m2mKD device-s / seconds per epoch))")
+    path = common.write_result("m2mkd_vs_e2e", record, table)
+    plot(ok, path.with_suffix(".png"), common.device_kind(dev))
+    print(f"\n{table}\n-> {path} (+ .txt, .png)")
+    return 0 if ok else 1
+
+
+def plot(rows: list[dict], path: Path, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in (("teacher", "teacher (dense E2E)", "k--"), ("e2e", "student E2E", "o-"),
+                              ("kd", "student m2mKD", "s-"), ("meta", "meta model alone", "^:")):
+        ax.plot([r["seed"] for r in rows], [r[key] for r in rows], style, label=label)
+    ax.set_xlabel("seed")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(f"V-MoE student: m2mKD vs E2E at >= m2mKD's FLOPs and hours ({device})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
