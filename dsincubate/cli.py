@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="stage index I in 0..K-1")
         if name == "eval":
             p.add_argument("--model", dest="which", default="finetune",
-                           help="meta, hybrid:I, assemble, finetune, e2e, e2e_tune or a .safetensors file; "
+                           help="meta, hybrid:I, assemble, finetune, e2e, e2e_tune, m2mkd_assemble, m2mkd_finetune or a "
+                                "model file; "
                                 "a comma list evaluates several in one start")
         if name == "assemble":
             p.add_argument("--stages", nargs="+", default=None, help="explicit stage files (default: the run's)")

@@ -10,7 +10,7 @@ save its result. Everything else is done identically for all phases, which is wh
     finetune   fine-tune the assembled target (see dsincubate.assemble)                -> finetune/model.safetensors
     e2e        train the same target whole, from scratch, same loop and recipe         -> e2e/model.safetensors
     e2e_tune   train the E2E model further with the fine-tune recipe (paper's control) -> e2e_tune/model.safetensors
-    m2mkd      distil teacher module I into student module I (m2mKD)                    -> m2mkd/module_I/stage.safetensors
+    m2mkd      distil teacher module I into student module I (m2mKD; dsincubate.m2mkd) -> m2mkd/module_I/stage.safetensors
     m2mkd_finetune  train the assembled students end to end                              -> m2mkd/finetune/model.safetensors
 
 Under ZeRO-3 the engine builds through `build_model_zero3(ds_cfg, load)`: the model is constructed inside
@@ -389,13 +389,6 @@ class FinetunePhase(_FromModel):
     source = "assemble"
 
 
-class M2mkdFinetunePhase(_FromModel):
-    """The assembled m2mKD students trained end to end (the m2mKD recipe: no warmup, clipping 1.0)."""
-
-    name = "m2mkd_finetune"
-    source = "m2mkd_assemble"
-
-
 class E2ETunePhase(_FromModel):
     """The paper's "E2E training + tuning" control: E2E gets fine-tune's extra epochs too."""
 
@@ -410,86 +403,8 @@ class E2EPhase(Phase):
         return self.target()
 
 
-class M2mkdPhase(IncubatePhase):
-    """m2mKD (Lo et al.): student module I learns inside the frozen meta model from the task labels and from teacher
-    module I (a trained monolithic model's, divided like the target) through the same meta prefix and tail. Its
-    output is a stage file like incubation's, so `assemble --stages m2mkd/module_*/stage.safetensors` joins the
-    students and `finetune` trains them end to end."""
-
-    name = "m2mkd"
-    teacher_path: Path | None = None
-
-    def resolve_inputs(self) -> None:
-        super().resolve_inputs()
-        t = self.train_cfg.teacher
-        path = self.layout.model(t) if t in ("e2e", "finetune") else Path(t)
-        if not ckpt.complete(path.parent) and not (t not in ("e2e", "finetune") and path.is_file()):
-            raise UserError(f"m2mkd teacher {t!r}: {path} missing or unfinished (train it first, or give a model file)")
-        header = ckpt.read_meta(path)
-        spec = header.get("spec")
-        if not spec or header.get("stage_depths") is None:
-            raise UserError(f"m2mkd teacher {path} is not a whole dsincubate model (kind {header.get('kind')!r})")
-        have = vit.ModelSpec.from_json(spec)
-        w_meta = int(meta_spec(self.cfg, self.num_classes).kwargs["embed_dim"])
-        if int(have.kwargs["embed_dim"]) != w_meta or int(have.kwargs["num_classes"]) != self.num_classes:
-            raise UserError(f"m2mkd teacher {path} (width {have.kwargs['embed_dim']}, {have.kwargs['num_classes']} "
-                            f"classes) does not fit the meta model (width {w_meta}, {self.num_classes} classes): the "
-                            "meta model must be at the teacher's width")
-        self.teacher_path, self.teacher_spec, self.teacher_depths = path, have, list(header["stage_depths"])
-        if len(self.teacher_depths) != self.cfg.model.num_stages:
-            raise UserError(f"m2mkd teacher {path} is divided into {len(self.teacher_depths)} modules, the run into "
-                            f"K={self.cfg.model.num_stages}")
-
-    def config_key(self) -> dict:
-        return dict(super().config_key(), teacher=str(self.teacher_path))
-
-    def teacher_stage(self, load: bool = True) -> staged.Stage:
-        teacher = staged.StagedModel(staged.divide(vit.build(self.teacher_spec), self.teacher_depths))
-        if load:
-            tensors, _ = ckpt.load_tensors(self.teacher_path)
-            teacher.load_state_dict(tensors, strict=True)
-        return teacher.stages[self.stage_index]
-
-    def build_model(self, load: bool = True) -> nn.Module:
-        return staged.Distill(super().build_model(load), self.teacher_stage(load and self.teacher_path is not None))
-
-    def _construct_zero3(self):
-        """The hybrid as incubation builds it, and teacher stage I alone (never the whole teacher), its weights
-        loaded one gathered tensor at a time like the meta model's."""
-        from safetensors import safe_open
-
-        hybrid, sources = super()._construct_zero3()
-        teacher = stage_only(self.teacher_spec, self.teacher_depths, self.stage_index)
-        if self.teacher_path is None:
-            return staged.Distill(hybrid, teacher), sources
-        prefix = f"stages.{self.stage_index}."
-        with safe_open(str(self.teacher_path), framework="pt") as f:
-            tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        return staged.Distill(hybrid, teacher), sources + [(teacher, tensors)]
-
-    def loss(self, output, targets, criterion):
-        """(1 - alpha) CE(s, y) + alpha tau^2 KL(softmax(t/tau) || softmax(s/tau)); the KL is summed over batch and
-        classes and divided by their product, as the m2mKD code does (so alpha weighs a per-logit mean)."""
-        tc = self.train_cfg
-        if not isinstance(output, tuple):
-            return {"loss": criterion(output.float(), targets)}
-        s, t = output[0].float(), output[1].float()
-        ce = criterion(s, targets)
-        kl = F.kl_div(F.log_softmax(s / tc.kd_tau, -1), F.log_softmax(t / tc.kd_tau, -1), reduction="sum",
-                      log_target=True) / s.numel()
-        return {"loss": (1 - tc.kd_alpha) * ce + tc.kd_alpha * tc.kd_tau ** 2 * kl, "ce": ce.detach(),
-                "kd": kl.detach()}
-
-    def output_names(self, model):
-        prefix = f"hybrid.stages.{self.stage_index}."
-        return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
-
-    def save_output(self, tensors):
-        return super().save_output({n[len("hybrid."):]: t for n, t in tensors.items()})
-
-
 PHASES = {"meta": MetaPhase, "incubate": IncubatePhase, "finetune": FinetunePhase, "e2e": E2EPhase,
-          "e2e_tune": E2ETunePhase, "m2mkd": M2mkdPhase, "m2mkd_finetune": M2mkdFinetunePhase}
+          "e2e_tune": E2ETunePhase}  # + m2mkd and m2mkd_finetune, registered by dsincubate.m2mkd (imported below)
 
 
 def make(name: str, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None,
@@ -504,3 +419,6 @@ def make(name: str, cfg: RunConfig, root: Path, num_classes: int, stage_index: i
     elif name in ("incubate", "m2mkd") and (stage_index is None or not 0 <= stage_index < cfg.model.num_stages):
         raise UserError(f"module index {stage_index} out of range: K={cfg.model.num_stages}")
     return phase
+
+
+import dsincubate.m2mkd  # noqa: E402,F401  (registers the m2mKD phases; it builds on the classes above)
