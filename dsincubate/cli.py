@@ -320,19 +320,26 @@ def _pipeline(methods: set[str], cfg, root: Path, ctx, info, n_cls: int) -> int:
         rec = trainer.run_phase(phases.make(name, cfg, root, n_cls, stage_index), ctx, info)
         return "stopped_at_epoch" not in rec
 
-    if "di" in methods:
-        if not all([train("meta")] + [train("incubate", i) for i in range(cfg.model.num_stages)]):
-            return 0
-        if ctx.is_main and not (layout.assemble_dir / "MANIFEST.json").is_file():
-            assemble(root, None, cfg.model.num_stages)
+    def modules_then_tune(method: str, tuned: str) -> bool:
+        """Meta model, the K modules of `method` (incubate or m2mkd), their assembly and its accuracy before
+        fine-tuning (paper Fig. 10), the fine-tune phase `tuned` and its export; False when a phase stopped early."""
+        if not all([train("meta")] + [train(method, i) for i in range(cfg.model.num_stages)]):
+            return False
+        where = layout.assemble_dir_of(method)
+        if ctx.is_main and not (where / "MANIFEST.json").is_file():
+            assemble(root, None, cfg.model.num_stages, method=method)
         dist.barrier()
-        if not (layout.assemble_dir / "eval.json").is_file():  # the assembled model before fine-tuning (Fig. 10)
-            run_eval("assemble", cfg, root, ctx, info, n_cls)
+        if not (where / "eval.json").is_file():
+            run_eval("assemble" if method == "incubate" else "m2mkd_assemble", cfg, root, ctx, info, n_cls)
         dist.barrier()
-        if not train("finetune"):
-            return 0
+        if not train(tuned):
+            return False
         if ctx.is_main:
-            export(root, "finetune")
+            export(root, tuned)
+        return True
+
+    if "di" in methods and not modules_then_tune("incubate", "finetune"):
+        return 0
     if methods & {"e2e", "e2e_tune"}:
         if not train("e2e"):
             return 0
@@ -341,19 +348,9 @@ def _pipeline(methods: set[str], cfg, root: Path, ctx, info, n_cls: int) -> int:
         dist.barrier()
     if "e2e_tune" in methods and not train("e2e_tune"):
         return 0
-    if "m2mkd" in methods:  # after di/e2e: the teacher may be this run's finetune or e2e model
-        if not all([train("meta")] + [train("m2mkd", i) for i in range(cfg.model.num_stages)]):
-            return 0
-        if ctx.is_main and not (layout.assemble_dir_of("m2mkd") / "MANIFEST.json").is_file():
-            assemble(root, None, cfg.model.num_stages, method="m2mkd")
-        dist.barrier()
-        if not (layout.assemble_dir_of("m2mkd") / "eval.json").is_file():
-            run_eval("m2mkd_assemble", cfg, root, ctx, info, n_cls)
-        dist.barrier()
-        if not train("m2mkd_finetune"):
-            return 0
-        if ctx.is_main:
-            export(root, "m2mkd_finetune")
+    # after di and e2e: the teacher may be this run's finetune or e2e model
+    if "m2mkd" in methods and not modules_then_tune("m2mkd", "m2mkd_finetune"):
+        return 0
     dist.barrier()
     if ctx.is_main:
         print(format_summary(summarize(root, cfg.model.num_stages)))
