@@ -50,7 +50,7 @@ class M2mkdPhase(IncubatePhase):
                             f"K={self.cfg.model.num_stages}")
 
     def config_key(self) -> dict:
-        return dict(super().config_key(), teacher=str(self.teacher_path))
+        return dict(super().config_key(), teacher=str(self.teacher_path) if self.teacher_path else None)
 
     def teacher_stage(self, load: bool = True) -> staged.Stage:
         teacher = staged.StagedModel(staged.divide(vit.build(self.teacher_spec), self.teacher_depths))

@@ -414,9 +414,10 @@ def _check_output(phase: Phase) -> None:
                 old[k] = {**{f: v for f, v in new[k].items() if f not in section and v == defaults[k].get(f)},
                           **section}
         # a phase made without resolving its inputs (the CLI's up-front check of every phase) does not know the meta
-        # model's sha256 yet (None): that is not a difference; training resolves it and compares it
+        # model's sha256 or the m2mKD teacher's file yet (None): that is not a difference; training resolves and
+        # compares them
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                         and not (k == "meta_sha256" and new.get(k) is None))
+                         and not (k in ("meta_sha256", "teacher") and new.get(k) is None))
         if changed:
             raise UserError(f"{phase.out_dir} holds a {phase.label} run with another config (differs in: "
                             f"{', '.join(changed)}); use another --output")

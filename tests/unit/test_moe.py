@@ -5,6 +5,8 @@ the composition of the modules.
 
     pytest tests/unit/test_moe.py -q
 """
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,3 +181,17 @@ def test_m2mkd_student_alone_trains_and_the_students_assemble_into_the_compositi
         for s in stages:
             h = s(h)
         assert torch.equal(model(x), h)
+
+
+def test_an_unfinished_m2mkd_job_passes_the_up_front_check_of_a_resumed_pipeline(run):
+    """The CLI checks every phase before starting, unresolved (no teacher file yet): a student job's saved key names
+    its resolved teacher, which is no difference; another teacher setting is."""
+    from dsincubate.trainer import _check_output
+
+    phase = phases.make("m2mkd", _cfg(), run, 10, 0)
+    phase.out_dir.mkdir(parents=True)
+    ckpt.atomic_write_json(phase.out_dir / "config_key.json", json.loads(json.dumps(phase.config_key(), default=str)))
+    _check_output(phases.make("m2mkd", _cfg(), run, 10, 0, resolve=False))
+    _check_output(phases.make("m2mkd", _cfg(), run, 10, 0))
+    with pytest.raises(UserError, match="another config"):
+        _check_output(phases.make("m2mkd", _cfg("m2mkd.teacher=finetune"), run, 10, 0, resolve=False))
