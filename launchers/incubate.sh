@@ -146,9 +146,10 @@ meta() {
 }
 
 modules() {  # modules <incubate|m2mkd>: the K module jobs, concurrently where the allocation allows
-  local phase="$1" i rc f
+  local phase="$1" i rc f doing what
+  if [ "$phase" = incubate ]; then doing=incubating; what=incubation; else doing="m2mKD: distilling"; what="m2mKD"; fi
   if [ "${#JOB_ARGS[@]}" -eq "$K" ]; then
-    echo "== $phase: $K modules concurrently"
+    echo "== $doing $K modules concurrently"
     local PIDS=() FAILED=() JA
     for ((i = 0; i < K; i++)); do
       PIDS+=("")
@@ -169,14 +170,14 @@ modules() {  # modules <incubate|m2mkd>: the K module jobs, concurrently where t
     if [ "${#FAILED[@]}" -gt 0 ]; then
       for f in "${FAILED[@]}"; do
         i="${f%%:*}"
-        echo "incubate.sh: error: $phase of module $i failed (exit ${f#*:}) on ${JOB_ARGS[$i]##*--include }; see $OUTPUT/logs/${phase}_$i.log" >&2
+        echo "incubate.sh: error: $what of module $i failed (exit ${f#*:}) on ${JOB_ARGS[$i]##*--include }; see $OUTPUT/logs/${phase}_$i.log" >&2
         tail -n 5 "$OUTPUT/logs/${phase}_$i.log" >&2 || true
       done
-      echo "incubate.sh: error: ${#FAILED[@]} of $K $phase job(s) failed; the others finished; run the same command again to re-run only the failed module(s)" >&2
+      echo "incubate.sh: error: ${#FAILED[@]} of $K $what job(s) failed; the others finished; run the same command again to re-run only the failed module(s)" >&2
       exit 1
     fi
   else
-    echo "== $phase: $K modules one after another (fewer than K hosts/GPUs)"
+    echo "== $doing $K modules one after another (fewer than K hosts/GPUs)"
     for ((i = 0; i < K; i++)); do
       if complete "$OUTPUT/$phase/module_$i"; then echo "   module $i: already complete"; continue; fi
       launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- "$phase" --module "$i" "${CLI[@]}"

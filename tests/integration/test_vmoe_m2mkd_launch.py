@@ -78,7 +78,7 @@ def test_m2mkd_pipeline_method_runs_its_student_jobs_concurrently_through_the_la
            "--set", "model.num_stages=2"]
     p = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=1200)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    assert "m2mkd: 2 modules concurrently" in p.stdout
+    assert "m2mKD: distilling 2 modules concurrently" in p.stdout
     spans = []
     for i in range(2):
         run = json.loads((out / "m2mkd" / f"module_{i}" / "run.json").read_text())
