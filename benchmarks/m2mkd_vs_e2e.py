@@ -63,7 +63,7 @@ def run_seed(work: Path, seed: int, extra: list[str], timeout: int, collect_only
         teacher = teacher_run / "e2e" / "model.safetensors"
         kd_sets = sets + [f"m2mkd.teacher={teacher}", f"seed={seed}"]
         if not (out / "m2mkd" / "finetune" / "MANIFEST.json").is_file():
-            pc.reuse_meta(teacher_run, out, "demo", kd_sets, extra)
+            pc.reuse_phases(teacher_run, out, "demo", kd_sets, extra, modules=False)
             if not pc._pipeline(out, "m2mkd", "demo", kd_sets, extra, timeout):
                 return {"ok": False, "seed": seed, "error": f"m2mKD failed, see {out / 'log_m2mkd.txt'}"}
         if not (out / "e2e" / "MANIFEST.json").is_file():

@@ -20,13 +20,18 @@ Experiments (paper references in brackets):
           the default cell) with 2 meta epochs, and with the saved FLOPs spent on incubation   [suppl. Sec. 3]
   width   meta model of the target's width 64 / of width 32 stitched into the width-64 target, and with
           the FLOPs it saves spent on incubation                                            [suppl. Sec. 3]
-meta, kd, k, reuse and width change only Deep Incubation: their cells train DI and share the default cell's E2E run
-per seed. In `reuse`, the source model's own training is not counted in DI's budget (a reused model is sunk cost).
+  ft      fine-tune epochs 1 / 2 / 4 / 8 / 16 of the assembled model                       [Fig. 10, epochs]
+  ft_lr   fine-tune learning rate 4e-3 / 8e-3 (default) / 1.6e-2                          [Fig. 10, lr]
+meta, kd, k, reuse, width, ft and ft_lr change only Deep Incubation: their cells train DI and share the default
+cell's E2E run per seed; where a cell's meta pre-training or incubation of a module has the default cell's config
+key (ft, ft_lr: only the fine-tune differs), it takes that finished phase instead of training it again. In `reuse`, the source model's own training is not counted in DI's budget (a reused model is sunk cost).
 
     python benchmarks/paper_claims.py                                 # CPU: depth + data, 3 seeds, built-in data
     python benchmarks/paper_claims.py --experiments meta,kd --seeds 0,1,2
     python benchmarks/paper_claims.py --scale paper --experiments depth -- --train /data/c100/train --val /data/c100/val
     python benchmarks/paper_claims.py --collect-only                  # rebuild tables/plots from --workdir
+    python benchmarks/paper_claims.py --depths 32 --merge benchmarks/results/paper_claims_depth_cpu2_2026-11-23.json
+                                      # run depth 32 only; the table keeps the earlier file's other depths
 
 `--scale paper` runs the paper's DeiT-T-32/128 recipes (`deit_t_<N>`: 200 modular + 100 fine-tune epochs against
 400 for E2E) on CIFAR-100-size shards you provide after `--`, on a GPU. Writes
@@ -79,11 +84,15 @@ EXPERIMENTS = {
     "width": ("meta width", [("64 (own)", []), ("32 (stitched)", ["model.meta_embed_dim=32", "model.meta_num_heads=2"]),
                              ("32 (stitched), inc 13 ep", ["model.meta_embed_dim=32", "model.meta_num_heads=2",
                                                            "incubate.epochs=13"])]),
+    # Fig. 10 (DeiT-T-128 on CIFAR-100): one fine-tune epoch already beats E2E, most of the gain comes early; and the
+    # default fine-tune learning rate is good enough. Every cell reuses the default cell's meta model and modules.
+    "ft": ("fine-tune epochs", [(f"{e}", [f"finetune.epochs={e}"] if e != 4 else []) for e in (1, 2, 4, 8, 16)]),
+    "ft_lr": ("fine-tune lr", [(lr, [f"finetune.lr={lr}"] if lr != "8e-3" else []) for lr in ("4e-3", "8e-3", "1.6e-2")]),
 }
 # Ablations of Deep Incubation's own settings: none of them changes the E2E run (same model, data, seed), so their
 # cells train Deep Incubation only and compare with the default cell's E2E run of the same seed. Its budget matched
 # the default cell's DI; the table's TFLOP columns show where an ablation's DI used more.
-DI_ONLY = {"meta", "kd", "k", "reuse", "width"}
+DI_ONLY = {"meta", "kd", "k", "reuse", "width", "ft", "ft_lr"}
 PAPER_DEPTHS = (32, 128)
 
 
@@ -138,30 +147,52 @@ def e2e_epochs_for(recipe: str, sets: list[str], extra: list[str]) -> tuple[int,
     return max(1, math.ceil(plan["di_total"] / plan["e2e_per_epoch"] - 1e-9)), plan
 
 
-def reuse_meta(src: Path, out: Path, recipe: str, sets: list[str], extra: list[str]) -> bool:
-    """Copy the default cell's finished meta model into an ablation cell when the meta phase's config key (seed,
-    model, data, meta recipe) is the same: that phase would train the identical model again (training is
-    deterministic; an ablation of incubation does not touch it). The run records still count its device-hours."""
+def reuse_phases(src: Path, out: Path, recipe: str, sets: list[str], extra: list[str],
+                 modules: bool = True) -> list[str]:
+    """Copy the default cell's finished meta model, and then each finished incubated module, into an ablation cell
+    where that phase's config key (seed, model, data, the phase's recipe; for a module also its index and the meta
+    model's sha256) is the same: the phase would train the identical model again (training is deterministic; an
+    ablation of a later phase does not touch it). The run records still count their device-hours. `modules=False`
+    copies the meta model only. Returns the phase directories copied."""
     import shutil
 
     from dsincubate import checkpoint as ckpt, phases, recipes
     from dsincubate.config import RunConfig, apply_overrides
+    from dsincubate.layout import RunLayout
 
-    if not ckpt.complete(src / "meta") or (out / "meta").exists():
-        return False
     extra_sets = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
     data = [f"data.{a[2:]}={extra[i + 1]}" for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")]
     cfg = apply_overrides(recipes.get(recipe), sets + extra_sets + data)
-    key = lambda c: json.loads(json.dumps(phases.make("meta", c, out, 1, resolve=False).config_key(), default=str))  # noqa: E731
-    saved = json.loads((src / "meta" / "config_key.json").read_text())
-    # through the config classes, so a field added since (absent from the saved key) counts at its default
-    if key(cfg) != key(RunConfig.from_dict({**cfg.to_dict(), **saved})):
-        return False
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src / "meta", out / "meta")
-    # the key in this code's spelling (a field added since, at its default, would read as another config)
-    ckpt.atomic_write_json(out / "meta" / "config_key.json", key(cfg))
-    return True
+
+    def key(c, name, i=None, saved=None):
+        k = phases.make(name, c, out, 1, i, resolve=False).config_key()
+        if saved is not None and "meta_sha256" in saved:  # the copied meta model is the same file, so the same sha
+            k["meta_sha256"] = saved["meta_sha256"]
+        return json.loads(json.dumps(k, default=str))
+
+    def same(rel: str, name: str, i=None) -> bool:
+        if not ckpt.complete(src / rel) or (out / rel).exists():
+            return False
+        saved = json.loads((src / rel / "config_key.json").read_text())
+        # through the config classes, so a field added since (absent from the saved key) counts at its default
+        old = RunConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in saved.items() if k in cfg.to_dict()}})
+        return key(cfg, name, i, saved) == key(old, name, i, saved)
+
+    copied = []
+    if not same("meta", "meta"):
+        return copied
+    lay = RunLayout(out)
+    for rel, i in [("meta", None)] + [(str(lay.phase_dir("incubate", i).relative_to(out)), i)
+                                      for i in range(cfg.model.num_stages if modules else 0)]:
+        if rel != "meta" and not same(rel, "incubate", i):
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src / rel, out / rel)
+        saved = json.loads((src / rel / "config_key.json").read_text())
+        # the key in this code's spelling (a field added since, at its default, would read as another config)
+        ckpt.atomic_write_json(out / rel / "config_key.json", key(cfg, "meta" if i is None else "incubate", i, saved))
+        copied.append(rel)
+    return copied
 
 
 def _pipeline(out: Path, methods: str, recipe: str, sets: list[str], extra: list[str], timeout: int) -> bool:
@@ -196,7 +227,7 @@ def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str
     t0 = time.time()
     if e2e_from is not None and e2e_from != out:
         if not (out / "finetune" / "MANIFEST.json").is_file():
-            reuse_meta(e2e_from, out, recipe, sets, extra)
+            reuse_phases(e2e_from, out, recipe, sets, extra)
             if not _pipeline(out, "di", recipe, sets, extra, timeout):
                 return {"ok": False, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}", "seed": seed}
             print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
@@ -268,13 +299,16 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
             v += " (DI had more FLOPs)"  # an ablation cell sharing the default cell's E2E run
         out.append(dict(row, stats=stats, means=flops, verdict=v, n_seeds=len(ok)))
         pm = lambda k: "-" if stats[k][0] is None else f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"  # noqa: E731
-        table_rows.append([row["label"], len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
+        table_rows.append([row["label"] + ("*" if row.get("merged_from") else ""), len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
                            None if flops["di_flops"] is None else flops["di_flops"] / 1e12,
                            None if flops["e2e_flops"] is None else flops["e2e_flops"] / 1e12,
                            flops["di_hours"], flops["e2e_hours"], v])
     table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1", "DI-E2E paired",
                           "DI TFLOP", "E2E TFLOP", "DI h", "E2E h", "verdict"], table_rows,
                          ["", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
+    sources = sorted({Path(r["merged_from"]).name for r in rows if r.get("merged_from")})
+    if sources:
+        table += f"\n* measured earlier: {', '.join(sources)}"
     return table, out
 
 
@@ -304,6 +338,18 @@ def plot(experiment: str, rows: list[dict], path: Path, device: str) -> None:
     plt.close(fig)
 
 
+def merged(experiment: str, rows: list[dict], path: str, old_rows: list[dict]) -> list[dict]:
+    """This run's rows and the rows of an earlier result whose labels it did not run (each keeps its seeds'
+    records and names its file), ordered as the experiment lists them (depths numerically)."""
+    have = {r["label"] for r in rows}
+    rows = rows + [{k: v for k, v in dict(r, merged_from=r.get("merged_from") or path).items()
+                    if k not in ("stats", "means", "verdict", "n_seeds")} for r in old_rows if r["label"] not in have]
+    order = [label for label, _ in EXPERIMENTS[experiment][1]]
+    if all(r["label"].isdigit() for r in rows):
+        return sorted(rows, key=lambda r: int(r["label"]))
+    return sorted(rows, key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -316,6 +362,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/paper_claims")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per pipeline run")
     p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--merge", default="", help="comma list of earlier result .json files: an experiment's table also "
+                   "shows the rows of its earlier file whose cells this invocation does not run (marked with the file)")
     args = p.parse_args(argv)
     common.set_threads()
     exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
@@ -324,6 +372,15 @@ def main(argv=None) -> int:
         p.error(f"unknown experiment(s) {bad}; use {', '.join(EXPERIMENTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(args.workdir) / args.scale
+    earlier: dict[str, tuple[str, list[dict]]] = {}
+    for f in [f.strip() for f in args.merge.split(",") if f.strip()]:
+        try:
+            rec = json.loads(Path(f).read_text())
+            earlier[rec["experiment"]] = (f, rec["rows"])
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--merge {f}: not a paper_claims result ({e})")
+        if rec.get("scale", "cpu") != args.scale:
+            p.error(f"--merge {f}: made at scale {rec.get('scale')}, not {args.scale}")
     dev = common.device()
     for exp in exps:
         rows = []
@@ -347,6 +404,7 @@ def main(argv=None) -> int:
                     continue
                 seed_rows.append(run_cell(out, recipe, seed_sets, seed, extra, args.timeout, e2e_from))
             rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
+        rows = merged(exp, rows, *earlier.get(exp, ("", [])))
         table, rows = summarise(exp, rows)
         record = dict(common.header(f"paper_claims_{exp}", dev), scale=args.scale, experiment=exp, seeds=seeds,
                       rows=rows, extra_args=extra,

@@ -257,3 +257,57 @@ def test_paper_claims_verdict_and_shared_cells():
     full = [c for c in pc.cells("data", "cpu") if c[1] == "100%"][0]
     assert pc.cell_key(depth8[0], depth8[2]) == pc.cell_key(full[0], full[2])  # one run serves both tables
     assert len({pc.cell_key(r, s) for r, _, s in pc.cells("depth", "cpu")}) == 3
+
+
+def test_paper_claims_ablation_cells_take_only_phases_with_an_identical_config_key(tmp_path):
+    """An ablation of the fine-tune takes the default cell's meta model and modules; one of incubation takes the
+    meta model only; one of the meta model takes nothing (it would train another model)."""
+    from benchmarks import paper_claims as pc
+    from dsincubate import checkpoint as ckpt, phases, recipes
+    from dsincubate.config import apply_overrides
+    from dsincubate.layout import RunLayout
+
+    base = pc.CPU_BASE + ["seed=1"]
+    src = tmp_path / "default"
+    cfg = apply_overrides(recipes.get("demo"), base)
+    for name, i in [("meta", None)] + [("incubate", i) for i in range(cfg.model.num_stages)]:
+        d = RunLayout(src).phase_dir(name, i)
+        d.mkdir(parents=True)
+        key = dict(phases.make(name, cfg, src, 1, i, resolve=False).config_key())
+        if name == "incubate":
+            key["meta_sha256"] = "ab" * 32
+        ckpt.atomic_write_json(d / "config_key.json", json.loads(json.dumps(key, default=str)))
+        (d / "weights.bin").write_bytes(b"x")
+        ckpt.atomic_write_json(d / ckpt.MANIFEST, {"files": {"weights.bin": {}}})
+
+    def copied(extra_sets, **kw):
+        return pc.reuse_phases(src, tmp_path / str(len(list(tmp_path.iterdir()))), "demo", base + extra_sets, [], **kw)
+
+    modules = [f"incubate/module_{i}" for i in range(4)]
+    assert copied(["finetune.epochs=8"]) == ["meta"] + modules
+    assert copied(["finetune.lr=1.6e-2"], modules=False) == ["meta"]
+    assert copied(["incubate.imitation=true"]) == ["meta"]
+    assert copied(["incubate.epochs=7"]) == ["meta"]
+    assert copied(["meta.epochs=2"]) == []
+    assert copied(["seed=2"]) == []
+    assert copied(["model.depth=16"]) == []
+
+
+def test_paper_claims_merge_keeps_earlier_rows_not_run_again():
+    from benchmarks import paper_claims as pc
+
+    seed = {"ok": True, "seed": 0, "meta": 20.0, "di": 30.0, "e2e": 28.0, "assembled": 10.0,
+            "di_flops": 1e12, "e2e_flops": 2e12, "di_hours": 0.1, "e2e_hours": 0.1}
+    old = [{"label": lb, "seeds": [dict(seed, di=float(lb))], "stats": {}, "verdict": "x"} for lb in ("8", "16", "32")]
+    new = [{"label": "32", "seeds": [dict(seed, di=99.0)]}]
+    rows = pc.merged("depth", new, "results/old.json", old)
+    assert [r["label"] for r in rows] == ["8", "16", "32"]
+    assert rows[2]["seeds"][0]["di"] == 99.0 and "merged_from" not in rows[2]  # this run's cell replaces the old one
+    assert rows[0]["merged_from"] == "results/old.json" and "verdict" not in rows[0]
+    table, out = pc.summarise("depth", rows)
+    assert "8*" in table and "16*" in table and "old.json" in table.splitlines()[-1]
+    ft = pc.merged("ft", [{"label": "16", "seeds": []}, {"label": "1", "seeds": []}], "", [])
+    assert [r["label"] for r in ft] == ["1", "16"]
+    assert len({pc.cell_key(r, s) for r, _, s in pc.cells("ft", "cpu")}) == 5
+    assert pc.cell_key(*pc.cells("ft", "cpu")[2][::2]) == pc.cell_key(*pc.cells("depth", "cpu")[0][::2])
+    assert pc.cell_key(*pc.cells("ft_lr", "cpu")[1][::2]) == pc.cell_key(*pc.cells("depth", "cpu")[0][::2])
