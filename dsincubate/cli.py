@@ -254,7 +254,7 @@ def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
     names += [("e2e", None)] if methods & {"e2e", "e2e_tune"} else []
     names += [("e2e_tune", None)] if "e2e_tune" in methods else []
     if "m2mkd" in methods:
-        _check_teacher(cfg, root, methods)
+        _check_teacher(cfg, root, methods, n_cls)
         names += ([] if "di" in methods else [("meta", None)]) + [("m2mkd", i) for i in range(cfg.model.num_stages)]
         names += [("m2mkd_finetune", None)]
     for name, i in names:  # resolve=False: earlier phases' outputs need not exist yet
@@ -262,19 +262,27 @@ def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
                            torch.cuda.is_available())
 
 
-def _check_teacher(cfg, root: Path, methods: set[str]) -> None:
-    """The m2mKD teacher exists or a method of this pipeline makes it (before m2mkd runs)."""
+def _check_teacher(cfg, root: Path, methods: set[str], n_cls: int) -> None:
+    """The m2mKD teacher exists and fits the run (a whole model of the meta model's width, the run's classes and K
+    modules), or a method of this pipeline makes it (before m2mkd runs): a wrong teacher is refused before the meta
+    model trains, not after."""
     from dsincubate import checkpoint as ckpt
     from dsincubate.layout import RunLayout
+    from dsincubate.m2mkd import teacher_spec
 
     t = cfg.m2mkd.teacher
     made_by = {"e2e": "e2e", "finetune": "di"}
     if t in made_by:
-        if made_by[t] not in methods and not ckpt.complete(RunLayout(root).phase_dir(t)):
+        if made_by[t] in methods:
+            return  # trained by this pipeline first, from this config
+        if not ckpt.complete(RunLayout(root).phase_dir(t)):
             raise UserError(f"m2mkd.teacher={t}: this run has no finished {t} model; add {made_by[t]} to --methods "
                             "or give a model file")
+        teacher_spec(cfg, n_cls, RunLayout(root).model(t))
     elif not Path(t).is_file():
         raise UserError(f"m2mkd.teacher={t}: no such model file")
+    else:
+        teacher_spec(cfg, n_cls, Path(t))
 
 
 def _world_size() -> int:

@@ -19,6 +19,26 @@ from dsincubate.models import staged, vit
 from dsincubate.phases import IncubatePhase, _FromModel, meta_spec, stage_only
 
 
+def teacher_spec(cfg, num_classes: int, path: Path) -> tuple[vit.ModelSpec, list[int]]:
+    """The teacher file's model spec and stage depths, checked against the run (raises UserError): a whole
+    dsincubate model, at the meta model's width, with the run's classes and K modules. Reads the header only."""
+    header = ckpt.read_meta(path)
+    spec = header.get("spec")
+    if not spec or header.get("stage_depths") is None:
+        raise UserError(f"m2mkd teacher {path} is not a whole dsincubate model (kind {header.get('kind')!r})")
+    have = vit.ModelSpec.from_json(spec)
+    w_meta = int(meta_spec(cfg, num_classes).kwargs["embed_dim"])
+    if int(have.kwargs["embed_dim"]) != w_meta or int(have.kwargs["num_classes"]) != num_classes:
+        raise UserError(f"m2mkd teacher {path} (width {have.kwargs['embed_dim']}, {have.kwargs['num_classes']} "
+                        f"classes) does not fit the meta model (width {w_meta}, {num_classes} classes): the "
+                        "meta model must be at the teacher's width")
+    depths = list(header["stage_depths"])
+    if len(depths) != cfg.model.num_stages:
+        raise UserError(f"m2mkd teacher {path} is divided into {len(depths)} modules, the run into "
+                        f"K={cfg.model.num_stages}")
+    return have, depths
+
+
 class M2mkdPhase(IncubatePhase):
     """m2mKD (Lo et al.): student module I learns inside the frozen meta model from the task labels and from teacher
     module I (a trained monolithic model's, divided like the target) through the same meta prefix and tail. Its
@@ -34,20 +54,8 @@ class M2mkdPhase(IncubatePhase):
         path = self.layout.model(t) if t in ("e2e", "finetune") else Path(t)
         if not ckpt.complete(path.parent) and not (t not in ("e2e", "finetune") and path.is_file()):
             raise UserError(f"m2mkd teacher {t!r}: {path} missing or unfinished (train it first, or give a model file)")
-        header = ckpt.read_meta(path)
-        spec = header.get("spec")
-        if not spec or header.get("stage_depths") is None:
-            raise UserError(f"m2mkd teacher {path} is not a whole dsincubate model (kind {header.get('kind')!r})")
-        have = vit.ModelSpec.from_json(spec)
-        w_meta = int(meta_spec(self.cfg, self.num_classes).kwargs["embed_dim"])
-        if int(have.kwargs["embed_dim"]) != w_meta or int(have.kwargs["num_classes"]) != self.num_classes:
-            raise UserError(f"m2mkd teacher {path} (width {have.kwargs['embed_dim']}, {have.kwargs['num_classes']} "
-                            f"classes) does not fit the meta model (width {w_meta}, {self.num_classes} classes): the "
-                            "meta model must be at the teacher's width")
-        self.teacher_path, self.teacher_spec, self.teacher_depths = path, have, list(header["stage_depths"])
-        if len(self.teacher_depths) != self.cfg.model.num_stages:
-            raise UserError(f"m2mkd teacher {path} is divided into {len(self.teacher_depths)} modules, the run into "
-                            f"K={self.cfg.model.num_stages}")
+        self.teacher_path = path
+        self.teacher_spec, self.teacher_depths = teacher_spec(self.cfg, self.num_classes, path)
 
     def config_key(self) -> dict:
         return dict(super().config_key(), teacher=str(self.teacher_path) if self.teacher_path else None)

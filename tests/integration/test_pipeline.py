@@ -244,6 +244,11 @@ BAD_INPUTS = [
     (["assemble", "--stages", "{s0}", "{s0}", "{s2}", "{s3}"], "are both module 0"),
     (["assemble", "--stages", "{s0}", "{s1}", "{s2}"], "no stage file for module(s) [3]"),
     (["assemble", "--stages", "{s0}", "{s1}", "{s2}", "{othermeta}"], "has another meta model"),
+    # a wrong m2mKD teacher file is refused before the meta model trains, not after it
+    (["pipeline", "--methods", "m2mkd", "--output", "{empty}", "--set", "m2mkd.teacher={badjson}"],
+     "not a readable safetensors checkpoint"),
+    (["pipeline", "--methods", "m2mkd", "--output", "{empty}", "--set", "m2mkd.teacher={e2emodel}",
+      "--set", "model.num_stages=2"], "divided into 4 modules"),
 ]
 
 
@@ -261,8 +266,10 @@ def test_bad_input_gives_one_line_error_and_touches_nothing(debug_run, demo_root
     subs = {"{empty}": str(tmp_path / "fresh"), "{emptydir}": str(tmp_path / "emptydir"),
             "{badjson}": str(tmp_path / "bad.json"), "{accumjson}": str(tmp_path / "accum.json"),
             "{s0}": stage(0), "{s1}": stage(1), "{s2}": stage(2), "{s3}": stage(3),
-            "{othermeta}": str(_bad_stage_copy(debug_run, tmp_path, 3, meta_sha256="0" * 64))}
-    args = [subs.get(a, a) for a in args]
+            "{othermeta}": str(_bad_stage_copy(debug_run, tmp_path, 3, meta_sha256="0" * 64)),
+            "{e2emodel}": str(debug_run / "e2e" / "model.safetensors")}
+    for k, v in subs.items():  # whole arguments and values inside --set k=v
+        args = [a.replace(k, v) for a in args]
     message = subs.get(message, message)
     if "--output" not in args:
         args += ["--output", str(debug_run)]
@@ -282,7 +289,7 @@ def test_bad_input_gives_one_line_error_and_touches_nothing(debug_run, demo_root
     assert [ln for ln in stderr.splitlines() if ln.strip()] == err  # nothing else: no library warning before it
     assert "Traceback" not in stderr
     assert tree_digest(debug_run) == before
-    assert not (tmp_path / "fresh" / "incubate").exists()
+    assert not (tmp_path / "fresh").exists()  # nothing written, not even the run directory
 
 
 def test_error_after_the_engine_started_prints_no_library_warning_before_its_line(tmp_path, demo_root):
