@@ -33,8 +33,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 HOSTFILE="" INCLUDE="" EXCLUDE="" NUM_GPUS="" NUM_NODES="" PORT=29500
 RECIPE="" CONFIG="" OUTPUT="" DSCFG="" METHODS="di,e2e" CPU_RANKS=1
 EXTRA=()
+die() { echo "incubate.sh: error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
+    --hostfile|--include|--exclude|--num_gpus|--num_nodes|--master_port|--recipe|--config|--output|--ds-config|\
+    --methods|--cpu-ranks) [ $# -ge 2 ] || die "$1 needs a value (see --help)";;&
     --hostfile) HOSTFILE="$2"; shift 2;;
     --include) INCLUDE="$2"; shift 2;;
     --exclude) EXCLUDE="$2"; shift 2;;
@@ -49,14 +52,21 @@ while [ $# -gt 0 ]; do
     --cpu-ranks) CPU_RANKS="$2"; shift 2;;
     --) shift; EXTRA=("$@"); break;;
     -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
-    *) echo "incubate.sh: error: unknown option $1 (see --help)" >&2; exit 2;;
+    *) die "unknown option $1 (see --help)";;
   esac
 done
+# numbers are checked here, before anything starts (0 CPU ranks would start a job of the default size)
+posint() { [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer (got '$2')"; }
+posint --cpu-ranks "$CPU_RANKS"
+[ -n "$NUM_GPUS" ] && posint --num_gpus "$NUM_GPUS"
+[ -n "$NUM_NODES" ] && posint --num_nodes "$NUM_NODES"
+posint --master_port "$PORT"
+[ "$PORT" -le 65000 ] || die "--master_port $PORT: use a port <= 65000 (module jobs use the ports after it)"
 
 HAS_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 if [ -z "$RECIPE$CONFIG" ] && [ "$HAS_GPU" = 0 ] && [ -z "$HOSTFILE" ]; then RECIPE=demo; fi
 OUTPUT="${OUTPUT:-runs/${RECIPE:-run}}"
-[ -n "$HOSTFILE" ] && [ ! -f "$HOSTFILE" ] && { echo "incubate.sh: error: hostfile $HOSTFILE not found" >&2; exit 2; }
+[ -n "$HOSTFILE" ] && [ ! -f "$HOSTFILE" ] && die "hostfile $HOSTFILE not found"
 
 CLI=(--output "$OUTPUT")
 [ -n "$RECIPE" ] && CLI+=(--recipe "$RECIPE")

@@ -5,14 +5,15 @@
 #   launchers/phase.sh incubate --hostfile hosts --include node3 -- --module 2 --recipe vit_b16 --output /shared/vitb
 #   launchers/phase.sh finetune --num_accelerators 2 -- --recipe debug --output runs/debug     # 2 CPU ranks
 #
-# PHASE is meta, incubate, finetune or e2e. Launcher options are the deepspeed launcher's own (--hostfile,
+# PHASE is a training phase: meta, incubate, finetune, e2e, e2e_tune, m2mkd or m2mkd_finetune. Launcher options are the deepspeed launcher's own (--hostfile,
 # --include, --exclude, --num_gpus, --num_nodes, --master_port, --num_accelerators, ...).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 PHASE="${1:-}"
 case "$PHASE" in
-  meta|incubate|finetune|e2e) shift;;
-  *) echo "phase.sh: error: first argument must be meta, incubate, finetune or e2e (got '${PHASE}')" >&2; exit 2;;
+  meta|incubate|finetune|e2e|e2e_tune|m2mkd|m2mkd_finetune) shift;;
+  *) echo "phase.sh: error: first argument must be a training phase: meta, incubate, finetune, e2e, e2e_tune, m2mkd" \
+       "or m2mkd_finetune (got '${PHASE}')" >&2; exit 2;;
 esac
 LARGS=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do LARGS+=("$1"); shift; done

@@ -2,7 +2,8 @@
 (valid, out of range, wrong type, unknown), either pass every check (`--dry-run`: exit 0, nothing written) or fail
 with exactly one line on stderr and exit 2, leaving an existing run directory byte-identical. Never a traceback.
 
-In-process through `cli.main` on a small sharded set, no training: `pytest tests/unit/test_cli_fuzz.py -q`.
+In-process through `cli.main` on a small sharded set, no training: `pytest tests/unit/test_cli_fuzz.py -q`
+(`FUZZ_EXAMPLES=1000` for a longer search than the default 150 invocations).
 """
 import dataclasses
 import hashlib
@@ -16,16 +17,15 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from dsincubate import checkpoint as ckpt, cli, phases, recipes
-from dsincubate.config import DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides
+from dsincubate.config import TRAIN_SECTIONS, DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides
 from dsincubate.data.synth import id_samples
 from dsincubate.data.writer import write_shards
 
-COMMANDS = ["meta", "incubate", "finetune", "e2e", "e2e_tune", "eval", "pipeline", "assemble", "export", "summary",
-            "config"]
-SECTIONS = {"model": ModelConfig, "data": DataConfig, **{s: TrainConfig for s in
-                                                          ("meta", "incubate", "finetune", "e2e", "e2e_tune")}}
+COMMANDS = ["meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd", "m2mkd_finetune", "eval", "pipeline",
+            "assemble", "export", "summary", "config"]
+SECTIONS = {"model": ModelConfig, "data": DataConfig, **{s: TrainConfig for s in TRAIN_SECTIONS}}
 KEYS = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-        if f.name not in ("train", "val", "demo_root", "train_manifest", "val_manifest")]  # paths: own cases below
+        if f.name not in ("train", "val", "demo_root", "train_manifest", "val_manifest", "teacher")]  # paths: own cases
 KEYS += [f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS]
 UNKNOWN = ["model.nope", "bogus", "meta.", ".lr", "e2e.lr.x", "data"]
 # small enough to keep a check fast, valid for the debug recipe
@@ -91,6 +91,12 @@ def shards(tmp_path_factory):
     (meta.out_dir / "run.json").write_text(json.dumps({"phase": "meta", "device_seconds": 1.0, "device_name": "cpu",
                                                        "epochs": 1, "final": {"top1": 10.0}}))
     ckpt.write_manifest(meta.out_dir, files + ["run.json"])
+    # m2mKD teachers: a whole model that fits, one of another width, and a file that is no checkpoint at all
+    for name, extra in (("teacher", []), ("teacher_wide", ["model.embed_dim=32"])):
+        e2e = phases.make("e2e", apply_overrides(cfg, extra), d / name, 10)
+        e2e.out_dir.mkdir(parents=True)
+        ckpt.write_manifest(e2e.out_dir, e2e.save_output(e2e.build_model().state_dict()))
+    (d / "junk.safetensors").write_bytes(b"\x00" * 64)
     return d
 
 
@@ -108,16 +114,23 @@ def _invoke(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(COMMANDS), sets=SETS, module=st.integers(-1, 3),
        recipe=st.sampled_from(["debug"] * 6 + ["nonexistent", "deit_t_0", "deit_t_x"]),
        ds=st.sampled_from([None, None, "cpu", "nonexistent", "zero3_fp32"]),
        existing=st.sampled_from([None, "partial", "meta", "meta"]),
-       extra=st.sampled_from([[]] * 8 + [["--bogus"], ["--module"], ["--set"], ["--methods", "di,nope"]]))
-@example(command="meta", sets=[], module=0, recipe="debug", ds=None, existing=None, extra=[])  # valid baselines
-@example(command="incubate", sets=[], module=1, recipe="debug", ds=None, existing="meta", extra=[])
+       extra=st.sampled_from([[]] * 8 + [["--bogus"], ["--module"], ["--set"], ["--methods", "di,nope"],
+                              ["--methods", "m2mkd"], ["--methods", "di,e2e,m2mkd"]]),
+       teacher=st.sampled_from([None, None, "teacher/e2e/model.safetensors", "teacher_wide/e2e/model.safetensors",
+                                "junk.safetensors", "nonexistent.safetensors", "finetune"]))
+@example(command="meta", sets=[], module=0, recipe="debug", ds=None, existing=None, extra=[], teacher=None)  # valid
+@example(command="incubate", sets=[], module=1, recipe="debug", ds=None, existing="meta", extra=[], teacher=None)
+@example(command="m2mkd", sets=[], module=0, recipe="debug", ds=None, existing="meta", extra=[],
+         teacher="teacher/e2e/model.safetensors")
+@example(command="pipeline", sets=[], module=0, recipe="debug", ds=None, existing=None, extra=["--methods", "m2mkd"],
+         teacher="junk.safetensors")
 def test_any_invocation_passes_its_checks_or_fails_with_one_line_and_touches_nothing(
-        shards, capsys, command, sets, module, recipe, ds, existing, extra):
+        shards, capsys, command, sets, module, recipe, ds, existing, extra, teacher):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         if existing == "partial":  # a run directory with an unfinished phase: must stay byte-identical
@@ -133,7 +146,9 @@ def test_any_invocation_passes_its_checks_or_fails_with_one_line_and_touches_not
             argv += ["--set", s]
         if ds:
             argv += ["--ds-config", ds]
-        if command == "incubate":
+        if teacher:
+            argv += ["--set", f"m2mkd.teacher={shards / teacher if teacher.endswith('.safetensors') else teacher}"]
+        if command in ("incubate", "m2mkd"):
             argv += ["--module", str(module)]
         if command == "pipeline" and "--methods" not in extra:
             argv += ["--methods", "di,e2e"]
