@@ -204,13 +204,13 @@ def run(args) -> int:
         return 0
     if args.command in ("assemble", "export"):
         return _single_process(args, cfg, root)
-    from dsincubate import dist, phases, trainer
+    from dsincubate import checks, dist, phases, trainer
 
     phase = None
     world_size = _world_size()
     if args.command in TRAIN_PHASES:  # its inputs checked before any process group or engine exists
         phase = phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None))
-        trainer.check_plan(phase, info, world_size, torch.cuda.is_available())
+        checks.check_plan(phase, info, world_size, torch.cuda.is_available())
     if args.command == "pipeline":
         methods = _methods(args.methods)
         _check_phases(cfg, root, n_cls, info, methods)
@@ -224,7 +224,7 @@ def run(args) -> int:
         print(f"dsincubate {args.command}: dry run, all checks passed; would write under {root}")
         return 0
     if phase is not None:
-        trainer.preflight(phase, world_size)
+        checks.preflight(phase, world_size)
     ctx = dist.init()
     if args.command == "eval":
         from dsincubate.evaluate import run_eval
@@ -243,11 +243,11 @@ def run(args) -> int:
 
 
 def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
-    """trainer.check_plan for every phase the methods run (sizes, ds_config, outputs made with another config), so
+    """checks.check_plan for every phase the methods run (sizes, ds_config, outputs made with another config), so
     that a pipeline or `config` refuses at once what a later phase would refuse hours later."""
     import torch
 
-    from dsincubate import phases, trainer
+    from dsincubate import checks, phases
 
     names = [("meta", None)] + [("incubate", i) for i in range(cfg.model.num_stages)] + [("finetune", None)] \
         if "di" in methods else []
@@ -258,7 +258,7 @@ def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
         names += ([] if "di" in methods else [("meta", None)]) + [("m2mkd", i) for i in range(cfg.model.num_stages)]
         names += [("m2mkd_finetune", None)]
     for name, i in names:  # resolve=False: earlier phases' outputs need not exist yet
-        trainer.check_plan(phases.make(name, cfg, root, n_cls, i, resolve=False), info, _world_size(),
+        checks.check_plan(phases.make(name, cfg, root, n_cls, i, resolve=False), info, _world_size(),
                            torch.cuda.is_available())
 
 
@@ -380,6 +380,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("dsincubate: interrupted; the latest complete checkpoint is kept", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `dsincubate config --fields | head`: the reader left; no traceback, like other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

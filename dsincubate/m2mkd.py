@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch.nn.functional as F
+from torch import nn
 
 from dsincubate import checkpoint as ckpt, phases
 from dsincubate.errors import UserError

@@ -30,8 +30,8 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from dsincubate import accounting, checkpoint as ckpt, dist, dsconfig
-from dsincubate.config import RunConfig
 from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
+from dsincubate.checks import check_output, check_plan
 from dsincubate.engine import Built, build_engine, resolve_ds_config
 from dsincubate.errors import UserError
 from dsincubate.models import moe
@@ -111,61 +111,10 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
     return finish(run, frozen_before)
 
 
-def preflight(phase: Phase, world_size: int) -> None:
-    """The checks of `prepare` that need no process group (the CLI runs them before one exists): an output made with
-    another config, and the ds_config merged with the recipe. Also sets the collective timeout of the process group
-    to come and records where this rank runs."""
-    resolve_ds_config(phase, torch.cuda.is_available(), world_size)
-    _check_output(phase)
-    dist.set_collective_timeout(phase.cfg.collective_timeout_s)
-    if not ckpt.complete(phase.out_dir):
-        write_host_record(phase)
-
-
-def write_host_record(phase: Phase) -> Path:
-    """`<phase>/ranks/rank_<r>.json`: this rank's host, address and pid, written before any collective (so that a
-    rank that then hangs, e.g. started on the wrong host, has left its whereabouts)."""
-    rec = dist.host_record()
-    path = phase.out_dir / "ranks" / f"rank_{rec['rank']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(path, rec)
-    return path
-
-
-def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) -> tuple[int, int]:
-    """Every check of a phase that needs no process group, engine or data read (the CLI runs it before any starts):
-    the ds_config merged with the recipe, an output made with another config, mixup's even batch, and an epoch of at
-    least one optimizer step per rank. Returns (micro-batches per rank and epoch, gradient accumulation)."""
-    tc, m = phase.train_cfg, phase.cfg.model
-    _, ds_cfg = resolve_ds_config(phase, has_cuda, world_size)
-    _check_output(phase)
-    if m.moe_every and phase.name != "meta":  # the meta model is dense
-        if dsconfig.zero_stage(ds_cfg) == 3:
-            raise UserError(f"{phase.label}: a V-MoE (model.moe_every={m.moe_every}) needs ZeRO stage 0-2; DeepSpeed's "
-                            "MoE layers do not support ZeRO-3 (use ds_config zero2_bf16 or cpu)")
-        if world_size % m.moe_ep_size:
-            raise UserError(f"{phase.label}: world size {world_size} is not a multiple of model.moe_ep_size="
-                            f"{m.moe_ep_size}")
-    if build_mixup(phase.cfg.data, phase.num_classes) is not None and tc.micro_batch % 2:
-        raise UserError(f"{phase.label}: mixup/cutmix need an even micro_batch (got {tc.micro_batch})")
-    cfg = phase.cfg
-    try:
-        micro_steps = len(build_train_loader(cfg.data, info, batch_size=tc.micro_batch, rank=0, world_size=world_size,
-                                             epoch=0, seed=cfg.seed, img_size=phase.img_size,
-                                             subset_index=phase.stage_index))
-    except UserError as e:
-        raise UserError(f"{phase.label}: {e}") from None
-    accum = ds_cfg["gradient_accumulation_steps"]
-    if micro_steps < accum:
-        raise UserError(f"{phase.label}: an epoch has {micro_steps} micro-batches per rank, fewer than gradient "
-                        f"accumulation {accum}; lower micro_batch or use more data")
-    return micro_steps, accum
-
-
 def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
     """Cheap checks and sizes before any engine exists; the saved record when the output is already complete."""
     ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
-    _check_output(phase)
+    check_output(phase)
     if ckpt.complete(phase.out_dir):
         if ctx.is_main:
             print(f"{dist.log_prefix()} [dsincubate] {phase.label}: already complete in {phase.out_dir}, skipping")
@@ -226,11 +175,16 @@ def train_epoch(run: Run) -> dict:
     # finiteness check, progress bar and TensorBoard read it every SYNC_EVERY steps and at epoch end (before anything
     # is saved); a NaN poisons the running sum, so none is missed
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    term_sums: dict[str, torch.Tensor] = {}  # the loss dict's other terms (moe_aux, m2mKD's ce/kl), summed likewise
     n_micro, t0, loss = 0, time.time(), None
     try:
         for images, targets in loader:
-            loss = train_step(run, images, targets)
+            losses = train_step(run, images, targets)
+            loss = losses["loss"]
             loss_sum += loss.detach().double()
+            for k, v in losses.items():
+                if k != "loss":
+                    term_sums[k] = term_sums.get(k, 0.0) + v.detach().double()
             n_micro += 1
             if n_micro % accum == 0:
                 state.global_step += 1
@@ -247,15 +201,20 @@ def train_epoch(run: Run) -> dict:
         if bar is not None:
             bar.close()
     seconds = time.time() - t0
-    train_loss = (dist.all_reduce_sum(loss_sum.reshape(1)).cpu() / max(n_micro * ctx.world_size, 1)).item()
+    # one collective for the loss and its terms (every rank has the same terms: the phase and model decide them)
+    names = sorted(term_sums)
+    sums = torch.stack([loss_sum] + [term_sums[k].reshape(()) for k in names])
+    means = (dist.all_reduce_sum(sums).cpu() / max(n_micro * ctx.world_size, 1)).tolist()
     state.epoch = epoch + 1
     state.data_stats = [loader.stats()]
-    return {"epoch": epoch + 1, "train_loss": train_loss, "lr": run.built.scheduler.get_last_lr()[0],
-            "epoch_seconds": seconds, "images_per_second": n_micro * tc.micro_batch * ctx.world_size / max(seconds, 1e-9)}
+    return {"epoch": epoch + 1, "train_loss": means[0], **{f"train_{k}": v for k, v in zip(names, means[1:])},
+            "lr": run.built.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
+            "images_per_second": n_micro * tc.micro_batch * ctx.world_size / max(seconds, 1e-9)}
 
 
-def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Forward, the phase's loss, backward, step; returns the loss (on the device)."""
+def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward, the phase's loss, backward, step; returns the loss dict (on the device): "loss", the minimised
+    total, and the phase's other terms (logged per epoch as train_<term>)."""
     ctx, engine = run.ctx, run.built.engine
     images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
     if run.mixup is not None:
@@ -264,7 +223,7 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> torch.T
     engine.backward(losses["loss"])
     engine.step()
     run.state.images += images.shape[0] * ctx.world_size
-    return losses["loss"]
+    return losses
 
 
 def end_epoch(run: Run, metrics: dict) -> bool:
@@ -397,30 +356,6 @@ def _criterion(mixup, smoothing: float):
     if smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing)
     return torch.nn.CrossEntropyLoss()
-
-
-def _check_output(phase: Phase) -> None:
-    """Refuse to resume into (or overwrite) an output directory made with another config."""
-    saved = phase.out_dir / "config_key.json"
-    if saved.is_file():
-        try:
-            old = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{saved} is unreadable ({e}); use another --output or remove {phase.out_dir}") from None
-        new = json.loads(json.dumps(phase.config_key(), default=str))
-        defaults = json.loads(json.dumps(RunConfig().to_dict(), default=str))
-        for k, section in old.items():  # a field added since the output was made counts at its default
-            if isinstance(section, dict) and isinstance(new.get(k), dict) and isinstance(defaults.get(k), dict):
-                old[k] = {**{f: v for f, v in new[k].items() if f not in section and v == defaults[k].get(f)},
-                          **section}
-        # a phase made without resolving its inputs (the CLI's up-front check of every phase) does not know the meta
-        # model's sha256 or the m2mKD teacher's file yet (None): that is not a difference; training resolves and
-        # compares them
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
-                         and not (k in ("meta_sha256", "teacher") and new.get(k) is None))
-        if changed:
-            raise UserError(f"{phase.out_dir} holds a {phase.label} run with another config (differs in: "
-                            f"{', '.join(changed)}); use another --output")
 
 
 def frozen_digest(module: torch.nn.Module) -> str | None:

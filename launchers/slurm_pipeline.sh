@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Submit the whole pipeline to SLURM as a dependency chain: meta -> K-task incubation array -> assemble + fine-tune +
-# export -> report.
+# export -> report. With --method m2mkd the array distils a trained teacher's modules (m2mKD) instead, and the chain
+# assembles and fine-tunes the students (m2mkd/assemble, m2mkd/finetune, export/m2mkd_finetune).
 #
 #   launchers/slurm_pipeline.sh --nodes 2 --gpus 8 --k 4 -- --recipe vit_h14 --output /shared/vith
 #   launchers/slurm_pipeline.sh --gpus 0 --ranks-per-node 4 -- --recipe debug --output /shared/dbg   # CPU ranks
+#   launchers/slurm_pipeline.sh --method m2mkd --k 4 -- --recipe demo --output /shared/kd --set m2mkd.teacher=T
 #
 # Options: --nodes N (per job), --gpus G (per node; 0 = no GPUs, CPU ranks), --ranks-per-node R (DeepSpeed slots per
 # node; default G), --k K (array size; must equal the run's model.num_stages), --master_port P, --partition P,
-# --sbatch "OPTS" (more sbatch options for every job). After `--`: the dsincubate options; --output must name a
+# --sbatch "OPTS" (more sbatch options for every job), --method incubate|m2mkd (default incubate; m2mkd needs the
+# teacher, m2mkd.teacher, to exist before submission: a model file, or e2e/finetune finished in DIR). After `--`: the dsincubate options; --output must name a
 # directory every node sees. On CPUs with R >= K each array task runs R/K ranks (as launchers/incubate.sh does).
 #
 # A failed job stops the chain: the jobs after it are cancelled by SLURM (--kill-on-invalid-dep=yes), and the
@@ -16,17 +19,22 @@
 # command resumes (complete phases and modules are skipped). Tested on a one-machine SLURM (slurmctld, slurmd,
 # munge) in tests/cluster/test_slurm.py: the chain, the array and a failing array task; multi-node srun is not.
 set -euo pipefail
-NODES=1 GPUS=8 K=4 RANKS="" PORT=29500 PARTITION="" SBATCH_OPTS=""
+NODES=1 GPUS=8 K=4 RANKS="" PORT=29500 PARTITION="" SBATCH_OPTS="" METHOD=incubate
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   case "$1" in
     --nodes) NODES="$2"; shift 2;; --gpus) GPUS="$2"; shift 2;; --k) K="$2"; shift 2;;
     --ranks-per-node) RANKS="$2"; shift 2;; --master_port) PORT="$2"; shift 2;;
-    --partition) PARTITION="$2"; shift 2;; --sbatch) SBATCH_OPTS="$2"; shift 2;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
+    --partition) PARTITION="$2"; shift 2;; --sbatch) SBATCH_OPTS="$2"; shift 2;; --method) METHOD="$2"; shift 2;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
     *) echo "slurm_pipeline.sh: error: unknown option $1 (see --help)" >&2; exit 2;;
   esac
 done
 [ "${1:-}" = "--" ] && shift
+case "$METHOD" in
+  incubate) CHECK=() MOD_DIR=incubate FT_PHASE=finetune FT_DIR=finetune;;
+  m2mkd) CHECK=(--methods m2mkd) MOD_DIR=m2mkd FT_PHASE=m2mkd_finetune FT_DIR=m2mkd/finetune;;
+  *) echo "slurm_pipeline.sh: error: --method must be incubate or m2mkd (got '$METHOD')" >&2; exit 2;;
+esac
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(dirname "$HERE")"
 source "$HERE/_env.sh"
@@ -38,7 +46,8 @@ OUTPUT="$(cd "$(dirname "$OUTPUT")" && pwd)/$(basename "$OUTPUT")"
 ARGS=("$@")
 for ((a = 0; a < ${#ARGS[@]}; a++)); do [ "${ARGS[$a]}" = "--output" ] && ARGS[$((a + 1))]="$OUTPUT"; done
 # fail fast (one line, exit 2) on bad input before anything is queued; also checks K against the run's config
-"$PY" -m dsincubate config "${ARGS[@]}" >/dev/null || exit 2
+# (with --method m2mkd also that the teacher exists and fits the run)
+"$PY" -m dsincubate config "${CHECK[@]+"${CHECK[@]}"}" "${ARGS[@]}" >/dev/null || exit 2
 NUM_STAGES=$("$PY" -m dsincubate config "${ARGS[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
 [ "$NUM_STAGES" = "$K" ] || { echo "slurm_pipeline.sh: error: --k $K but the run has model.num_stages=$NUM_STAGES" >&2; exit 2; }
 
@@ -72,12 +81,13 @@ EOF
   chmod +x "$JOBS/$1.sh"
 }
 job_script meta 'PHASE meta'
-job_script finetune "$(printf '%q' "$PY") -m dsincubate assemble $Q_ARGS
-PHASE finetune
-$(printf '%q' "$PY") -m dsincubate export --source finetune $Q_ARGS"
+job_script finetune "$(printf '%q' "$PY") -m dsincubate assemble --method $METHOD $Q_ARGS
+PHASE $FT_PHASE
+$(printf '%q' "$PY") -m dsincubate export --source $FT_PHASE $Q_ARGS"
 META=$(sbatch "${SB[@]}" --job-name dsi-meta --output "$JOBS/meta-%j.out" "$JOBS/meta.sh")
-ARRAY=$(DSI_SLOTS="$TASK_SLOTS" DSI_MASTER_PORT="$PORT" DSI_REPO="$REPO" sbatch "${SB[@]}" --export=ALL \
-  --dependency "afterok:$META" --array "0-$((K - 1))" --job-name dsi-incubate --output "$JOBS/incubate-%A_%a.out" \
+ARRAY=$(DSI_SLOTS="$TASK_SLOTS" DSI_MASTER_PORT="$PORT" DSI_REPO="$REPO" DSI_PHASE="$METHOD" sbatch "${SB[@]}" \
+  --export=ALL --dependency "afterok:$META" --array "0-$((K - 1))" --job-name "dsi-$METHOD" \
+  --output "$JOBS/$METHOD-%A_%a.out" \
   "$HERE/slurm_incubate.sbatch" "${ARGS[@]}")
 FT=$(sbatch "${SB[@]}" --dependency "afterok:$ARRAY" --job-name dsi-finetune --output "$JOBS/finetune-%j.out" \
   "$JOBS/finetune.sh")
@@ -90,11 +100,11 @@ O=$(printf '%q' "$OUTPUT"); L=$(printf '%q' "$JOBS"); bad=0
   ok() { [ -f "\$O/\$1/MANIFEST.json" ]; }
   if ok meta; then echo "meta: complete"; else echo "meta: FAILED (log: \$L/meta-$META.out)"; bad=1; fi
   for ((i = 0; i < $K; i++)); do
-    if ok incubate/module_\$i; then echo "incubate module \$i: complete"
-    else echo "incubate module \$i: FAILED (log: \$L/incubate-${ARRAY}_\$i.out)"; bad=1; fi
+    if ok $MOD_DIR/module_\$i; then echo "$METHOD module \$i: complete"
+    else echo "$METHOD module \$i: FAILED (log: \$L/$METHOD-${ARRAY}_\$i.out)"; bad=1; fi
   done
-  if ok finetune; then echo "finetune: complete"
-  else echo "finetune: not run or FAILED (log: \$L/finetune-$FT.out)"; bad=1; fi
+  if ok $FT_DIR; then echo "$FT_PHASE: complete"
+  else echo "$FT_PHASE: not run or FAILED (log: \$L/finetune-$FT.out)"; bad=1; fi
   [ \$bad = 0 ] && echo "pipeline: complete" || echo "pipeline: FAILED; fix the cause and submit the same command again (complete parts are skipped)"
 } | tee "\$L/report.txt"
 exit \$bad
@@ -102,5 +112,6 @@ EOF
 
 REPORT=$(sbatch --parsable --nodes 1 --dependency "afterany:$META:$ARRAY:$FT" --job-name dsi-report \
   --output "$JOBS/report-%j.out" "${EXTRA_SB[@]+"${EXTRA_SB[@]}"}" ${PARTITION:+--partition "$PARTITION"} "$JOBS/report.sh")
-echo "submitted: meta $META, incubation array $ARRAY (${K} tasks), assemble+finetune $FT, report $REPORT"
+echo "submitted: meta $META, $([ "$METHOD" = m2mkd ] && echo m2mkd || echo incubation) array $ARRAY (${K} tasks)," \
+  "assemble+finetune $FT, report $REPORT"
 echo "logs and report: $JOBS/"

@@ -1,6 +1,6 @@
 """`launchers/slurm_pipeline.sh` on a real (one-machine) SLURM: the dependency chain meta -> K-task incubation array ->
 assemble + fine-tune -> report runs to the end and gives what a local run gives; a failing array task stops the
-chain and the report names it. Cluster tier: `make test-cluster` (slurm.py starts munged, slurmctld, slurmd)."""
+chain and the report names it; `--method m2mkd` runs the students' array and their fine-tune the same way. Cluster tier: `make test-cluster` (slurm.py starts munged, slurmctld, slurmd)."""
 import json
 import shutil
 import subprocess
@@ -29,12 +29,15 @@ def slurm(tmp_path_factory):
         pytest.fail(f"cannot start the test SLURM: {e}", pytrace=False)
 
 
-def submit(slurm, out: Path, cwd: Path) -> dict:
+def submit(slurm, out: Path, cwd: Path, *options: str, sets: tuple[str, ...] = (), expect: int = 0):
     cmd = [str(LAUNCHERS / "slurm_pipeline.sh"), "--gpus", "0", "--ranks-per-node", "4", "--k", "4",
-           "--master_port", str(next_port()), "--", "--recipe", "debug", "--output", str(out), *demo_args(cwd)]
+           "--master_port", str(next_port()), *options, "--", "--recipe", "debug", "--output", str(out),
+           *demo_args(cwd), *[a for s in sets for a in ("--set", s)]]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300,
                        env=slurm.env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.returncode == expect, p.stdout + p.stderr
+    if expect:
+        return p
     line = next(ln for ln in p.stdout.splitlines() if ln.startswith("submitted:"))
     # "submitted: meta 12, incubation array 13 (4 tasks), assemble+finetune 14, report 15"
     words = line.replace(",", "").split()
@@ -98,3 +101,31 @@ def test_a_failed_array_task_stops_the_chain_and_the_report_names_it(slurm, slur
     assert not (out / "finetune").exists()
     report_log = next((out / "logs/slurm").glob(f"report-{jobs['report']}.out")).read_text()
     assert "FAILED" in report_log
+
+
+def test_slurm_m2mkd_chain_distils_each_module_in_its_own_array_task_and_finetunes_the_students(slurm, slurm_run,
+                                                                                                shared, tmp_path):
+    done, _ = slurm_run
+    out = tmp_path / "kd"
+    out.mkdir()
+    for d in ("meta", "finetune"):  # the finished meta model, and the fine-tuned model as the teacher
+        shutil.copytree(done / d, out / d)
+    shutil.copy(done / "config.json", out / "config.json")
+    # a teacher this run does not have is refused before anything is queued
+    bad = submit(slurm, tmp_path / "nokd", shared, "--method", "m2mkd", sets=("m2mkd.teacher=e2e",), expect=2)
+    assert "m2mkd.teacher=e2e" in bad.stderr and not (tmp_path / "nokd" / "logs").exists(), bad.stderr
+    meta_before = (out / "meta/model.safetensors").read_bytes()
+    jobs = submit(slurm, out, shared, "--method", "m2mkd", sets=("m2mkd.teacher=finetune",))
+    slurm.wait_idle(timeout=900)
+    report = (out / "logs/slurm/report.txt").read_text()
+    assert "pipeline: complete" in report, report + "\n" + "\n".join(
+        f"{p.name}:\n{p.read_text()[-1500:]}" for p in sorted((out / "logs/slurm").glob("*.out")))
+    for i in range(4):
+        log = (out / f"logs/slurm/m2mkd-{jobs['array']}_{i}.out").read_text()
+        assert f"m2mKD: distilling module {i} on" in log
+        run = json.loads((out / f"m2mkd/module_{i}/run.json").read_text())
+        assert run["world_size"] == 1 and run["phase"] == "m2mkd"
+    assert json.loads((out / "m2mkd/finetune/run.json").read_text())["world_size"] == 4
+    assert ckpt.complete(out / "m2mkd/assemble") and (out / "export/m2mkd_finetune/model.safetensors").is_file()
+    assert (out / "meta/model.safetensors").read_bytes() == meta_before  # the finished meta job was a no-op
+    assert not (out / "incubate").exists()

@@ -42,6 +42,13 @@ def test_vmoe_trains_on_two_expert_parallel_ranks_with_zero2_resumes_exactly_and
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     run = json.loads((tmp_path / "a" / "e2e" / "run.json").read_text())
     assert run["world_size"] == 2 and run["ds_config"]["zero_optimization"]["stage"] == 2
+    # the load-balancing loss is logged per epoch (run.json, metrics.jsonl and TensorBoard), apart from the total
+    assert all(h["train_moe_aux"] > 0 and h["train_loss"] > 0 for h in run["history"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "a" / "e2e" / "tb"))
+    tb.Reload()
+    assert len(tb.Scalars("epoch/train_moe_aux")) == 2
     # DeepSpeed's checkpoint holds each expert of each MoE layer in its own file
     tag = sorted((tmp_path / "a" / "e2e" / "checkpoints").glob("epoch*"))[-1]
     assert {p.name for p in tag.glob("layer_*_expert_*_model_states.pt")} == {
@@ -83,6 +90,7 @@ def test_m2mkd_pipeline_method_runs_its_student_jobs_concurrently_through_the_la
     for i in range(2):
         run = json.loads((out / "m2mkd" / f"module_{i}" / "run.json").read_text())
         assert run["frozen_params"]["sha256_before"] == run["frozen_params"]["sha256_after"] is not None
+        assert all({"train_ce", "train_kd", "train_moe_aux"} <= set(h) for h in run["history"])  # the loss's terms
         spans.append((run["started_at"], run["finished_at"]))
     assert max(s for s, _ in spans) < min(e for _, e in spans)  # both were running at one moment
     assert ckpt.complete(out / "m2mkd" / "assemble") and ckpt.complete(out / "m2mkd" / "finetune")

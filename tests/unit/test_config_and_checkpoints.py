@@ -139,7 +139,7 @@ def test_an_output_made_before_a_field_existed_resumes_but_a_changed_field_is_re
     """config_key.json written by an older version lacks fields added since (here the V-MoE settings): at their
     defaults they are no difference; a field set to another value is; the meta model ignores MoE settings."""
     from dsincubate import phases
-    from dsincubate.trainer import _check_output
+    from dsincubate.checks import check_output
 
     cfg = recipes.get("debug")
     phase = phases.make("e2e", cfg, tmp_path, 10, resolve=False)
@@ -147,11 +147,11 @@ def test_an_output_made_before_a_field_existed_resumes_but_a_changed_field_is_re
     old = json.loads(json.dumps(phase.config_key(), default=str))
     old["model"] = {k: v for k, v in old["model"].items() if not k.startswith("moe_")}
     ckpt.atomic_write_json(phase.out_dir / "config_key.json", old)
-    _check_output(phase)  # fields added since, at their defaults: the same config
+    check_output(phase)  # fields added since, at their defaults: the same config
     moe_cfg = apply_overrides(cfg, ["model.moe_every=2"])
     with pytest.raises(UserError, match="another config .differs in: model"):
-        _check_output(phases.make("e2e", moe_cfg, tmp_path, 10, resolve=False))
+        check_output(phases.make("e2e", moe_cfg, tmp_path, 10, resolve=False))
     meta = phases.make("meta", cfg, tmp_path, 10, resolve=False)
     meta.out_dir.mkdir(parents=True)
     ckpt.atomic_write_json(meta.out_dir / "config_key.json", json.loads(json.dumps(meta.config_key(), default=str)))
-    _check_output(phases.make("meta", moe_cfg, tmp_path, 10, resolve=False))  # a V-MoE target's meta is dense
+    check_output(phases.make("meta", moe_cfg, tmp_path, 10, resolve=False))  # a V-MoE target's meta is dense

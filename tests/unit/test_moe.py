@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsincubate import accounting, checkpoint as ckpt, phases, recipes, trainer
+from dsincubate import accounting, checkpoint as ckpt, checks, phases, recipes
 from dsincubate.assemble import assemble
 from dsincubate.config import apply_overrides
 from dsincubate.errors import UserError
@@ -116,7 +116,7 @@ def test_vmoe_under_zero3_or_an_expert_parallel_size_not_dividing_the_world_is_r
                               (["model.moe_ep_size=2"], 3, "not a multiple of model.moe_ep_size")):
         phase = phases.make("e2e", _cfg(*VMOE, *sets), tmp_path, 10, resolve=False)
         with pytest.raises(UserError, match=message):
-            trainer.check_plan(phase, None, ws, False)  # refused before any data is read
+            checks.check_plan(phase, None, ws, False)  # refused before any data is read
 
 
 @pytest.fixture
@@ -186,12 +186,12 @@ def test_m2mkd_student_alone_trains_and_the_students_assemble_into_the_compositi
 def test_an_unfinished_m2mkd_job_passes_the_up_front_check_of_a_resumed_pipeline(run):
     """The CLI checks every phase before starting, unresolved (no teacher file yet): a student job's saved key names
     its resolved teacher, which is no difference; another teacher setting is."""
-    from dsincubate.trainer import _check_output
+    from dsincubate.checks import check_output
 
     phase = phases.make("m2mkd", _cfg(), run, 10, 0)
     phase.out_dir.mkdir(parents=True)
     ckpt.atomic_write_json(phase.out_dir / "config_key.json", json.loads(json.dumps(phase.config_key(), default=str)))
-    _check_output(phases.make("m2mkd", _cfg(), run, 10, 0, resolve=False))
-    _check_output(phases.make("m2mkd", _cfg(), run, 10, 0))
+    check_output(phases.make("m2mkd", _cfg(), run, 10, 0, resolve=False))
+    check_output(phases.make("m2mkd", _cfg(), run, 10, 0))
     with pytest.raises(UserError, match="another config"):
-        _check_output(phases.make("m2mkd", _cfg("m2mkd.teacher=finetune"), run, 10, 0, resolve=False))
+        check_output(phases.make("m2mkd", _cfg("m2mkd.teacher=finetune"), run, 10, 0, resolve=False))
