@@ -2,6 +2,7 @@
 
     dsincubate eval --output runs/demo --model meta          # the meta model
     dsincubate eval --output runs/demo --model hybrid:2      # the meta model with incubated module 2 (paper Fig. 9)
+    dsincubate eval --output runs/kd --model m2mkd_hybrid:2  # the meta model with m2mKD student 2
     dsincubate eval --output runs/demo --model assemble      # the assembled model before fine-tuning
     dsincubate eval --output runs/demo --model finetune      # also e2e, e2e_tune
     dsincubate eval --output runs/demo --model runs/demo/export/finetune/model.safetensors   # any model file
@@ -21,7 +22,7 @@ import torch
 
 from dsincubate import checkpoint as ckpt, dist, dsconfig, phases
 from dsincubate.errors import UserError
-from dsincubate.layout import RunLayout
+from dsincubate.layout import STAGE_FILE, RunLayout
 from dsincubate.models import staged, vit
 
 NAMED = ("meta", "assemble", "finetune", "e2e", "e2e_tune", "m2mkd_assemble", "m2mkd_finetune")
@@ -56,17 +57,21 @@ def model_from_file(path: Path) -> torch.nn.Module:
 def resolve(which: str, cfg, root: Path, num_classes: int) -> tuple[torch.nn.Module, Path]:
     """(model, the directory its eval.json goes to) for a --model value."""
     layout = RunLayout(root)
-    if which.startswith("hybrid:"):
+    for prefix, method in (("hybrid:", "incubate"), ("m2mkd_hybrid:", "m2mkd")):
+        if not which.startswith(prefix):
+            continue
         try:
             index = int(which.split(":", 1)[1])
         except ValueError:
-            raise UserError(f"eval: --model {which!r}: use hybrid:<stage index>") from None
+            raise UserError(f"eval: --model {which!r}: use {prefix}<stage index>") from None
+        # an m2mKD student sits in the meta model exactly as an incubated module does: the same hybrid, another file
         phase = phases.make("incubate", cfg, root, num_classes, index)
-        stage_dir = layout.phase_dir("incubate", index)
+        stage_dir = layout.phase_dir(method, index)
         if not ckpt.complete(stage_dir):
-            raise UserError(f"eval: incubated module {index} missing: {layout.stage(index)}")
+            raise UserError(f"eval: {'incubated module' if method == 'incubate' else 'm2mKD student'} {index} "
+                            f"missing: {stage_dir / STAGE_FILE}")
         model = phase.build_model(load=True)
-        tensors, _ = ckpt.load_tensors(layout.stage(index))
+        tensors, _ = ckpt.load_tensors(stage_dir / STAGE_FILE)
         model.target_stage.load_state_dict(tensors, strict=True)
         return model, stage_dir
     if which in NAMED:

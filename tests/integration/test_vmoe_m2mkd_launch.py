@@ -97,3 +97,12 @@ def test_m2mkd_pipeline_method_runs_its_student_jobs_concurrently_through_the_la
     summary = json.loads((out / "summary.json").read_text())
     assert summary["m2mkd"]["top1"] is not None and summary["m2mkd"]["device_hours"] > 0
     assert "moe" in json.loads((out / "export" / "m2mkd_finetune" / "model.json").read_text())
+    # `dsincubate eval` of each student in the meta model and of the fine-tuned students agrees with their phases' logs
+    kinds = ["m2mkd_hybrid:0", "m2mkd_hybrid:1", "m2mkd_finetune"]
+    p = subprocess.run([sys.executable, "-m", "dsincubate", "eval", "--recipe", "debug", "--output", str(out),
+                        "--model", ",".join(kinds), *sum((["--set", s] for s in cmd[cmd.index("--") + 2::2]), [])],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = {r["model"]: r for r in (json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{"))}
+    for kind, d in zip(kinds, ["m2mkd/module_0", "m2mkd/module_1", "m2mkd/finetune"]):
+        assert got[kind]["top1"] == json.loads((out / d / "run.json").read_text())["final"]["top1"], kind
