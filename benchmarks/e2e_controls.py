@@ -1,0 +1,94 @@
+"""Is E2E's loss in a `paper_claims.py` cell the recipe's fault? The same E2E run again with one recipe change.
+
+For each seed of a finished `paper_claims.py` depth cell, E2E is trained again with the epochs that cell's E2E got
+(so the same training FLOPs), once per variant: gradient clipping 1.0 (what the fine-tune phase uses), half the
+learning rate, and twice the warm-up. Deep Incubation and the original E2E are read from the cell, not re-run. A
+variant that closes the gap to Deep Incubation means the cell's verdict was about the E2E recipe, not the method.
+
+    python benchmarks/paper_claims.py --experiments depth --depths 32 --workdir runs/paper_claims   # first
+    python benchmarks/e2e_controls.py --depth 32 --seeds 0,1,2 --workdir runs/paper_claims
+    python benchmarks/e2e_controls.py --depth 32 --variants clip,lr_half --collect-only
+
+Writes benchmarks/results/e2e_controls_<device>_<date>.{json,txt}; finished runs are kept on a re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common, paper_claims as pc  # noqa: E402
+
+VARIANTS = {"clip": ["e2e.clip_grad=1.0"], "lr_half": ["e2e.lr=4e-3"], "warmup_x2": ["e2e.warmup_epochs=2.0"]}
+
+
+def run_variant(cell: Path, name: str, recipe: str, sets: list[str], seed: int, timeout: int, collect_only: bool):
+    """The cell's E2E of this seed again with the variant's settings and the same epochs; its summary or None."""
+    base = json.loads((cell / "summary.json").read_text())
+    epochs = base["e2e"]["epochs"]
+    out = cell / "e2e_controls" / name
+    if not (out / "e2e" / "MANIFEST.json").is_file():
+        if collect_only:
+            return None
+        full = sets + [f"seed={seed}", f"e2e.epochs={epochs}"] + VARIANTS[name]
+        if not pc._pipeline(out, "e2e", recipe, full, [], timeout):
+            raise SystemExit(f"e2e_controls: E2E {name} failed, see {out / 'log_e2e.txt'}")
+    s = json.loads((out / "summary.json").read_text())["e2e"]
+    return {"top1": s["top1"], "epochs": s["epochs"], "device_hours": s["device_hours"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--depth", type=int, default=32, help="the paper_claims depth cell (CPU scale)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--workdir", default="runs/paper_claims", help="paper_claims.py's --workdir")
+    p.add_argument("--timeout", type=int, default=7200, help="seconds per run")
+    p.add_argument("--collect-only", action="store_true")
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(variants) - set(VARIANTS):
+        p.error(f"unknown variant(s) {sorted(set(variants) - set(VARIANTS))}; use {', '.join(VARIANTS)}")
+    common.set_threads()
+    recipe, _, sets = pc.cells("depth", "cpu", [args.depth])[0]
+    work = Path(args.workdir) / "cpu" / pc.cell_key(recipe, sets)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    missing = [s for s in seeds if not (work / f"seed{s}" / "e2e" / "MANIFEST.json").is_file()]
+    if missing:
+        p.error(f"no finished paper_claims depth-{args.depth} cell for seed(s) {missing} under {work}; run "
+                f"paper_claims.py --experiments depth --depths {args.depth} --workdir {args.workdir} first")
+    per_seed = []
+    for seed in seeds:
+        cell = work / f"seed{seed}"
+        s = json.loads((cell / "summary.json").read_text())
+        row = {"seed": seed, "di": s["deep_incubation"]["top1"], "e2e": s["e2e"]["top1"], "epochs": s["e2e"]["epochs"]}
+        for v in variants:
+            print(f"[e2e_controls] depth {args.depth} seed {seed}: {v}", flush=True)
+            row[v] = run_variant(cell, v, recipe, sets, seed, args.timeout, args.collect_only)
+        per_seed.append(row)
+
+    def ms(values):
+        values = [x for x in values if x is not None]
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+    lines = [["Deep Incubation", ms([r["di"] for r in per_seed]), "-"],
+             ["E2E (paper_claims)", ms([r["e2e"] for r in per_seed]), ms([r["di"] - r["e2e"] for r in per_seed])]]
+    for v in variants:
+        got = [(r["di"], r[v]["top1"]) for r in per_seed if r[v]]
+        lines.append([f"E2E {v} ({' '.join(VARIANTS[v])})", ms([e for _, e in got]), ms([d - e for d, e in got])])
+    table = common.table([f"depth {args.depth}, same E2E epochs per seed", "top-1", "DI - it (paired)"], lines)
+    record = dict(common.header("e2e_controls"), depth=args.depth, seeds=seeds, variants={v: VARIANTS[v] for v in
+                  variants}, per_seed=per_seed, cell=str(work))
+    path = common.write_result("e2e_controls", record, table)
+    print(f"\n{table}\n-> {path} (+ .txt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
