@@ -30,6 +30,7 @@ key (ft, ft_lr: only the fine-tune differs), it takes that finished phase instea
     python benchmarks/paper_claims.py --experiments meta,kd --seeds 0,1,2
     python benchmarks/paper_claims.py --scale paper --experiments depth -- --train /data/c100/train --val /data/c100/val
     python benchmarks/paper_claims.py --collect-only                  # rebuild tables/plots from --workdir
+    python benchmarks/paper_claims.py --experiments ft --set model.depth=32 --only 1,2,4,8   # Fig. 10 at depth 32
     python benchmarks/paper_claims.py --depths 32 --merge benchmarks/results/paper_claims_depth_cpu2_2026-11-23.json
                                       # run depth 32 only; the table keeps the earlier file's other depths
 
@@ -362,6 +363,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/paper_claims")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per pipeline run")
     p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for every cell, the default cell too (part of the cells' keys): "
+                        "`--experiments ft --set model.depth=32` runs the fine-tune ablation on the depth-32 cell")
+    p.add_argument("--only", default="", help="comma list of cell labels to run (default: all of each experiment)")
     p.add_argument("--merge", default="", help="comma list of earlier result .json files: an experiment's table also "
                    "shows the rows of its earlier file whose cells this invocation does not run (marked with the file)")
     args = p.parse_args(argv)
@@ -385,12 +390,17 @@ def main(argv=None) -> int:
     for exp in exps:
         rows = []
         depths = [int(d) for d in args.depths.split(",") if d.strip()]
+        only = [x.strip() for x in args.only.split(",") if x.strip()]
         for recipe, label, sets in cells(exp, args.scale, depths):
+            if only and label not in only:
+                continue
             print(f"[paper_claims] {exp} {label}", flush=True)
+            sets = sets + args.set
             seed_rows = []
             if exp in DI_ONLY:  # the default cell: the one without overrides of its own
                 default = [i for i, (_, own) in enumerate(EXPERIMENTS[exp][1]) if not own][0]
                 base_recipe, _, base_sets = cells(exp, args.scale, depths)[default]
+                base_sets = base_sets + args.set
             for seed in seeds:
                 out = work / cell_key(recipe, sets) / f"seed{seed}"  # identical cells of two experiments run once
                 e2e_from = work / cell_key(base_recipe, base_sets) / f"seed{seed}" if exp in DI_ONLY else None
@@ -407,7 +417,7 @@ def main(argv=None) -> int:
         rows = merged(exp, rows, *earlier.get(exp, ("", [])))
         table, rows = summarise(exp, rows)
         record = dict(common.header(f"paper_claims_{exp}", dev), scale=args.scale, experiment=exp, seeds=seeds,
-                      rows=rows, extra_args=extra,
+                      rows=rows, extra_args=extra, cell_settings=args.set,
                       note="E2E epochs = max(ceil(DI training FLOPs / E2E FLOPs per epoch), ceil(DI device-seconds / "
                            "fine-tune seconds per epoch)); mean ± std over seeds")
         path = common.write_result(f"paper_claims_{exp}", record, table)

@@ -311,3 +311,7 @@ def test_paper_claims_merge_keeps_earlier_rows_not_run_again():
     assert len({pc.cell_key(r, s) for r, _, s in pc.cells("ft", "cpu")}) == 5
     assert pc.cell_key(*pc.cells("ft", "cpu")[2][::2]) == pc.cell_key(*pc.cells("depth", "cpu")[0][::2])
     assert pc.cell_key(*pc.cells("ft_lr", "cpu")[1][::2]) == pc.cell_key(*pc.cells("depth", "cpu")[0][::2])
+    # `--set model.depth=32`: the ablation's default cell is the depth experiment's depth-32 cell (its runs reused)
+    ft_default = pc.cells("ft", "cpu")[2]
+    assert pc.cell_key(ft_default[0], ft_default[2] + ["model.depth=32"]) == pc.cell_key(
+        *pc.cells("depth", "cpu", [32])[0][::2])
