@@ -331,7 +331,8 @@ def plot(experiment: str, rows: list[dict], path: Path, device: str) -> None:
     ax.set_xticks(x, [r["label"] for r in rows])
     ax.set_xlabel(EXPERIMENTS[experiment][0])
     ax.set_ylabel("top-1 % (mean ± std over seeds)")
-    ax.set_title(f"{experiment}: E2E at >= DI's training FLOPs ({device})", fontsize=9)
+    budget = "the default cell's E2E (>= its DI's FLOPs)" if experiment in DI_ONLY else "E2E at >= DI's training FLOPs"
+    ax.set_title(f"{experiment}: {budget} ({device})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
