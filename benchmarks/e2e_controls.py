@@ -26,10 +26,9 @@ from benchmarks import common, paper_claims as pc  # noqa: E402
 VARIANTS = {"clip": ["e2e.clip_grad=1.0"], "lr_half": ["e2e.lr=4e-3"], "warmup_x2": ["e2e.warmup_epochs=2.0"]}
 
 
-def run_variant(cell: Path, name: str, recipe: str, sets: list[str], seed: int, timeout: int, collect_only: bool):
-    """The cell's E2E of this seed again with the variant's settings and the same epochs; its summary or None."""
-    base = json.loads((cell / "summary.json").read_text())
-    epochs = base["e2e"]["epochs"]
+def run_variant(cell: Path, name: str, recipe: str, sets: list[str], seed: int, epochs: int, timeout: int,
+                collect_only: bool):
+    """The cell's E2E of this seed again with the variant's settings and its `epochs`; its summary or None."""
     out = cell / "e2e_controls" / name
     if not (out / "e2e" / "MANIFEST.json").is_file():
         if collect_only:
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
         row = {"seed": seed, "di": s["deep_incubation"]["top1"], "e2e": s["e2e"]["top1"], "epochs": s["e2e"]["epochs"]}
         for v in variants:
             print(f"[e2e_controls] depth {args.depth} seed {seed}: {v}", flush=True)
-            row[v] = run_variant(cell, v, recipe, sets, seed, args.timeout, args.collect_only)
+            row[v] = run_variant(cell, v, recipe, sets, seed, row["epochs"], args.timeout, args.collect_only)
         per_seed.append(row)
 
     def ms(values):

@@ -24,7 +24,8 @@ Experiments (paper references in brackets):
   ft_lr   fine-tune learning rate 4e-3 / 8e-3 (default) / 1.6e-2                          [Fig. 10, lr]
 meta, kd, k, reuse, width, ft and ft_lr change only Deep Incubation: their cells train DI and share the default
 cell's E2E run per seed; where a cell's meta pre-training or incubation of a module has the default cell's config
-key (ft, ft_lr: only the fine-tune differs), it takes that finished phase instead of training it again. In `reuse`, the source model's own training is not counted in DI's budget (a reused model is sunk cost).
+key (ft, ft_lr: only the fine-tune differs), it takes that finished phase instead of training it again. In `reuse`,
+the source model's own training is not counted in DI's budget (a reused model is sunk cost).
 
     python benchmarks/paper_claims.py                                 # CPU: depth + data, 3 seeds, built-in data
     python benchmarks/paper_claims.py --experiments meta,kd --seeds 0,1,2
@@ -88,7 +89,8 @@ EXPERIMENTS = {
     # Fig. 10 (DeiT-T-128 on CIFAR-100): one fine-tune epoch already beats E2E, most of the gain comes early; and the
     # default fine-tune learning rate is good enough. Every cell reuses the default cell's meta model and modules.
     "ft": ("fine-tune epochs", [(f"{e}", [f"finetune.epochs={e}"] if e != 4 else []) for e in (1, 2, 4, 8, 16)]),
-    "ft_lr": ("fine-tune lr", [(lr, [f"finetune.lr={lr}"] if lr != "8e-3" else []) for lr in ("4e-3", "8e-3", "1.6e-2")]),
+    "ft_lr": ("fine-tune lr", [(lr, [f"finetune.lr={lr}"] if lr != "8e-3" else [])
+                               for lr in ("4e-3", "8e-3", "1.6e-2")]),
 }
 # Ablations of Deep Incubation's own settings: none of them changes the E2E run (same model, data, seed), so their
 # cells train Deep Incubation only and compare with the default cell's E2E run of the same seed. Its budget matched
@@ -165,34 +167,32 @@ def reuse_phases(src: Path, out: Path, recipe: str, sets: list[str], extra: list
     data = [f"data.{a[2:]}={extra[i + 1]}" for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")]
     cfg = apply_overrides(recipes.get(recipe), sets + extra_sets + data)
 
-    def key(c, name, i=None, saved=None):
+    def key(c, name, i, saved):
         k = phases.make(name, c, out, 1, i, resolve=False).config_key()
-        if saved is not None and "meta_sha256" in saved:  # the copied meta model is the same file, so the same sha
+        if "meta_sha256" in saved:  # a module's: the copied meta model is the same file, so the same sha256
             k["meta_sha256"] = saved["meta_sha256"]
         return json.loads(json.dumps(k, default=str))
 
-    def same(rel: str, name: str, i=None) -> bool:
+    lay, copied = RunLayout(out), []
+    for name, i in [("meta", None)] + [("incubate", i) for i in range(cfg.model.num_stages if modules else 0)]:
+        rel = lay.phase_dir(name, i).relative_to(out)
         if not ckpt.complete(src / rel) or (out / rel).exists():
-            return False
-        saved = json.loads((src / rel / "config_key.json").read_text())
-        # through the config classes, so a field added since (absent from the saved key) counts at its default
-        old = RunConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in saved.items() if k in cfg.to_dict()}})
-        return key(cfg, name, i, saved) == key(old, name, i, saved)
-
-    copied = []
-    if not same("meta", "meta"):
-        return copied
-    lay = RunLayout(out)
-    for rel, i in [("meta", None)] + [(str(lay.phase_dir("incubate", i).relative_to(out)), i)
-                                      for i in range(cfg.model.num_stages if modules else 0)]:
-        if rel != "meta" and not same(rel, "incubate", i):
+            saved = None
+        else:
+            saved = json.loads((src / rel / "config_key.json").read_text())
+            # through the config classes, so a field added since (absent from the saved key) counts at its default
+            old = RunConfig.from_dict({**cfg.to_dict(), **{k: v for k, v in saved.items() if k in cfg.to_dict()}})
+            if key(cfg, name, i, saved) != key(old, name, i, saved):
+                saved = None
+        if saved is None:
+            if name == "meta":
+                return copied  # modules incubated in another meta model are not this cell's
             continue
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src / rel, out / rel)
-        saved = json.loads((src / rel / "config_key.json").read_text())
         # the key in this code's spelling (a field added since, at its default, would read as another config)
-        ckpt.atomic_write_json(out / rel / "config_key.json", key(cfg, "meta" if i is None else "incubate", i, saved))
-        copied.append(rel)
+        ckpt.atomic_write_json(out / rel / "config_key.json", key(cfg, name, i, saved))
+        copied.append(str(rel))
     return copied
 
 
@@ -300,7 +300,8 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
             v += " (DI had more FLOPs)"  # an ablation cell sharing the default cell's E2E run
         out.append(dict(row, stats=stats, means=flops, verdict=v, n_seeds=len(ok)))
         pm = lambda k: "-" if stats[k][0] is None else f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"  # noqa: E731
-        table_rows.append([row["label"] + ("*" if row.get("merged_from") else ""), len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
+        label = row["label"] + ("*" if row.get("merged_from") else "")  # a row of an earlier result (--merge)
+        table_rows.append([label, len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
                            None if flops["di_flops"] is None else flops["di_flops"] / 1e12,
                            None if flops["e2e_flops"] is None else flops["e2e_flops"] / 1e12,
                            flops["di_hours"], flops["e2e_hours"], v])

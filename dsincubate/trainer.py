@@ -30,8 +30,8 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from dsincubate import accounting, checkpoint as ckpt, dist, dsconfig
-from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
 from dsincubate.checks import check_output, check_plan
+from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
 from dsincubate.engine import Built, build_engine, resolve_ds_config
 from dsincubate.errors import UserError
 from dsincubate.models import moe

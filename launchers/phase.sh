@@ -5,8 +5,9 @@
 #   launchers/phase.sh incubate --hostfile hosts --include node3 -- --module 2 --recipe vit_b16 --output /shared/vitb
 #   launchers/phase.sh finetune --num_accelerators 2 -- --recipe debug --output runs/debug     # 2 CPU ranks
 #
-# PHASE is a training phase: meta, incubate, finetune, e2e, e2e_tune, m2mkd or m2mkd_finetune. Launcher options are the deepspeed launcher's own (--hostfile,
-# --include, --exclude, --num_gpus, --num_nodes, --master_port, --num_accelerators, ...).
+# PHASE is a training phase: meta, incubate, finetune, e2e, e2e_tune, m2mkd or m2mkd_finetune. Launcher options are
+# the deepspeed launcher's own (--hostfile, --include, --exclude, --num_gpus, --num_nodes, --master_port,
+# --num_accelerators, ...).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 PHASE="${1:-}"

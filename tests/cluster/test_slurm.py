@@ -1,6 +1,7 @@
 """`launchers/slurm_pipeline.sh` on a real (one-machine) SLURM: the dependency chain meta -> K-task incubation array ->
 assemble + fine-tune -> report runs to the end and gives what a local run gives; a failing array task stops the
-chain and the report names it; `--method m2mkd` runs the students' array and their fine-tune the same way. Cluster tier: `make test-cluster` (slurm.py starts munged, slurmctld, slurmd)."""
+chain and the report names it; `--method m2mkd` runs the students' array and their fine-tune the same way.
+Cluster tier: `make test-cluster` (slurm.py starts munged, slurmctld, slurmd)."""
 import json
 import shutil
 import subprocess

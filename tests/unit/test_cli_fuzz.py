@@ -8,6 +8,7 @@ In-process through `cli.main` on a small sharded set, no training: `pytest tests
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -114,7 +115,8 @@ def _invoke(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(COMMANDS), sets=SETS, module=st.integers(-1, 3),
        recipe=st.sampled_from(["debug"] * 6 + ["nonexistent", "deit_t_0", "deit_t_x"]),
        ds=st.sampled_from([None, None, "cpu", "nonexistent", "zero3_fp32"]),
