@@ -113,9 +113,14 @@ class DataConfig(_Checked):
     """Manifest for the validation shards when it is not next to them."""
     demo_root: str = "demo_data"
     """Where the demo shards are generated (once; safe with concurrent ranks)."""
-    num_workers: int = setting(2, lo=0)
-    """DataLoader worker processes per rank (0 = read in the training process); the sample order is reproducible
-    for a given (seed, epoch, rank, num_workers)."""
+    num_workers: Optional[int] = setting(None, lo=0)
+    """DataLoader worker processes per rank (0 = read in the training process); None = derived from the cores this
+    rank has (CPU affinity / ranks on the node, less one for the rank's own thread; dsincubate.data.loader
+    .default_workers). The sample order is reproducible for a given (seed, epoch, rank, num_workers): set it to
+    resume bit-identically on a machine with another core count. With backend=dali it is DALI's thread count."""
+    backend: str = setting("torch", choices=("torch", "dali"))
+    """Decode + augmentation engine: "torch" (DataLoader workers, PIL + timm) or "dali" (NVIDIA DALI: GPU decode and
+    augmentation when CUDA is present, CPU otherwise; needs `pip install .[dali]`; dsincubate/data/dali.py)."""
     shuffle_buffer: int = setting(1000, lo=0)
     """Samples held per worker for shuffling across shard boundaries."""
     resampled: bool = True

@@ -50,6 +50,33 @@ def _mtime(path: str) -> float | None:
         return None
 
 
+def default_workers(env=None, affinity: int | None = None) -> int:
+    """Loader workers for one rank: the cores this process may run on, shared by the ranks on this node, less one
+    for the rank's own thread (the training loop, or the GPU feeding it); >= 0 (0 = read in the rank itself).
+
+    The cores come from the CPU affinity (what taskset / cgroups / SLURM's binding allow), not os.cpu_count(), which
+    counts the whole machine. When SLURM binds each task to its own cores (SLURM_CPUS_PER_TASK, affinity no larger),
+    the affinity already is this rank's share and is not divided again.
+    """
+    env = os.environ if env is None else env
+    cores = affinity if affinity is not None else len(os.sched_getaffinity(0))
+    per_task = int(env.get("SLURM_CPUS_PER_TASK", "0") or 0)
+    if per_task and cores <= per_task:
+        ranks = 1
+    else:  # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's launcher LOCAL_SIZE, srun SLURM_NTASKS_PER_NODE ("4(x2)")
+        raw = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "1")
+        try:
+            ranks = max(1, int(str(raw).split("(")[0].split(",")[0]))
+        except ValueError:
+            ranks = 1
+    return max(0, cores // ranks - 1)
+
+
+def resolve_workers(cfg) -> int:
+    """cfg.num_workers when set (the override), else default_workers()."""
+    return default_workers() if cfg.num_workers is None else cfg.num_workers
+
+
 def make_plan(index: DatasetIndex, keys_per_shard: list[list[str]]) -> list[PlanItem]:
     plan = []
     for entry, keys in zip(index.shards, keys_per_shard):
@@ -206,11 +233,11 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
                         "per epoch: lower the batch size")
     if cfg.resampled:
         plan = make_plan(index, sel.keys)
-        nw = max(0, min(cfg.num_workers, steps))
+        nw = max(0, min(resolve_workers(cfg), steps))
         quotas = [steps // max(nw, 1) + (w < steps % max(nw, 1)) for w in range(max(nw, 1))]
     else:
         plan = make_plan(index, split_by_sample(sel, world_size, rank))
-        nw = max(0, min(cfg.num_workers, len(plan)))
+        nw = max(0, min(resolve_workers(cfg), len(plan)))
         quotas = None
     tf_seed = [seed, epoch, rank]
 
@@ -222,7 +249,7 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
                            shuffle_buffer=cfg.shuffle_buffer, shuffle_plan=True)
 
     info = {"split": "train", "rank": rank, "world_size": world_size, "epoch": epoch, "seed": seed,
-            "mode": "resampled" if cfg.resampled else "one_pass", "repeated_aug": cfg.repeated_aug, "samples_per_epoch": steps * batch_size *
+            "mode": "resampled" if cfg.resampled else "one_pass", "num_workers": nw, "repeated_aug": cfg.repeated_aug, "samples_per_epoch": steps * batch_size *
             world_size, "recipe": cfg.recipe, "subset": sel.info, "source": index.source}
     return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                        expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,
@@ -237,7 +264,7 @@ def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: in
     counts = [sum(len(k) for k in split(sel, world_size, r)) for r in range(world_size)]
     steps = max(math.ceil(c / batch_size) for c in counts)
     plan = make_plan(index, split(sel, world_size, rank))
-    nw = max(0, min(cfg.num_workers, len(plan)))
+    nw = max(0, min(resolve_workers(cfg), len(plan)))
 
     def make_stream(attempt: int) -> ShardStream:
         return ShardStream(plan, transform=transform, batch_size=batch_size, img_size=img_size,

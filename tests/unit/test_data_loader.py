@@ -230,3 +230,38 @@ def test_demo_end_to_end(tmp_path):
         for x, y, v in build_val_loader(cfg, info, batch_size=64, rank=r, world_size=2, img_size=32):
             counts.update(y[v].tolist())
     assert counts == {c: 60 for c in range(10)}
+
+
+# ---- worker count from the cores a rank has (issue 21 item 4) -------------------------------------------------------
+from dsincubate.data.loader import default_workers, resolve_workers  # noqa: E402
+
+
+@pytest.mark.parametrize("env,cores,want", [
+    ({}, 16, 15),                                            # one process: all its cores less its own thread
+    ({"LOCAL_WORLD_SIZE": "8"}, 128, 15),                    # torchrun: 8 ranks share 128 cores
+    ({"LOCAL_SIZE": "4"}, 16, 3),                            # DeepSpeed's launcher
+    ({"SLURM_NTASKS_PER_NODE": "4(x2)"}, 32, 7),             # srun's per-node count in its compressed form
+    ({"LOCAL_WORLD_SIZE": "2"}, 2, 0),                       # this CI box: 1 core per rank, read in the rank
+    ({"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "6"}, 6, 5),   # SLURM bound each task to its own 6 cores
+    ({"LOCAL_WORLD_SIZE": "8", "SLURM_CPUS_PER_TASK": "6"}, 48, 5),  # affinity spans the node: divide by ranks
+])
+def test_default_workers_divides_the_rank_affinity_by_the_ranks_on_the_node(env, cores, want):
+    assert default_workers(env, affinity=cores) == want
+
+
+def test_default_workers_follow_this_process_affinity_not_the_machine_core_count(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert default_workers() == len(os.sched_getaffinity(0)) - 1
+    assert resolve_workers(DataConfig()) == len(os.sched_getaffinity(0)) - 1   # None: derived
+    assert resolve_workers(DataConfig(num_workers=3)) == 3                     # the override stays
+    assert resolve_workers(DataConfig(num_workers=0)) == 0
+
+
+def test_derived_worker_count_is_what_the_loader_runs_and_records(shards, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")   # more ranks than cores: no workers, read in the rank
+    cfg = cfg_for(shards, num_workers=None)
+    info = resolve_data(cfg)
+    dl = build_train_loader(cfg, info, batch_size=10, rank=0, world_size=2, epoch=0, seed=0, img_size=8)
+    assert dl.num_workers == 0 and dl.stats()["num_workers"] == 0
+    assert len([b for b in dl]) == len(dl) == 20
