@@ -236,7 +236,14 @@ class RunConfig(_Checked):
     seed: int = setting(0, lo=0)
     """Seed for initialisation, data order and augmentation."""
     ds_config: str = "auto"
-    """A file in ds_configs/ (name or path); 'auto' = zero2_bf16 with CUDA, cpu without."""
+    """A file in ds_configs/ (name or path); 'auto' = per phase: cpu without CUDA; with CUDA zero0_autocast_bf16 for
+    LAMB phases (LAMB needs ZeRO-0), else the lowest ZeRO stage whose model states fit in half a device (zero2_bf16,
+    zero3_bf16, zero3_offload; the rule: `dsincubate.dsconfig`). A name given here always wins."""
+    grad_reduce_dtype: str = setting("auto", choices=("auto", "fp32", "bf16"))
+    """Data type gradients are reduced in across ranks: 'auto' = the ds_config's (its communication_data_type, else
+    the training precision, bf16 in the bf16 configs); 'fp32' reduces bf16 gradients in fp32 (twice the bytes on the
+    wire, no bf16 rounding of the sum). Filled into DeepSpeed's communication_data_type; setting it here and in the
+    ds_config is an error."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The target model and its division."""
     data: DataConfig = field(default_factory=DataConfig)
