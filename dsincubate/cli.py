@@ -231,15 +231,35 @@ def run(args) -> int:
 
         for w in which:
             run_eval(w, cfg, root, ctx, info, n_cls, resolved=models[w])
-        return 0
-    if ctx.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if not (root / "config.json").is_file():
-            cfg.save(root / "config.json")
-    if phase is not None:
-        trainer.run_phase(phase, ctx, info)
-        return 0
-    return _pipeline(methods, cfg, root, ctx, info, n_cls)
+    else:
+        if ctx.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            if not (root / "config.json").is_file():
+                cfg.save(root / "config.json")
+        if phase is not None:
+            trainer.run_phase(phase, ctx, info)
+        else:
+            _pipeline(methods, cfg, root, ctx, info, n_cls)
+    # reached only when the work finished (an error left above, exit non-zero): the engines are released by then
+    # (trainer.release); the groups go before the interpreter exits, or finalization may abort the rank (exit -6)
+    if dist.shutdown() and phase is not None:
+        _record_shutdown(phase)
+    return 0
+
+
+def _record_shutdown(phase) -> None:
+    """Add to this rank's record (`<phase>/ranks/rank_<r>.json`, written at its start) that the rank destroyed its
+    process group after the phase: a finished phase whose rank lacks it did not shut down cleanly."""
+    import time
+
+    from dsincubate import checkpoint as ckpt
+
+    path = phase.out_dir / "ranks" / f"rank_{os.environ.get('RANK', '0')}.json"
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # a phase that was already complete writes no record; nothing to add to
+    ckpt.atomic_write_json(path, dict(rec, process_group_destroyed=True, shutdown_at=time.time()))
 
 
 def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:

@@ -263,3 +263,41 @@ def _destroy_groups() -> None:
     else:
         tdist.destroy_process_group()
         groups._release_process_group_references(group=None)
+
+
+# ---------------------------------------------------------------- shutdown (the end of every finished command)
+
+def shutdown() -> bool:
+    """Tear down the process group of a command that finished: a barrier, then DeepSpeed's groups (expert and
+    expert-data-parallel groups of a V-MoE included) and torch's process groups, in this order. Returns whether a
+    process group was destroyed. Call it after the engines are released (`trainer.release`) and only on success.
+
+    Why: a process group still alive at interpreter exit is destroyed during finalization, while gloo's worker
+    threads may still hold work objects; a 2-rank V-MoE phase that had logged "done" aborted there ("terminate called
+    without an active exception", exit -6) about once in four CI runs, failing the launcher and the pipeline.
+    The barrier makes every rank leave its last collective before any rank destroys its groups. A failed rank does
+    not come here: a barrier would wait for peers that may be stuck in another collective; it exits non-zero and its
+    launcher ends the others.
+    """
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return False
+    if tdist.get_world_size() > 1:
+        tdist.barrier()
+    _destroy_groups()
+    return True
+
+
+def _destroy_groups() -> None:
+    """deepspeed.comm's destroy (all torch groups, then DeepSpeed's references to them: expert, expert-data,
+    ZeRO and world-clone groups), or torch's plus those references when deepspeed.comm never started."""
+    import torch.distributed as tdist
+    from deepspeed import comm as dscomm
+    from deepspeed.utils import groups
+
+    if dscomm.comm.cdb is not None and dscomm.comm.cdb.is_initialized():
+        dscomm.destroy_process_group()
+    else:
+        tdist.destroy_process_group()
+        groups._release_process_group_references(group=None)

@@ -104,11 +104,38 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
     frozen_before = frozen_digest(run.built.engine.module)
     start_outputs(run)
     resume(run)
-    while run.state.epoch < phase.train_cfg.epochs:
+    record = None
+    while record is None and run.state.epoch < phase.train_cfg.epochs:
         stats = train_epoch(run)
         if end_epoch(run, stats):
-            return {"phase": phase.name, "stage_index": phase.stage_index, "stopped_at_epoch": run.state.epoch}
-    return finish(run, frozen_before)
+            record = {"phase": phase.name, "stage_index": phase.stage_index, "stopped_at_epoch": run.state.epoch}
+    record = record or finish(run, frozen_before)
+    release(run)  # on success only: a failing phase ends its process, and its error line must come out first
+    return record
+
+
+def release(run: Run) -> None:
+    """Free the phase's engine before the next phase of the same process builds its own (`dsincubate pipeline`).
+
+    Without this an engine outlived its phase: DeepSpeed's debug name maps keep the last engine's modules (and
+    through their ZeRO-3 hooks its optimizer and partitions) until the next engine exists, and reference cycles
+    wait for the garbage collector, so two engines were alive while the next one built. `engine.destroy()` removes
+    ZeRO-3's hooks and buffers and clears those maps; then the references go, `gc.collect()` frees the cycles and
+    the accelerator's cache returns the freed device memory. Local to this rank: no collective.
+    """
+    import gc
+
+    from deepspeed.accelerator import get_accelerator
+
+    if run.built is None:
+        return
+    engine, run.built = run.built.engine, None
+    try:
+        engine.destroy()
+    finally:
+        del engine
+        gc.collect()
+        get_accelerator().empty_cache()
 
 
 def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
