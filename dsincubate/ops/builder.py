@@ -11,6 +11,17 @@ Environment:
     TORCH_CUDA_ARCH_LIST   e.g. "8.0;9.0" or "9.0+PTX" (default: the visible GPUs, else 8.0;9.0)
     CUDA_HOME, MAX_JOBS    as for torch.utils.cpp_extension
     DSI_OPS_VERBOSE=1      show the compiler commands
+    DSI_OPS_BUILD_WAIT_S   how long to wait for another live process building the same op (default 3600)
+
+A build killed half-way (SIGKILL, OOM killer, a SLURM time limit) used to hang every later start: torch's JIT
+build marks its build directory with a ``lock`` file, and torch versions whose lock is a plain file
+(``torch.utils.file_baton.FileBaton``: existence = held) wait forever for a file nobody will remove. ``load()``
+therefore serialises builds of one directory with its own kernel-held lock (``fcntl.flock`` on ``dsi_build.lock``,
+which the kernel drops when its holder dies, with the holder's host and pid written inside). Holding it, any torch
+``lock`` file still there was left by a process that is gone (every builder of the directory takes our lock
+first), so it is removed with a warning. A live builder is respected: we wait for its lock, up to
+DSI_OPS_BUILD_WAIT_S, then stop with an error naming it. (torch >= 2.14 itself holds an OS lock, so a leftover file
+no longer blocks there; the removal is for the torch versions that still use FileBaton.)
 
 Prebuild everything (what setup.py does when DSI_BUILD_OPS=1):
     python -c "from dsincubate.ops.builder import prebuild_all; print(prebuild_all())"
@@ -18,20 +29,25 @@ Prebuild everything (what setup.py does when DSI_BUILD_OPS=1):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger("dsincubate.ops")
-
-
+TORCH_LOCK = "lock"  # the file torch.utils.cpp_extension locks (or, in older torch, creates) in the build directory
+OUR_LOCK = "dsi_build.lock"
 
 def _find_csrc() -> Path:
     """The kernel sources: dsincubate/csrc in an installed package (setup.py ships csrc/ there as package data),
@@ -176,19 +192,77 @@ class OpBuilder:
         build_dir.mkdir(parents=True, exist_ok=True)
         if verbose is None:
             verbose = os.environ.get("DSI_OPS_VERBOSE") == "1"
-        cached = self.is_built()
-        logger.info("%s %s op %s in %s", "loading cached" if cached else "building", self.NAME, name, build_dir)
-        module = cpp_extension.load(
-            name=name,
-            sources=self.sources(),
-            extra_cflags=self.cxx_flags(),
-            extra_cuda_cflags=self.nvcc_flags(),
-            extra_include_paths=[str(CSRC)],
-            build_directory=str(build_dir),
-            verbose=verbose,
-        )
+        with build_lock(build_dir):
+            cached = self.is_built()
+            logger.info("%s %s op %s in %s", "loading cached" if cached else "building", self.NAME, name, build_dir)
+            module = cpp_extension.load(
+                name=name,
+                sources=self.sources(),
+                extra_cflags=self.cxx_flags(),
+                extra_cuda_cflags=self.nvcc_flags(),
+                extra_include_paths=[str(CSRC)],
+                build_directory=str(build_dir),
+                verbose=verbose,
+            )
         OpBuilder._loaded[name] = module
         return module
+
+
+def torch_lock_is_a_file() -> bool:
+    """True for torch versions whose JIT build lock is FileBaton (the file's existence is the lock)."""
+    from torch.utils import cpp_extension
+
+    return hasattr(cpp_extension, "FileBaton") and not hasattr(cpp_extension, "FileLock")
+
+
+def build_wait_seconds() -> float:
+    """DSI_OPS_BUILD_WAIT_S: the longest a build of ours can take (a cold nvcc build of both ops takes minutes)."""
+    try:
+        return max(0.0, float(os.environ.get("DSI_OPS_BUILD_WAIT_S", "3600")))
+    except ValueError:
+        return 3600.0
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, wait_s: float | None = None, poll_s: float = 0.2):
+    """Hold the kernel lock of `build_dir` (waiting for a live holder up to `wait_s`, then RuntimeError naming it);
+    while held, remove a torch ``lock`` file that its owner left behind (see the module docstring)."""
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    wait_s = build_wait_seconds() if wait_s is None else wait_s
+    fd = os.open(build_dir / OUR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start, said = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                if time.monotonic() - start >= wait_s:
+                    raise RuntimeError(f"{build_dir} is being built by a live process ({holder}) for more than "
+                                       f"{wait_s:.0f} s (DSI_OPS_BUILD_WAIT_S); stop it or raise the limit")
+                if not said:
+                    logger.info("waiting for %s, built by %s", build_dir, holder)
+                    said = True
+                time.sleep(poll_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        stale = build_dir / TORCH_LOCK
+        if stale.exists():
+            # Every builder of this directory holds our lock first, and we hold it: the file's owner is gone.
+            age = time.time() - stale.stat().st_mtime
+            if torch_lock_is_a_file():  # this torch would wait for the file forever: say what we did
+                msg = (f"dsincubate.ops: removing the stale build lock {stale} (left {age:.0f} s ago by a build "
+                       "that did not finish; its owner is gone)")
+                logger.warning(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            else:  # torch's OS lock leaves its file after every build; harmless, removed quietly
+                logger.debug("removing %s (%.0f s old; torch holds an OS lock, the file is not the lock)", stale, age)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 class LayerNormBuilder(OpBuilder):
