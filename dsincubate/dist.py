@@ -136,8 +136,15 @@ def host_record() -> dict:
 
 
 def _pick_gloo_interface() -> str | None:
-    """Set GLOO_SOCKET_IFNAME to the interface this host reaches MASTER_ADDR through (unless it is set)."""
-    if os.environ.get("GLOO_SOCKET_IFNAME") or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME to the interface this host reaches MASTER_ADDR through (each
+    unless the user set it; returns the interface found, None when none was looked for or found).
+
+    Picked here, on each rank, not on the launching host: hosts may name the same network differently (eth0, ens1).
+    NCCL's own choice is the first non-loopback, non-docker interface, which on a host with several networks can be
+    one the master's host cannot reach (bootstrap then hangs until the collective timeout). A loopback route (all
+    ranks on one host) is left to NCCL, whose intra-node traffic does not use sockets."""
+    want = [v for v in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if not os.environ.get(v)]
+    if not want or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     addr = host_record()["addr"]
     if not addr:
@@ -146,7 +153,10 @@ def _pick_gloo_interface() -> str | None:
 
     for name, addrs in psutil.net_if_addrs().items():
         if any(a.family == socket.AF_INET and a.address == addr for a in addrs):
-            os.environ["GLOO_SOCKET_IFNAME"] = name
+            for v in want:
+                if v == "NCCL_SOCKET_IFNAME" and addr.startswith("127."):
+                    continue
+                os.environ[v] = name
             return name
     return None
 

@@ -7,12 +7,16 @@
 #
 # Options (passed to every `deepspeed` call): --hostfile F, --include S, --exclude S, --num_gpus N, --num_nodes N,
 # --master_port P (base port; concurrent jobs use P+1..P+K). Pipeline options: --recipe R | --config C,
-# --output DIR, --ds-config D, --methods di,e2e[,m2mkd], --cpu-ranks N (ranks per CPU job, default 1). Anything after `--`
-# goes to every `dsincubate` call (e.g. --set incubate.epochs=50, --train/--val).
+# --output DIR, --ds-config D, --methods di,e2e[,m2mkd], --cpu-ranks N (ranks per CPU job, default 1),
+# --env NAME[,NAME] (repeatable; also DSI_FORWARD_ENV="A,B"): variables of this host to set on every host. Anything
+# after `--` goes to every `dsincubate` call (e.g. --set incubate.epochs=50, --train/--val).
 #
 # Phases: meta pretrain on the full allocation; then the K incubation jobs, which need no communication:
 #   * a hostfile with >= K hosts: job i runs on hosts i, i+K, ... concurrently, each with its own master port;
-#   * one node with G >= K GPUs: job i runs on GPUs [i*G/K, (i+1)*G/K) concurrently (--include localhost:...);
+#   * one node with G >= K usable GPUs: job i runs on the i-th group of G//K of them concurrently; the G%K left over
+#     stay idle meanwhile. GPU ids are physical, taken from CUDA_VISIBLE_DEVICES (else SLURM's SLURM_STEP_GPUS /
+#     SLURM_JOB_GPUS, else all): with CUDA_VISIBLE_DEVICES=4,5,6,7 and K=2 the jobs get 4,5 and 6,7, and the
+#     full-allocation phases 4-7 (--num_gpus N: the first N of them); see dsincubate/launch_env.py;
 #   * no GPU and --cpu-ranks R >= K: job i runs R/K CPU ranks, concurrently;
 #   * otherwise one after another on the full allocation.
 # It waits for all, names any that failed (module, hosts, log in DIR/logs/), and stops; else assembles, fine-tunes
@@ -24,7 +28,12 @@
 #
 # With a hostfile every job goes through DeepSpeed's multi-node runner (pdsh over ssh; --force_multi), also a job
 # given a single host: without it DeepSpeed starts a one-host job on *this* machine while MASTER_ADDR names the
-# remote host, and the job hangs. SIGTERM/SIGINT/SIGHUP to this script stop every job on every host.
+# remote host, and the job hangs. DeepSpeed's pdsh runner sets on the other hosts only PYTHON*, UCX*, ... (NCCL*
+# only from a GPU host); this script writes DIR/logs/deepspeed_env (DS_ENV_FILE) with what the ranks also need:
+# CUDA_HOME, TORCH_EXTENSIONS_DIR, TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, LD_LIBRARY_PATH, DSI_*, NCCL_* where set
+# here, the --env names, and the lines of your own .deepspeed_env (which is read, never changed). Each rank sets
+# GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (unless set) to its interface towards MASTER_ADDR.
+# SIGTERM/SIGINT/SIGHUP to this script stop every job on every host.
 # Tested on a cluster of network namespaces with sshd and pdsh (tests/cluster/, `make test-cluster`).
 set -euo pipefail
 
@@ -32,12 +41,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 
 HOSTFILE="" INCLUDE="" EXCLUDE="" NUM_GPUS="" NUM_NODES="" PORT=29500
 RECIPE="" CONFIG="" OUTPUT="" DSCFG="" METHODS="di,e2e" CPU_RANKS=1
-EXTRA=()
+EXTRA=() FWD=()
 die() { echo "incubate.sh: error: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --hostfile|--include|--exclude|--num_gpus|--num_nodes|--master_port|--recipe|--config|--output|--ds-config|\
-    --methods|--cpu-ranks) [ $# -ge 2 ] || die "$1 needs a value (see --help)";;&
+    --methods|--cpu-ranks|--env) [ $# -ge 2 ] || die "$1 needs a value (see --help)";;&
     --hostfile) HOSTFILE="$2"; shift 2;;
     --include) INCLUDE="$2"; shift 2;;
     --exclude) EXCLUDE="$2"; shift 2;;
@@ -50,8 +59,9 @@ while [ $# -gt 0 ]; do
     --ds-config) DSCFG="$2"; shift 2;;
     --methods) METHODS="$2"; shift 2;;
     --cpu-ranks) CPU_RANKS="$2"; shift 2;;
+    --env) FWD+=(--env "$2"); shift 2;;
     --) shift; EXTRA=("$@"); break;;
-    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
+    -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
     *) die "unknown option $1 (see --help)";;
   esac
 done
@@ -74,14 +84,20 @@ CLI=(--output "$OUTPUT")
 [ -n "$DSCFG" ] && CLI+=(--ds-config "$DSCFG")
 CLI+=("${EXTRA[@]+"${EXTRA[@]}"}")
 
-# Launcher arguments for the full allocation.
+# Launcher arguments for the full allocation (GPU ids of a one-node GPU run: below, once K is known).
 FULL=()
 [ -n "$HOSTFILE" ] && FULL+=(--hostfile "$HOSTFILE" --force_multi)
 [ -n "$INCLUDE" ] && FULL+=(--include "$INCLUDE")
 [ -n "$EXCLUDE" ] && FULL+=(--exclude "$EXCLUDE")
-[ -n "$NUM_GPUS" ] && FULL+=(--num_gpus "$NUM_GPUS")
 [ -n "$NUM_NODES" ] && FULL+=(--num_nodes "$NUM_NODES")
 [ "$HAS_GPU" = 0 ] && [ -z "$HOSTFILE" ] && FULL+=(--num_accelerators "$CPU_RANKS")
+# One node with GPUs, no filter of the user's: the ids go through dsincubate.launch_env (physical ids), and
+# DeepSpeed starts without CUDA_VISIBLE_DEVICES so that its slot check sees every device the node gives us.
+MAP_GPUS=0
+if [ -z "$HOSTFILE" ] && [ "$HAS_GPU" = 1 ] && [ -z "$INCLUDE$EXCLUDE$NUM_NODES" ]; then MAP_GPUS=1
+elif [ -n "$NUM_GPUS" ]; then FULL+=(--num_gpus "$NUM_GPUS"); fi
+DS_RUN=("$DS")
+[ "$MAP_GPUS" = 1 ] && DS_RUN=(env -u CUDA_VISIBLE_DEVICES "$DS")
 
 # Every job runs in the background and is waited for, so that a signal reaches the trap at once (bash runs traps
 # only between commands); the trap passes SIGTERM to every runner (DeepSpeed's pdsh runner then ends the ranks on
@@ -108,7 +124,7 @@ trap 'stop_all SIGHUP' HUP
 launch() {  # launch <port> <launcher args...> -- <dsincubate args...>   (in the foreground, signals handled)
   local port="$1"; shift
   local largs=() ; while [ "$1" != "--" ]; do largs+=("$1"); shift; done; shift
-  "$DS" "${largs[@]+"${largs[@]}"}" --master_port "$port" --module dsincubate "$@" &
+  "${DS_RUN[@]}" "${largs[@]+"${largs[@]}"}" --master_port "$port" --module dsincubate "$@" &
   local pid=$!
   JOBS+=("$pid")
   local rc=0
@@ -121,8 +137,20 @@ complete() { [ -f "$1/MANIFEST.json" ]; }  # an output counts once its manifest 
 
 # Fail fast on bad input (one line, exit 2) before starting any job.
 "$PY" -m dsincubate config --methods "$METHODS" "${CLI[@]}" >/dev/null
+[ -n "$HOSTFILE" ] && { "$PY" -m dsincubate.launch_env env-file --check "${FWD[@]+"${FWD[@]}"}" || exit 2; }
 K=$("$PY" -m dsincubate config "${CLI[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
+if [ "$MAP_GPUS" = 1 ]; then
+  GPU_OUT=$("$PY" -m dsincubate.launch_env gpus --jobs "$K" ${NUM_GPUS:+--num-gpus "$NUM_GPUS"}) || exit 2
+  mapfile -t GPU_LINES <<<"$GPU_OUT"
+  [ -n "${GPU_LINES[0]}" ] || die "torch sees a GPU but none is usable (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-})"
+  FULL+=(--include "localhost:${GPU_LINES[0]}")
+fi
 mkdir -p "$OUTPUT/logs"
+if [ -n "$HOSTFILE" ]; then  # what the ranks on the other hosts need (read by DeepSpeed's runner on this host)
+  ENV_FILE="$(cd "$OUTPUT/logs" && pwd)/deepspeed_env"
+  "$PY" -m dsincubate.launch_env env-file --out "$ENV_FILE" "${FWD[@]+"${FWD[@]}"}" || exit 2
+  export DS_ENV_FILE="$ENV_FILE"
+fi
 
 # Decide how K independent module jobs (incubation or m2mKD) share the allocation.
 JOB_ARGS=()
@@ -134,16 +162,8 @@ if [ -n "$HOSTFILE" ]; then
       JOB_ARGS+=("--hostfile $HOSTFILE --force_multi --include $sel")
     done
   fi
-elif [ "$HAS_GPU" = 1 ] && [ -z "$INCLUDE$EXCLUDE$NUM_NODES" ]; then
-  G=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
-  [ -n "$NUM_GPUS" ] && G="$NUM_GPUS"
-  if [ "$G" -ge "$K" ]; then
-    per=$((G / K))
-    for ((i = 0; i < K; i++)); do
-      ids=$(seq -s, $((i * per)) $(((i + 1) * per - 1)))
-      JOB_ARGS+=("--include localhost:$ids")
-    done
-  fi
+elif [ "$MAP_GPUS" = 1 ]; then  # GPU_LINES[1..K]: the K groups of physical ids (none when fewer GPUs than K)
+  for ((i = 1; i < ${#GPU_LINES[@]}; i++)); do JOB_ARGS+=("--include localhost:${GPU_LINES[$i]}"); done
 elif [ "$HAS_GPU" = 0 ] && [ "$CPU_RANKS" -ge "$K" ]; then
   for ((i = 0; i < K; i++)); do JOB_ARGS+=("--num_accelerators $((CPU_RANKS / K))"); done
 fi
@@ -166,8 +186,8 @@ modules() {  # modules <incubate|m2mkd>: the K module jobs, concurrently where t
       if complete "$OUTPUT/$phase/module_$i"; then echo "   module $i: already complete"; continue; fi
       read -r -a JA <<<"${JOB_ARGS[$i]}"
       echo "   module $i on: ${JOB_ARGS[$i]} (log: $OUTPUT/logs/${phase}_$i.log)"
-      "$DS" "${JA[@]}" --master_port $((PORT + 1 + i)) --module dsincubate "$phase" --module "$i" "${CLI[@]}" \
-        >"$OUTPUT/logs/${phase}_$i.log" 2>&1 &
+      "${DS_RUN[@]}" "${JA[@]}" --master_port $((PORT + 1 + i)) --module dsincubate "$phase" --module "$i" \
+        "${CLI[@]}" >"$OUTPUT/logs/${phase}_$i.log" 2>&1 &
       PIDS[$i]=$!
       JOBS+=("$!")
     done
