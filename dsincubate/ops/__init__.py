@@ -59,6 +59,9 @@ def _probe_keys(block, device: str) -> dict:
 
 def _op_status(op: str, key, backend: str) -> dict:
     """Build + self-check the op's CUDA kernel now (not inside the first training step)."""
+    if backend == dispatch.AUTO and op in dispatch.AUTO_EXCLUDED:  # nothing to build or check: one log line
+        dispatch.select(op, key, dispatch.AUTO)
+        return {"backend": "torch", "reason": dispatch.AUTO_EXCLUDED[op]}
     impl = dispatch.impls(op).get("cuda")
     if impl is None:
         return {"backend": "torch", "reason": "no CUDA kernel registered"}
@@ -76,7 +79,7 @@ def _op_status(op: str, key, backend: str) -> dict:
         return {"backend": "cuda", "reason": "self-check passed; every supported shape is self-checked, then used"}
     if backend == dispatch.AUTO:
         return {"backend": "auto", "reason": "self-check passed at the probe shape; used for every supported shape "
-                                             "of this device and dtype (the same choice on every rank)"}
+                                             "of this device, dtype and bucket (the same choice on every rank)"}
     return {"backend": "autotune", "reason": "self-check passed; per shape the faster of cuda and torch (timed)"}
 
 

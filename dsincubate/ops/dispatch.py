@@ -5,10 +5,15 @@ Every op has a PyTorch reference (reference.py) and zero or more registered kern
 * 'torch'    -> the reference (the default everywhere: PyTorch's own LayerNorm and SDPA).
 * 'cuda'     -> per shape key, the first kernel that supports the key and passes its self-check at that key,
                 else the reference.
-* 'auto'     -> decided ONCE per (op, device, dtype): the first kernel that passes its self-check at the op's
-                fixed probe shape (OpSpec.probe) is used for every shape it supports, else the reference. No
-                timing and no dependence on call order, so every rank of a job (same GPU model and software)
-                makes the same choice; the decision is logged once.
+* 'auto'     -> covers LayerNorm only. Decided ONCE per (op, device, dtype, bucket): the first kernel that passes
+                its self-check at the op's probe shape (OpSpec.probe, with the bucket's fields taken from the
+                key: AUTO_BUCKET) is used for every shape of that bucket it supports, else the reference. No timing
+                and no dependence on call order, so every rank of a job (same GPU model and software) makes the
+                same choice; the decision is logged once. Attention under 'auto' is PyTorch's SDPA (AUTO_EXCLUDED):
+                our attention kernel computes with scalar fp32 FMAs, no tensor cores, so on A100/H100 it cannot
+                beat SDPA's flash/cuDNN kernels, and choosing it would need timing both, which differs per rank.
+                'autotune' times both; 'cuda' uses it (self-checked at every shape). Attention's bucket is its
+                head dim, so were it enabled, ViT-H's 80 (the kernel's padded 128 path) gets its own check.
 * 'autotune' -> per shape key, the fastest (fwd + bwd wall time) of the reference and every kernel that passed
                 the self-check. Timing is noisy: ranks and runs can choose differently.
 
@@ -43,6 +48,13 @@ AUTO = "auto"
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2, torch.float64: 1e-10}
 
 Key = tuple  # tuple of (name, value) pairs; JSON-friendly via dict(key)
+
+# 'auto' leaves these ops on the reference, whatever kernels pass their self-check (see the module docstring).
+AUTO_EXCLUDED = {"attention": "auto covers LayerNorm only: the attention kernel uses scalar fp32 FMAs (no tensor "
+                              "cores) and would lose to SDPA; kernel_backend=autotune times both, cuda forces it"}
+# Key fields that split an op's 'auto' decision into buckets, each self-checked at its own probe: the attention
+# kernel pads head dims up to 64 or 128 (ViT-B/L: 64, ViT-H: 80), so one check at 64 says nothing about 80.
+AUTO_BUCKET = {"attention": ("head_dim",)}
 
 
 @dataclass
@@ -231,7 +243,7 @@ def select(op: str, key: Key, backend: str) -> tuple[str, Callable | None]:
 
 def _select_auto(op: str, key: Key) -> tuple[str, Callable | None]:
     kd = dict(key)
-    group = (op, AUTO, kd["device"], kd["dtype"])
+    group = (op, AUTO, kd["device"], kd["dtype"], *(kd[f] for f in AUTO_BUCKET.get(op, ())))
     if group not in _CHOICE:
         _CHOICE[group] = _decide_auto(op, kd)
     name = _CHOICE[group][0]
@@ -245,11 +257,15 @@ def _select_auto(op: str, key: Key) -> tuple[str, Callable | None]:
 
 
 def _decide_auto(op: str, kd: dict) -> tuple[str, str]:
-    """'auto': self-check every kernel at the op's probe key for this (device, dtype); the first that passes wins."""
-    probe = _SPECS[op].probe(kd)
+    """'auto': self-check every kernel at the op's probe key for this (device, dtype, bucket); the first that passes
+    wins. An op in AUTO_EXCLUDED stays on the reference without building or checking anything."""
+    bucket = {f: kd[f] for f in AUTO_BUCKET.get(op, ())}
+    probe = {**_SPECS[op].probe(kd), **bucket}
     pkey = tuple(sorted(probe.items()))
     notes, choice = [], None
-    for impl in list(_IMPLS[op].values()):
+    if op in AUTO_EXCLUDED:
+        choice = (TORCH, AUTO_EXCLUDED[op])
+    for impl in list(_IMPLS[op].values()) if choice is None else []:
         if impl.disabled:
             notes.append(f"{impl.name} disabled: {impl.disabled}")
             continue
@@ -266,7 +282,7 @@ def _decide_auto(op: str, kd: dict) -> tuple[str, str]:
         break
     if choice is None:
         choice = (TORCH, "; ".join(notes) or "no kernel registered")
-    group = {"device": kd["device"], "dtype": kd["dtype"]}
+    group = {"device": kd["device"], "dtype": kd["dtype"], **bucket}
     logger.info("op %s backend=auto %s -> %s (%s)", op, group, choice[0], choice[1])
     _DECISIONS.append({"op": op, "requested": AUTO, "key": group, "backend": choice[0], "reason": choice[1]})
     return choice

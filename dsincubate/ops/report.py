@@ -56,7 +56,9 @@ def _will_use(name: str, backend: str, compatible: bool, why: str, built: bool) 
     if backend == "cuda":
         return f"cuda ({when}self-check per shape; torch if it fails)"
     if backend == dispatch.AUTO:
-        return f"auto ({when}one self-check per device and dtype; cuda for every supported shape if it passes)"
+        if name in dispatch.AUTO_EXCLUDED:
+            return f"torch ({dispatch.AUTO_EXCLUDED[name]})"
+        return f"auto ({when}one self-check per device, dtype and bucket; cuda for every supported shape if it passes)"
     return f"autotune ({when}self-check, then per shape the faster of cuda and torch, timed)"
 
 

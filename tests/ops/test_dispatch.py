@@ -300,3 +300,49 @@ def test_auto_falls_back_to_torch_for_the_whole_dtype_when_the_probe_fails():
             y, _ = add_layer_norm(x, r, w, b, 1e-6, backend="auto")
             assert torch.equal(y, reference.add_layer_norm(x, r, w, b, 1e-6)[0])
     assert bad.fn.calls == 1 and [d["backend"] for d in dispatch.decisions()] == ["torch"]
+
+
+def _qkv_views(head_dim, heads=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(2, 9, 3, heads, head_dim, generator=gen).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def test_auto_keeps_attention_on_sdpa_even_when_a_kernel_passes_its_self_check(caplog):
+    """'auto' covers LayerNorm only: the attention kernel (scalar fp32 FMAs, no tensor cores) is never picked over
+    SDPA untimed; the decision is logged once and says why."""
+    fake = Counting(lambda q, k, v, scale: reference.attention_math(q, k, v, scale))
+    dispatch.register_impl(attn_mod.OP, "fake", fake, CPU)
+    with caplog.at_level(logging.INFO, logger="dsincubate.ops"):
+        for head_dim in (64, 64, 80):
+            q, k, v = _qkv_views(head_dim)
+            out = attention(q, k, v, backend="auto")
+            assert torch.equal(out, reference.attention(q, k, v))
+    assert fake.calls == 0  # neither used nor even self-checked
+    assert {d["backend"] for d in dispatch.decisions()} == {"torch"}
+    assert all("LayerNorm only" in d["reason"] for d in dispatch.decisions())
+    lines = [r.getMessage() for r in caplog.records if "backend=auto" in r.getMessage()]
+    assert len(lines) == 2 and all("tensor cores" in m for m in lines)  # once per head dim, not per call
+
+
+def test_auto_self_checks_each_attention_head_dim_bucket(monkeypatch):
+    """Were attention under 'auto' (it is not by default), a kernel right at head dim 64 but wrong at ViT-H's 80
+    (the padded path) must be checked at 80 too, not used there on the strength of the check at 64."""
+    monkeypatch.setattr(dispatch, "AUTO_EXCLUDED", {}, raising=False)
+    checked = []
+
+    def right_only_at_64(q, k, v, scale):
+        checked.append(q.shape[-1])
+        out = reference.attention_math(q, k, v, scale)
+        return out if q.shape[-1] == 64 else out * 1.05
+
+    dispatch.register_impl(attn_mod.OP, "padded", right_only_at_64, CPU)
+    q, k, v = _qkv_views(64)
+    assert torch.allclose(attention(q, k, v, backend="auto"), reference.attention(q, k, v), atol=1e-5)
+    assert checked == [64, 64]  # the self-check at the probe, then the call
+    q, k, v = _qkv_views(80)
+    with pytest.warns(RuntimeWarning, match="'padded'"):
+        out = attention(q, k, v, backend="auto")
+    assert torch.equal(out, reference.attention(q, k, v))
+    assert 80 in checked
+    assert [(d["key"].get("head_dim"), d["backend"]) for d in dispatch.decisions()] == [(64, "padded"), (80, "torch")]
