@@ -119,7 +119,10 @@ def _unlink_shm_buffer(dist) -> None:
 
 def host_record() -> dict:
     """Where this process runs: host name, the local address it reaches MASTER_ADDR from (its address on the
-    cluster network), pid, and the rank variables the launcher gave it."""
+    cluster network), pid, the rank variables the launcher gave it, and what it has of the variables a launch
+    forwards to other hosts and of the socket interfaces (`env`, dsincubate.launch_env.rank_env)."""
+    from dsincubate.launch_env import rank_env
+
     addr = None
     master = os.environ.get("MASTER_ADDR")
     if master:
@@ -132,7 +135,8 @@ def host_record() -> dict:
     env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     return {"rank": int(env["RANK"] or 0), "local_rank": int(env["LOCAL_RANK"] or 0),
             "world_size": int(env["WORLD_SIZE"] or 1), "host": socket.gethostname(), "addr": addr, "pid": os.getpid(),
-            "master_addr": env["MASTER_ADDR"], "master_port": env["MASTER_PORT"], "started_at": time.time()}
+            "master_addr": env["MASTER_ADDR"], "master_port": env["MASTER_PORT"], "started_at": time.time(),
+            "env": rank_env()}
 
 
 def _pick_gloo_interface() -> str | None:

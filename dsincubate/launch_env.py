@@ -200,11 +200,12 @@ def write_env_file(out: Path, environ: dict, names: list[str], cwd: str | None =
 
 
 def rank_env(environ: dict | None = None) -> dict[str, str | None]:
-    """What this rank received of the forwarded variables (for its host record): FORWARD_NAMES and every name the
-    launching host's env file listed, None where unset."""
+    """What this rank has of the forwarded variables (for its host record, dist.host_record): FORWARD_NAMES, every
+    name the launching host's env file listed, and the socket interfaces of gloo and NCCL; None where unset."""
     environ = os.environ if environ is None else environ
     listed = [n for n in (environ.get(FORWARDED_LIST) or "").split(",") if n]
-    return {n: environ.get(n) for n in sorted(set(FORWARD_NAMES) | set(listed))}
+    names = set(FORWARD_NAMES) | set(listed) | {"GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"}
+    return {n: environ.get(n) for n in sorted(names)}
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI

@@ -42,7 +42,11 @@ def cluster_run(cluster, shared):
     root = shared / "cluster_run"
     cmd = [str(LAUNCHERS / "incubate.sh"), "--hostfile", str(cluster.hostfile), "--recipe", "debug",
            "--output", str(root), "--master_port", str(next_port()), "--", *demo_args(shared)]
-    rc, secs = run_logged(cmd, shared / "cluster_run.log", job_env(cluster, shared), shared, timeout=900)
+    # set only on this (login) host: every rank on every host must see them (test_remote_env.py)
+    login_only = dict(TORCH_EXTENSIONS_DIR=str(shared / "torch_extensions"), DSI_CLUSTER_PROBE="dsi-prefixed",
+                      CLUSTER_PROBE="listed by the user", DSI_FORWARD_ENV="CLUSTER_PROBE")
+    rc, secs = run_logged(cmd, shared / "cluster_run.log", job_env(cluster, shared, **login_only), shared,
+                          timeout=900)
     assert rc == 0, tail(shared / "cluster_run.log")
     return root
 
