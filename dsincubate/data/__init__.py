@@ -61,6 +61,9 @@ def _check_cfg(cfg: DataConfig) -> None:
     _check_domains(cfg, "data")  # a config mutated after construction is checked again here
     if cfg.repeated_aug > 1 and not cfg.resampled:
         raise UserError(f"data.repeated_aug={cfg.repeated_aug} needs data.resampled=true")
+    if cfg.backend == "dali":
+        from dsincubate.data.dali import require_dali
+        require_dali(cfg.recipe)
 
 
 def resolve_data(cfg: DataConfig, num_classes: int | None = None) -> DataInfo:
@@ -100,6 +103,10 @@ def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank
     dmt = cfg.dmt_splits if subset_index is not None else 0
     sel = select_subset(index, cfg.train_fraction, dmt, subset_index if dmt else None)
     tf = build_transform(cfg.recipe, cfg, img_size=img_size, train=True, mean=info.mean, std=info.std)
+    if cfg.backend == "dali":  # same selection and plan; DALI decodes, the same BatchPrep normalises and erases
+        from dsincubate.data.dali_loader import dali_train_loader
+        return dali_train_loader(cfg, index, sel, tf.batch_prep, batch_size=batch_size, rank=rank,
+                                 world_size=world_size, epoch=epoch, seed=seed, img_size=img_size, device=device)
     return train_loader(cfg, index, sel, tf, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch,
                         seed=seed, img_size=img_size, device=device)
 
@@ -112,6 +119,10 @@ def build_val_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: 
         raise ValueError(f"rank {rank} outside world size {world_size}")
     index = with_classes(cached_index(info.val_source, cfg.val_manifest), info.num_classes)
     tf = build_transform("none", cfg, img_size=img_size, train=False, mean=info.mean, std=info.std)
+    if cfg.backend == "dali":
+        from dsincubate.data.dali_loader import dali_val_loader
+        return dali_val_loader(cfg, index, tf.batch_prep, batch_size=batch_size, rank=rank, world_size=world_size,
+                               img_size=img_size, device=device)
     return val_loader(cfg, index, tf, batch_size=batch_size, rank=rank, world_size=world_size, img_size=img_size,
                       device=device)
 

@@ -5,6 +5,7 @@ boundaries and contents depend only on the input: a re-run keeps every shard tha
 the manifest (name, keys, labels and sha256) and rewrites only the rest. Each shard is written to a temp file and
 renamed, and the manifest is rewritten (atomically) after every shard, so an interrupted run resumes cleanly.
 
+Each shard gets DALI's index beside it (`<name>.idx`, wds2idx's format; data.backend=dali reads it).
 Manifest (`manifest.json` next to the shards; read by `sources.load_index`):
     {"format": "dsincubate-wds-v1", "num_samples", "num_classes", "class_names", "samples_per_class",
      "image_size" (or null), "complete": bool,
@@ -26,6 +27,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from dsincubate.checkpoint import atomic_write_json, sha256_file
+from dsincubate.data.dali import index_path, write_index
 from dsincubate.data.sources import (IMAGE_EXTS, MANIFEST_FORMAT, MANIFEST_NAME, read_list_file, split_member,
                                      scan_image_folder)
 from dsincubate.errors import UserError
@@ -90,6 +92,8 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
         if (prev and prev.get("keys") == keys and prev.get("labels") == labels and os.path.isfile(path)
                 and os.path.getsize(path) == prev.get("size") and sha256_file(path) == prev.get("sha256")):
             manifest["shards"].append(prev)
+            if not os.path.isfile(index_path(path)):  # shards written before indexes were
+                write_index(path)
             kept += 1
         else:
             tmp = f"{path}.tmp{os.getpid()}"
@@ -101,6 +105,7 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
                     tw.write({"__key__": s.key, s.ext: s.read(), "cls": str(int(s.label)).encode()})
                 tw.close()
             os.replace(tmp, path)
+            write_index(path)  # DALI's webdataset reader needs it (data.backend=dali); cheap: headers only
             manifest["shards"].append({"name": name, "samples": len(shard), "size": os.path.getsize(path),
                                        "sha256": sha256_file(path), "keys": keys, "labels": labels})
             written += 1
@@ -110,10 +115,11 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
     # Shards of an earlier, larger plan are no longer described by the manifest: remove them (only our own names).
     for name in set(old) - {s["name"] for s in manifest["shards"]}:
         if name.startswith(prefix + "-") and name.endswith(".tar") and "/" not in name:
-            try:
-                os.remove(os.path.join(out_dir, name))
-            except FileNotFoundError:
-                pass
+            for stale in (os.path.join(out_dir, name), index_path(os.path.join(out_dir, name))):
+                try:
+                    os.remove(stale)
+                except FileNotFoundError:
+                    pass
     manifest["complete"] = True
     atomic_write_json(mpath, manifest)
     return {**manifest, "written": written, "kept": kept}
