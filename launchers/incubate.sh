@@ -72,6 +72,9 @@ posint --cpu-ranks "$CPU_RANKS"
 [ -n "$NUM_NODES" ] && posint --num_nodes "$NUM_NODES"
 posint --master_port "$PORT"
 [ "$PORT" -le 65000 ] || die "--master_port $PORT: use a port <= 65000 (module jobs use the ports after it)"
+if [ -n "$HOSTFILE" ] || [ ${#FWD[@]} -gt 0 ]; then  # the --env names (on one host they are simply inherited)
+  "$PY" -m dsincubate.launch_env env-file --check "${FWD[@]+"${FWD[@]}"}" || exit 2
+fi
 
 HAS_GPU=$("$PY" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
 if [ -z "$RECIPE$CONFIG" ] && [ "$HAS_GPU" = 0 ] && [ -z "$HOSTFILE" ]; then RECIPE=demo; fi
@@ -137,7 +140,6 @@ complete() { [ -f "$1/MANIFEST.json" ]; }  # an output counts once its manifest 
 
 # Fail fast on bad input (one line, exit 2) before starting any job.
 "$PY" -m dsincubate config --methods "$METHODS" "${CLI[@]}" >/dev/null
-[ -n "$HOSTFILE" ] && { "$PY" -m dsincubate.launch_env env-file --check "${FWD[@]+"${FWD[@]}"}" || exit 2; }
 K=$("$PY" -m dsincubate config "${CLI[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
 if [ "$MAP_GPUS" = 1 ]; then
   GPU_OUT=$("$PY" -m dsincubate.launch_env gpus --jobs "$K" ${NUM_GPUS:+--num-gpus "$NUM_GPUS"}) || exit 2

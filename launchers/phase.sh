@@ -15,8 +15,8 @@
 # --num_gpus N as GPUs 0..N-1 whatever CUDA_VISIBLE_DEVICES says (dsincubate/launch_env.py).
 # A hostfile launch over pdsh: what the ranks on the other hosts need (CUDA_HOME, TORCH_EXTENSIONS_DIR,
 # TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, LD_LIBRARY_PATH, DSI_*, NCCL_*, the --env names, your .deepspeed_env's
-# lines) is written to DIR/logs/deepspeed_env_PHASE (DIR: the --output after --; else a file in $TMPDIR) for
-# DeepSpeed's runner (DS_ENV_FILE).
+# lines) is written to DIR/logs/deepspeed_env_PHASE (DIR: the --output after --; else $TMPDIR/dsincubate_env.PID)
+# for DeepSpeed's runner (DS_ENV_FILE).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 PHASE="${1:-}"
@@ -51,7 +51,7 @@ if [ "$PDSH" = 1 ]; then
   OUT=""; prev=""
   for a in "$@"; do [ "$prev" = --output ] && OUT="$a"; prev="$a"; done
   if [ -n "$OUT" ]; then mkdir -p "$OUT/logs"; ENV_FILE="$(cd "$OUT/logs" && pwd)/deepspeed_env_$PHASE"
-  else ENV_FILE="$(mktemp "${TMPDIR:-/tmp}/dsincubate_env.XXXXXX")"; fi
+  else ENV_FILE="${TMPDIR:-/tmp}/dsincubate_env.$$"; fi  # $$ stays the runner's pid (exec), unique while it runs
   "$PY" -m dsincubate.launch_env env-file --out "$ENV_FILE" "${FWD[@]+"${FWD[@]}"}" || exit 2
   export DS_ENV_FILE="$ENV_FILE"
 fi

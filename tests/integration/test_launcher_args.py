@@ -22,6 +22,12 @@ CASES = [
     (["incubate.sh", "--hostfile", "{tmp}/nohosts"], "hostfile {tmp}/nohosts not found"),
     (["incubate.sh", "--bogus"], "unknown option --bogus"),
     (["phase.sh", "train"], "first argument must be a training phase"),
+    (["incubate.sh", "--env"], "--env needs a value"),
+    (["incubate.sh", "--env", "1BAD"], "launch_env: error: --env / DSI_FORWARD_ENV: '1BAD' is not a variable name"),
+    (["incubate.sh", "--env", "CUDA_VISIBLE_DEVICES"], "CUDA_VISIBLE_DEVICES is set per host by DeepSpeed's launcher"),
+    (["incubate.sh", "--env", "DSI_SURELY_UNSET_VAR"], "DSI_SURELY_UNSET_VAR is not set on this host"),
+    (["phase.sh", "meta", "--env"], "phase.sh: error: --env needs a value"),
+    (["phase.sh", "meta", "--hostfile", "{tmp}/hosts", "--env", "RANK"], "RANK is set per host"),
 ]
 
 
@@ -44,3 +50,33 @@ def test_phase_sh_accepts_every_training_phase_of_the_cli():
     text = (LAUNCHERS / "phase.sh").read_text()
     case_line = next(ln for ln in text.splitlines() if ln.strip().startswith("meta|"))
     assert set(case_line.strip().split(")")[0].split("|")) == set(TRAIN_PHASES)
+
+
+def test_the_gpu_map_cli_prints_an_empty_allocation_without_gpu_and_refuses_zero_jobs():
+    import os
+    import sys
+
+    cli = [sys.executable, "-m", "dsincubate.launch_env", "gpus"]
+    p = subprocess.run([*cli, "--jobs", "4"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert p.returncode == 0 and p.stdout == "\n", p.stderr
+    p = subprocess.run([*cli, "--jobs", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == "launch_env: error: --jobs must be >= 1 (got 0)"
+
+
+def test_a_hostfile_phase_writes_the_remote_environment_before_deepspeed_starts(tmp_path):
+    """phase.sh --hostfile: DS_ENV_FILE for DeepSpeed's pdsh runner in the run's logs, with the --env names and the
+    variables ranks read; the user's own .deepspeed_env (in the working directory) is merged and left unchanged.
+    DeepSpeed itself then stops on the unreachable host (no ssh in this tier): the file is what is checked here."""
+    import os
+
+    (tmp_path / ".deepspeed_env").write_text("NCCL_DEBUG=WARN\n")
+    (tmp_path / "hosts").write_text("nohost.invalid slots=1\n")
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0", WANDB_PROJECT="vit", HOME=str(tmp_path / "home"))
+    p = subprocess.run(["bash", str(LAUNCHERS / "phase.sh"), "meta", "--hostfile", str(tmp_path / "hosts"),
+                        "--env", "WANDB_PROJECT", "--", "--recipe", "debug", "--output", str(tmp_path / "run")],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0  # nohost.invalid
+    lines = (tmp_path / "run" / "logs" / "deepspeed_env_meta").read_text().splitlines()
+    assert {"TORCH_CUDA_ARCH_LIST=9.0", "WANDB_PROJECT=vit", "NCCL_DEBUG=WARN"} <= set(lines), lines
+    assert (tmp_path / ".deepspeed_env").read_text() == "NCCL_DEBUG=WARN\n"
