@@ -17,7 +17,7 @@ CUDA_VISIBLE_DEVICES unset, so that its slot check counts every device of the no
 Environment. DeepSpeed's pdsh runner exports to the other hosts only variables named PYTHON*, MLFLOW*, MV2*, UCX*
 (and NCCL* when the launching host has a GPU), plus the lines of `.deepspeed_env` (DS_ENV_FILE) in the home
 directory and the working directory. `remote_env` adds what our ranks read (CUDA_HOME, TORCH_EXTENSIONS_DIR,
-TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, LD_LIBRARY_PATH, every DSI_* and NCCL_*) and the names the user lists
+TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, every DSI_* and NCCL_*) and the names the user lists
 (`--env NAME` or DSI_FORWARD_ENV="A,B"), keeping the user's own file's lines.
 """
 from __future__ import annotations
@@ -31,12 +31,16 @@ from pathlib import Path
 from dsincubate.errors import UserError
 
 # Read by our ranks or the kernel builder (dsincubate/ops/builder.py) and not forwarded by DeepSpeed's pdsh runner.
-FORWARD_NAMES = ("CUDA_HOME", "TORCH_EXTENSIONS_DIR", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS", "LD_LIBRARY_PATH")
+# Not LD_LIBRARY_PATH or PATH: a compute node's own (its driver's libraries) must not be replaced by the login
+# node's; list them with --env where the login node's are right.
+FORWARD_NAMES = ("CUDA_HOME", "TORCH_EXTENSIONS_DIR", "TORCH_CUDA_ARCH_LIST", "OMP_NUM_THREADS")
 # DeepSpeed forwards NCCL* only when the launching host has a GPU (a CPU login node forwards none of them).
 FORWARD_PREFIXES = ("DSI_", "NCCL_")
 # Set per host / per rank by DeepSpeed's launcher: forwarding the launching host's value would be wrong.
 RESERVED = ("CUDA_VISIBLE_DEVICES", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
             "MASTER_ADDR", "MASTER_PORT", "DS_ENV_FILE")
+# DeepSpeed's own rule (runner.py EXCLUDE_ENVS): where a node sets these itself, the launching host's are not sent.
+EXCLUDE_IF = {"AISC_JOB_NAME": ("NCCL_IB_HCA", "UCX_NET_DEVICES")}
 # The names forwarded, written into the file itself so that every rank can record what it received.
 FORWARDED_LIST = "DSI_FORWARDED_ENV"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -159,8 +163,10 @@ def remote_env(environ: dict, names: list[str], user_files: list[Path]) -> tuple
     they win over this host's values), the names the user listed for this run (`names`, which must be set)."""
     out: dict[str, str] = {}
     warnings: list[str] = []
+    excluded = {n for key, names in EXCLUDE_IF.items() if key in environ for n in names}
     for k, v in environ.items():
-        if (k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES)) and k not in RESERVED and k != FORWARDED_LIST:
+        if (k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES)) and k not in RESERVED and k != FORWARDED_LIST \
+                and k not in excluded:
             if _UNSAFE.search(v):
                 warnings.append(f"not forwarding {k} to the other hosts: its value has one of \" $ ` \\ or a "
                                 "newline, which the remote shell of DeepSpeed's pdsh runner would change")

@@ -30,7 +30,7 @@
 # given a single host: without it DeepSpeed starts a one-host job on *this* machine while MASTER_ADDR names the
 # remote host, and the job hangs. DeepSpeed's pdsh runner sets on the other hosts only PYTHON*, UCX*, ... (NCCL*
 # only from a GPU host); this script writes DIR/logs/deepspeed_env (DS_ENV_FILE) with what the ranks also need:
-# CUDA_HOME, TORCH_EXTENSIONS_DIR, TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, LD_LIBRARY_PATH, DSI_*, NCCL_* where set
+# CUDA_HOME, TORCH_EXTENSIONS_DIR, TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, DSI_*, NCCL_* where set
 # here, the --env names, and the lines of your own .deepspeed_env (which is read, never changed). Each rank sets
 # GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (unless set) to its interface towards MASTER_ADDR.
 # SIGTERM/SIGINT/SIGHUP to this script stop every job on every host.

@@ -14,7 +14,7 @@
 # (else SLURM_STEP_GPUS / SLURM_JOB_GPUS, else all), or the first --num_gpus N of them; DeepSpeed itself would read
 # --num_gpus N as GPUs 0..N-1 whatever CUDA_VISIBLE_DEVICES says (dsincubate/launch_env.py).
 # A hostfile launch over pdsh: what the ranks on the other hosts need (CUDA_HOME, TORCH_EXTENSIONS_DIR,
-# TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, LD_LIBRARY_PATH, DSI_*, NCCL_*, the --env names, your .deepspeed_env's
+# TORCH_CUDA_ARCH_LIST, OMP_NUM_THREADS, DSI_*, NCCL_*, the --env names, your .deepspeed_env's
 # lines) is written to DIR/logs/deepspeed_env_PHASE (DIR: the --output after --; else $TMPDIR/dsincubate_env.PID)
 # for DeepSpeed's runner (DS_ENV_FILE).
 set -euo pipefail

@@ -17,13 +17,18 @@ def test_the_variables_ranks_read_are_forwarded_and_per_host_ones_are_not(tmp_pa
     environ = {"CUDA_HOME": "/opt/cuda-12.4", "TORCH_EXTENSIONS_DIR": "/shared/ext", "TORCH_CUDA_ARCH_LIST": "8.0 9.0",
                "OMP_NUM_THREADS": "4", "DSI_OPS_CACHE": "/shared/ops", "NCCL_IB_HCA": "mlx5_0", "HOME": "/root",
                "CUDA_VISIBLE_DEVICES": "4,5", "RANK": "0", "MASTER_ADDR": "10.0.0.1", "PATH": "/usr/bin",
-               "SLURM_JOB_ID": "7", "DS_ENV_FILE": str(tmp_path / "none")}
+               "SLURM_JOB_ID": "7", "DS_ENV_FILE": str(tmp_path / "none"), "LD_LIBRARY_PATH": "/login/lib"}
     env = write_env_file(tmp_path / "out" / "ds_env", environ, [], cwd=str(tmp_path), home=str(tmp_path))
     assert read(tmp_path / "out" / "ds_env") == env
     assert {k: v for k, v in env.items() if k != FORWARDED_LIST} == {
         "CUDA_HOME": "/opt/cuda-12.4", "TORCH_EXTENSIONS_DIR": "/shared/ext", "TORCH_CUDA_ARCH_LIST": "8.0 9.0",
         "OMP_NUM_THREADS": "4", "DSI_OPS_CACHE": "/shared/ops", "NCCL_IB_HCA": "mlx5_0"}
     assert env[FORWARDED_LIST].split(",") == sorted(k for k in env if k != FORWARDED_LIST)
+
+
+def test_deepspeeds_own_exclusion_holds_where_nodes_set_their_ib_devices_themselves():
+    env, _ = remote_env({"AISC_JOB_NAME": "j", "NCCL_IB_HCA": "mlx5_0", "NCCL_DEBUG": "INFO"}, [], [])
+    assert "NCCL_IB_HCA" not in env and env["NCCL_DEBUG"] == "INFO"
 
 
 def test_names_the_user_lists_are_forwarded_and_must_be_set(tmp_path):
