@@ -38,7 +38,7 @@ VETH_PREFIX = "dsiclv"
 LOGIN_ADDR = f"{SUBNET}.1"  # this machine's own address on the cluster network (the "login node")
 
 # binary -> Debian package
-CLUSTER_TOOLS = {"ip": "iproute2", "unshare": "util-linux", "sshd": "openssh-server", "ssh": "openssh-client",
+CLUSTER_TOOLS = {"ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux", "sshd": "openssh-server", "ssh": "openssh-client",
                  "ssh-keygen": "openssh-client", "pdsh": "pdsh", "pkill": "procps"}
 SLURM_TOOLS = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge"}
 
@@ -237,6 +237,28 @@ class Cluster:
     def ssh(self, i: int, command: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([str(self.workdir / "bin" / "ssh"), self.hosts[i], command], capture_output=True,
                               text=True, timeout=timeout)
+
+    def host_init_pid(self, i: int) -> int:
+        """This machine's pid of host i's init (PID 1 of its PID namespace; its namespaces are the host's)."""
+        p = self.inits[i]
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            except OSError:
+                kids = []
+            if kids:
+                return int(kids[0])
+            time.sleep(0.05)
+        raise ClusterUnavailable(f"host {i} has no init process")
+
+    def in_host(self, i: int, mounts: bool = True) -> list[str]:
+        """A command prefix that runs a command inside host i (its network, host name, process table and, with
+        `mounts`, its mounts), as a daemon of that host would run: killed with the host by kill_host. Without
+        `mounts` the command keeps this machine's mounts (`ip netns exec` gave the host a /sys without cgroups) and
+        should mount its own /proc (in a mount namespace of its own) to see its host's process table."""
+        return [_which("nsenter"), "--target", str(self.host_init_pid(i)), "--net", "--uts", "--pid",
+                *(["--mount"] if mounts else []), "--"]
 
     def write_hostfile(self, path: Path, hosts: list[int], slots: int | None = None) -> Path:
         path.write_text("".join(f"{self.hosts[i]} slots={slots or self.slots}\n" for i in hosts))

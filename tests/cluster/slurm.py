@@ -1,9 +1,19 @@
-"""A one-machine SLURM for the cluster test tier: munged, slurmctld and slurmd from Debian's packages, with their own
-configuration, key, sockets, ports and state under a work directory (the machine's own munge and slurm set-up, if
-any, are not touched). This machine is the controller and the one compute node; it declares more CPUs than the
-machine has (`SlurmdParameters=config_overrides`) so that the K array tasks of the pipeline can run at once.
+"""A SLURM on this machine for the cluster test tier: munged, slurmctld and slurmd from Debian's packages, with their
+own configuration, key, sockets, ports and state under a work directory (the machine's own munge and slurm set-up, if
+any, are not touched).
 
-    with Slurm(workdir) as s:
+Two shapes:
+- `Slurm(workdir, cluster=c, nodes=(0, 1))`: a multi-node SLURM. This machine (the cluster's login address) runs
+  slurmctld and munged; every listed host of the namespace cluster (cluster.py) runs its own `slurmd -N h<i>` inside
+  the host (its network, host name and process table), listed in slurm.conf with its own NodeAddr, so jobs get a
+  node list like `h[0-1]`, srun starts tasks on both hosts and the ranks meet over the cluster network. The hosts
+  resolve each other's names through an /etc/hosts seen only by slurmd and its jobs (a mount namespace of its own),
+  as a cluster's nodes do through DNS. Each node declares `cpus` CPUs (2: 2 CPU ranks per node; 4 array tasks
+  of one rank fill both nodes). No task/affinity binding: it needs a cgroup file system, which this machine lacks.
+- `Slurm(workdir)`: this machine is controller and the one compute node, declaring more CPUs than it has
+  (`SlurmdParameters=config_overrides`) so that the K array tasks of the pipeline can run at once.
+
+    with Slurm(workdir, cluster=c) as s:
         env = s.env()                       # SLURM_CONF for sbatch/squeue/scontrol
         s.wait_idle(timeout=600)            # until no job is queued or running
 
@@ -18,16 +28,22 @@ import subprocess
 import time
 from pathlib import Path
 
-from cluster import SLURM_TOOLS, ClusterUnavailable, _which, ensure_packages, sh, wait_port
+from cluster import LOGIN_ADDR, SLURM_TOOLS, Cluster, ClusterUnavailable, _which, ensure_packages, sh, wait_port
 
 CTLD_PORT, SLURMD_PORT = 16917, 16918
 
 
 class Slurm:
-    def __init__(self, workdir: Path, cpus: int = 16):
+    def __init__(self, workdir: Path, cpus: int | None = None, cluster: Cluster | None = None,
+                 nodes: tuple[int, ...] = (0, 1), mem_mb: int = 4000):
         self.w = Path(workdir)
-        self.cpus = cpus
+        self.cluster = cluster
+        self.host_ids = tuple(nodes) if cluster is not None else ()
+        self.cpus = cpus or (2 if cluster is not None else 16)
+        self.mem_mb = mem_mb
         self.node = socket.gethostname().split(".")[0]
+        # the compute nodes' names (what jobs see in SLURM_JOB_NODELIST)
+        self.nodes = [cluster.names[i] for i in self.host_ids] if cluster is not None else [self.node]
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.w / "slurm.conf"
 
@@ -68,8 +84,22 @@ class Slurm:
             time.sleep(0.1)
         if not sock.exists():
             raise ClusterUnavailable(f"munged did not start: {self._log('munged')}")
+        if self.cluster is not None:
+            c = self.cluster
+            ctld_host = f"{self.node}({LOGIN_ADDR})"
+            node_lines = "".join(f"NodeName={c.names[i]} NodeAddr={c.hosts[i]} CPUs={self.cpus} "
+                                 f"RealMemory={self.mem_mb} State=UNKNOWN\n" for i in self.host_ids)
+            task_plugin, spool, pidf, logf = "task/none", w / "spool" / "%n", w / "slurmd-%n.pid", \
+                w / "slurmd-%n.log"
+            for n in self.nodes:
+                (w / "spool" / n).mkdir(parents=True, exist_ok=True)
+        else:
+            ctld_host = self.node
+            node_lines = (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.mem_mb} "
+                          "State=UNKNOWN\n")
+            task_plugin, spool, pidf, logf = "task/none", w / "spool", w / "slurmd.pid", w / "slurmd.log"
         self.conf.write_text(f"""ClusterName=dsitest
-SlurmctldHost={self.node}
+SlurmctldHost={ctld_host}
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={CTLD_PORT}
@@ -78,13 +108,13 @@ AuthType=auth/munge
 AuthInfo=socket={sock}
 CredType=cred/munge
 StateSaveLocation={w / 'state'}
-SlurmdSpoolDir={w / 'spool'}
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={w / 'slurmctld.pid'}
-SlurmdPidFile={w / 'slurmd.pid'}
+SlurmdPidFile={pidf}
 SlurmctldLogFile={w / 'slurmctld.log'}
-SlurmdLogFile={w / 'slurmd.log'}
+SlurmdLogFile={logf}
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin={task_plugin}
 MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
@@ -98,22 +128,37 @@ SlurmdParameters=config_overrides
 MinJobAge=600
 InactiveLimit=0
 KillWait=5
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=dsitest Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+{node_lines}PartitionName=dsitest Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
         env = self.env()
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)], env)
         if not wait_port("127.0.0.1", CTLD_PORT, 30):
             raise ClusterUnavailable(f"slurmctld did not start: {self._log('slurmctld')}")
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf)], env)
-        deadline = time.time() + 60
-        state = ""
+        if self.cluster is None:
+            self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf)], env)
+        else:
+            c = self.cluster
+            hosts = w / "etc_hosts"
+            hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in zip(c.hosts, c.names))
+                             + f"{LOGIN_ADDR} {self.node}\n")
+            for i in self.host_ids:
+                name = c.names[i]
+                # inside host i (network, host name, process table), with this machine's mounts (slurmd needs the
+                # cgroup file system, which the host's own /sys lacks) in a private mount namespace: the host's
+                # /proc, and the node names' /etc/hosts seen by slurmd and its jobs only
+                inner = (f"mount -t proc proc /proc && mount --bind {hosts} /etc/hosts && "
+                         f"exec {_which('slurmd')} -D -N {name} -f {self.conf}")
+                self._spawn(f"slurmd-{name}", [*c.in_host(i, mounts=False), _which("unshare"), "--mount",
+                                               "/bin/sh", "-c", inner], env)
+        deadline = time.time() + 90
+        states: list[str] = []
         while time.time() < deadline:
-            state = sh("sinfo", "-h", "-o", "%T", check=False, env=env).stdout.strip()
-            if state in ("idle", "mixed", "allocated"):
+            states = sh("sinfo", "-h", "-N", "-o", "%T", check=False, env=env).stdout.split()
+            if len(states) == len(self.nodes) and all(s in ("idle", "mixed", "allocated") for s in states):
                 return
             time.sleep(0.5)
-        raise ClusterUnavailable(f"the SLURM node did not come up (state {state!r}): {self._log('slurmd')}")
+        raise ClusterUnavailable(f"the SLURM nodes did not come up (states {states!r}): "
+                                 + " ".join(self._log(n) for n in self.procs if n.startswith("slurmd")))
 
     def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> None:
         log = open(self.w / f"{name}.out", "ab")
@@ -153,12 +198,26 @@ PartitionName=dsitest Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscr
             deadline = time.time() + 30
             while self.queue() and time.time() < deadline:
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        slurmds = [n for n in self.procs if n.startswith("slurmd")]
+        for name in (*slurmds, "slurmctld", "munged"):
             p = self.procs.pop(name, None)
             if p is not None and p.poll() is None:
+                if name.startswith("slurmd-"):  # nsenter's child is slurmd (unshare and sh exec it)
+                    for kid in _children(p.pid):
+                        try:
+                            os.kill(kid, signal.SIGTERM)
+                        except ProcessLookupError:
+                            pass
                 p.send_signal(signal.SIGTERM)
                 try:
                     p.wait(timeout=15)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []

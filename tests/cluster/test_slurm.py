@@ -1,7 +1,9 @@
-"""`launchers/slurm_pipeline.sh` on a real (one-machine) SLURM: the dependency chain meta -> K-task incubation array ->
-assemble + fine-tune -> report runs to the end and gives what a local run gives; a failing array task stops the
-chain and the report names it; `--method m2mkd` runs the students' array and their fine-tune the same way.
-Cluster tier: `make test-cluster` (slurm.py starts munged, slurmctld, slurmd)."""
+"""`launchers/slurm_pipeline.sh` on a real SLURM of 2 nodes (slurm.py: slurmctld here, a slurmd in each of 2 hosts of
+the namespace cluster, 2 CPUs each): the dependency chain meta -> K-task incubation array -> assemble + fine-tune ->
+report runs to the end, meta and fine-tune as one world of 4 ranks over both nodes, the array's tasks spread over
+both, and gives what the same pipeline as 4 ranks on one host gives; the jobs ask for cores and memory; a failing
+array task stops the chain and the report names it; `--method m2mkd` runs the students' array and their fine-tune
+the same way; a 2-task `srun` of a phase without rank variables is refused. Cluster tier: `make test-cluster`."""
 import json
 import shutil
 import subprocess
@@ -11,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster_helpers import LAUNCHERS, demo_args, next_port
+from cluster_helpers import LAUNCHERS, REPO, demo_args, next_port
 from dsincubate import checkpoint as ckpt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -19,19 +21,22 @@ from cluster import ClusterUnavailable  # noqa: E402
 from slurm import Slurm  # noqa: E402
 
 pytestmark = pytest.mark.cluster
+NODES = ("h0", "h1")  # the cluster's hosts 0 and 1 (cluster.names)
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm(cluster, tmp_path_factory):
     try:
-        with Slurm(tmp_path_factory.mktemp("slurm")) as s:
+        with Slurm(tmp_path_factory.mktemp("slurm"), cluster=cluster, nodes=(0, 1), cpus=2) as s:
             yield s
     except ClusterUnavailable as e:
         pytest.fail(f"cannot start the test SLURM: {e}", pytrace=False)
 
 
 def submit(slurm, out: Path, cwd: Path, *options: str, sets: tuple[str, ...] = (), expect: int = 0):
-    cmd = [str(LAUNCHERS / "slurm_pipeline.sh"), "--gpus", "0", "--ranks-per-node", "4", "--k", "4",
+    # 2 nodes x 2 CPU ranks (one core each, 200 MB each); the 4 array tasks run 1 rank on 1 node each
+    cmd = [str(LAUNCHERS / "slurm_pipeline.sh"), "--gpus", "0", "--nodes", "2", "--ranks-per-node", "2",
+           "--array-nodes", "1", "--cpus-per-rank", "1", "--mem-per-rank", "200M", "--k", "4",
            "--master_port", str(next_port()), *options, "--", "--recipe", "debug", "--output", str(out),
            *demo_args(cwd), *[a for s in sets for a in ("--set", s)]]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300,
@@ -53,20 +58,71 @@ def slurm_run(slurm, shared):
     return out, jobs
 
 
+def _logs(out: Path) -> str:
+    return "\n".join(f"{p.name}:\n{p.read_text()[-1500:]}" for p in sorted((out / "logs/slurm").glob("*.out")))
+
+
+def _job(slurm, job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=slurm.env()).stdout
+    return dict(tok.split("=", 1) for tok in out.split() if "=" in tok)
+
+
 def test_slurm_chain_runs_the_array_and_completes_the_pipeline(slurm, slurm_run):
     out, jobs = slurm_run
     report = (out / "logs/slurm/report.txt").read_text()
-    assert "pipeline: complete" in report, report + "\n" + "\n".join(
-        f"{p.name}:\n{p.read_text()[-1500:]}" for p in sorted((out / "logs/slurm").glob("*.out")))
+    assert "pipeline: complete" in report, report + "\n" + _logs(out)
     for i in range(4):  # each module ran as its own array task, with its own log
         log = (out / f"logs/slurm/incubate-{jobs['array']}_{i}.out").read_text()
         assert f"incubation of module {i} on" in log
         run = json.loads((out / f"incubate/module_{i}/run.json").read_text())
         assert run["world_size"] == 1
-    for name in ("meta", "finetune"):
-        assert json.loads((out / name / "run.json").read_text())["world_size"] == 4
     assert (out / "export/finetune/model.safetensors").is_file()
     assert slurm.job_state(jobs["finetune"]) == "COMPLETED"
+
+
+def test_meta_and_finetune_are_one_world_of_four_ranks_over_both_slurm_nodes(slurm, slurm_run):
+    out, _ = slurm_run
+    for name in ("meta", "finetune"):
+        run = json.loads((out / name / "run.json").read_text())
+        assert run["world_size"] == 4, (name, run.get("ranks"))
+        assert [r["rank"] for r in run["ranks"]] == [0, 1, 2, 3], (name, run["ranks"])
+        assert [r["host"] for r in run["ranks"]] == ["h0", "h0", "h1", "h1"], (name, run["ranks"])
+        assert [r["local_rank"] for r in run["ranks"]] == [0, 1, 0, 1], (name, run["ranks"])
+        assert {r["master_addr"] for r in run["ranks"]} == {"h0"}
+        assert len({r["addr"] for r in run["ranks"]}) == 2  # two hosts, two addresses on the cluster network
+
+
+def test_the_incubation_array_tasks_run_on_both_slurm_nodes(slurm_run):
+    out, _ = slurm_run
+    hosts = [json.loads((out / f"incubate/module_{i}/run.json").read_text())["ranks"][0]["host"] for i in range(4)]
+    assert sorted(hosts) == ["h0", "h0", "h1", "h1"], hosts  # 1 core each, 2 cores per node: both nodes used
+
+
+def test_slurm_jobs_ask_for_the_cores_and_memory_of_their_ranks(slurm, slurm_run):
+    _, jobs = slurm_run
+    meta = _job(slurm, jobs["meta"])  # 2 ranks per node x 1 core, 200 MB: one task per node with 2 cores, 400 MB
+    assert (meta["NumNodes"], meta["CPUs/Task"], meta["MinMemoryNode"]) == ("2", "2", "400M"), meta
+    task = _job(slurm, f"{jobs['array']}_0")  # an array task: 1 rank on 1 node
+    assert (task["NumNodes"], task["CPUs/Task"], task["MinMemoryNode"]) == ("1", "1", "200M"), task
+
+
+def test_a_two_task_srun_of_a_phase_without_rank_variables_is_refused(slurm, shared, tmp_path):
+    # what DeepSpeed's --launcher slurm starts (srun -n N python -m dsincubate ...): before the fix, each task
+    # trained alone as rank 0 of 1 into the same run directory
+    out = tmp_path / "run"
+    py = REPO / ".venv/bin/python"
+    py = py if py.exists() else Path(sys.executable)
+    phase = " ".join(["srun", "--ntasks", "2", "--nodes", "1", str(py), "-m", "dsincubate", "meta", "--recipe",
+                      "debug", "--output", str(out), *demo_args(shared)])
+    p = subprocess.run(["sbatch", "--wait", "--parsable", "--nodes", "1", "--ntasks", "2", "--mem", "400M",
+                        "--output", str(tmp_path / "job.out"), "--chdir", str(REPO), "--wrap", phase],
+                       capture_output=True, text=True, timeout=300, env=slurm.env(OMP_NUM_THREADS="1"))
+    log = (tmp_path / "job.out").read_text()
+    assert p.returncode != 0, log
+    errors = [ln for ln in log.splitlines() if ln.startswith("dsincubate: error: no rank variables")]
+    assert len(errors) == 2 and any("task 0 of 2" in e for e in errors) and any("task 1 of 2" in e for e in errors), log
+    assert "exit code 2" in log or _job(slurm, p.stdout.strip().split(";")[0])["ExitCode"].startswith("2:"), log
+    assert not (out / "meta/model.safetensors").exists()
 
 
 def test_slurm_pipeline_gives_the_same_model_as_the_local_run(slurm_run, one_host_run):
