@@ -252,6 +252,9 @@ def _record_shutdown(phase) -> None:
     process group after the phase: a finished phase whose rank lacks it did not shut down cleanly."""
     import time
 
+    import torch.distributed as tdist
+    from deepspeed.utils import groups
+
     from dsincubate import checkpoint as ckpt
 
     path = phase.out_dir / "ranks" / f"rank_{os.environ.get('RANK', '0')}.json"
@@ -259,7 +262,9 @@ def _record_shutdown(phase) -> None:
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return  # a phase that was already complete writes no record; nothing to add to
-    ckpt.atomic_write_json(path, dict(rec, process_group_destroyed=True, shutdown_at=time.time()))
+    left = len(groups._EXPERT_PARALLEL_GROUP) + len(groups._EXPERT_DATA_PARALLEL_GROUP)  # a V-MoE's groups
+    ckpt.atomic_write_json(path, dict(rec, process_group_destroyed=not tdist.is_initialized(),
+                                      deepspeed_expert_groups_left=left, shutdown_at=time.time()))
 
 
 def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:

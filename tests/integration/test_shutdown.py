@@ -61,6 +61,7 @@ def test_finished_two_rank_vmoe_phase_exits_zero_on_every_rank_with_its_process_
     records = [json.loads((out / "e2e" / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in records] == [0, 1]
     assert all(r.get("process_group_destroyed") is True for r in records), records
+    assert all(r["deepspeed_expert_groups_left"] == 0 for r in records), records
     assert all(r["shutdown_at"] >= json.loads((out / "e2e" / "run.json").read_text())["finished_at"] for r in records)
 
 
