@@ -6,6 +6,11 @@ exact command, the git commit, the date and the load average at the start (`head
 between runs on the same kind of device with a quiet machine), plus the printed table as text next to it (`.txt`).
 Child processes, their results and the process's memory are `dsincubate.procutil`'s. Import from a benchmark script
 as `from benchmarks import common` (the scripts put the repository root on sys.path).
+
+Honest rows: every throughput/step-cost row names the model's parameter count, and `check_params` refuses a ViT-B/L/H
+preset whose count is not the real model's (a recipe's depth/width override kept under `model.preset=` once turned
+a 4-block width-48 model into "ViT-H"). MFU is model FLOP/s per device over the device's dense bf16 peak from
+`PEAK_BF16_TFLOPS` (`peak_bf16_tflops`, by the name torch reports); a measured matmul rate is its own number.
 """
 from __future__ import annotations
 
@@ -21,6 +26,66 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+# Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets, matched against the name
+# torch.cuda.get_device_name() reports ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", ...).
+# The first match wins; H100 NVL / H200 NVL (835) and GH200 are left out: an unknown device gets no MFU, not a wrong one.
+PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
+    ("H100 PCIe", r"\bH100\b.*\bPCIE\b", 756.0),
+    ("H100 SXM", r"\bH100\b(?!.*\b(PCIE|NVL)\b)", 989.0),
+    ("H200", r"\bH200\b(?!.*\bNVL\b)", 989.0),
+    ("A100", r"\bA100\b", 312.0),
+)
+
+# Parameters of the presets with an ImageNet-1k head (1000 classes), and how far a build may be off.
+EXPECTED_PARAMS = {"vit_b16": 86.6e6, "vit_l16": 304e6, "vit_h14": 632e6}
+PARAM_TOLERANCE = 0.005
+
+
+def peak_bf16_tflops(device_name: str) -> tuple[str, float] | None:
+    """(table entry, dense bf16 TFLOP/s) for a device name as torch reports it; None for a device not in the table."""
+    name = device_name.upper()
+    for entry, pattern, tflops in PEAK_BF16_TFLOPS:
+        if re.search(pattern, name):
+            return entry, tflops
+    return None
+
+
+def mfu(flops_per_image: float, images_per_second: float, devices: int, peak_tflops: float | None) -> float | None:
+    """Model FLOP utilisation: the model's FLOP/s per device over the device's peak (None without a peak)."""
+    if not peak_tflops or not images_per_second or devices < 1:
+        return None
+    return flops_per_image * images_per_second / devices / (peak_tflops * 1e12)
+
+
+def expected_params(preset: str, num_classes: int, embed_dim: int) -> float | None:
+    """The preset's real parameter count with a `num_classes` head (the table is for 1000 classes)."""
+    if preset not in EXPECTED_PARAMS:
+        return None
+    return EXPECTED_PARAMS[preset] + (num_classes - 1000) * (embed_dim + 1)
+
+
+def check_params(preset: str, params: int, num_classes: int, embed_dim: int) -> str | None:
+    """None when `params` is the preset's real model (within PARAM_TOLERANCE), else the one-line reason."""
+    want = expected_params(preset, num_classes, embed_dim)
+    if want is None or abs(params - want) <= PARAM_TOLERANCE * want:
+        return None
+    return (f"preset {preset}: the model has {params / 1e6:.1f} M parameters, the real {preset} {want / 1e6:.1f} M "
+            f"({num_classes} classes): a recipe's depth/width override is shaping it; refusing to report it as {preset}")
+
+
+def model_params(cfg, num_classes: int | None = None) -> dict:
+    """The target model of a RunConfig counted on the meta device (no memory, no init): parameters, depth, width."""
+    import torch
+
+    from dsincubate.models import vit
+
+    spec = vit.target_spec(cfg.model, num_classes)
+    with torch.device("meta"):
+        model = vit.build(spec)
+    kw = spec.kwargs
+    return {"params": sum(p.numel() for p in model.parameters()), "depth": kw["depth"], "embed_dim": kw["embed_dim"],
+            "num_heads": kw["num_heads"], "num_classes": kw.get("num_classes", 0)}
 
 
 def set_threads(n: int | None = None) -> int:

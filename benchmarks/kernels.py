@@ -7,7 +7,7 @@ Measures, each as forward + backward:
     math) at ViT shapes (N = 197 / 257 / 577, head dim 64 / 80);
   * a timm vit_huge_patch14_224 bf16 training step (fwd + bwd + SGD) with kernels off / 'cuda' / 'auto'.
 Before timing, each op's kernels are self-checked against the float64 PyTorch reference at its probe shape in bf16
-and fp16 (dsincubate.ops.dispatch.self_check); a pass is recorded as GPU evidence for `dsincubate ops`
+and fp16 (attention also at head dim 80, ViT-H's, which takes the kernel's padded path) (dsincubate.ops.dispatch.self_check); a pass is recorded as GPU evidence for `dsincubate ops`
 (dsincubate/ops/verification.py), a failure is printed and ends the run with status 1 after the timings.
 Prints a table and writes benchmarks/results/kernels_<device>_<date>.json (+ .txt with the table) with the device,
 command, git commit and date (`benchmarks.common`). Without a GPU it prints one line and exits with status 1.
@@ -71,6 +71,9 @@ def check_kernels() -> dict:
         for dtype in ("bfloat16", "float16"):
             probe = mod._probe({"device": f"cuda:{torch.cuda.current_device()}", "dtype": dtype})
             errors[dtype] = dispatch.self_check(op, mod.CUDA_IMPL, tuple(sorted(probe.items())))
+            if op == "attention":  # ViT-H's head dim 80 runs the kernel's padded path: its own check
+                probe80 = {**probe, "heads": 16, "head_dim": 80}
+                errors[f"{dtype} head_dim 80"] = dispatch.self_check(op, mod.CUDA_IMPL, tuple(sorted(probe80.items())))
         out[op] = errors
         if all(e is None for e in errors.values()):
             verification.record(op, "gpu", verification.gpu_details("benchmarks/kernels.py self-check"))

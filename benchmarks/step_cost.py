@@ -8,11 +8,13 @@ For a model preset and micro-batch it measures, each configuration in a fresh su
                 trained, later meta stages frozen (input gradients only)
   finetune      the assembled target, every parameter trained (the same computation as e2e, from other weights)
 
-Each model is the phase's own (`dsincubate.phases.make(..., resolve=False)`, `build_model(load=False)`: built on the
-meta device, then given weights on the measured device; no stochastic depth). A step is a real training step:
-forward, the phase's loss (cross-entropy), backward, the phase's optimizer step over the trainable parameters only
-(`dsincubate.engine.build_optimizer` at `engine.scaled_lr`), on one fixed random batch (data loading is not part of
-it). Time is the median
+Each step is the training's own: the phase (`dsincubate.phases.make(..., resolve=False)`, no stochastic depth, weights
+not loaded) inside the DeepSpeed engine training builds (`dsincubate.engine.resolve_ds_config` + `build_engine`: the
+phase's ds_config, by default `auto` as the recipes set it, so bf16 weights and ZeRO on a GPU; its optimizer over the
+trainable parameters at the scaled lr), one rank: forward on the batch in the engine's precision, the phase's loss
+(cross-entropy), `engine.backward`, `engine.step`, on one fixed random batch (data loading is not part of it); not
+autocast over fp32 weights, which costs more than the engine's bf16 step. ViT-B/L/H presets get a 1000-class head and
+are refused when their parameter count is not the real model's (`common.check_params`). Time is the median
 of `--steps` timed steps after `--warmup` steps; by default the reported times come from one extra process that
 builds every configuration and times them round-robin (a step of each per round), so a background load that varies
 over time affects them alike (the per-process times are kept in the JSON as `isolated_step_seconds_median`). FLOPs per image are counted with torch.utils.flop_counter on the
@@ -26,8 +28,8 @@ ideal ratio from FLOP counts; each incubation step's peak memory below the E2E s
 
     python benchmarks/step_cost.py                                   # preset tiny, batch 64, on this machine
     python benchmarks/step_cost.py --preset tiny,vit_b16 --batch 64,8  # several presets (one batch each) in one file
-    python benchmarks/step_cost.py --preset vit_h14 --batch 32 --grad-checkpointing   # on a GPU (bf16 autocast)
-    options: --stages K, --steps N, --warmup N, --threads N, --dtype fp32|bf16, --out PATH
+    python benchmarks/step_cost.py --preset vit_h14 --batch 32 --grad-checkpointing   # on a GPU (the bf16 engine)
+    options: --stages K, --steps N, --warmup N, --threads N, --ds-config NAME (default auto), --out PATH
 
 Writes benchmarks/results/step_cost_<device>_<date>.json (+ .txt with the table) with device, command, commit and
 date.
@@ -45,30 +47,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
 from dsincubate import procutil  # noqa: E402
+from dsincubate.errors import UserError  # noqa: E402
 
 TOLERANCE = 0.15
 
 
 # ---------------------------------------------------------------- model construction (child and parent)
 
-def run_config(preset: str, stages: int, grad_ckpt: bool):
-    """The run config of the measured steps: the preset at K stages, PyTorch kernels, no stochastic depth."""
+def run_config(preset: str, stages: int, grad_ckpt: bool, ds_config: str = "auto", batch: int | None = None):
+    """The run config of the measured steps: the preset at K stages (an ImageNet-1k head for ViT-B/L/H), PyTorch
+    kernels, no stochastic depth, the ds_config and micro-batch of the engine."""
     from dsincubate.config import ModelConfig, RunConfig
 
     cfg = RunConfig(model=ModelConfig(preset=preset, num_stages=stages, kernel_backend="torch",
-                                      grad_checkpointing=grad_ckpt))
+                                      grad_checkpointing=grad_ckpt,
+                                      num_classes=1000 if preset in common.EXPECTED_PARAMS else None))
+    cfg.ds_config = ds_config
     for name in ("meta", "incubate", "finetune", "e2e"):
         cfg.train_config(name).drop_path = 0.0
+        if batch:
+            cfg.train_config(name).micro_batch = batch
     return cfg
 
 
-def make_phase(kind: str, preset: str, stages: int, grad_ckpt: bool = False):
+def check_preset(preset: str, stages: int) -> dict:
+    """The target's parameter count (meta device) and, for ViT-B/L/H, the check that it is the real model."""
+    info = common.model_params(run_config(preset, stages, False))
+    info["error"] = common.check_params(preset, info["params"], info["num_classes"], info["embed_dim"])
+    return info
+
+
+def make_phase(kind: str, preset: str, stages: int, grad_ckpt: bool = False, ds_config: str = "auto",
+               batch: int | None = None):
     """The phase of a step kind (e2e, finetune, meta or incubate<I>), as the training loop makes it (no inputs)."""
     from dsincubate import phases
     from dsincubate.models import vit
 
-    cfg = run_config(preset, stages, grad_ckpt)
-    n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"])
+    cfg = run_config(preset, stages, grad_ckpt, ds_config, batch)
+    n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"]) or 1000
     name, index = ("incubate", int(kind[len("incubate"):])) if kind.startswith("incubate") else (kind, None)
     return phases.make(name, cfg, Path("/nonexistent-step-cost-root"), n_cls, index, resolve=False)
 
@@ -144,31 +160,34 @@ def _batch(spec: dict):
 
 
 def _trainer(kind: str, spec: dict, dev, x, y):
-    """The model, its optimizer (the phase's, over the trainable parameters, at the scaled lr) and one training step:
-    forward (under bf16 autocast if asked), the phase's loss, backward, optimizer step."""
+    """The phase's DeepSpeed engine as training builds it (one rank) and one training step on it: forward in the
+    engine's precision, the phase's loss, engine.backward, engine.step. Returns (model, engine, step, info)."""
     import torch
 
-    from dsincubate.engine import build_optimizer, scaled_lr
+    from dsincubate import dist, dsconfig
+    from dsincubate.engine import build_engine, resolve_ds_config
 
-    phase = make_phase(kind, spec["preset"], spec["stages"], spec["grad_ckpt"])
-    model = phase_model(phase, dev).train()
-    tc = phase.train_cfg
-    opt = build_optimizer(model, tc, scaled_lr(tc.lr, spec["batch"]), {})
+    phase = make_phase(kind, spec["preset"], spec["stages"], spec["grad_ckpt"], spec.get("ds_config", "auto"),
+                       spec["batch"])
+    ctx = dist.init()  # a one-rank world on a free port when no launcher set one
+    ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
+    engine = build_engine(phase, ctx, ds_cfg, load=False).engine
+    dtype = dsconfig.precision(ds_cfg)
+    xin = x.to(dtype)
     crit = torch.nn.CrossEntropyLoss()
-    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else None
+    engine.train()
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            out = model(x)
-        loss = phase.loss(out, y, crit)["loss"]
-        loss.backward()
-        opt.step()
+        loss = phase.loss(engine(xin), y, crit)["loss"]
+        engine.backward(loss)
+        engine.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return loss
 
-    return model, opt, step
+    info = {"ds_config_file": str(ds_file), "precision": str(dtype).removeprefix("torch."),
+            "zero_stage": dsconfig.zero_stage(ds_cfg)}
+    return engine.module, engine, step, info
 
 
 def child(spec: dict) -> dict:
@@ -177,7 +196,7 @@ def child(spec: dict) -> dict:
     threads, dev, x, y = _batch(spec)
     cuda = dev.type == "cuda"
     rss_base = procutil.current_rss_bytes()
-    model, opt, step = _trainer(spec["kind"], spec, dev, x, y)
+    model, engine, step, info = _trainer(spec["kind"], spec, dev, x, y)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if cuda:
@@ -191,13 +210,8 @@ def child(spec: dict) -> dict:
         loss = step()
         if k >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
-    state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    state_bytes += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
-                       if torch.is_tensor(t))
-    state_bytes += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     res = {"kind": spec["kind"], "threads": threads, "step_seconds_median": statistics.median(times),
-           "step_seconds": times, "loss": float(loss), "params_trainable": trainable, "params_total": total,
-           "state_bytes": state_bytes}
+           "step_seconds": times, "loss": float(loss), "params_trainable": trainable, "params_total": total, **info}
     if cuda:
         res.update(peak_bytes=torch.cuda.max_memory_allocated(), memory_kind="torch.cuda.max_memory_allocated",
                    peak_delta_bytes=torch.cuda.max_memory_allocated() - mem_before,
@@ -214,7 +228,7 @@ def child_interleaved(spec: dict) -> dict:
     """Every configuration in one process, timed round-robin (one step each per round), so that a background load
     that changes over time hits all of them alike. Memory is not measured here (see `child`)."""
     threads, dev, x, y = _batch(spec)
-    steps = {kind: _trainer(kind, spec, dev, x, y)[2] for kind in spec["kinds"]}
+    steps = {kind: _trainer(kind, spec, dev, x, y)[2] for kind in spec["kinds"]}  # one engine per kind
     times = {k: [] for k in steps}
     for r in range(spec["warmup"] + spec["steps"]):
         for kind, step in steps.items():
@@ -228,14 +242,13 @@ def child_interleaved(spec: dict) -> dict:
 
 # ---------------------------------------------------------------- the parent: all configurations, table, result
 
-def measure_preset(preset: str, batch: int, args, dev: dict) -> dict:
+def measure_preset(preset: str, batch: int, args, dev: dict, model: dict | None = None) -> dict:
     img, ncls, depth = img_size_of(preset, args.stages)
-    dtype = args.dtype or ("bf16" if dev["type"] == "cuda" else "fp32")
     rows = []
     for kind in kinds(args.stages):
         spec = dict(kind=kind, preset=preset, stages=args.stages, grad_ckpt=args.grad_checkpointing, batch=batch,
                     img_size=img, num_classes=ncls, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                    dtype=dtype, device=dev["type"])
+                    ds_config=args.ds_config, device=dev["type"])
         print(f"[step_cost] {preset} batch {batch}: {label(kind)} ...", flush=True)
         res = procutil.run_child([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                                  timeout=args.timeout, cwd=common.ROOT)
@@ -252,7 +265,8 @@ def measure_preset(preset: str, batch: int, args, dev: dict) -> dict:
         print(f"[step_cost] {preset}: interleaved timing of all steps in one process ...", flush=True)
         spec = dict(kinds=[r["kind"] for r in rows if r.get("ok")], preset=preset, stages=args.stages,
                     grad_ckpt=args.grad_checkpointing, batch=batch, img_size=img, num_classes=ncls,
-                    warmup=args.warmup, steps=args.steps, threads=args.threads, dtype=dtype, device=dev["type"])
+                    warmup=args.warmup, steps=args.steps, threads=args.threads, ds_config=args.ds_config,
+                    device=dev["type"])
         inter = procutil.run_child([sys.executable, str(Path(__file__).resolve()), "--child-interleaved",
                                     json.dumps(spec)], timeout=args.timeout * 2, cwd=common.ROOT)
         if inter.get("ok"):
@@ -264,8 +278,12 @@ def measure_preset(preset: str, batch: int, args, dev: dict) -> dict:
                     r["interleaved_step_seconds"] = inter["step_seconds"][r["kind"]]
         else:
             print(f"[step_cost]   interleaved timing failed ({inter.get('error')}); using the isolated timings")
+    ok = next((r for r in rows if r.get("ok")), {})
+    dtype = f"{ok.get('precision', '?')} DeepSpeed engine ({Path(ok.get('ds_config_file', '?')).stem}, ZeRO " \
+            f"{ok.get('zero_stage', '?')})"
     out = analyse(preset, batch, img, depth, dtype, rows, args)
     out["timing"] = timing
+    out["model"] = model
     return out
 
 
@@ -291,19 +309,20 @@ def analyse(preset, batch, img, depth, dtype, rows, args) -> dict:
 
 
 def format_table(res: dict) -> str:
-    head = ["step", "trainable", "GFLOP/img", "ms/step", "time/E2E", "FLOP ideal", "time/ideal", "within 15%",
+    head = ["step", "params", "trainable", "GFLOP/img", "ms/step", "time/E2E", "FLOP ideal", "time/ideal", "within 15%",
             "peak MiB", "delta MiB", "< E2E peak"]
     rows = []
     for r in res["rows"]:
         ok = r.get("ok")
-        rows.append([r["label"], r.get("params_trainable"), r["flops"]["train_step_per_image"] / 1e9,
+        rows.append([r["label"], r.get("params_total"), r.get("params_trainable"), r["flops"]["train_step_per_image"] / 1e9,
                      r["step_seconds_median"] * 1e3 if ok else r.get("error"), r.get("time_ratio"),
                      r["ideal_ratio"], r.get("time_vs_ideal"), r.get("time_within_15pct"),
                      r["peak_bytes"] / 2**20 if ok else None, r["peak_delta_bytes"] / 2**20 if ok else None,
                      r.get("peak_below_e2e")])
-    t = common.table(head, rows, ["", "", ".4f", ".1f", ".3f", ".3f", ".3f", "", ".0f", ".0f", ""])
+    t = common.table(head, rows, ["", "", "", ".4f", ".1f", ".3f", ".3f", ".3f", "", ".0f", ".0f", ""])
     tg = res["targets"]
-    return (f"preset {res['preset']} (depth {res['depth']}, {res['img_size']}px, K={res['stages']}), micro-batch "
+    params = f"{res['model']['params'] / 1e6:.1f} M parameters, " if res.get("model") else ""
+    return (f"preset {res['preset']} ({params}depth {res['depth']}, {res['img_size']}px, K={res['stages']}), micro-batch "
             f"{res['batch']}, {res['dtype']}, grad checkpointing {res['grad_checkpointing']}, median of "
             f"{res['steps']} steps after {res['warmup']} warmup ({res.get('timing', 'isolated')} timing)\n{t}\n"
             f"targets: every incubation step within 15% of its FLOP-ideal ratio: "
@@ -319,7 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (default: all cores)")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default bf16 autocast on GPU, fp32 on CPU")
+    ap.add_argument("--ds-config", default="auto",
+                    help="ds_config of the engine (default auto, as the recipes: a bf16 ZeRO config on a GPU, cpu without)")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--out", default=None,
@@ -342,13 +362,23 @@ def main(argv=None) -> int:
         batches *= len(presets)
     if len(batches) != len(presets):
         ap.error("--batch: give one batch size or one per preset")
+    models = {}
+    for preset in presets:  # every preset's model checked before anything heavy starts
+        try:
+            models[preset] = check_preset(preset, args.stages)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if models[preset]["error"]:
+            print(f"error: {models[preset]['error']}", file=sys.stderr)
+            return 2
     dev = common.device()
     record = common.header("step_cost", dev)
     record["settings"] = {k: v for k, v in vars(args).items() if k != "child"}
     record["results"] = []
     tables = []
     for preset, batch in zip(presets, batches):
-        res = measure_preset(preset, batch, args, dev)
+        res = measure_preset(preset, batch, args, dev, models[preset])
         record["results"].append(res)
         tables.append(format_table(res))
         print("\n" + tables[-1] + "\n", flush=True)

@@ -1,13 +1,21 @@
 """Training throughput: images/s, achieved TFLOP/s and MFU per preset, ds_config, activation checkpointing and kernel
 backend; and the overhead of dsincubate's training loop against a minimal hand-written DeepSpeed loop.
 
-1. Peak: the device's measured bf16 matmul rate (a loop of large square bf16 matmuls; fp32 too on a CPU). MFU =
-   model FLOPs per second / that rate, with model FLOPs = `dsincubate.accounting.count_flops` train step per image
-   (forward + backward as trained; recomputation under activation checkpointing is not counted, as MFU defines).
-2. Grid: for each preset x ds_config (`ds_configs/*.json`) x `model.grad_checkpointing` off/on x
-   `model.kernel_backend` torch/auto, one trial of `dsincubate tune` (own subprocess; optionally several ranks under
-   the deepspeed launcher): the phase's model, its optimizer, `deepspeed.initialize`, `--steps` timed steps on a
-   random batch (no data loading). Failures (out of memory, a config the device cannot run) are rows, not crashes.
+1. Peak: MFU = model FLOPs per second per device / the device's dense bf16 peak from the datasheet table
+   (`common.PEAK_BF16_TFLOPS`: A100 312, H100 SXM 989, H100 PCIe 756, H200 989 TFLOP/s; `--peak-tflops` for another
+   device; none known, e.g. a CPU: the MFU column stays empty), with model FLOPs = `dsincubate.accounting.count_flops`
+   train step per image (forward + backward as trained; recomputation under activation checkpointing is not
+   counted, as MFU defines). The measured rate of a loop of large square bf16 matmuls (fp32 too on a CPU) is its own
+   column ("% of matmul"): what the device reaches on the easiest possible work, not the peak.
+2. Grid: for each preset x ds_config x `model.grad_checkpointing` off/on x `model.kernel_backend` torch/auto, one
+   trial of `dsincubate tune` (own subprocess; optionally several ranks under the deepspeed launcher): the phase's
+   model, its optimizer, `deepspeed.initialize`, `--steps` timed steps on a random batch (no data loading). Failures
+   (out of memory, a config the device cannot run) are rows, not crashes. Each preset starts from its own recipe
+   where there is one (vit_b16, vit_l16, vit_h14, deit_t_<N>; else `debug`), so a preset is the real model: with
+   another `--recipe`, its depth/width/heads/size overrides are cleared. Every row names the target's parameter
+   count; a ViT-B/L/H preset whose count is not the real one (86.6 M, 304 M, 632 M with 1000 classes) is refused
+   before anything runs. `--ds-configs recipe` / `--ckpt recipe` take what the recipe sets (ds_config=auto: chosen
+   per phase as training does).
 3. Loop overhead: the same model, ds_config and data (dsincubate's WebDataset loader on the built-in demo data) for
    `--loop-epochs` epochs (a) through `dsincubate e2e` (the real loop: `dsincubate.trainer.run_phase`) and (b) through
    a minimal hand-written loop over the same engine (`dsincubate.engine.build_engine`: model, kernels, optimizer;
@@ -17,6 +25,8 @@ backend; and the overhead of dsincubate's training loop against a minimal hand-w
 GPU target: ViT-H/14 bf16 >= 45% MFU, e.g.
     python benchmarks/throughput.py --presets vit_h14 --batch 32 --ds-configs zero2_bf16,zero3_bf16 \\
         --ckpt off,on --backends torch,auto --ranks 8 --loop-recipe vit_h14 --loop-batch 32
+    python benchmarks/throughput.py --presets vit_b16,vit_l16,vit_h14 --batch 128,64,32 --phase finetune \\
+        --ds-configs recipe --ckpt recipe --backends torch --skip-loop     # one step each, as the recipes train
 CPU (small; what is committed from this machine):
     python benchmarks/throughput.py                 # tiny preset, batch 64, every shipped ds_config
 options: --phase e2e, --steps N, --skip-grid, --skip-loop, --out PATH.
@@ -66,18 +76,52 @@ def matmul_rate(dtype_name: str, n: int, seconds: float) -> dict:
 
 # ---------------------------------------------------------------- 2. grid through dsincubate tune trials
 
-def flops_per_image(recipe: str, preset: str, phase: str, module: int) -> float:
+ARCH_FIELDS = ("depth", "embed_dim", "num_heads", "img_size", "patch_size")  # a recipe's reshaping of its preset
+
+
+def preset_setup(recipe: str | None, preset: str) -> tuple[str, list[str]]:
+    """The recipe a preset's rows start from (`recipe`, else the preset's own recipe where one exists, else debug)
+    and the overrides that make its model the preset's real one: another preset's depth/width/... overrides cleared,
+    and an ImageNet-1k head for the presets whose parameter count is checked."""
+    from dsincubate import recipes
+    from dsincubate.config import parse_deit_t
+
+    if not recipe:
+        recipe = preset if preset in recipes.RECIPES or parse_deit_t(preset) is not None else "debug"
+    base = recipes.get(recipe)
+    sets = [f"model.preset={preset}"]
+    if base.model.preset != preset:
+        sets += [f"model.{k}=none" for k in ARCH_FIELDS if getattr(base.model, k) is not None]
+    if preset in common.EXPECTED_PARAMS and not base.model.num_classes:
+        sets.append("model.num_classes=1000")
+    return recipe, sets
+
+
+def preset_model(recipe: str, sets: list[str], preset: str) -> dict:
+    """Parameter count, depth and width of the preset's target model (meta device), and the check against the real
+    model's count: `error` is set when the rows would not be the preset."""
+    from dsincubate import recipes
+    from dsincubate.config import apply_overrides
+
+    cfg = apply_overrides(recipes.get(recipe), sets)
+    info = common.model_params(cfg)
+    info["error"] = common.check_params(preset, info["params"], info["num_classes"], info["embed_dim"])
+    info.update(recipe=recipe, overrides=sets, ds_config=cfg.ds_config, grad_checkpointing=cfg.model.grad_checkpointing)
+    return info
+
+
+def flops_per_image(recipe: str, sets: list[str], phase: str, module: int) -> float:
     from dsincubate import accounting, phases, recipes
     from dsincubate.config import apply_overrides
     from dsincubate.models import vit
 
-    cfg = apply_overrides(recipes.get(recipe), [f"model.preset={preset}"] if preset else [])
+    cfg = apply_overrides(recipes.get(recipe), sets)
     n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"]) or 1000
     ph = phases.make(phase, cfg, Path("/nonexistent"), n_cls, module if phase == "incubate" else None, resolve=False)
     return accounting.count_flops(lambda: ph.build_model(load=False), ph.img_size)["train_step_per_image"]
 
 
-def grid(args, peak_tflops: float) -> list[dict]:
+def grid(args, models: dict, peak_tflops: float | None, matmul_tflops: float) -> list[dict]:
     import torch
 
     from dsincubate import tune
@@ -85,30 +129,37 @@ def grid(args, peak_tflops: float) -> list[dict]:
     has_cuda = torch.cuda.is_available()
     rows = []
     targs = argparse.Namespace(ranks=args.ranks, launcher_args=args.launcher_args, timeout=args.timeout)
-    names = sorted(p.stem for p in (common.ROOT / "ds_configs").glob("*.json")) if args.ds_configs == "all" \
-        else [n.strip() for n in args.ds_configs.split(",")]
     for preset, batch in zip(args.preset_list, args.batch_list):
-        fpi = flops_per_image(args.recipe, preset, args.phase, 0)
+        m = models[preset]
+        fpi = flops_per_image(m["recipe"], m["overrides"], args.phase, 0)
+        names = sorted(p.stem for p in (common.ROOT / "ds_configs").glob("*.json")) if args.ds_configs == "all" \
+            else [m["ds_config"] if n.strip() == "recipe" else n.strip() for n in args.ds_configs.split(",")]
         for name in names:
             for ck in args.ckpt.split(","):
+                ckpt = m["grad_checkpointing"] if ck.strip() == "recipe" else ck.strip() == "on"
                 for backend in args.backends.split(","):
-                    spec = dict(recipe=args.recipe, config=None, phase=args.phase, module=0, ds_config=name,
-                                micro_batch=batch, grad_checkpointing=ck.strip() == "on", steps=args.steps,
+                    spec = dict(recipe=m["recipe"], config=None, phase=args.phase, module=0, ds_config=name,
+                                micro_batch=batch, grad_checkpointing=ckpt, steps=args.steps,
                                 warmup=args.warmup, memory_cap=0,
-                                overrides=[f"model.preset={preset}", f"model.kernel_backend={backend.strip()}"])
+                                overrides=m["overrides"] + [f"model.kernel_backend={backend.strip()}"])
                     load_before = os.getloadavg()[0]
                     res = tune.launch_trial(spec, targs, has_cuda)
-                    row = {"preset": preset, "micro_batch": batch, "ds_config": name, "grad_checkpointing": ck,
-                           "kernel_backend": backend, "flops_per_image": fpi, **res,
+                    row = {"preset": preset, "recipe": m["recipe"], "params": m["params"], "depth": m["depth"],
+                           "embed_dim": m["embed_dim"], "micro_batch": batch, "ds_config": name,
+                           "grad_checkpointing": "on" if ckpt else "off", "kernel_backend": backend,
+                           "flops_per_image": fpi, **res,
                            "load_average_1min": [load_before, os.getloadavg()[0]]}  # a busy machine shows here
                     if res.get("ok"):
                         row["tflops"] = fpi * res["images_per_second"] / 1e12
                         row["tflops_per_device"] = row["tflops"] / res["world_size"]
-                        row["mfu"] = row["tflops_per_device"] / peak_tflops
+                        row["mfu"] = common.mfu(fpi, res["images_per_second"], res["world_size"], peak_tflops)
+                        row["of_matmul"] = row["tflops_per_device"] / matmul_tflops
                     rows.append(row)
-                    print(f"[throughput] {preset} mb {batch} {name} ckpt {ck} {backend}: " + (
-                        f"{res['images_per_second']:.1f} img/s, {row['tflops_per_device'] * 1e3:.1f} GFLOP/s/device, "
-                        f"MFU {row['mfu'] * 100:.1f}%" if res.get("ok") else res.get("error", "failed")), flush=True)
+                    mfu = f"MFU {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else "MFU - (no peak)"
+                    print(f"[throughput] {preset} ({m['params'] / 1e6:.1f} M params) mb {batch} {name} ckpt "
+                          f"{row['grad_checkpointing']} {backend}: " + (
+                              f"{res['images_per_second']:.1f} img/s, {row['tflops_per_device'] * 1e3:.1f} "
+                              f"GFLOP/s/device, {mfu}" if res.get("ok") else res.get("error", "failed")), flush=True)
     return rows
 
 
@@ -209,12 +260,15 @@ def loop_overhead(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--recipe", default="debug", help="recipe the grid trials start from (model set by --presets)")
+    ap.add_argument("--recipe", default="", help="recipe the grid trials start from (default: each preset's own "
+                    "recipe where there is one, else debug); the model is always the preset's real one")
     ap.add_argument("--presets", default="tiny")
     ap.add_argument("--batch", default="64", help="micro-batch per rank, one or one per preset")
     ap.add_argument("--phase", default="e2e")
-    ap.add_argument("--ds-configs", default="all")
-    ap.add_argument("--ckpt", default="off,on")
+    ap.add_argument("--ds-configs", default="all", help="all, recipe (as the recipe sets it) or a comma list")
+    ap.add_argument("--ckpt", default="off,on", help="comma list of off, on, recipe")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="dense bf16 peak per device for MFU where the device is not in common.PEAK_BF16_TFLOPS")
     ap.add_argument("--backends", default="torch,auto")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -246,9 +300,34 @@ def main(argv=None) -> int:
     args.batch_list = [int(b) for b in args.batch.split(",")]
     if len(args.batch_list) == 1:
         args.batch_list *= len(args.preset_list)
+    if len(args.batch_list) != len(args.preset_list):
+        ap.error("--batch: give one batch size or one per preset")
+    models = {}
+    if not args.skip_grid:  # every preset's model checked before anything heavy starts
+        from dsincubate.errors import UserError
+
+        try:
+            for preset in args.preset_list:
+                models[preset] = preset_model(*preset_setup(args.recipe, preset), preset)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for preset, m in models.items():
+            if m["error"]:
+                print(f"error: {m['error']}", file=sys.stderr)
+                return 2
+            print(f"[throughput] {preset}: {m['params'] / 1e6:.1f} M parameters (depth {m['depth']}, width "
+                  f"{m['embed_dim']}, {m['num_classes']} classes), recipe {m['recipe']}", flush=True)
     dev = common.device()
     record = common.header("throughput", dev)
     record["settings"] = {k: v for k, v in vars(args).items() if k not in ("minimal_loop", "local_rank")}
+    record["models"] = models
+    known = common.peak_bf16_tflops(dev["name"]) if dev["type"] == "cuda" else None
+    peak_note = (f"peak {args.peak_tflops:g} TFLOP/s bf16 (--peak-tflops)" if args.peak_tflops else
+                 f"peak {known[1]:g} TFLOP/s dense bf16 ({known[0]}, datasheet)" if known else
+                 f"no bf16 peak known for {dev['name']}: MFU left empty (give --peak-tflops)")
+    peak_tflops = args.peak_tflops or (known[1] if known else None)
+    record["peak_bf16_tflops"] = {"tflops": peak_tflops, "source": peak_note}
     n = args.matmul_n or (8192 if torch.cuda.is_available() else 2048)
     common.set_threads()
     peak = {"bf16": matmul_rate("bfloat16", n, args.matmul_seconds)}
@@ -256,21 +335,22 @@ def main(argv=None) -> int:
         peak["fp32"] = matmul_rate("float32", n, args.matmul_seconds)
     print("[throughput] matmul: " + ", ".join(f"{k} {v['tflops'] * 1e3:.1f} GFLOP/s" for k, v in peak.items()))
     record["peak_matmul"] = peak
-    lines = [f"device: {dev['name']}  ({common.now()})",
-             "measured matmul peak: " + ", ".join(f"{k} {v['tflops'] * 1e3:.1f} GFLOP/s (n={v['n']})"
-                                                  for k, v in peak.items()) + "; MFU is against bf16"]
+    lines = [f"device: {dev['name']}  ({common.now()})", f"MFU: model FLOP/s per device / {peak_note}",
+             "measured matmul rate: " + ", ".join(f"{k} {v['tflops'] * 1e3:.1f} GFLOP/s (n={v['n']})"
+                                                  for k, v in peak.items()) + "; '% of matmul' is against bf16"]
     if not args.skip_grid:
-        rows = grid(args, peak["bf16"]["tflops"])
+        rows = grid(args, models, peak_tflops, peak["bf16"]["tflops"])
         record["grid"] = rows
         lines.append(common.table(
-            ["preset", "mb", "ds_config", "ckpt", "kernels", "img/s", "GFLOP/s/dev", "MFU %", "peak MiB/rank",
-             "status"],
-            [[r["preset"], r["micro_batch"], r["ds_config"], r["grad_checkpointing"], r["kernel_backend"],
-              r.get("images_per_second"), r["tflops_per_device"] * 1e3 if r.get("ok") else None,
-              r["mfu"] * 100 if r.get("ok") else None,
+            ["preset", "params M", "mb", "ds_config", "ckpt", "kernels", "img/s", "GFLOP/s/dev", "MFU %",
+             "% of matmul", "peak MiB/rank", "status"],
+            [[r["preset"], r["params"] / 1e6, r["micro_batch"], r["ds_config"], r["grad_checkpointing"],
+              r["kernel_backend"], r.get("images_per_second"), r["tflops_per_device"] * 1e3 if r.get("ok") else None,
+              r["mfu"] * 100 if r.get("mfu") is not None else None,
+              r["of_matmul"] * 100 if r.get("ok") else None,
               r["peak_bytes_per_rank"] / 2**20 if r.get("ok") else None,
               "ok" if r.get("ok") else r.get("error", "failed")[:50]] for r in rows],
-            ["", "", "", "", "", ".1f", ".1f", ".1f", ".0f", ""]))
+            ["", ".1f", "", "", "", "", ".1f", ".1f", ".1f", ".1f", ".0f", ""]))
     if not args.skip_loop:
         lo = loop_overhead(args)
         record["loop_overhead"] = lo

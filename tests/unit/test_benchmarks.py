@@ -207,8 +207,14 @@ def test_gpu_session_commands_use_real_scripts_and_options():
     p = subprocess.run(["bash", str(root / "benchmarks" / "gpu_session.sh"), "all"], capture_output=True, text=True,
                        env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, timeout=60)
     assert p.returncode == 0, p.stderr
-    cmds = [line[2:].split() for line in p.stdout.splitlines() if line.startswith("+ ")]
-    assert len(cmds) == 5
+    lines = [line for line in p.stdout.splitlines() if line.startswith("+ [")]
+    parts = [line[3:].split(",")[0] for line in lines]
+    assert parts[:4] == ["tests", "kernels", "mfu", "loader"]  # (+ loader_dali where dataloader.py has --backend)
+    assert all(re.match(r"\+ \[\w+, timeout \d+s\] ", line) for line in lines)  # each part its own timeout
+    assert sum(int(re.search(r"timeout (\d+)s", line).group(1)) for line in lines) < 600
+    cmds = [line.split("] ", 1)[1].split() for line in lines]
+    mfu = cmds[2]
+    assert mfu[mfu.index("--presets") + 1] == "vit_b16,vit_l16,vit_h14" and "--recipe" not in mfu
     for cmd in cmds:
         script = next((a for a in cmd if a.endswith(".py")), None)
         if script is None:  # the pytest call
@@ -315,3 +321,60 @@ def test_paper_claims_merge_keeps_earlier_rows_not_run_again():
     ft_default = pc.cells("ft", "cpu")[2]
     assert pc.cell_key(ft_default[0], ft_default[2] + ["model.depth=32"]) == pc.cell_key(
         *pc.cells("depth", "cpu", [32])[0][::2])
+
+
+# ---------------------------------------------------------------- honest throughput rows (issue 21 item 6)
+
+def _meta_count(recipe: str, sets: list[str]) -> dict:
+    from dsincubate import recipes
+    from dsincubate.config import apply_overrides
+
+    return common.model_params(apply_overrides(recipes.get(recipe), sets))
+
+
+def test_param_check_refuses_a_preset_shaped_by_the_debug_recipes_depth_and_width():
+    # what `throughput.py --recipe debug --presets vit_h14` used to time as "ViT-H": 4 blocks of width 48
+    m = _meta_count("debug", ["model.preset=vit_h14"])
+    assert m["depth"] == 4 and m["embed_dim"] == 48
+    err = common.check_params("vit_h14", m["params"], m["num_classes"], m["embed_dim"])
+    assert err and "vit_h14" in err and "632" in err
+    assert common.check_params("vit_b16", 86_000_000, 1000, 768)  # 0.7% short of ViT-B/16: refused too
+    assert common.check_params("tiny", 5, 10, 48) is None  # presets without a reference count are not checked
+
+
+@pytest.mark.parametrize("preset,millions", [("vit_b16", 86.6), ("vit_l16", 304.3), ("vit_h14", 632.0)])
+def test_benchmark_presets_are_the_real_models_whatever_recipe_they_start_from(preset, millions):
+    from benchmarks import throughput
+
+    m = throughput.preset_model(*throughput.preset_setup("debug", preset), preset)  # the old default recipe
+    assert m["error"] is None and m["num_classes"] == 1000
+    assert m["params"] / 1e6 == pytest.approx(millions, rel=2e-3)
+    assert throughput.preset_setup("", preset)[0] == preset  # the new default: the preset's own recipe
+    sc = step_cost.check_preset(preset, 4)
+    assert sc["error"] is None and sc["params"] / 1e6 == pytest.approx(millions, rel=2e-3)
+
+
+def test_expected_params_follow_the_head_size():
+    # ViT-H/14 without a head (timm's default for it): 632.0 M - 1280 x 1000 - 1000
+    assert common.expected_params("vit_h14", 0, 1280) == pytest.approx(632e6 - 1_281_000)
+    assert common.check_params("vit_h14", 630_764_800, 0, 1280) is None
+
+
+@pytest.mark.parametrize("name,entry,tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.0), ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+    ("NVIDIA H200", "H200", 989.0), ("NVIDIA A100-SXM4-80GB", "A100", 312.0), ("NVIDIA A100 80GB PCIe", "A100", 312.0)])
+def test_peak_table_matches_device_names_as_torch_reports_them(name, entry, tflops):
+    assert common.peak_bf16_tflops(name) == (entry, tflops)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 NVL", "NVIDIA GH200 480GB", "Tesla V100-SXM2-32GB",
+                                  "AMD EPYC 7763 64-Core Processor (2 cores)"])
+def test_devices_not_in_the_peak_table_get_no_peak(name):
+    assert common.peak_bf16_tflops(name) is None
+
+
+def test_mfu_is_model_flops_per_device_over_the_peak():
+    # ViT-B/16 at 224: about 3 x 17.6 GFLOP per trained image; 4 devices share 8000 img/s
+    assert common.mfu(52.8e9, 8000.0, 4, 989.0) == pytest.approx(52.8e9 * 2000 / 989e12)
+    assert common.mfu(52.8e9, 8000.0, 4, 989.0) == pytest.approx(0.10677, rel=1e-4)
+    assert common.mfu(52.8e9, 8000.0, 4, None) is None  # unknown device: no MFU, not a made-up one
