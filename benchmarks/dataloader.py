@@ -1,10 +1,17 @@
-"""Dataloader throughput: images per CPU-second of the training input pipeline on the same JPEGs, three ways.
+"""Dataloader throughput: images per CPU-second of the training input pipeline on the same JPEGs, several ways.
 
   raw decode         torchvision.io.decode_image over the JPEG bytes in memory, one process: the ceiling
   ours               dsincubate.data WebDataset shards -> decode -> augment -> batch (DataLoader workers)
   ImageFolder+PIL    torchvision ImageFolder with PIL loading and the same timm transform (DataLoader workers)
   decode+transform   our decode and the same per-sample transform in one loop, one process: the work floor of a
                      recipe (no tar reading, shuffling, batching or worker hand-off)
+  DALI cpu           data.backend=dali on the same shards with the same DataConfig (only `backend` differs):
+                     DALI's CPU operators with --workers threads; "decode+crop+flip" is the DeiT recipe without
+                     RandAugment/erasing (what a GPU pipeline leaves on the CPU)
+  DALI gpu           (CUDA hosts, --backend dali or all) the mixed pipeline into GPU memory; host_cores_used =
+                     CPU-seconds per wall second
+Every row also gives the cores one H100 needs at 3,000 images/s (ViT-B/16 bf16) = 3000 / images per CPU-second.
+DALI rows' img/CPU-s leave out the pipeline's build (measured apart: build_cpu_s; with it: img_per_cpu_s_with_build).
 
 Each pipeline is measured with recipe "none" (decode, resize, center crop, normalize) and "deit" (timm's DeiT
 training augmentation: RandomResizedCrop, flip, RandAugment, random erasing). Per-core rate = images / CPU seconds
@@ -14,6 +21,7 @@ rates are reported too. Targets: ours >= 80% of the raw decode rate per core, an
 
     python benchmarks/dataloader.py [--images 2000] [--size 224] [--workers 2] [--workdir /tmp/dsinc_bench]
     python benchmarks/dataloader.py --jpeg-size 500x375 --out benchmarks/results/dataloader_cpu2_500x375.json
+    python benchmarks/dataloader.py --backend dali --jpeg-size 500x375   # DALI rows only (gpu_session.sh)
 
 JPEGs are --size square by default; --jpeg-size WxH writes larger ones (ImageNet's are ~500x375 on average), where
 decoding takes a larger share of the pipeline while the augmentation, which works at --size, costs the same.
@@ -92,15 +100,42 @@ def work_floor(paths, recipe: str, args) -> int:
     return len(datas)
 
 
-def ours(shards: str, recipe: str, args) -> int:
-    cfg = DataConfig(train=shards, val=shards, recipe=recipe, num_workers=args.workers, resampled=False,
-                     shuffle_buffer=256)
+# The loader rows: (row name, recipe, extra DataConfig fields). Each runs on the torch backend and on DALI with the
+# same shards and the same DataConfig apart from `backend` (loader_config; tests/unit/test_benchmarks.py checks it).
+# "decode+crop+flip" is the DeiT recipe without RandAugment and erasing: what a GPU pipeline leaves on the CPU.
+LOADER_ROWS = (("none", "none", {}), ("deit", "deit", {}),
+               ("decode+crop+flip", "deit", {"auto_augment": "", "reprob": 0.0}))
+H100_IMAGES_PER_S = 3000  # ViT-B/16 bf16 training on one H100 (issue 22): the rate a loader must feed
+
+
+def loader_config(shards: str, backend: str, recipe: str, extra: dict, workers: int) -> DataConfig:
+    return DataConfig(train=shards, val=shards, recipe=recipe, num_workers=workers, resampled=False,
+                      shuffle_buffer=256, backend=backend, **extra)
+
+
+def dali_build_cost(cfg: DataConfig, shards: str, args) -> float:
+    """CPU-seconds to build this row's DALI pipeline (RandAugment's conditional graph is most of it): paid once per
+    epoch and rank, so it is taken out of the steady-state rate (an ImageNet epoch per rank is ~10^5 images)."""
+    import glob
+
+    from dsincubate.data.dali_loader import build_pipeline, parse_randaugment
+    tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
+    c0 = cpu_seconds()
+    build_pipeline(train=True, recipe=cfg.recipe, randaug=parse_randaugment(cfg.auto_augment) if cfg.recipe == "deit"
+                   else None, paths=tars, idxs=[t[:-4] + ".idx" for t in tars], batch_size=args.batch,
+                   img_size=args.size, threads=max(1, args.workers), device_id=None, seed=1)
+    return cpu_seconds() - c0
+
+
+def ours(cfg: DataConfig, args, device="cpu") -> int:
     info = resolve_data(cfg)
     dl = build_train_loader(cfg, info, batch_size=args.batch, rank=0, world_size=1, epoch=0, seed=0,
-                            img_size=args.size)
+                            img_size=args.size, device=device)
     n = 0
     for x, _ in dl:
         n += x.shape[0]
+    if device != "cpu":
+        torch.cuda.synchronize()  # the images are in GPU memory when counted
     return n
 
 
@@ -126,39 +161,72 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=224, help="training image size (and JPEG side by default)")
     ap.add_argument("--jpeg-size", default="", help="JPEG width x height, e.g. 500x375 (default: --size square)")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (torch) / DALI threads")
+    ap.add_argument("--backend", choices=("all", "torch", "dali"), default="all",
+                    help="loader rows to run: both backends on the same shards and recipes (default), or one; "
+                         "dali on a CUDA host adds the mixed (GPU) pipeline's rows")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workdir", default="/tmp/dsinc_bench")
     ap.add_argument("--host-kind", default=None, help="name of the machine in the result file (default cpu<cores>)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     machine = common.device(accelerator=False)  # the CPU, and the load average at the start (skews wall rates)
+    backends = ("torch", "dali") if args.backend == "all" else (args.backend,)
+    if "dali" in backends:
+        from dsincubate.data.dali import require_dali
+        require_dali()
 
     w, h = (int(v) for v in args.jpeg_size.lower().split("x")) if args.jpeg_size else (args.size, args.size)
     tag = f"{args.size}" if (w, h) == (args.size, args.size) else f"{w}x{h}"
     folder = os.path.join(args.workdir, f"jpeg{tag}")
     paths = jpeg_folder(folder, args.images, size=w, height=h)
     shards = os.path.join(args.workdir, f"shards{tag}")
-    convert(folder, shards, prefix="train", maxcount=250, progress=False)
+    convert(folder, shards, prefix="train", maxcount=250, progress=False)  # also writes DALI's index files
     # warm the page cache and imports so every row reads from memory
     raw_decode(paths[:50])
-    rows = {"raw decode (torchvision)": measure(lambda: raw_decode(paths)),
-            "raw decode (PIL)": measure(lambda: raw_decode_pil(paths))}
-    for recipe in ("none", "deit"):
-        rows[f"decode+transform [{recipe}]"] = measure(lambda r=recipe: work_floor(paths, r, args))
-        rows[f"ours webdataset [{recipe}]"] = measure(lambda r=recipe: ours(shards, r, args))
-        rows[f"ImageFolder+PIL [{recipe}]"] = measure(lambda r=recipe: imagefolder(folder, r, args))
+    rows = {"raw decode (torchvision)": measure(lambda: raw_decode(paths))}
+    configs = {}
+    if "torch" in backends:
+        rows["raw decode (PIL)"] = measure(lambda: raw_decode_pil(paths))
+    for name, recipe, extra in LOADER_ROWS:
+        if "torch" in backends and name != "decode+crop+flip":
+            rows[f"decode+transform [{name}]"] = measure(lambda r=recipe: work_floor(paths, r, args))
+        for backend in backends:
+            cfg = loader_config(shards, backend, recipe, extra, args.workers)
+            row = f"{'ours webdataset' if backend == 'torch' else 'DALI cpu'} [{name}]"
+            configs[row] = cfg
+            rows[row] = {**measure(lambda c=cfg: ours(c, args)), "backend": backend, "recipe_row": name}
+            if backend == "dali":
+                build = dali_build_cost(cfg, shards, args)
+                rows[row].update(build_cpu_s=round(build, 3), img_per_cpu_s_with_build=rows[row]["img_per_cpu_s"],
+                                 img_per_cpu_s=round(rows[row]["images"] / max(1e-6, rows[row]["cpu_s"] - build), 1))
+        if "torch" in backends and name != "decode+crop+flip":
+            rows[f"ImageFolder+PIL [{name}]"] = measure(lambda r=recipe: imagefolder(folder, r, args))
+    if "dali" in backends and torch.cuda.is_available():
+        # the mixed pipeline: nvJPEG / hardware decode and GPU augmentation into this GPU's memory; CPU-seconds per
+        # wall second = the host cores it kept busy
+        for name, recipe, extra in LOADER_ROWS:
+            cfg = loader_config(shards, "dali", recipe, extra, args.workers)
+            row = f"DALI gpu [{name}]"
+            configs[row] = cfg
+            r = measure(lambda c=cfg: ours(c, args, device="cuda"))
+            rows[row] = {**r, "backend": "dali", "recipe_row": name, "device": torch.cuda.get_device_name(),
+                         "host_cores_used": round(r["cpu_s"] / r["wall_s"], 2)}
     ceiling = rows["raw decode (torchvision)"]["img_per_cpu_s"]
     for r in rows.values():
         r["vs_raw_decode"] = round(r["img_per_cpu_s"] / ceiling, 3)
+        r["cores_per_h100"] = round(H100_IMAGES_PER_S / r["img_per_cpu_s"], 1)  # at 3,000 images/s
 
-    lines = [f"{args.images} JPEGs {w}x{h} -> {args.size}px, batch {args.batch}, {args.workers} workers, "
+    lines = [f"{args.images} JPEGs {w}x{h} -> {args.size}px, batch {args.batch}, {args.workers} workers/threads, "
              f"{os.cpu_count()} cores",
-             common.table(["pipeline", "img/s wall", "img/CPU-s", "vs raw"],
-                          [[name, r["img_per_s"], r["img_per_cpu_s"], r["vs_raw_decode"]] for name, r in rows.items()],
-                          ["", ".1f", ".1f", ".2f"])]
+             common.table(["pipeline", "img/s wall", "img/CPU-s", "vs raw", f"cores/H100@{H100_IMAGES_PER_S}"],
+                          [[name, r["img_per_s"], r["img_per_cpu_s"], r["vs_raw_decode"], r["cores_per_h100"]]
+                           for name, r in rows.items()],
+                          ["", ".1f", ".1f", ".2f", ".1f"])]
     targets = {}
     for recipe in ("none", "deit"):
+        if "torch" not in backends:
+            break
         o, f = rows[f"ours webdataset [{recipe}]"], rows[f"ImageFolder+PIL [{recipe}]"]
         floor = rows[f"decode+transform [{recipe}]"]
         targets[recipe] = {"ours_vs_raw_decode_per_core": o["vs_raw_decode"],
@@ -172,10 +240,17 @@ def main() -> int:
                      f"{targets[recipe]['ours_vs_imagefolder_per_core']:.2f}; ours/work floor = "
                      f"{targets[recipe]['ours_vs_work_floor_per_core']:.2f} (the recipe's own work alone reaches "
                      f"{floor['vs_raw_decode']:.2f} of raw decode)")
+    if set(backends) == {"torch", "dali"}:
+        for name, _, _ in LOADER_ROWS:
+            t, d = rows[f"ours webdataset [{name}]"], rows[f"DALI cpu [{name}]"]
+            ratio = round(d["img_per_cpu_s"] / t["img_per_cpu_s"], 2)
+            targets[f"dali_vs_torch_per_core [{name}]"] = ratio
+            lines.append(f"[{name}] DALI cpu / torch per core = {ratio:.2f} (issue 22 target for deit: >= 2)")
     text = "\n".join(lines)
     print(text)
     record = common.header("dataloader", machine)
-    record.update(settings=vars(args), results=rows, targets=targets)
+    record.update(settings=vars(args), results=rows, targets=targets,
+                  row_configs={k: {f: getattr(c, f) for f in c.__dataclass_fields__} for k, c in configs.items()})
     path = common.write_result("dataloader", record, f"machine: {machine['name']}  ({record['date']})\n" + text,
                                args.out or None, kind=args.host_kind)
     print(f"wrote {path}")

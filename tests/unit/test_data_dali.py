@@ -220,3 +220,30 @@ def test_dali_backend_refused_in_one_line_without_dali(shards, monkeypatch):
 def test_3aug_on_dali_is_refused_with_a_line(shards):
     with pytest.raises(UserError, match="3-Augment"):
         resolve_data(cfg_for(shards, recipe="3aug"))
+
+
+@needs_dali
+def test_benchmark_dali_rows_use_the_torch_rows_images_and_recipe(tmp_path, monkeypatch):
+    """benchmarks/dataloader.py: every DALI row runs on the same shards with the same DataConfig as the torch row of
+    the same name (only `backend` differs), and reports cores per H100 at 3,000 images/s."""
+    import json
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import dataloader as bench
+
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["dataloader.py", "--images", "24", "--batch", "8", "--size", "32",
+                                      "--workers", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    assert bench.main() == 0
+    rec = json.loads(out.read_text())
+    cfgs, res = rec["row_configs"], rec["results"]
+    dali_rows = [k for k in cfgs if k.startswith("DALI cpu")]
+    assert len(dali_rows) == len(bench.LOADER_ROWS) == 3
+    for row in dali_rows:
+        twin = row.replace("DALI cpu", "ours webdataset")
+        a, b = dict(cfgs[row]), dict(cfgs[twin])
+        assert (a.pop("backend"), b.pop("backend")) == ("dali", "torch")
+        assert a == b and a["train"].startswith(str(tmp_path / "w"))
+        assert res[row]["images"] == res[twin]["images"] == 24
+        assert res[row]["cores_per_h100"] == pytest.approx(3000 / res[row]["img_per_cpu_s"], abs=0.06)
+    assert cfgs["DALI cpu [decode+crop+flip]"]["auto_augment"] == "" and cfgs["DALI cpu [deit]"]["auto_augment"]
