@@ -346,3 +346,36 @@ def test_auto_self_checks_each_attention_head_dim_bucket(monkeypatch):
     assert torch.equal(out, reference.attention(q, k, v))
     assert 80 in checked
     assert [(d["key"].get("head_dim"), d["backend"]) for d in dispatch.decisions()] == [(64, "padded"), (80, "torch")]
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_uses_the_fused_layernorm_and_keeps_sdpa_at_vit_h_head_dim():
+    """On a GPU, a ViT with ViT-H's head dim 80: 'auto' self-checks and uses the LayerNorm kernel, leaves attention
+    on SDPA, and the model's output matches plain timm under bf16 autocast."""
+    import copy
+
+    import timm
+
+    from dsincubate import ops
+
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_huge_patch14_224", depth=2, img_size=56, num_classes=10).cuda()
+    assert plain.blocks[0].attn.head_dim == 80
+    patched = copy.deepcopy(plain)
+    info = ops.apply_kernel_backend(patched, "auto")
+    assert info["ops"]["layernorm"]["backend"] == "auto", info
+    assert info["ops"]["attention"] == {"backend": "torch", "reason": dispatch.AUTO_EXCLUDED["attention"]}, info
+    x = torch.randn(2, 3, 56, 56, device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = plain(x).float(), patched(x).float()
+    assert (a - b).abs().max() <= 5e-2 * a.abs().max()
+    assert {d["op"]: d["backend"] for d in dispatch.decisions()} == {"layernorm": "cuda", "attention": "torch"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_attention_kernel_passes_its_self_check_at_head_dim_80(dtype):
+    """The padded path ViT-H takes ('cuda' and 'autotune' check every shape; this is that check at ViT-H's shape)."""
+    key = (("batch", 2), ("device", f"cuda:{torch.cuda.current_device()}"), ("dtype", dtype), ("head_dim", 80),
+           ("heads", 16), ("seq", 257))
+    assert dispatch.self_check(attn_mod.OP, attn_mod.CUDA_IMPL, key) is None
