@@ -4,6 +4,28 @@ The JSON holds engine concerns only (ZeRO stage, precision, offload, clipping, c
 checkpointing options). Batch sizes, optimizer and scheduler belong to the recipe (`TrainConfig`) and are filled in
 here; a JSON that sets them is rejected, and a key set in both places (gradient accumulation) is an error, so there
 is never a question of which one won.
+
+`ds_config=auto` (the default) picks the file per phase (`choose`), from the phase's optimizer, the target model's
+size and the devices:
+- no CUDA: `cpu` (ZeRO-0, fp32).
+- LAMB: `zero0_autocast_bf16` (ZeRO-0, fp32 weights, gradients and optimizer state, bf16 compute through
+  `torch.autocast`). Under ZeRO >= 1 DeepSpeed hands the optimizer one flat fp32 shard per parameter group, so LAMB's
+  per-tensor trust ratios and its global gradient-norm clip would be computed over a rank's shard: `check_optimizer`
+  refuses LAMB with any ZeRO stage >= 1. Under ZeRO-0 the optimizer gets the original tensors (fp32 ones, or with
+  `bf16.enabled` DeepSpeed's unfused wrapper's per-tensor fp32 copies) and every rank holds all gradients.
+- otherwise the lowest ZeRO stage whose model states fit in half a device (the other half is for activations,
+  communication buckets and fragmentation), with P parameters, N ranks and bf16 weights (bytes per rank, Adam-type
+  optimizer: 2 weights + 2 gradients + 12 fp32 master weights and two moments = 16 per parameter, ZeRO paper):
+  ZeRO-2 `2P + 14P/N` (`zero2_bf16`; its reduce-scatter + all-gather move as much as one all-reduce), else ZeRO-3
+  `16P/N` (`zero3_bf16`, which all-gathers every layer's weights in forward and backward), else `zero3_offload`.
+  A V-MoE stays at ZeRO-2 (DeepSpeed's MoE layers do not support ZeRO-3). ViT-B/L/H (86.6/304/632 M) on
+  8 x 80 GB: ZeRO-2 (632 M: 2.4 GB of model states per rank).
+A ds_config named by the user (`--ds-config`, `--set ds_config=...`) always wins; LAMB under a ZeRO >= 1 file is then
+refused in one line before anything starts.
+
+The run config's `grad_reduce_dtype` (`fp32`: reduce gradients in fp32 although the model computes in bf16) is filled
+in as DeepSpeed's `communication_data_type` (honoured by ZeRO-1/2/3 and the ZeRO-0 all-reduce); setting it in both
+places is an error.
 """
 from __future__ import annotations
 
@@ -29,6 +51,8 @@ _KNOWN_TOP = {
 
 
 def find(name: str, has_cuda: bool) -> Path:
+    """The file of a ds_config name or path; 'auto' here is the run-wide default (evaluation's precision): training
+    phases resolve 'auto' per phase with `choose`."""
     if name == "auto":
         name = "zero2_bf16" if has_cuda else "cpu"
     path = Path(name)
@@ -75,15 +99,26 @@ def validate(cfg: dict, where: str) -> None:
 
 
 def resolve(base: dict, micro_batch: int, grad_accum: int | None, world_size: int, where: str,
-            clip_grad: float | None = None) -> dict:
-    """The ds_config handed to `deepspeed.initialize`: the file's engine keys plus the recipe's batch sizes and
-    gradient clipping (a key set in both the file and the run config is an error, never a silent override)."""
+            clip_grad: float | None = None, grad_reduce_dtype: str = "auto") -> dict:
+    """The ds_config handed to `deepspeed.initialize`: the file's engine keys plus the recipe's batch sizes, gradient
+    clipping and gradient-reduction dtype (a key set in both the file and the run config is an error, never a silent
+    override)."""
     cfg = copy.deepcopy(base)
+    if grad_reduce_dtype != "auto":
+        if "communication_data_type" in cfg:
+            raise UserError(f"the gradient-reduction dtype is set both in {where} (communication_data_type="
+                            f"{cfg['communication_data_type']}) and in the run config (grad_reduce_dtype="
+                            f"{grad_reduce_dtype}); set it in one place")
+        cfg["communication_data_type"] = grad_reduce_dtype
     if clip_grad is not None:
         if cfg.get("gradient_clipping"):
             raise UserError(f"gradient clipping is set both in {where} ({cfg['gradient_clipping']}) and in the run "
                             f"config (clip_grad={clip_grad}); set it in one place")
         cfg["gradient_clipping"] = float(clip_grad)
+    else:
+        # clip_grad=None means no clipping; DeepSpeed 0.19.8 clips at 1.0 when the key is absent
+        # (GRADIENT_CLIPPING_DEFAULT), so "off" has to be written out
+        cfg.setdefault("gradient_clipping", 0.0)
     if grad_accum and "gradient_accumulation_steps" in cfg:
         raise UserError(
             f"gradient accumulation is set both in {where} ({cfg['gradient_accumulation_steps']}) and in the run "
@@ -153,3 +188,47 @@ def offloads_optimizer(cfg: dict) -> bool:
 
 def zero_stage(cfg: dict) -> int:
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+# Bytes per parameter of mixed-precision training with an Adam-type optimizer (ZeRO paper, Sec. 3.1): bf16 weights
+# and gradients, and fp32 master weights + two moments (12) in the optimizer.
+WEIGHT_BYTES, GRAD_BYTES, OPTIM_BYTES = 2, 2, 12
+STATE_FRACTION = 0.5  # of a device's memory for model states; the rest for activations, buckets, fragmentation
+
+
+def model_state_bytes(n_params: int, stage: int, world_size: int) -> float:
+    """Bytes of weights + gradients + optimizer state per rank under a ZeRO stage (bf16 training)."""
+    n = max(1, world_size)
+    w, g, o = WEIGHT_BYTES * n_params, GRAD_BYTES * n_params, OPTIM_BYTES * n_params
+    return {0: w + g + o, 1: w + g + o / n, 2: w + (g + o) / n, 3: (w + g + o) / n}[stage]
+
+
+def choose(has_cuda: bool, optimizer: str, n_params: int | None, world_size: int, device_bytes: int | None,
+           moe: bool = False) -> str:
+    """The shipped ds_config 'auto' stands for in a phase (the rule is the module docstring's)."""
+    if not has_cuda:
+        return "cpu"
+    if optimizer == "lamb":
+        return "zero0_autocast_bf16"
+    if moe or n_params is None or not device_bytes:
+        return "zero2_bf16"
+    budget = STATE_FRACTION * device_bytes
+    if model_state_bytes(n_params, 2, world_size) <= budget:
+        return "zero2_bf16"
+    if model_state_bytes(n_params, 3, world_size) <= budget:
+        return "zero3_bf16"
+    return "zero3_offload"
+
+
+def check_optimizer(optimizer: str, cfg: dict, where: str, field: str) -> None:
+    """Refuse an optimizer that cannot be itself under this ds_config (one line naming the field)."""
+    if optimizer != "lamb":
+        return
+    stage = zero_stage(cfg)
+    if stage >= 1:
+        raise UserError(f"{field}=lamb cannot run under ZeRO stage {stage} ({where}): DeepSpeed hands the optimizer "
+                        "flat shards, so LAMB's per-tensor trust ratios would be wrong; use ds_config=auto (ZeRO-0 for "
+                        "LAMB phases), a ZeRO-0 ds_config, or adamw")
+    if offloads_optimizer(cfg):
+        raise UserError(f"{field}=lamb cannot be used with optimizer offload ({where}); use adamw or a ds_config "
+                        "without offload")

@@ -12,6 +12,7 @@ are the same everywhere.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +68,10 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, ds_cfg: 
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=lr, betas=tc.betas, fused=fused)
     if tc.optimizer == "lamb":
-        if dsconfig.offloads_optimizer(ds_cfg):
-            raise UserError("optimizer 'lamb' cannot be used with optimizer offload; use adamw or a ds_config without offload")
+        # LAMB's trust ratios are per tensor: under ZeRO >= 1 it would get flat shards (refused, whoever calls this)
+        dsconfig.check_optimizer("lamb", ds_cfg, "the ds_config", "optimizer")
         from timm.optim import Lamb
 
-        ds_cfg["zero_allow_untested_optimizer"] = True
         return Lamb(groups, lr=lr, betas=tc.betas)
     raise UserError(f"unknown optimizer {tc.optimizer!r} (adamw or lamb)")
 
@@ -85,12 +85,47 @@ def apply_kernels(model, backend: str) -> dict:
     return apply_kernel_backend(model, backend)
 
 
-def resolve_ds_config(phase, has_cuda: bool, world_size: int) -> tuple[Path, dict]:
-    """The ds_config file of the run and the dict handed to `deepspeed.initialize` (recipe keys filled in)."""
-    tc = phase.train_cfg
-    ds_file = dsconfig.find(phase.cfg.ds_config, has_cuda)
-    ds_cfg = dsconfig.resolve(dsconfig.load(ds_file), tc.micro_batch, tc.grad_accum, world_size, str(ds_file),
-                              clip_grad=tc.clip_grad)
+def target_params(phase) -> int | None:
+    """Parameters of the phase's target model, counted on the meta device (no memory, no init); None for a V-MoE."""
+    if phase.cfg.model.moe_every:
+        return None
+    return _count_params(phase.target_spec(0.0).to_json())
+
+
+@functools.lru_cache(maxsize=16)
+def _count_params(spec_json: str) -> int:
+    from dsincubate.models import vit
+
+    with torch.device("meta"):
+        model = vit.build(vit.ModelSpec.from_json(spec_json))
+    return sum(p.numel() for p in model.parameters())
+
+
+def device_memory(has_cuda: bool) -> int | None:
+    if not has_cuda:
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def resolve_ds_config(phase, has_cuda: bool, world_size: int, device_bytes: int | None = None) -> tuple[Path, dict]:
+    """The ds_config file of the phase and the dict handed to `deepspeed.initialize` (recipe keys filled in).
+
+    `ds_config=auto` is chosen here per phase (`dsconfig.choose`: the phase's optimizer, the target's parameter
+    count, the world size and `device_bytes`, by default this host's GPU memory); a named one is taken as it is.
+    LAMB under a ZeRO >= 1 ds_config is refused here, so before anything starts (the CLI's checks call this)."""
+    tc, name = phase.train_cfg, phase.cfg.ds_config
+    if name == "auto":
+        n_params = None
+        if has_cuda and tc.optimizer != "lamb":  # the only case the model's size and the devices decide
+            n_params = target_params(phase)
+            device_bytes = device_bytes or device_memory(has_cuda)
+        name = dsconfig.choose(has_cuda, tc.optimizer, n_params, world_size, device_bytes,
+                               moe=bool(phase.cfg.model.moe_every))
+    ds_file = dsconfig.find(name, has_cuda)
+    base = dsconfig.load(ds_file)
+    dsconfig.check_optimizer(tc.optimizer, base, f"ds_config {ds_file.stem}", f"{phase.name}.optimizer")
+    ds_cfg = dsconfig.resolve(base, tc.micro_batch, tc.grad_accum, world_size, str(ds_file),
+                              clip_grad=tc.clip_grad, grad_reduce_dtype=phase.cfg.grad_reduce_dtype)
     return ds_file, ds_cfg
 
 

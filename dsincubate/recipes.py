@@ -44,7 +44,8 @@ def deit3_b16() -> RunConfig:
     """ViT-B/16 with the DeiT-III recipe as the supplementary's "Ours + DeiT III*" (Tab. 1): LAMB in every phase at
     DeiT-III's 3e-3 per 2048 images, 3-Augment (colour jitter 0.3, no random erasing), Mixup 0.8 / CutMix 1.0, DeiT-III's
     drop path 0.1 for ViT-B and its 400 epochs for E2E; cross-entropy with label smoothing instead of DeiT-III's binary
-    cross-entropy, which the supplementary found not to help Deep Incubation."""
+    cross-entropy, which the supplementary found not to help Deep Incubation. With ds_config=auto every phase runs ZeRO-0
+    on a GPU (LAMB needs the original tensors; ViT-B: 16 bytes x 86.6 M = 1.4 GB of model states per GPU)."""
     cfg = paper("vit_b16", drop_path=0.1)
     cfg.name = "deit3_b16"
     cfg.data = dataclasses.replace(cfg.data, recipe="3aug", color_jitter=0.3, reprob=0.0)
@@ -60,15 +61,24 @@ def vit_b_dn() -> RunConfig:
     return paper("vit_b_dn", drop_path=0.1)
 
 
+# ViT-L/H engines (ds_config=auto, the rule in `dsincubate.dsconfig`): the AdamW phases run the lowest ZeRO stage
+# whose model states fit in half a device; on 8 x 80 GB that is ZeRO-2 for both (ViT-H: 2 + 14/8 bytes x 632 M =
+# 2.4 GB per rank), not ZeRO-3, whose per-layer all-gathers buy nothing there. Their LAMB E2E baselines run ZeRO-0
+# (zero0_autocast_bf16: fp32 weights, gradients and LAMB state, bf16 compute), because under ZeRO >= 1 LAMB would see
+# flat shards; for ViT-H that is 4 + 4 + 8 bytes x 632 M = 10.1 GB per GPU (plus 1.3 GB of bf16 weight copies
+# autocast keeps during a step) instead of 2.4 GB, and the same fp32 bytes on the wire as ZeRO-2 with fp32 reduction.
+# Gradients are reduced in fp32 (grad_reduce_dtype): a bf16 sum over 8+ ranks rounds away the small gradients.
+
+
 def vit_l16() -> RunConfig:
     cfg = paper("vit_l16", drop_path=0.5, warmup=20.0, e2e_optimizer="lamb", batch=64, e2e_drop_path_mode="uniform")
-    cfg.ds_config = "zero3_bf16"
+    cfg.grad_reduce_dtype = "fp32"
     return cfg
 
 
 def vit_h14() -> RunConfig:
     cfg = paper("vit_h14", drop_path=0.6, warmup=20.0, e2e_optimizer="lamb", batch=32, e2e_drop_path_mode="uniform")
-    cfg.ds_config = "zero3_bf16"
+    cfg.grad_reduce_dtype = "fp32"
     cfg.model.grad_checkpointing = True
     return cfg
 
