@@ -247,3 +247,15 @@ def test_benchmark_dali_rows_use_the_torch_rows_images_and_recipe(tmp_path, monk
         assert res[row]["images"] == res[twin]["images"] == 24
         assert res[row]["cores_per_h100"] == pytest.approx(3000 / res[row]["img_per_cpu_s"], abs=0.06)
     assert cfgs["DALI cpu [decode+crop+flip]"]["auto_augment"] == "" and cfgs["DALI cpu [deit]"]["auto_augment"]
+
+
+@needs_dali
+@pytest.mark.parametrize("kw,subset", [({"train_fraction": 0.5}, None), ({"dmt_splits": 2}, 1)])
+def test_fractions_and_dmt_subsets_select_the_torch_loaders_samples(shards, kw, subset):
+    dali = cfg_for(shards, samples_per_epoch=None, **kw)
+    torch_cfg = cfg_for(shards, backend="torch", num_workers=0, **kw)
+    info = resolve_data(dali)
+    args = dict(batch_size=5, rank=0, world_size=1, epoch=0, seed=0, img_size=8, subset_index=subset)
+    a = ids_of(build_train_loader(dali, info, **args))
+    b = ids_of(build_train_loader(torch_cfg, info, **args))
+    assert sorted(a) == sorted(b) and len(set(a)) == len(a) and 150 <= len(a) <= 210
