@@ -54,7 +54,8 @@ class Tiny(builder.OpBuilder):
 
 
 def _python(code: str, *args, timeout: float, env=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               **(env or {}))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
@@ -133,7 +134,8 @@ def test_a_lock_held_by_a_live_builder_is_respected(tmp_path):
             (d / "lock").write_text("")  # torch's lock of the build in progress
             print("held", flush=True)
             time.sleep(120)
-        """), str(tmp_path)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        """), str(tmp_path)], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RuntimeError, match=f"pid {holder.pid}"):
