@@ -29,7 +29,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from NVIDIA's datasheets, matched against the name
 # torch.cuda.get_device_name() reports ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB", ...).
-# The first match wins; H100 NVL / H200 NVL (835) and GH200 are left out: an unknown device gets no MFU, not a wrong one.
+# The first match wins; H100 NVL / H200 NVL (835) and GH200 are left out: an unknown device gets no MFU, not a wrong
+# one.
 PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
     ("H100 PCIe", r"\bH100\b.*\bPCIE\b", 756.0),
     ("H100 SXM", r"\bH100\b(?!.*\b(PCIE|NVL)\b)", 989.0),
@@ -71,7 +72,8 @@ def check_params(preset: str, params: int, num_classes: int, embed_dim: int) -> 
     if want is None or abs(params - want) <= PARAM_TOLERANCE * want:
         return None
     return (f"preset {preset}: the model has {params / 1e6:.1f} M parameters, the real {preset} {want / 1e6:.1f} M "
-            f"({num_classes} classes): a recipe's depth/width override is shaping it; refusing to report it as {preset}")
+            f"({num_classes} classes): a recipe's depth/width override is shaping it; refusing to report it as "
+            f"{preset}")
 
 
 def model_params(cfg, num_classes: int | None = None) -> dict:

@@ -9,7 +9,7 @@
 #
 #   here, once:  bash benchmarks/gpu_wheels.sh        # the wheels the GPU image lacks (DeepSpeed, ...) into .whl/
 #   device:      run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-#   some parts:  bash benchmarks/gpu_session.sh tests kernels      (parts: tests kernels mfu loader; extra: stepcost loop)
+#   some parts:  bash benchmarks/gpu_session.sh tests kernels   # parts: tests kernels mfu loader; extra: stepcost loop
 #   here (CPU):  DRY_RUN=1 bash benchmarks/gpu_session.sh       # print every command (runs nothing, no Python)
 #                DRY_RUN=check bash benchmarks/gpu_session.sh   # also: each script's --help has every option given
 #
@@ -61,8 +61,8 @@ fi
 
 # ------------------------------------------------------------------ names: device kind and date, as common.py's
 # (DeepSpeed may print to stdout on import: the tag is the last line)
-[ -n "$dry" ] && tag="dry_$(date -u +%F)" || tag=$("$PY" -c "from benchmarks import common; print(common.device_kind() + '_' + common.now()[:10])" 2>/dev/null \
-      | tail -n 1)
+tagger="from benchmarks import common; print(common.device_kind() + '_' + common.now()[:10])"
+[ -n "$dry" ] && tag="dry_$(date -u +%F)" || tag=$("$PY" -c "$tagger" 2>/dev/null | tail -n 1)
 [[ $tag =~ ^[a-z0-9_]+_[0-9]{4}-[0-9]{2}-[0-9]{2}$ ]] || tag="gpu_$(date -u +%F)"
 kind=${tag%_*}
 outfile() {  # $res/<name>_<tag>.json, with _2, _3, ... where it exists: a rerun never overwrites a result
@@ -79,7 +79,9 @@ check_options() {  # DRY_RUN: every --option given to a benchmark script must be
     local help
     help=$("$PY" "$script" --help 2>&1) || { echo "  ! $script --help failed"; session_status=1; return; }
     for a in "$@"; do
-        case $a in --*) grep -q -- "${a%%=*}\b" <<<"$help" || { echo "  ! $script has no option ${a%%=*}"; session_status=1; } ;; esac
+        case $a in --*)
+            grep -q -- "${a%%=*}\b" <<<"$help" || { echo "  ! $script has no option ${a%%=*}"; session_status=1; } ;;
+        esac
     done
 }
 

@@ -314,7 +314,8 @@ def format_table(res: dict) -> str:
     rows = []
     for r in res["rows"]:
         ok = r.get("ok")
-        rows.append([r["label"], r.get("params_total"), r.get("params_trainable"), r["flops"]["train_step_per_image"] / 1e9,
+        rows.append([r["label"], r.get("params_total"), r.get("params_trainable"),
+                     r["flops"]["train_step_per_image"] / 1e9,
                      r["step_seconds_median"] * 1e3 if ok else r.get("error"), r.get("time_ratio"),
                      r["ideal_ratio"], r.get("time_vs_ideal"), r.get("time_within_15pct"),
                      r["peak_bytes"] / 2**20 if ok else None, r["peak_delta_bytes"] / 2**20 if ok else None,
@@ -322,8 +323,8 @@ def format_table(res: dict) -> str:
     t = common.table(head, rows, ["", "", "", ".4f", ".1f", ".3f", ".3f", ".3f", "", ".0f", ".0f", ""])
     tg = res["targets"]
     params = f"{res['model']['params'] / 1e6:.1f} M parameters, " if res.get("model") else ""
-    return (f"preset {res['preset']} ({params}depth {res['depth']}, {res['img_size']}px, K={res['stages']}), micro-batch "
-            f"{res['batch']}, {res['dtype']}, grad checkpointing {res['grad_checkpointing']}, median of "
+    return (f"preset {res['preset']} ({params}depth {res['depth']}, {res['img_size']}px, K={res['stages']}), "
+            f"micro-batch {res['batch']}, {res['dtype']}, grad checkpointing {res['grad_checkpointing']}, median of "
             f"{res['steps']} steps after {res['warmup']} warmup ({res.get('timing', 'isolated')} timing)\n{t}\n"
             f"targets: every incubation step within 15% of its FLOP-ideal ratio: "
             f"{common.fmt(tg['incubate_time_within_15pct_of_flop_ideal'])}; every incubation peak below E2E: "
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each child (default: all cores)")
     ap.add_argument("--ds-config", default="auto",
-                    help="ds_config of the engine (default auto, as the recipes: a bf16 ZeRO config on a GPU, cpu without)")
+                    help="ds_config of the engine (default auto, as the recipes: bf16 + ZeRO on a GPU, cpu without)")
     ap.add_argument("--grad-checkpointing", action="store_true")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--out", default=None,
