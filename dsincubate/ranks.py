@@ -192,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"dsincubate.ranks: error: {e}", file=sys.stderr)
         return 2
+    # The ranks are not SLURM tasks: SLURM_CPUS_PER_TASK counts the cores of this node's task, which all its ranks
+    # share. Left in place it reads as each rank's own share (the data loader sizes its workers from it: 8 ranks of
+    # a 64-core task would each start 63 workers); it is passed on as DSI_NODE_TASK_CPUS instead.
+    if "SLURM_CPUS_PER_TASK" in os.environ:
+        os.environ["DSI_NODE_TASK_CPUS"] = os.environ.pop("SLURM_CPUS_PER_TASK")
     sys.stdout.flush()
     os.execv(cmd[0], cmd)  # the launcher takes this task's pid: srun's signals reach it directly
 
