@@ -155,3 +155,15 @@ def test_an_output_made_before_a_field_existed_resumes_but_a_changed_field_is_re
     meta.out_dir.mkdir(parents=True)
     ckpt.atomic_write_json(meta.out_dir / "config_key.json", json.loads(json.dumps(meta.config_key(), default=str)))
     check_output(phases.make("meta", moe_cfg, tmp_path, 10, resolve=False))  # a V-MoE target's meta is dense
+
+
+def test_clip_grad_none_is_no_clipping_in_deepspeed():
+    # DeepSpeed 0.19.8 clips at 1.0 when gradient_clipping is absent: "off" must reach it as 0
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    for name in ("cpu", "zero2_bf16", "zero0_autocast_bf16"):
+        r = dsconfig.resolve(dsconfig.load(dsconfig.find(name, False)), 8, None, 1, "x", clip_grad=None)
+        assert r["gradient_clipping"] == 0.0
+        assert DeepSpeedConfig(r).gradient_clipping == 0.0
+        r = dsconfig.resolve(dsconfig.load(dsconfig.find(name, False)), 8, None, 1, "x", clip_grad=1.0)
+        assert DeepSpeedConfig(r).gradient_clipping == 1.0
