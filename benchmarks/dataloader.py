@@ -104,7 +104,7 @@ def work_floor(paths, recipe: str, args) -> int:
 # same shards and the same DataConfig apart from `backend` (loader_config; tests/unit/test_benchmarks.py checks it).
 # "decode+crop+flip" is the DeiT recipe without RandAugment and erasing: what a GPU pipeline leaves on the CPU.
 LOADER_ROWS = (("none", "none", {}), ("deit", "deit", {}),
-               ("decode+crop+flip", "deit", {"auto_augment": "", "reprob": 0.0}))
+               ("decode+crop+flip", "deit", {"auto_augment": "", "reprob": 0.0, "color_jitter": 0.0}))
 H100_IMAGES_PER_S = 3000  # ViT-B/16 bf16 training on one H100 (issue 22): the rate a loader must feed
 
 
@@ -122,7 +122,7 @@ def dali_build_cost(cfg: DataConfig, shards: str, args) -> float:
     tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
     c0 = cpu_seconds()
     build_pipeline(train=True, recipe=cfg.recipe, randaug=parse_randaugment(cfg.auto_augment) if cfg.recipe == "deit"
-                   else None, paths=tars, idxs=[t[:-4] + ".idx" for t in tars], batch_size=args.batch,
+                   else None, jitter=cfg.color_jitter if cfg.recipe == "deit" else 0.0, paths=tars, idxs=[t[:-4] + ".idx" for t in tars], batch_size=args.batch,
                    img_size=args.size, threads=max(1, args.workers), device_id=None, seed=1)
     return cpu_seconds() - c0
 

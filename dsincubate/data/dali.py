@@ -23,7 +23,8 @@ shards, missing image or label, labels that are not in range, images whose first
 whole batch it is in: the batch is skipped and its samples are counted as `decode_error` without keys
 (`dali_batch_errors` says how many batches). Everything counts against data.max_bad_fraction as in the torch path.
 DeiT recipe: ROI random-resized crop (fn.decoders.image_random_crop: decodes only the crop), flip, RandAugment
-(DALI's auto_aug: n=2, m=9 of timm's 10 levels; timm's magnitude noise mstd0.5 has no DALI equivalent), then the
+(DALI's auto_aug: n=2, m=9 of timm's 10 levels; timm's magnitude noise mstd0.5 has no DALI equivalent; with
+auto_augment="" timm's colour jitter instead, as fn.color_twist), then the
 torch path's BatchPrep (normalise + timm's RandomErasing on the batch) and, in the trainer, timm's Mixup/CutMix.
 "none"/eval: resize (shorter side S/0.875) + centre crop. "3aug" (DeiT-III) is not on DALI: refused with a line.
 """

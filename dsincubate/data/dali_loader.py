@@ -46,7 +46,7 @@ def parse_randaugment(spec: str) -> tuple[int, int] | None:
 
 
 def build_pipeline(*, train: bool, recipe: str, randaug, paths, idxs, batch_size: int, img_size: int,
-                   threads: int, device_id, seed: int):
+                   threads: int, device_id, seed: int, jitter: float = 0.0):
     """The DALI pipeline: (uint8 CHW images [B,3,S,S], zero-padded label text [B, LABEL_BYTES])."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.auto_aug import rand_augment
@@ -71,6 +71,10 @@ def build_pipeline(*, train: bool, recipe: str, randaug, paths, idxs, batch_size
                 # timm's m on 10 levels = DALI's bin m of 11; flip commutes with it in distribution
                 img = rand_augment.rand_augment(img, n=randaug[0], m=randaug[1], num_magnitude_bins=11,
                                                 shape=[S, S])
+            elif jitter > 0:  # timm applies ColorJitter(b, c, s) only when there is no RandAugment
+                rng = [max(0.0, 1 - jitter), 1 + jitter]
+                img = fn.color_twist(img, brightness=fn.random.uniform(range=rng),
+                                     contrast=fn.random.uniform(range=rng), saturation=fn.random.uniform(range=rng))
             mirror = fn.random.coin_flip(probability=0.5)
             out = fn.crop_mirror_normalize(img, dtype=types.UINT8, output_layout="CHW", mirror=mirror)
         else:
@@ -104,12 +108,12 @@ class DaliLoader:
 
     def __init__(self, *, chunks, good: int, steps: int, batch_size: int, img_size: int, train: bool, recipe: str,
                  randaug, threads: int, device, seed: int, bad: BadLog, expected: int, max_bad: float, info: dict,
-                 prep, prep_key: list):
+                 prep, prep_key: list, jitter: float = 0.0):
         self.chunks, self.good, self.steps, self.batch_size, self.img_size = chunks, good, steps, batch_size, img_size
         self.train, self.recipe, self.randaug, self.threads, self.seed = train, recipe, randaug, threads, seed
         self.device = torch.device(device)
         self.bad, self.expected, self.max_bad, self.info = bad, expected, max_bad, info
-        self.prep, self.prep_key = prep, list(prep_key)
+        self.prep, self.prep_key, self.jitter = prep, list(prep_key), jitter
         self.num_workers = threads
         self._yielded = self._padded = self._batch_errors = self._lost = 0
         self._check()  # bad data found while planning: stop before any decoding
@@ -147,7 +151,7 @@ class DaliLoader:
                 device_id = torch.cuda.current_device()
             pipe = build_pipeline(train=self.train, recipe=self.recipe, randaug=self.randaug, paths=paths,
                                   idxs=idxs, batch_size=self.batch_size, img_size=self.img_size,
-                                  threads=self.threads, device_id=device_id, seed=self.seed)
+                                  threads=self.threads, device_id=device_id, seed=self.seed, jitter=self.jitter)
             fails = 0
             while True:
                 try:
@@ -260,7 +264,7 @@ def dali_train_loader(cfg, index, sel, prep, *, batch_size: int, rank: int, worl
                       recipe=cfg.recipe, randaug=parse_randaugment(cfg.auto_augment) if cfg.recipe == "deit"
                       else None, threads=threads, device=device, seed=_seed(seed, epoch, rank), bad=bad,
                       expected=steps * batch_size, max_bad=cfg.max_bad_fraction, info=info, prep=prep,
-                      prep_key=[seed, epoch, rank])
+                      prep_key=[seed, epoch, rank], jitter=cfg.color_jitter if cfg.recipe == "deit" else 0.0)
 
 
 def dali_val_loader(cfg, index, prep, *, batch_size: int, rank: int, world_size: int, img_size: int,

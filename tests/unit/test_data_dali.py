@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,6 +248,7 @@ def test_benchmark_dali_rows_use_the_torch_rows_images_and_recipe(tmp_path, monk
         assert res[row]["images"] == res[twin]["images"] == 24
         assert res[row]["cores_per_h100"] == pytest.approx(3000 / res[row]["img_per_cpu_s"], abs=0.06)
     assert cfgs["DALI cpu [decode+crop+flip]"]["auto_augment"] == "" and cfgs["DALI cpu [deit]"]["auto_augment"]
+    assert cfgs["DALI cpu [decode+crop+flip]"]["color_jitter"] == 0.0   # timm would jitter without RandAugment
 
 
 @needs_dali
@@ -259,3 +261,18 @@ def test_fractions_and_dmt_subsets_select_the_torch_loaders_samples(shards, kw, 
     a = ids_of(build_train_loader(dali, info, **args))
     b = ids_of(build_train_loader(torch_cfg, info, **args))
     assert sorted(a) == sorted(b) and len(set(a)) == len(a) and 150 <= len(a) <= 210
+
+
+@needs_dali
+def test_deit_without_randaugment_applies_colour_jitter_as_timm_does(shards):
+    """timm's DeiT transform applies ColorJitter when auto_augment is off; so does the DALI recipe."""
+    from dsincubate.data.dali_loader import build_pipeline
+    tars = sorted(str(p) for p in (shards / "train").glob("*.tar"))
+    out = {}
+    for jitter in (0.0, 0.4):
+        p = build_pipeline(train=True, recipe="deit", randaug=None, jitter=jitter, paths=tars,
+                           idxs=[t[:-4] + ".idx" for t in tars], batch_size=8, img_size=16, threads=1, device_id=None,
+                           seed=5)
+        out[jitter] = [torch.from_numpy(np.array(p.run()[0].as_tensor())) for _ in range(2)]
+    assert all(a.shape == (8, 3, 16, 16) for a in out[0.4])
+    assert any(not torch.equal(a, b) for a, b in zip(out[0.0], out[0.4]))   # same seed, only the jitter differs
