@@ -236,6 +236,7 @@ def build_lock(build_dir: Path, wait_s: float | None = None, poll_s: float = 0.2
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
                 break
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
@@ -246,10 +247,15 @@ def build_lock(build_dir: Path, wait_s: float | None = None, poll_s: float = 0.2
                     logger.info("waiting for %s, built by %s", build_dir, holder)
                     said = True
                 time.sleep(poll_s)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+            except OSError as exc:  # a file system without locks (ENOLCK): build under torch's own lock only
+                logger.warning("cannot lock %s (%s); a build killed here may leave a lock that blocks", build_dir, exc)
+                locked = False
+                break
         stale = build_dir / TORCH_LOCK
-        if stale.exists():
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        if locked and stale.exists():
             # Every builder of this directory holds our lock first, and we hold it: the file's owner is gone.
             age = time.time() - stale.stat().st_mtime
             if torch_lock_is_a_file():  # this torch would wait for the file forever: say what we did
