@@ -57,12 +57,7 @@ for ((a = 1; a <= $#; a++)); do [ "${!a}" = "--output" ] && { b=$((a + 1)); OUTP
 OUTPUT="$(cd "$(dirname "$OUTPUT")" && pwd)/$(basename "$OUTPUT")"
 ARGS=("$@")
 for ((a = 0; a < ${#ARGS[@]}; a++)); do [ "${ARGS[$a]}" = "--output" ] && ARGS[$((a + 1))]="$OUTPUT"; done
-# fail fast (one line, exit 2) on bad input before anything is queued; also checks K against the run's config
-# (with --method m2mkd also that the teacher exists and fits the run)
-"$PY" -m dsincubate config "${CHECK[@]+"${CHECK[@]}"}" "${ARGS[@]}" >/dev/null || exit 2
-NUM_STAGES=$("$PY" -m dsincubate config "${ARGS[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
-[ "$NUM_STAGES" = "$K" ] || { echo "slurm_pipeline.sh: error: --k $K but the run has model.num_stages=$NUM_STAGES" >&2; exit 2; }
-
+# the launcher's own options first (one line, exit 2)
 whole() { [[ "$2" =~ ^[0-9]+$ ]] || { echo "slurm_pipeline.sh: error: $1 must be a whole number (got '$2')" >&2; exit 2; }; }
 whole --nodes "$NODES"; whole --gpus "$GPUS"; whole --k "$K"; whole --master_port "$PORT"
 SLOTS="${RANKS:-$GPUS}"
@@ -74,8 +69,8 @@ ANODES="${ANODES:-$NODES}"
 whole --array-nodes "$ANODES"
 if [ "$GPUS" -gt 0 ]; then CPR="${CPR:-8}" MPR="${MPR:-64G}"; else CPR="${CPR:-2}" MPR="${MPR:-4G}"; fi
 whole --cpus-per-rank "$CPR"
-[ "$NODES" -ge 1 ] && [ "$ANODES" -ge 1 ] && [ "$CPR" -ge 1 ] || {
-  echo "slurm_pipeline.sh: error: --nodes, --array-nodes and --cpus-per-rank must be >= 1" >&2; exit 2; }
+[ "$NODES" -ge 1 ] && [ "$ANODES" -ge 1 ] && [ "$CPR" -ge 1 ] && [ "$K" -ge 1 ] || {
+  echo "slurm_pipeline.sh: error: --nodes, --array-nodes, --cpus-per-rank and --k must be >= 1" >&2; exit 2; }
 # --mem-per-rank as SLURM writes sizes (K, M, G, T; no unit = M) -> MB, so that a job's --mem is R x M
 MPR_MB=$(echo "$MPR" | awk '/^[0-9]+[KkMmGgTt]?$/ { n = $0 + 0; u = toupper(substr($0, length($0)));
   print int(u == "K" ? n / 1024 : u == "G" ? n * 1024 : u == "T" ? n * 1048576 : n); next } { print "bad" }')
@@ -85,6 +80,12 @@ if [ "$GPUS" = 0 ]; then
   TASK_SLOTS=$((SLOTS * NODES / (K * ANODES)))
   [ "$TASK_SLOTS" -ge 1 ] || TASK_SLOTS=1
 fi
+# fail fast (one line, exit 2) on bad input before anything is queued; also checks K against the run's config
+# (with --method m2mkd also that the teacher exists and fits the run)
+"$PY" -m dsincubate config "${CHECK[@]+"${CHECK[@]}"}" "${ARGS[@]}" >/dev/null || exit 2
+NUM_STAGES=$("$PY" -m dsincubate config "${ARGS[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
+[ "$NUM_STAGES" = "$K" ] || { echo "slurm_pipeline.sh: error: --k $K but the run has model.num_stages=$NUM_STAGES" >&2; exit 2; }
+
 resources() {  # resources RANKS_PER_NODE: one task per node holding its ranks' cores and memory
   echo --ntasks-per-node 1 --cpus-per-task $(($1 * CPR))
   [ "$MPR_MB" -gt 0 ] && echo --mem "$(($1 * MPR_MB))M"
