@@ -127,3 +127,27 @@ def test_dist_init_refuses_a_two_task_slurm_step_without_rank_variables(monkeypa
     with pytest.raises(UserError, match="rank 0 of 1"):
         dist.init()
     assert "RANK" not in __import__("os").environ  # nothing was set up
+
+
+def test_the_ranks_of_a_node_task_split_its_cores_for_their_loader_workers(monkeypatch):
+    """A node task of 64 cores (SLURM_CPUS_PER_TASK=64) running 8 ranks: each rank's loader gets 64/8 - 1 workers,
+    not 63 (the task's cores are not passed on as if they were each rank's)."""
+    from dsincubate.data.loader import default_workers
+
+    monkeypatch.delenv("DSI_NODE_TASK_CPUS", raising=False)  # so that what main sets is undone after the test
+    for k, v in _step("gpu01", SLURM_CPUS_PER_TASK="64", CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7").items():
+        monkeypatch.setenv(k, v)
+    started = {}
+
+    def execv(path, cmd):  # where main hands over to DeepSpeed's launcher: record what it would start, with what
+        started.update(cmd=cmd, env=dict(__import__("os").environ))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(ranks.os, "execv", execv)
+    with pytest.raises(SystemExit):
+        ranks.main(["--master_port", "29700", "--", "meta", "--recipe", "debug"])
+    assert "deepspeed.launcher.launch" in started["cmd"] and "--node_rank=0" in started["cmd"]
+    env = started["env"]
+    assert "SLURM_CPUS_PER_TASK" not in env and env["DSI_NODE_TASK_CPUS"] == "64"
+    rank_env = dict(env, LOCAL_SIZE="8", RANK="3", LOCAL_RANK="3")  # what DeepSpeed's launch adds per rank
+    assert default_workers(rank_env, affinity=64) == 7
