@@ -172,6 +172,7 @@ def check_with_deepspeed(cfg: dict, where: str) -> None:
 
 
 def precision(cfg: dict):
+    """The weights' dtype, which inputs are cast to (fp32 under torch_autocast: autocast casts inside the engine)."""
     import torch
 
     if cfg.get("bf16", {}).get("enabled"):
@@ -179,6 +180,17 @@ def precision(cfg: dict):
     if cfg.get("fp16", {}).get("enabled"):
         return torch.float16
     return torch.float32
+
+
+def compute_dtype(cfg: dict):
+    """The dtype the matmuls run in: `precision` (the weights' and inputs' dtype), or torch_autocast's dtype."""
+    import torch
+
+    ac = cfg.get("torch_autocast", {})
+    if isinstance(ac, dict) and ac.get("enabled"):
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "fp16": torch.float16}.get(str(ac.get("dtype", "bfloat16")).removeprefix("torch."), torch.bfloat16)
+    return precision(cfg)
 
 
 def offloads_optimizer(cfg: dict) -> bool:

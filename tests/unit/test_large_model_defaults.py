@@ -61,6 +61,8 @@ def test_lamb_phases_get_zero0_and_a_named_ds_config_wins():
     h = recipes.get("vit_h14")
     f, ds = resolve_ds_config(_phase(h, "e2e"), True, 8, device_bytes=H100)  # the LAMB E2E baseline
     assert f.stem == "zero0_autocast_bf16" and dsconfig.zero_stage(ds) == 0 and ds["torch_autocast"]["enabled"]
+    # fp32 weights (what LAMB and the inputs see), bf16 matmuls
+    assert dsconfig.precision(ds) == torch.float32 and dsconfig.compute_dtype(ds) == torch.bfloat16
     named = apply_overrides(h, ["ds_config=zero3_bf16"])
     assert resolve_ds_config(_phase(named, "finetune"), True, 8, device_bytes=H100)[0].stem == "zero3_bf16"
     with pytest.raises(UserError, match=r"e2e\.optimizer=lamb cannot run under ZeRO stage 3"):
