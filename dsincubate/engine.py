@@ -167,6 +167,13 @@ def build_engine(phase, ctx: dist.DistContext, ds_cfg: dict, steps_per_epoch: in
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(
             steps_per_epoch * tc.epochs, int(tc.warmup_epochs * steps_per_epoch), tc.warmup_lr / tc.lr,
             tc.min_lr / tc.lr))
+    if not ds_cfg.get("torch_autocast", {}).get("enabled"):
+        # DeepSpeed keeps "torch_autocast was initialised" in a module global once any engine used it; ZeRO engines
+        # built later in the same process (a pipeline's next phase) would then reduce each gradient in its
+        # parameter's dtype and ignore communication_data_type
+        from deepspeed.runtime import torch_autocast
+
+        torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=ds_cfg)
     if moe.layers(model):

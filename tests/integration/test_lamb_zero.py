@@ -5,7 +5,8 @@ clip) over a rank's whole shard. The ViT-L/H recipes' LAMB phase (E2E), resolved
 2 CPU ranks through the real `deepspeed` launcher, must equal a single-process timm Lamb given the same two halves of
 every batch, step for step (1e-6); the same steps under ZeRO-2 (built directly, past the refusal) must not, which
 shows the comparison can see the difference. And naming a ZeRO >= 1 ds_config for a LAMB phase is refused in one line
-before anything starts. Integration tier."""
+before anything starts. On the same ranks, the recipe's AdamW phases resolved for 2 x 80 GB run ZeRO-2 with bf16
+weights and reduce their gradients in fp32 (item 8). Integration tier."""
 import json
 import os
 import subprocess
@@ -85,6 +86,20 @@ for x, y in batches:
     res["steps"].append(max_diff(engine.module, ref))
 res["moved"] = max(float((p.detach() - init[n]).abs().max()) for n, p in ref.named_parameters())
 
+# item 8 on the same ranks: the recipe's AdamW phases, resolved for 2 x 80 GB, run ZeRO-2 bf16 and reduce in fp32
+import deepspeed.runtime.zero.stage_1_and_2 as zero12
+ft = phases.make("finetune", cfg, out, 10, None, resolve=False)
+ft_file, ft_cfg = resolve_ds_config(ft, True, ctx.world_size, device_bytes=80 * 2**30)
+ft_engine = build_engine(ft, ctx, ft_cfg, steps_per_epoch=None, load=False).engine
+reduced = []
+plain_all_reduce = zero12.dist.all_reduce
+zero12.dist.all_reduce = lambda t, *a, **k: (reduced.append(str(t.dtype)), plain_all_reduce(t, *a, **k))[1]
+ft_engine.backward(ft_engine(batches[0][0][:micro].bfloat16()).float().logsumexp(-1).mean())
+ft_engine.step()
+zero12.dist.all_reduce = plain_all_reduce
+res["finetune"] = {"ds_config": ft_file.stem, "weights": str(next(ft_engine.module.parameters()).dtype),
+                   "buckets": sorted(str(k) for k in ft_engine.optimizer.ipg_buckets), "reduced": sorted(set(reduced))}
+
 # the control: the same steps with the same Lamb under ZeRO-2 (fp32, so precision is not the difference), built
 # directly with deepspeed.initialize, past dsincubate's refusal
 dist.seed_everything(cfg.seed)
@@ -122,6 +137,10 @@ def test_recipe_lamb_phase_on_two_ranks_equals_single_process_timm_lamb_step_for
     assert res["start"] == 0.0, res
     assert res["moved"] > 1e-3, res  # the steps are large enough for a wrong trust ratio to show
     assert len(res["steps"]) == 5 and max(res["steps"]) <= 1e-6, res
+    # the AdamW phases: ZeRO-2 with bf16 weights, gradients reduced in fp32 (grad_reduce_dtype=fp32 in the recipe)
+    ft = res["finetune"]
+    assert (ft["ds_config"], ft["weights"], ft["buckets"]) == ("zero2_bf16", "torch.bfloat16", ["torch.float32"]), res
+    assert "torch.bfloat16" not in ft["reduced"] and "torch.float32" in ft["reduced"], res
     # under ZeRO-2 the optimizer sees a flat shard per group and the weights come out different
     assert all(n > 1000 for n in res["zero2_shards"]) and res["zero2_diff"] > 1e-4, res
 
