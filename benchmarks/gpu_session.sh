@@ -21,7 +21,8 @@
 #   mfu      benchmarks/throughput.py: one fine-tune step (the whole target under AdamW, as the recipe's
 #            ds_config=auto and checkpointing set it: bf16 + ZeRO) of vit_b16, vit_l16, vit_h14 at the recipes'
 #            micro-batches 128/64/32; params, img/s, MFU vs the datasheet peak, % of measured matmul       190 s
-#   loader   benchmarks/dataloader.py images/s (and a DALI row where dataloader.py has --backend)         45+45 s
+#   loader   benchmarks/dataloader.py images/s on 500x375 JPEGs (and DALI's, into GPU memory, where
+#            dataloader.py has --backend)                                                               45+45 s
 # A part never runs past SESSION_LIMIT (570 s from the script's start): its timeout shrinks to what is left, and a part
 # with under 20 s left is recorded as skipped.
 set -uo pipefail
@@ -156,12 +157,16 @@ for p in "${parts[@]}"; do
     loader)
         cores=$(nproc 2>/dev/null || echo 4)
         workers=$(( cores > 10 ? 8 : (cores > 2 ? cores - 2 : 1) ))
-        part loader 45 "$PY" benchmarks/dataloader.py --images 1000 --workers "$workers" --host-kind "$kind" \
-            --out "$(outfile dataloader)"
-        # helper F's DALI backend, where this checkout's dataloader.py has it
+        # ImageNet-sized JPEGs (500x375), the same for both rows; the DALI rows (the mixed pipeline into GPU
+        # memory) where this checkout's dataloader.py has --backend
+        loader_args=(--images 1000 --jpeg-size 500x375 --workers "$workers" --host-kind "$kind")
         if grep -q 'add_argument("--backend"' benchmarks/dataloader.py; then
-            part loader_dali 45 "$PY" benchmarks/dataloader.py --backend dali --images 1000 --workers "$workers" \
-                --host-kind "$kind" --out "$(outfile dataloader_dali)"
+            part loader 45 "$PY" benchmarks/dataloader.py --backend torch "${loader_args[@]}" \
+                --out "$(outfile dataloader)"
+            part loader_dali 45 "$PY" benchmarks/dataloader.py --backend dali "${loader_args[@]}" \
+                --out "$(outfile dataloader_dali)"
+        else
+            part loader 45 "$PY" benchmarks/dataloader.py "${loader_args[@]}" --out "$(outfile dataloader)"
         fi ;;
     stepcost)  # extra, not in the default set: E2E / meta / incubation / fine-tune steps of ViT-B/16 (bf16 engine)
         part stepcost 240 "$PY" benchmarks/step_cost.py --preset vit_b16 --batch 64 --steps 5 --warmup 2 \
