@@ -18,6 +18,7 @@ frames; every line this module prints starts with the rank's host and rank.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -100,7 +101,18 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
     run = prepare(phase, ctx, info)
     if isinstance(run, dict):  # already complete
         return run
-    run.built = build_engine(phase, ctx, run.ds_cfg, run.steps_per_epoch)
+    from deepspeed.accelerator import get_accelerator
+
+    record = _train(run)
+    del run  # the engine's last references went with _train's frame: free it before the next phase builds one
+    gc.collect()
+    get_accelerator().empty_cache()
+    return record
+
+
+def _train(run: Run) -> dict:
+    phase = run.phase
+    run.built = build_engine(phase, run.ctx, run.ds_cfg, run.steps_per_epoch)
     frozen_before = frozen_digest(run.built.engine.module)
     start_outputs(run)
     resume(run)
@@ -117,25 +129,36 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
 def release(run: Run) -> None:
     """Free the phase's engine before the next phase of the same process builds its own (`dsincubate pipeline`).
 
-    Without this an engine outlived its phase: DeepSpeed's debug name maps keep the last engine's modules (and
-    through their ZeRO-3 hooks its optimizer and partitions) until the next engine exists, and reference cycles
-    wait for the garbage collector, so two engines were alive while the next one built. `engine.destroy()` removes
-    ZeRO-3's hooks and buffers and clears those maps; then the references go, `gc.collect()` frees the cycles and
-    the accelerator's cache returns the freed device memory. Local to this rank: no collective.
+    Without this an engine outlived its phase: DeepSpeed's debug name maps kept the last engine's modules (and
+    through their hooks its optimizer and partitions) until the next engine existed, ZeRO-3's module globals kept
+    the model for good (`_forget_zero3_globals`), and reference cycles waited for the garbage collector, so two
+    engines were alive while the next one built. `engine.destroy()` removes
+    ZeRO-3's hooks and buffers and clears those maps; then the references go, and `run_phase`, once this frame and
+    its caller's are gone, runs `gc.collect()` for the cycles and empties the accelerator's cache. Local to this
+    rank: no collective.
     """
-    import gc
-
-    from deepspeed.accelerator import get_accelerator
-
     if run.built is None:
         return
     engine, run.built = run.built.engine, None
     try:
         engine.destroy()
     finally:
-        del engine
-        gc.collect()
-        get_accelerator().empty_cache()
+        _forget_zero3_globals()
+
+
+def _forget_zero3_globals() -> None:
+    """Drop what ZeRO-3 keeps in module globals after its engine is gone (found with gc, following the referrers of
+    a destroyed engine that outlived gc.collect()): the stack of modules in forward, which can keep the last model
+    and through its hooks the whole engine, and the class-wide lru_cache of PartitionedParameterCoordinator's
+    `__params_to_release`, whose keys hold every coordinator and submodule it has seen. No forward runs now."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
+
+    parameter_offload.FWD_MODULE_STACK.clear()
+    fn = PPC.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for f in [fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))]:  # under instrument_w_nvtx
+        if hasattr(f, "cache_clear"):
+            f.cache_clear()
 
 
 def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
