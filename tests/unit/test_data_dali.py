@@ -276,3 +276,31 @@ def test_deit_without_randaugment_applies_colour_jitter_as_timm_does(shards):
         out[jitter] = [torch.from_numpy(np.array(p.run()[0].as_tensor())) for _ in range(2)]
     assert all(a.shape == (8, 3, 16, 16) for a in out[0.4])
     assert any(not torch.equal(a, b) for a, b in zip(out[0.0], out[0.4]))   # same seed, only the jitter differs
+
+
+@needs_dali
+def test_image_that_only_fails_in_dalis_decoder_costs_its_batch_counted_never_a_crash(tmp_path):
+    """A JPEG header followed by garbage passes the cheap check and fails inside DALI, which does not name the
+    sample: the batch is skipped and counted (decode_error, dali_batch_errors), the epoch keeps its length."""
+    import io
+    import json
+    import tarfile
+    d = tmp_path / "t"
+    man = write_shards(id_samples(59), str(d), CLASSES, prefix="s", maxcount=60, progress=False)
+    with tarfile.open(d / "bad.tar", "w") as tf:
+        for name, data in (("x0.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4), ("x0.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    m = json.loads((d / "manifest.json").read_text())
+    m["shards"] = man["shards"] + [{"name": "bad.tar", "samples": 1, "keys": ["x0"], "labels": [1]}]
+    m["num_samples"] = 60   # one pass reads all 60: the bad one is in the epoch
+    (d / "manifest.json").write_text(json.dumps(m))
+    cfg = DataConfig(train=str(d), val=str(d), recipe="none", backend="dali", num_workers=1, resampled=False,
+                     max_bad_fraction=0.5)
+    info = resolve_data(cfg)
+    dl = build_train_loader(cfg, info, batch_size=10, rank=0, world_size=1, epoch=0, seed=0, img_size=8)
+    got = ids_of(dl)
+    st = dl.stats()
+    assert len(got) == len(dl) * 10 == 60 and set(got) <= set(range(59))   # topped up from the next pass
+    assert st["dali_batch_errors"] >= 1 and st["bad_by_kind"]["decode_error"] >= 10
