@@ -17,12 +17,14 @@ demo.py (demo data).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dsincubate.config import AUG_RECIPES, DataConfig, _check_domains
+from dsincubate.data.dali import DALI_RECIPES
 from dsincubate.data.demo import ensure_demo
 from dsincubate.data.loader import TrainLoader, ValLoader, cached_index, train_loader, val_loader
 from dsincubate.data.sources import with_classes
@@ -34,6 +36,7 @@ __all__ = ["DataConfig", "DataInfo", "resolve_data", "build_train_loader", "buil
            "TrainLoader", "ValLoader", "SeededMixup"]
 
 RECIPES = AUG_RECIPES
+log = logging.getLogger("dsincubate.data")
 
 
 @dataclass
@@ -63,7 +66,7 @@ def _check_cfg(cfg: DataConfig) -> None:
         raise UserError(f"data.repeated_aug={cfg.repeated_aug} needs data.resampled=true")
     if cfg.backend == "dali":
         from dsincubate.data.dali import require_dali
-        require_dali(cfg.recipe)
+        require_dali()
 
 
 def resolve_data(cfg: DataConfig, num_classes: int | None = None) -> DataInfo:
@@ -103,7 +106,10 @@ def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank
     dmt = cfg.dmt_splits if subset_index is not None else 0
     sel = select_subset(index, cfg.train_fraction, dmt, subset_index if dmt else None)
     tf = build_transform(cfg.recipe, cfg, img_size=img_size, train=True, mean=info.mean, std=info.std)
-    if cfg.backend == "dali":  # same selection and plan; DALI decodes, the same BatchPrep normalises and erases
+    if cfg.backend == "dali" and cfg.recipe not in DALI_RECIPES:
+        log.warning("data.recipe=%s is not implemented on DALI: this training loader uses data.backend=torch",
+                    cfg.recipe)
+    elif cfg.backend == "dali":  # same selection and plan; DALI decodes, the same BatchPrep normalises and erases
         from dsincubate.data.dali_loader import dali_train_loader
         return dali_train_loader(cfg, index, sel, tf.batch_prep, batch_size=batch_size, rank=rank,
                                  world_size=world_size, epoch=epoch, seed=seed, img_size=img_size, device=device)

@@ -26,7 +26,8 @@ DeiT recipe: ROI random-resized crop (fn.decoders.image_random_crop: decodes onl
 (DALI's auto_aug: n=2, m=9 of timm's 10 levels; timm's magnitude noise mstd0.5 has no DALI equivalent; with
 auto_augment="" timm's colour jitter instead, as fn.color_twist), then the
 torch path's BatchPrep (normalise + timm's RandomErasing on the batch) and, in the trainer, timm's Mixup/CutMix.
-"none"/eval: resize (shorter side S/0.875) + centre crop. "3aug" (DeiT-III) is not on DALI: refused with a line.
+"none"/eval: resize (shorter side S/0.875) + centre crop. "3aug" (DeiT-III's 3-Augment) is not on DALI: its
+training loader falls back to the torch path with a warning (stats say backend "torch"); its val loader is DALI's.
 """
 from __future__ import annotations
 
@@ -59,14 +60,11 @@ def dali_available() -> bool:
     return True
 
 
-def require_dali(recipe: str = "none") -> None:
-    """One line before anything heavy: DALI installed, recipe supported."""
+def require_dali() -> None:
+    """One line before anything heavy: DALI must be installed."""
     if not dali_available():
         raise UserError("data.backend=dali needs NVIDIA DALI: pip install -e '.[dali]' (nvidia-dali-cuda130), or "
                         "set data.backend=torch")
-    if recipe not in DALI_RECIPES:
-        raise UserError(f"data.recipe={recipe!r} is not implemented on DALI (only {', '.join(DALI_RECIPES)}): "
-                        "use data.backend=torch for DeiT-III's 3-Augment")
 
 
 # ---- index files ---------------------------------------------------------------------------------------------------

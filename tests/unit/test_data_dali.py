@@ -218,9 +218,12 @@ def test_dali_backend_refused_in_one_line_without_dali(shards, monkeypatch):
 
 
 @needs_dali
-def test_3aug_on_dali_is_refused_with_a_line(shards):
-    with pytest.raises(UserError, match="3-Augment"):
-        resolve_data(cfg_for(shards, recipe="3aug"))
+def test_3aug_training_falls_back_to_the_torch_path_with_a_warning(shards, caplog):
+    cfg = cfg_for(shards, recipe="3aug", resampled=True, samples_per_epoch=20)
+    dl = build_train_loader(cfg, resolve_data(cfg), batch_size=10, rank=0, world_size=1, epoch=0, seed=0,
+                            img_size=16)
+    assert sum(1 for _ in dl) == 2 and dl.stats().get("backend", "torch") == "torch"
+    assert "not implemented on DALI" in caplog.text
 
 
 @needs_dali
