@@ -66,7 +66,8 @@ def vit_b_dn() -> RunConfig:
 # 2.4 GB per rank), not ZeRO-3, whose per-layer all-gathers buy nothing there. Their LAMB E2E baselines run ZeRO-0
 # (zero0_autocast_bf16: fp32 weights, gradients and LAMB state, bf16 compute), because under ZeRO >= 1 LAMB would see
 # flat shards; for ViT-H that is 4 + 4 + 8 bytes x 632 M = 10.1 GB per GPU (plus 1.3 GB of bf16 weight copies
-# autocast keeps during a step) instead of 2.4 GB, and the same fp32 bytes on the wire as ZeRO-2 with fp32 reduction.
+# autocast keeps during a step and up to 2 GB for DeepSpeed's flattened all-reduce bucket of 500 M fp32 gradients)
+# instead of 2.4 GB, with the same fp32 bytes on the wire as ZeRO-2 with fp32 reduction.
 # Gradients are reduced in fp32 (grad_reduce_dtype): a bf16 sum over 8+ ranks rounds away the small gradients.
 
 
