@@ -229,7 +229,7 @@ def dali_train_loader(cfg, index, sel, prep, *, batch_size: int, rank: int, worl
         plan = checked_plan(index, sel.keys, index.num_classes, bad)
         weights = np.array([len(k) for k in sel.keys if k], dtype=np.float64)
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch] + ([rank] if K == 1 else [])))
-        need = steps * batch_size * (W if K > 1 else 1) // K + batch_size
+        need = steps * batch_size + batch_size  # this rank's samples (its dealt copies), one batch to spare
         chunks, total, p, dry = [], 0, 0, 0
         while total < need and dry < max(20, 2 * len(plan)):
             tar, _, good = plan[int(rng.choice(len(plan), p=weights / weights.sum()))]
@@ -252,13 +252,15 @@ def dali_train_loader(cfg, index, sel, prep, *, batch_size: int, rank: int, worl
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, rank]))
         chunks = [(plan[i][0], [plan[i][2][j][1] for j in rng.permutation(len(plan[i][2]))])
                   for i in rng.permutation(len(plan))]
+    # what this rank reads this epoch: with repeated augmentation only its dealt copies (the index lists them), so
+    # storage reads stay ~one epoch of samples over all ranks instead of every rank reading the shared stream
     good = sum(len(c[1]) for c in chunks)
     if good == 0:
         raise UserError(f"no usable training sample for rank {rank}: bad data {dict(bad.by_kind())}")
     threads = max(1, resolve_workers(cfg))
     info = {"split": "train", "rank": rank, "world_size": W, "epoch": epoch, "seed": seed, "backend": "dali",
             "mode": "resampled" if cfg.resampled else "one_pass", "repeated_aug": K, "num_workers": threads,
-            "samples_per_epoch": steps * batch_size * W, "recipe": cfg.recipe, "subset": sel.info,
+            "samples_per_epoch": steps * batch_size * W, "samples_planned": good, "recipe": cfg.recipe, "subset": sel.info,
             "source": index.source, "dali_device": "gpu" if torch.device(device).type == "cuda" else "cpu"}
     return DaliLoader(chunks=chunks, good=good, steps=steps, batch_size=batch_size, img_size=img_size, train=True,
                       recipe=cfg.recipe, randaug=parse_randaugment(cfg.auto_augment) if cfg.recipe == "deit"

@@ -148,6 +148,20 @@ def test_repeated_augmentation_deals_each_sample_once_to_each_of_k_ranks(shards)
 
 
 @needs_dali
+def test_repeated_augmentation_reads_each_ranks_share_only(shards):
+    """Every rank plans (reads) only the copies dealt to it, so all ranks together read about one epoch of samples,
+    not world_size times the shared stream (the torch path's cost: each rank reads the stream, keeps its share)."""
+    cfg = cfg_for(shards, resampled=True, repeated_aug=3, samples_per_epoch=400)
+    info = resolve_data(cfg)
+    W, B = 4, 10
+    planned = [build_train_loader(cfg, info, batch_size=B, rank=r, world_size=W, epoch=0, seed=1, img_size=8)
+               .stats()["samples_planned"] for r in range(W)]
+    steps = 400 // (B * W)
+    assert all(steps * B <= p <= steps * B + 60 for p in planned), planned   # ~its own batches (+ the last draw)
+    assert sum(planned) < 1.5 * 400
+
+
+@needs_dali
 def test_val_every_sample_valid_once_equal_batches(shards):
     cfg = cfg_for(shards)
     info = resolve_data(cfg)
