@@ -21,7 +21,8 @@ rates are reported too. Targets: ours >= 80% of the raw decode rate per core, an
 
     python benchmarks/dataloader.py [--images 2000] [--size 224] [--workers 2] [--workdir /tmp/dsinc_bench]
     python benchmarks/dataloader.py --jpeg-size 500x375 --out benchmarks/results/dataloader_cpu2_500x375.json
-    python benchmarks/dataloader.py --backend dali --jpeg-size 500x375   # DALI rows only (gpu_session.sh)
+    python benchmarks/dataloader.py --backend dali --jpeg-size 500x375   # DALI rows only (gpu_session.sh); on
+                                                   # a CUDA host the mixed pipeline's (--dali-cpu: also the CPU ones)
 
 JPEGs are --size square by default; --jpeg-size WxH writes larger ones (ImageNet's are ~500x375 on average), where
 decoding takes a larger share of the pipeline while the augmentation, which works at --size, costs the same.
@@ -164,7 +165,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (torch) / DALI threads")
     ap.add_argument("--backend", choices=("all", "torch", "dali"), default="all",
                     help="loader rows to run: both backends on the same shards and recipes (default), or one; "
-                         "dali on a CUDA host adds the mixed (GPU) pipeline's rows")
+                         "dali on a CUDA host runs the mixed (GPU) pipeline's rows only (add --dali-cpu for the "
+                         "CPU ones; all runs both)")
+    ap.add_argument("--dali-cpu", action="store_true", help="with --backend dali on a CUDA host: also DALI's CPU rows")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workdir", default="/tmp/dsinc_bench")
     ap.add_argument("--host-kind", default=None, help="name of the machine in the result file (default cpu<cores>)")
@@ -176,6 +179,8 @@ def main() -> int:
         from dsincubate.data.dali import require_dali
         require_dali()
 
+    # on a GPU host `--backend dali` is the GPU check (benchmarks/gpu_session.sh, 45 s): the mixed pipeline only
+    dali_cpu = args.backend == "all" or args.dali_cpu or not torch.cuda.is_available()
     w, h = (int(v) for v in args.jpeg_size.lower().split("x")) if args.jpeg_size else (args.size, args.size)
     tag = f"{args.size}" if (w, h) == (args.size, args.size) else f"{w}x{h}"
     folder = os.path.join(args.workdir, f"jpeg{tag}")
@@ -184,6 +189,8 @@ def main() -> int:
     convert(folder, shards, prefix="train", maxcount=250, progress=False)  # also writes DALI's index files
     # warm the page cache and imports so every row reads from memory
     raw_decode(paths[:50])
+    if "dali" in backends:  # DALI's first RandAugment graph pays one-time imports and tracing (~2 CPU-s): not a row's
+        dali_build_cost(loader_config(shards, "dali", "deit", {}, args.workers), shards, args)
     rows = {"raw decode (torchvision)": measure(lambda: raw_decode(paths))}
     configs = {}
     if "torch" in backends:
@@ -192,6 +199,8 @@ def main() -> int:
         if "torch" in backends and name != "decode+crop+flip":
             rows[f"decode+transform [{name}]"] = measure(lambda r=recipe: work_floor(paths, r, args))
         for backend in backends:
+            if backend == "dali" and not dali_cpu:
+                continue
             cfg = loader_config(shards, backend, recipe, extra, args.workers)
             row = f"{'ours webdataset' if backend == 'torch' else 'DALI cpu'} [{name}]"
             configs[row] = cfg
@@ -240,7 +249,7 @@ def main() -> int:
                      f"{targets[recipe]['ours_vs_imagefolder_per_core']:.2f}; ours/work floor = "
                      f"{targets[recipe]['ours_vs_work_floor_per_core']:.2f} (the recipe's own work alone reaches "
                      f"{floor['vs_raw_decode']:.2f} of raw decode)")
-    if set(backends) == {"torch", "dali"}:
+    if set(backends) == {"torch", "dali"} and dali_cpu:
         for name, _, _ in LOADER_ROWS:
             t, d = rows[f"ours webdataset [{name}]"], rows[f"DALI cpu [{name}]"]
             ratio = round(d["img_per_cpu_s"] / t["img_per_cpu_s"], 2)
