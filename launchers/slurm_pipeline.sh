@@ -58,7 +58,9 @@ OUTPUT="$(cd "$(dirname "$OUTPUT")" && pwd)/$(basename "$OUTPUT")"
 ARGS=("$@")
 for ((a = 0; a < ${#ARGS[@]}; a++)); do [ "${ARGS[$a]}" = "--output" ] && ARGS[$((a + 1))]="$OUTPUT"; done
 # the launcher's own options first (one line, exit 2)
-whole() { [[ "$2" =~ ^[0-9]+$ ]] || { echo "slurm_pipeline.sh: error: $1 must be a whole number (got '$2')" >&2; exit 2; }; }
+whole() {
+  [[ "$2" =~ ^[0-9]+$ ]] || { echo "slurm_pipeline.sh: error: $1 must be a whole number (got '$2')" >&2; exit 2; }
+}
 whole --nodes "$NODES"; whole --gpus "$GPUS"; whole --k "$K"; whole --master_port "$PORT"
 SLOTS="${RANKS:-$GPUS}"
 whole --ranks-per-node "$SLOTS"
@@ -74,7 +76,8 @@ whole --cpus-per-rank "$CPR"
 # --mem-per-rank as SLURM writes sizes (K, M, G, T; no unit = M) -> MB, so that a job's --mem is R x M
 MPR_MB=$(echo "$MPR" | awk '/^[0-9]+[KkMmGgTt]?$/ { n = $0 + 0; u = toupper(substr($0, length($0)));
   print int(u == "K" ? n / 1024 : u == "G" ? n * 1024 : u == "T" ? n * 1048576 : n); next } { print "bad" }')
-[ "$MPR_MB" != bad ] || { echo "slurm_pipeline.sh: error: --mem-per-rank $MPR is not a SLURM size (e.g. 64G)" >&2; exit 2; }
+[ "$MPR_MB" != bad ] || {
+  echo "slurm_pipeline.sh: error: --mem-per-rank $MPR is not a SLURM size (e.g. 64G)" >&2; exit 2; }
 TASK_SLOTS="$SLOTS"  # on GPUs every array task gets its nodes' GPUs; on CPUs the tasks share the job's cores
 if [ "$GPUS" = 0 ]; then
   TASK_SLOTS=$((SLOTS * NODES / (K * ANODES)))
@@ -127,8 +130,8 @@ ARRAY=$(DSI_SLOTS="$TASK_SLOTS" DSI_MASTER_PORT="$PORT" DSI_REPO="$REPO" DSI_PHA
   --export=ALL --dependency "afterok:$META" --array "0-$((K - 1))" --job-name "dsi-$METHOD" \
   --output "$JOBS/$METHOD-%A_%a.out" \
   "$HERE/slurm_incubate.sbatch" "${ARGS[@]}")
-FT=$(sbatch "${SB[@]}" "${JOB_RES[@]}" --dependency "afterok:$ARRAY" --job-name dsi-finetune --output "$JOBS/finetune-%j.out" \
-  "$JOBS/finetune.sh")
+FT=$(sbatch "${SB[@]}" "${JOB_RES[@]}" --dependency "afterok:$ARRAY" --job-name dsi-finetune \
+  --output "$JOBS/finetune-%j.out" "$JOBS/finetune.sh")
 cat >"$JOBS/report.sh" <<EOF
 #!/usr/bin/env bash
 # Runs after the chain, whatever happened: what is complete, what is not and where its log is.
@@ -148,7 +151,8 @@ O=$(printf '%q' "$OUTPUT"); L=$(printf '%q' "$JOBS"); bad=0
 exit \$bad
 EOF
 
-REPORT=$(sbatch --parsable --nodes 1 --ntasks 1 --cpus-per-task 1 --mem 256M --dependency "afterany:$META:$ARRAY:$FT" --job-name dsi-report \
+REPORT=$(sbatch --parsable --nodes 1 --ntasks 1 --cpus-per-task 1 --mem 256M \
+  --dependency "afterany:$META:$ARRAY:$FT" --job-name dsi-report \
   --output "$JOBS/report-%j.out" "${EXTRA_SB[@]+"${EXTRA_SB[@]}"}" ${PARTITION:+--partition "$PARTITION"} "$JOBS/report.sh")
 echo "submitted: meta $META, $([ "$METHOD" = m2mkd ] && echo m2mkd || echo incubation) array $ARRAY (${K} tasks)," \
   "assemble+finetune $FT, report $REPORT"

@@ -38,7 +38,8 @@ VETH_PREFIX = "dsiclv"
 LOGIN_ADDR = f"{SUBNET}.1"  # this machine's own address on the cluster network (the "login node")
 
 # binary -> Debian package
-CLUSTER_TOOLS = {"ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux", "sshd": "openssh-server", "ssh": "openssh-client",
+CLUSTER_TOOLS = {"ip": "iproute2", "unshare": "util-linux", "nsenter": "util-linux", "sshd": "openssh-server",
+                 "ssh": "openssh-client",
                  "ssh-keygen": "openssh-client", "pdsh": "pdsh", "pkill": "procps"}
 SLURM_TOOLS = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge"}
 
