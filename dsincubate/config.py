@@ -61,7 +61,8 @@ class ModelConfig(_Checked):
     (a few `meta.epochs` adapt it). Empty = random init, the paper's method."""
     kernel_backend: str = setting("torch", choices=("torch", "cuda", "auto", "autotune"))
     """'torch' (PyTorch's LayerNorm and SDPA, the default); opt-in fused csrc kernels: 'cuda' (each shape
-    self-checked), 'auto' (one self-checked choice per op, device and dtype, the same on every rank) or 'autotune'
+    self-checked), 'auto' (LayerNorm only: one self-checked choice per op, device, dtype and head dim, the same on
+    every rank; attention stays on SDPA, the attention kernel has no tensor cores) or 'autotune'
     (per shape the faster of kernel and torch, timed). `dsincubate ops` shows where each kernel was verified."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward (needed for ViT-H at useful batch sizes)."""
