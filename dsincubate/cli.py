@@ -248,8 +248,8 @@ def run(args) -> int:
 
 
 def _record_shutdown(phase) -> None:
-    """Add to this rank's record (`<phase>/ranks/rank_<r>.json`, written at its start) that the rank destroyed its
-    process group after the phase: a finished phase whose rank lacks it did not shut down cleanly."""
+    """Add to this rank's record (`<phase>/ranks/rank_<r>.json`, written at its start) that its process group is
+    destroyed and no V-MoE expert group of DeepSpeed's is left (a phase that was complete already has no record)."""
     import time
 
     import torch.distributed as tdist
@@ -258,13 +258,11 @@ def _record_shutdown(phase) -> None:
     from dsincubate import checkpoint as ckpt
 
     path = phase.out_dir / "ranks" / f"rank_{os.environ.get('RANK', '0')}.json"
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # a phase that was already complete writes no record; nothing to add to
-    left = len(groups._EXPERT_PARALLEL_GROUP) + len(groups._EXPERT_DATA_PARALLEL_GROUP)  # a V-MoE's groups
-    ckpt.atomic_write_json(path, dict(rec, process_group_destroyed=not tdist.is_initialized(),
-                                      deepspeed_expert_groups_left=left, shutdown_at=time.time()))
+    if path.is_file():
+        left = len(groups._EXPERT_PARALLEL_GROUP) + len(groups._EXPERT_DATA_PARALLEL_GROUP)
+        rec = dict(json.loads(path.read_text()), process_group_destroyed=not tdist.is_initialized(),
+                   deepspeed_expert_groups_left=left, shutdown_at=time.time())
+        ckpt.atomic_write_json(path, rec)
 
 
 def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:

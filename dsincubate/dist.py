@@ -277,3 +277,23 @@ def _destroy_groups() -> None:
     else:
         tdist.destroy_process_group()
         groups._release_process_group_references(group=None)
+
+
+def release_engine(engine) -> None:
+    """Destroy a DeepSpeed engine and drop what DeepSpeed's module globals keep of it, so that it is freed once the
+    caller drops its references (found with gc, following the referrers of a destroyed engine that outlived
+    gc.collect()): `engine.destroy()` removes ZeRO-3's hooks and buffers and the debug name maps that held the
+    engine's modules; ZeRO-3's stack of modules in forward and the class-wide lru_cache of
+    PartitionedParameterCoordinator's `__params_to_release` (its keys hold every coordinator and submodule it saw)
+    kept the model, and through its hooks the whole engine, for good. Call it between phases, never in a forward."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
+
+    try:
+        engine.destroy()
+    finally:
+        parameter_offload.FWD_MODULE_STACK.clear()
+        fn = PPC.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+        for f in [fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))]:  # under instrument_w_nvtx
+            if hasattr(f, "cache_clear"):
+                f.cache_clear()

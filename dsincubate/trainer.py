@@ -105,12 +105,14 @@ def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
 
     record = _train(run)
     del run  # the engine's last references went with _train's frame: free it before the next phase builds one
-    gc.collect()
+    while gc.collect():  # until nothing is left: freeing the engine's cycles (tensor finalizers) frees more
+        pass
     get_accelerator().empty_cache()
     return record
 
 
 def _train(run: Run) -> dict:
+    """Build the engine, resume, train the epochs, finish (or stop), release the engine; the run's record."""
     phase = run.phase
     run.built = build_engine(phase, run.ctx, run.ds_cfg, run.steps_per_epoch)
     frozen_before = frozen_digest(run.built.engine.module)
@@ -122,43 +124,12 @@ def _train(run: Run) -> dict:
         if end_epoch(run, stats):
             record = {"phase": phase.name, "stage_index": phase.stage_index, "stopped_at_epoch": run.state.epoch}
     record = record or finish(run, frozen_before)
-    release(run)  # on success only: a failing phase ends its process, and its error line must come out first
-    return record
-
-
-def release(run: Run) -> None:
-    """Free the phase's engine before the next phase of the same process builds its own (`dsincubate pipeline`).
-
-    Without this an engine outlived its phase: DeepSpeed's debug name maps kept the last engine's modules (and
-    through their hooks its optimizer and partitions) until the next engine existed, ZeRO-3's module globals kept
-    the model for good (`_forget_zero3_globals`), and reference cycles waited for the garbage collector, so two
-    engines were alive while the next one built. `engine.destroy()` removes
-    ZeRO-3's hooks and buffers and clears those maps; then the references go, and `run_phase`, once this frame and
-    its caller's are gone, runs `gc.collect()` for the cycles and empties the accelerator's cache. Local to this
-    rank: no collective.
-    """
-    if run.built is None:
-        return
+    # on success only (a failing rank's error line comes first, then its process ends): the engine goes before the
+    # next phase of this process builds one (dist.release_engine), its cycles once this frame is gone (run_phase)
     engine, run.built = run.built.engine, None
-    try:
-        engine.destroy()
-    finally:
-        _forget_zero3_globals()
-
-
-def _forget_zero3_globals() -> None:
-    """Drop what ZeRO-3 keeps in module globals after its engine is gone (found with gc, following the referrers of
-    a destroyed engine that outlived gc.collect()): the stack of modules in forward, which can keep the last model
-    and through its hooks the whole engine, and the class-wide lru_cache of PartitionedParameterCoordinator's
-    `__params_to_release`, whose keys hold every coordinator and submodule it has seen. No forward runs now."""
-    from deepspeed.runtime.zero import parameter_offload
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as PPC
-
-    parameter_offload.FWD_MODULE_STACK.clear()
-    fn = PPC.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
-    for f in [fn, *(c.cell_contents for c in (getattr(fn, "__closure__", None) or ()))]:  # under instrument_w_nvtx
-        if hasattr(f, "cache_clear"):
-            f.cache_clear()
+    phase.model = None  # set by build_engine for the objective's MoE losses: it would keep the engine through hooks
+    dist.release_engine(engine)
+    return record
 
 
 def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
