@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dsincubate.data.dali import (LABEL_BYTES, BadLog, EpochDir, checked_plan, labels_from, write_epoch_indexes)
-from dsincubate.data.loader import resolve_workers
+from dsincubate.data.loader import check_bad_fraction, resolve_workers
 from dsincubate.data.pipeline import BAD_SAMPLE_KINDS, BAD_SHARD_KINDS
 from dsincubate.data.sources import IMAGE_EXTS, LABEL_EXTS
 from dsincubate.data.subsets import select_subset, split_by_sample, split_by_shard
@@ -133,13 +133,7 @@ class DaliLoader:
                 "dali_batch_errors": self._batch_errors, "bad_examples": list(self.bad.examples)}
 
     def _check(self) -> None:
-        st = self.stats()
-        if st["bad_samples"] > self.max_bad * max(self.expected, st["samples_read"]):
-            raise UserError(
-                f"too much bad data on rank {self.info.get('rank', 0)}: {st['bad_samples']} bad samples for "
-                f"{self.expected} expected this epoch (max_bad_fraction={self.max_bad}); by kind "
-                f"{st['bad_by_kind']}; e.g. {'; '.join(st['bad_examples'][:3])}. Fix or rewrite the shards, or "
-                "raise max_bad_fraction")
+        check_bad_fraction(self.stats(), self.expected, self.max_bad)
 
     def _batches(self):
         """(uint8 images, labels) per step; a batch DALI fails to decode is skipped and counted."""

@@ -92,6 +92,18 @@ def make_plan(index: DatasetIndex, keys_per_shard: list[list[str]]) -> list[Plan
     return plan
 
 
+def check_bad_fraction(st: dict, expected: int, max_bad: float) -> None:
+    """Stop the run when a loader's bad samples exceed `max_bad` of the samples this epoch (torch and DALI loaders).
+
+    Counted against the samples read: what the epoch planned, more when bad data made it read further."""
+    if st["bad_samples"] > max_bad * max(expected, st["samples_read"]):
+        raise UserError(
+            f"too much bad data on rank {st.get('rank', 0)}: {st['bad_samples']} bad samples for "
+            f"{expected} expected this epoch (max_bad_fraction={max_bad}); by kind "
+            f"{st['bad_by_kind']}; e.g. {'; '.join(st['bad_examples'][:3])}. Fix or rewrite the shards, or "
+            "raise max_bad_fraction")
+
+
 class _Loader:
     """Shared iteration: DataLoader over ShardStream, partial-batch merging, stats, threshold."""
 
@@ -130,13 +142,7 @@ class _Loader:
 
     def _check(self, final: bool) -> None:
         st = self.stats()
-        # against the samples read (what the epoch planned, more when bad data made it read further)
-        if st["bad_samples"] > self.max_bad * max(self.expected, st["samples_read"]):
-            raise UserError(
-                f"too much bad data on rank {self.info.get('rank', 0)}: {st['bad_samples']} bad samples for "
-                f"{self.expected} expected this epoch (max_bad_fraction={self.max_bad}); by kind "
-                f"{st['bad_by_kind']}; e.g. {'; '.join(st['bad_examples'][:3])}. Fix or rewrite the shards, or "
-                "raise max_bad_fraction")
+        check_bad_fraction(st, self.expected, self.max_bad)
         if final and not self.pad and self._emitted < self.steps:
             raise UserError(f"data ran out on rank {self.info.get('rank', 0)}: {self._emitted} of {self.steps} "
                             f"batches; bad data {st['bad_by_kind']}")
