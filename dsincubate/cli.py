@@ -191,6 +191,10 @@ def run(args) -> int:
         # about the missing CUDA runtime, on every start: noise in front of any error line that follows
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if args.command in TRAIN_PHASES or args.command in ("pipeline", "eval"):
+        from dsincubate.ranks import check_world
+
+        check_world()  # an N-task srun without rank variables: refused before demo data or rank records are written
     info = _preflight(cfg, torch.cuda.is_available())
     n_cls = _num_classes(cfg, info)
     if args.command == "config":  # also the launchers' fail-fast check: it refuses what training would refuse

@@ -151,3 +151,20 @@ def test_the_ranks_of_a_node_task_split_its_cores_for_their_loader_workers(monke
     assert "SLURM_CPUS_PER_TASK" not in env and env["DSI_NODE_TASK_CPUS"] == "64"
     rank_env = dict(env, LOCAL_SIZE="8", RANK="3", LOCAL_RANK="3")  # what DeepSpeed's launch adds per rank
     assert default_workers(rank_env, affinity=64) == 7
+
+
+def test_cli_refuses_a_two_task_slurm_step_before_writing_anything(monkeypatch, tmp_path, capsys):
+    """`srun -n 2 python -m dsincubate meta ...`: one error line, exit 2, and no demo data, rank record or output."""
+    from dsincubate import cli
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    out = tmp_path / "run"
+    rc = cli.main(["meta", "--recipe", "debug", "--output", str(out), "--set", f"data.demo_root={tmp_path / 'demo'}"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rank 0 of 1" in err[0]
+    assert not (tmp_path / "demo").exists() and not (out / "meta").exists()
