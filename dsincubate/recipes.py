@@ -117,7 +117,9 @@ def demo() -> RunConfig:
     # The paper fine-tunes at the E2E learning rate without warmup (DeiT's 5e-4); at the demo's 16x higher rate the
     # first un-warmed steps collapsed an assembled model to uniform outputs. With the official code's clipping at 1.0
     # and half an epoch of warmup the same rate works: measured on one assembled depth-16 model, 6 fine-tune epochs
-    # reached 34.5% at 8e-3 against 27.5% at 1e-3 without clipping.
+    # reached 34.5% at 8e-3 against 27.5% at 1e-3 without clipping. (Measured before 2026-12-06, when an unset
+    # clip_grad still clipped at DeepSpeed 0.19.8's default 1.0: "without clipping" clipped too, and so did every
+    # phase of the committed CPU-scale results.)
     cfg.finetune.warmup_epochs = 0.5
     cfg.e2e_tune = dataclasses.replace(cfg.finetune)
     cfg.m2mkd = dataclasses.replace(cfg.incubate)
