@@ -83,6 +83,7 @@ for name in ("meta", "e2e", "finetune", "incubate", "m2mkd"):
                  "fc1_std": stds}
 if ctx.rank == 0:
     (out / "result.json").write_text(json.dumps(res))
+dist.shutdown()  # groups left to interpreter finalisation abort gloo at exit now and then (dsincubate.dist.shutdown)
 '''
 
 
