@@ -52,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, stats  # noqa: E402
 
 # CPU scale: a narrow ViT (width 64, 2 heads) on the built-in 32x32 data with 8x8 patches, every phase at the demo
 # learning rate (fine-tuning too, with clipping and half an epoch of warmup); DI = meta 16 epochs + 6 epochs per
@@ -219,10 +219,11 @@ def e2e_epochs_for_hours(out: Path) -> int:
 
 
 def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], timeout: int,
-             e2e_from: Path | None = None) -> dict:
-    """One seed of one cell: Deep Incubation first, then E2E with at least its FLOPs and its device-hours (finished
-    parts are kept on a re-run); with `e2e_from` (a DI-only ablation cell) E2E is that cell's run. Returns the
-    measured record."""
+             e2e_from: Path | None = None, budget: str = "max") -> dict:
+    """One seed of one cell: Deep Incubation first, then E2E with at least its FLOPs and (`budget` "max") its
+    device-hours, or (`budget` "flops") its FLOPs alone, which makes the cell reproducible on a loaded machine
+    (finished parts are kept on a re-run); with `e2e_from` (a DI-only ablation cell) E2E is that cell's run.
+    Returns the measured record."""
     flop_epochs, plan = e2e_epochs_for(recipe, sets, extra)
     sets = sets + [f"seed={seed}"]
     t0 = time.time()
@@ -236,7 +237,7 @@ def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str
     if not (out / "e2e" / "MANIFEST.json").is_file():
         if not (out / "finetune" / "MANIFEST.json").is_file() and not _pipeline(out, "di", recipe, sets, extra, timeout):
             return {"ok": False, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}", "seed": seed}
-        epochs = max(flop_epochs, e2e_epochs_for_hours(out))
+        epochs = flop_epochs if budget == "flops" else max(flop_epochs, e2e_epochs_for_hours(out))
         if not _pipeline(out, "e2e", recipe, sets + [f"e2e.epochs={epochs}"], extra, timeout):
             return {"ok": False, "error": f"E2E failed, see {out / 'log_e2e.txt'}", "seed": seed}
         print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
@@ -270,44 +271,46 @@ def _ms(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def verdict(meta, di, e2e, diff=(None, None)) -> str:
-    """What a cell shows. DI and E2E of one seed share the meta model's seed and the data order, so their paired
-    difference (mean ± std over seeds) decides; the margin is its spread, at least 0.5 points."""
-    (m, _), (d, ds), (e, es) = meta, di, e2e
-    if None in (m, d, e):
+def verdict(meta, di, e2e, diff: dict) -> str:
+    """What a cell shows: the paired difference's 95% interval decides (`stats.paired`: DI and E2E of one seed
+    share the meta model's seed and the data order); where the meta model alone is at least as good as both
+    (means), the row says so, since the setting then does not reward a large model at all."""
+    (m, _), (d, _), (e, _) = meta, di, e2e
+    if None in (m, d, e) or diff.get("mean") is None:
         return "incomplete"
+    v = diff["verdict"]
     if m >= max(d, e):
-        return "meta alone best: no reward for the large model"
-    gap, spread = diff if diff[0] is not None else (d - e, max(ds, es))
-    margin = max(spread, 0.5)
-    if gap > margin:
-        return "DI better"
-    if -gap > margin:
-        return "E2E better"
-    return "tie (within spread)"
+        v += "; meta alone best: no reward for the large model"
+    return v
 
 
 def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
-    title = EXPERIMENTS[experiment][0]
+    """The table of an experiment's rows (each with its seeds' records) and the rows with their statistics: mean ±
+    std per method, the paired DI - E2E difference with its 95% interval and p (`stats.paired`), the verdict that
+    follows the interval, and per-seed flags (`stats.seed_flags`)."""
+    title = EXPERIMENTS[experiment][0] if experiment in EXPERIMENTS else experiment
     out, table_rows = [], []
     for row in rows:
         ok = [r for r in row["seeds"] if r.get("ok")]
-        stats = {k: _ms([r[k] for r in ok]) for k in ("meta", "assembled", "di", "e2e")}
-        stats["di_minus_e2e"] = _ms([r["di"] - r["e2e"] for r in ok if r["di"] is not None and r["e2e"] is not None])
+        ms = {k: _ms([r[k] for r in ok]) for k in ("meta", "assembled", "di", "e2e")}
+        both = [r for r in ok if r["di"] is not None and r["e2e"] is not None]
+        ms["di_minus_e2e"] = _ms([r["di"] - r["e2e"] for r in both])
+        diff = stats.paired([r["di"] for r in both], [r["e2e"] for r in both])
         flops = {k: _ms([r[k] for r in ok])[0] for k in ("di_flops", "e2e_flops", "di_hours", "e2e_hours")}
-        v = verdict(stats["meta"], stats["di"], stats["e2e"], stats["di_minus_e2e"])
-        if None not in (flops["di_flops"], flops["e2e_flops"]) and flops["di_flops"] > 1.02 * flops["e2e_flops"]:
-            v += " (DI had more FLOPs)"  # an ablation cell sharing the default cell's E2E run
-        out.append(dict(row, stats=stats, means=flops, verdict=v, n_seeds=len(ok)))
-        pm = lambda k: "-" if stats[k][0] is None else f"{stats[k][0]:.1f} ± {stats[k][1]:.1f}"  # noqa: E731
+        v = verdict(ms["meta"], ms["di"], ms["e2e"], diff)
+        flags = stats.flag_summary(ok)
+        out.append(dict(row, stats=ms, paired=diff, means=flops, verdict=v, flags=flags, n_seeds=len(ok)))
+        pm = lambda k: "-" if ms[k][0] is None else f"{ms[k][0]:.1f} ± {ms[k][1]:.1f}"  # noqa: E731
         label = row["label"] + ("*" if row.get("merged_from") else "")  # a row of an earlier result (--merge)
         table_rows.append([label, len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
+                           stats.fmt_interval(diff),
                            None if flops["di_flops"] is None else flops["di_flops"] / 1e12,
                            None if flops["e2e_flops"] is None else flops["e2e_flops"] / 1e12,
-                           flops["di_hours"], flops["e2e_hours"], v])
+                           flops["di_hours"], flops["e2e_hours"], v, flags or "-"])
     table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1", "DI-E2E paired",
-                          "DI TFLOP", "E2E TFLOP", "DI h", "E2E h", "verdict"], table_rows,
-                         ["", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
+                          "DI-E2E [95% CI] p", "DI TFLOP", "E2E TFLOP", "DI h", "E2E h", "verdict",
+                          "per-seed flags"], table_rows,
+                         ["", "", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", "", ""])
     sources = sorted({Path(r["merged_from"]).name for r in rows if r.get("merged_from")})
     if sources:
         table += f"\n* measured earlier: {', '.join(sources)}"
@@ -346,17 +349,14 @@ def merged(experiment: str, rows: list[dict], path: str, old_rows: list[dict]) -
     records and names its file), ordered as the experiment lists them (depths numerically)."""
     have = {r["label"] for r in rows}
     rows = rows + [{k: v for k, v in dict(r, merged_from=r.get("merged_from") or path).items()
-                    if k not in ("stats", "means", "verdict", "n_seeds")} for r in old_rows if r["label"] not in have]
+                    if k not in ("stats", "paired", "means", "verdict", "flags", "n_seeds")} for r in old_rows if r["label"] not in have]
     order = [label for label, _ in EXPERIMENTS[experiment][1]]
     if all(r["label"].isdigit() for r in rows):
         return sorted(rows, key=lambda r: int(r["label"]))
     return sorted(rows, key=lambda r: order.index(r["label"]) if r["label"] in order else len(order))
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experiments", default="depth,data", help=f"comma list of {', '.join(EXPERIMENTS)}")
     p.add_argument("--seeds", default="0,1,2")
@@ -371,61 +371,131 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma list of cell labels to run (default: all of each experiment)")
     p.add_argument("--merge", default="", help="comma list of earlier result .json files: an experiment's table also "
                    "shows the rows of its earlier file whose cells this invocation does not run (marked with the file)")
-    args = p.parse_args(argv)
-    common.set_threads()
+    p.add_argument("--e2e-budget", choices=("max", "flops"), default="max",
+                   help="E2E's epochs: 'max' = at least DI's FLOPs and its device-seconds (the committed results); "
+                        "'flops' = DI's FLOPs alone (reproducible on a loaded machine; device-hours reported beside)")
+    p.add_argument("--name", default="", help="a tag in the result file names: paper_claims_<exp>_<name>_<device>_<date>")
+    p.add_argument("--allow-dirty", action="store_true", help="run although the code is not committed (the result "
+                   "file then says so in its table); by default a '+dirty' or unknown commit is refused")
+    p.add_argument("--from", dest="from_files", default="", help="comma list of result .json files: recompute their "
+                   "tables from the per-seed records they hold (no runs), written as <file>_stats.{json,txt}")
+    return p.parse_args(argv)
+
+
+def commit_problem() -> str | None:
+    """Why the code's commit cannot be named (None when it can): results must say which code made them."""
+    sha = common.git_commit()
+    if not sha or sha == "unknown":
+        return "no git commit can be read"
+    if sha.endswith("+dirty"):
+        return (f"uncommitted changes under dsincubate/, benchmarks/ or ds_configs/ ({sha}): commit first, or run "
+                "from a clean worktree (git worktree add), or pass --allow-dirty")
+    return None
+
+
+def recompute(path: Path) -> Path:
+    """The table of a committed result recomputed from its per-seed records with this code's statistics; written
+    beside it as <stem>_stats.{json,txt} (the record names its source and the source's commit)."""
+    rec = json.loads(path.read_text())
+    rows = [{k: v for k, v in r.items() if k not in ("stats", "paired", "means", "verdict", "flags", "n_seeds")}
+            for r in rec["rows"]]
+    table, rows = summarise(rec["experiment"], rows)
+    if not rec.get("git_commit") or rec["git_commit"].endswith("+dirty"):
+        table += f"\nWARNING: the source result records git_commit {rec.get('git_commit')!r}: not a clean commit"
+    out = dict(common.header(f"paper_claims_{rec['experiment']}_stats", rec.get("device")), recomputed_from=str(path),
+               source_git_commit=rec.get("git_commit"), source_date=rec.get("date"), experiment=rec["experiment"],
+               scale=rec.get("scale", "cpu"), seeds=rec.get("seeds"), rows=rows)
+    return common.write_result("", out, table, out=path.with_name(path.stem + "_stats.json"))
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = parse_args(argv)
+    if args.from_files:
+        for f in [Path(f.strip()) for f in args.from_files.split(",") if f.strip()]:
+            try:
+                path = recompute(f)
+            except (OSError, ValueError, KeyError) as e:
+                print(f"error: --from {f}: not a paper_claims result ({e})", file=sys.stderr)
+                return 2
+            print(f"{f} ->\n{path.with_suffix('.txt').read_text()}-> {path} (+ .txt)\n", flush=True)
+        return 0
     exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
     bad = [e for e in exps if e not in EXPERIMENTS]
     if bad:
-        p.error(f"unknown experiment(s) {bad}; use {', '.join(EXPERIMENTS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    work = Path(args.workdir) / args.scale
+        print(f"error: unknown experiment(s) {bad}; use {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        return 2
+    problem = commit_problem()
+    if problem and not args.allow_dirty and not args.collect_only:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     earlier: dict[str, tuple[str, list[dict]]] = {}
     for f in [f.strip() for f in args.merge.split(",") if f.strip()]:
         try:
             rec = json.loads(Path(f).read_text())
             earlier[rec["experiment"]] = (f, rec["rows"])
         except (OSError, ValueError, KeyError) as e:
-            p.error(f"--merge {f}: not a paper_claims result ({e})")
+            print(f"error: --merge {f}: not a paper_claims result ({e})", file=sys.stderr)
+            return 2
         if rec.get("scale", "cpu") != args.scale:
-            p.error(f"--merge {f}: made at scale {rec.get('scale')}, not {args.scale}")
-    dev = common.device()
+            print(f"error: --merge {f}: made at scale {rec.get('scale')}, not {args.scale}", file=sys.stderr)
+            return 2
+    common.set_threads()
+    start_commit = common.git_commit()
     for exp in exps:
-        rows = []
-        depths = [int(d) for d in args.depths.split(",") if d.strip()]
-        only = [x.strip() for x in args.only.split(",") if x.strip()]
-        for recipe, label, sets in cells(exp, args.scale, depths):
-            if only and label not in only:
-                continue
-            print(f"[paper_claims] {exp} {label}", flush=True)
-            sets = sets + args.set
-            seed_rows = []
-            if exp in DI_ONLY:  # the default cell: the one without overrides of its own
-                default = [i for i, (_, own) in enumerate(EXPERIMENTS[exp][1]) if not own][0]
-                base_recipe, _, base_sets = cells(exp, args.scale, depths)[default]
-                base_sets = base_sets + args.set
-            for seed in seeds:
-                out = work / cell_key(recipe, sets) / f"seed{seed}"  # identical cells of two experiments run once
-                e2e_from = work / cell_key(base_recipe, base_sets) / f"seed{seed}" if exp in DI_ONLY else None
-                seed_sets = [s.replace("{e2e}", str((e2e_from or out) / "e2e" / "model.safetensors")) for s in sets]
-                if e2e_from is not None and e2e_from != out and not (e2e_from / "e2e" / "MANIFEST.json").is_file():
-                    run_cell(e2e_from, base_recipe, base_sets, seed, extra, args.timeout)  # the shared E2E first
-                if args.collect_only:
-                    if ((e2e_from or out) / "e2e" / "MANIFEST.json").is_file() and (out / "summary.json").is_file():
-                        flop_epochs, plan = e2e_epochs_for(recipe, seed_sets, extra)
-                        seed_rows.append(collect_cell(out, seed, plan, flop_epochs, e2e_from))
-                    continue
-                seed_rows.append(run_cell(out, recipe, seed_sets, seed, extra, args.timeout, e2e_from))
-            rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
+        rows = run_experiment(exp, args, extra)
         rows = merged(exp, rows, *earlier.get(exp, ("", [])))
         table, rows = summarise(exp, rows)
-        record = dict(common.header(f"paper_claims_{exp}", dev), scale=args.scale, experiment=exp, seeds=seeds,
-                      rows=rows, extra_args=extra, cell_settings=args.set,
-                      note="E2E epochs = max(ceil(DI training FLOPs / E2E FLOPs per epoch), ceil(DI device-seconds / "
-                           "fine-tune seconds per epoch)); mean ± std over seeds")
-        path = common.write_result(f"paper_claims_{exp}", record, table)
+        if problem:
+            table += f"\nWARNING: {problem.split(':')[0]}: git_commit {common.git_commit()!r}"
+        dev = common.device()
+        name = f"paper_claims_{exp}" + (f"_{args.name}" if args.name else "")
+        record = dict(common.header(name, dev), git_commit_at_start=start_commit, scale=args.scale, experiment=exp,
+                      seeds=[int(s) for s in args.seeds.split(",")], rows=rows, extra_args=extra,
+                      cell_settings=args.set, e2e_budget=args.e2e_budget,
+                      note="E2E epochs = " + ("ceil(DI training FLOPs / E2E FLOPs per epoch)" if args.e2e_budget ==
+                                              "flops" else "max(ceil(DI training FLOPs / E2E FLOPs per epoch), "
+                                              "ceil(DI device-seconds / fine-tune seconds per epoch))") +
+                      "; mean ± std over seeds; paired DI - E2E with its 95% t interval and p")
+        path = common.write_result(name, record, table)
         plot(exp, rows, path.with_suffix(".png"), common.device_kind(dev))
         print(f"\n{exp}:\n{table}\n-> {path} (+ .txt, .png)\n", flush=True)
     return 0
+
+
+def run_experiment(exp: str, args: argparse.Namespace, extra: list[str]) -> list[dict]:
+    """Run (or with --collect-only, collect) every cell of one experiment over the seeds; its rows."""
+    rows, work = [], Path(args.workdir) / args.scale
+    seeds = [int(s) for s in args.seeds.split(",")]
+    depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    for recipe, label, sets in cells(exp, args.scale, depths):
+        if only and label not in only:
+            continue
+        print(f"[paper_claims] {exp} {label}", flush=True)
+        sets = sets + args.set
+        seed_rows = []
+        if exp in DI_ONLY:  # the default cell: the one without overrides of its own
+            default = [i for i, (_, own) in enumerate(EXPERIMENTS[exp][1]) if not own][0]
+            base_recipe, _, base_sets = cells(exp, args.scale, depths)[default]
+            base_sets = base_sets + args.set
+        for seed in seeds:
+            out = work / cell_key(recipe, sets) / f"seed{seed}"  # identical cells of two experiments run once
+            e2e_from = work / cell_key(base_recipe, base_sets) / f"seed{seed}" if exp in DI_ONLY else None
+            seed_sets = [s.replace("{e2e}", str((e2e_from or out) / "e2e" / "model.safetensors")) for s in sets]
+            if e2e_from is not None and e2e_from != out and not (e2e_from / "e2e" / "MANIFEST.json").is_file() \
+                    and not args.collect_only:
+                run_cell(e2e_from, base_recipe, base_sets, seed, extra, args.timeout, budget=args.e2e_budget)
+            if args.collect_only:
+                if ((e2e_from or out) / "e2e" / "MANIFEST.json").is_file() and (out / "summary.json").is_file():
+                    flop_epochs, plan = e2e_epochs_for(recipe, seed_sets, extra)
+                    seed_rows.append(collect_cell(out, seed, plan, flop_epochs, e2e_from))
+                continue
+            seed_rows.append(run_cell(out, recipe, seed_sets, seed, extra, args.timeout, e2e_from, args.e2e_budget))
+        rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
+    return rows
 
 
 if __name__ == "__main__":

@@ -249,16 +249,17 @@ def test_paper_claims_gives_e2e_at_least_di_flops_and_device_seconds(tmp_path):
     assert plan["di_total"] == pytest.approx(plan["meta"] + plan["incubate"] + plan["finetune"])
 
 
-def test_paper_claims_verdict_and_shared_cells():
-    from benchmarks import paper_claims as pc
+def test_paper_claims_verdict_follows_the_paired_interval_and_cells_are_shared():
+    from benchmarks import paper_claims as pc, stats
 
-    assert pc.verdict((30.0, 1.0), (25.0, 1.0), (28.0, 1.0)).startswith("meta alone best")
-    assert pc.verdict((10.0, 1.0), (25.0, 1.0), (20.0, 1.0)) == "DI better"
-    assert pc.verdict((10.0, 1.0), (20.0, 2.0), (21.0, 2.0)) == "tie (within spread)"
-    assert pc.verdict((10.0, 0.1), (20.0, 0.1), (25.0, 0.1)) == "E2E better"
-    # paired over seeds: a consistent gap is a finding even when the seeds' spread is wider than the gap
-    assert pc.verdict((10.0, 1.0), (28.7, 5.1), (31.1, 4.0), (-2.4, 1.4)) == "E2E better"
-    assert pc.verdict((10.0, 1.0), (30.6, 4.9), (28.4, 4.9), (2.1, 3.9)) == "tie (within spread)"
+    # the depth-8 cell's seeds: -2.4 ± 1.5 paired was "E2E better" under the old |gap| > spread rule; p = 0.105
+    d8 = stats.paired([26.0, 30.0, 30.0], [30.1, 31.9, 31.2])
+    assert pc.verdict((10.0, 1.0), (28.7, 5.1), (31.1, 4.0), d8) == "no difference at 95%"
+    d32 = stats.paired([32.0, 29.5, 35.1], [24.0, 22.8, 28.2])
+    assert pc.verdict((10.0, 1.0), (32.2, 2.8), (25.0, 3.8), d32) == "DI better"
+    assert pc.verdict((33.0, 1.0), (32.2, 2.8), (25.0, 3.8), stats.paired([30.0, 29.0], [31.0, 29.5])) == \
+        "no difference at 95%; meta alone best: no reward for the large model"
+    assert pc.verdict((None, None), (1.0, 0.0), (1.0, 0.0), d8) == "incomplete"
     depth8 = [c for c in pc.cells("depth", "cpu") if c[1] == "8"][0]
     full = [c for c in pc.cells("data", "cpu") if c[1] == "100%"][0]
     assert pc.cell_key(depth8[0], depth8[2]) == pc.cell_key(full[0], full[2])  # one run serves both tables
@@ -321,6 +322,70 @@ def test_paper_claims_merge_keeps_earlier_rows_not_run_again():
     ft_default = pc.cells("ft", "cpu")[2]
     assert pc.cell_key(ft_default[0], ft_default[2] + ["model.depth=32"]) == pc.cell_key(
         *pc.cells("depth", "cpu", [32])[0][::2])
+
+
+_PC_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _columns(line: str) -> list[str]:
+    import re
+
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_paper_claims_committed_tables_are_reproduced_with_intervals_and_seed_flags():
+    """Every committed paper_claims table, recomputed from the per-seed records its file holds: the columns it had
+    come out the same, and each row gains the paired 95% interval with p and the per-seed flags (issue 24)."""
+    import re
+
+    from benchmarks import paper_claims as pc
+
+    files = sorted(p for p in (_PC_ROOT / "benchmarks" / "results").glob("paper_claims_*.json")
+                   if not p.stem.endswith("_stats"))
+    assert len(files) >= 11
+    for f in files:
+        rec = json.loads(f.read_text())
+        table, rows = pc.summarise(rec["experiment"], rec["rows"])
+        old, new = rec["table"], table.splitlines()
+        assert len(old) == len(new), f.name
+        for o, n in zip(old[2:], new[2:]):
+            if o.startswith("*"):
+                assert o == n
+                continue
+            o, n = _columns(o), _columns(n)
+            assert o[:7] + o[7:11] == n[:7] + n[8:12], f.name  # label .. paired mean ± std, TFLOP, hours
+            assert n[7] == "-" or re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\] p=\d\.\d{3}", n[7]), n[7]
+    depth = json.loads((_PC_ROOT / "benchmarks/results/paper_claims_depth_cpu2_2026-12-05.json").read_text())
+    _, rows = pc.summarise("depth", depth["rows"])
+    d32 = rows[2]
+    assert d32["paired"]["verdict"] == "DI better" and d32["paired"]["p"] < 0.01
+    assert "E2E below meta: 0,1,2" in d32["flags"]
+    assert rows[0]["verdict"] == "no difference at 95%"  # depth 8: the old rule's "E2E better", p = 0.105
+    assert rows[1]["flags"].startswith("DI more device-h: 0,1,2")
+
+
+def test_paper_claims_from_recomputes_a_result_and_flags_its_unclean_commit(tmp_path, capsys):
+    from benchmarks import paper_claims as pc
+
+    src = tmp_path / "paper_claims_k_cpu2_2026-11-23.json"  # committed with an empty git_commit
+    src.write_text((_PC_ROOT / "benchmarks/results" / src.name).read_text())
+    assert pc.main(["--from", str(src)]) == 0
+    out = json.loads((tmp_path / "paper_claims_k_cpu2_2026-11-23_stats.json").read_text())
+    assert out["recomputed_from"] == str(src) and out["source_git_commit"] == ""
+    assert all("paired" in r and "flags" in r for r in out["rows"])
+    assert "WARNING" in out["table"][-1] and "not a clean commit" in out["table"][-1]
+    assert pc.main(["--from", str(tmp_path / "nope.json")]) == 2
+
+
+@pytest.mark.parametrize("sha", ["", "unknown", "0123abc+dirty"])
+def test_paper_claims_refuses_to_run_without_a_clean_commit(monkeypatch, capsys, sha):
+    from benchmarks import paper_claims as pc
+
+    monkeypatch.setattr(common, "git_commit", lambda: sha)
+    assert pc.main(["--experiments", "depth", "--depths", "8", "--workdir", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert pc.commit_problem() is not None
 
 
 # ---------------------------------------------------------------- honest throughput rows (issue 21 item 6)
