@@ -10,6 +10,8 @@
                      RandAugment/erasing (what a GPU pipeline leaves on the CPU)
   DALI gpu           (CUDA hosts, --backend dali or all) the mixed pipeline into GPU memory; host_cores_used =
                      CPU-seconds per wall second
+  ours N epochs      (torch) --epochs epochs of recipe "none", a loader built per epoch as the trainer does: the
+                     workers started once and kept (persistent, the default) against started every epoch (before)
 Every row also gives the cores one H100 needs at 3,000 images/s (ViT-B/16 bf16) = 3000 / images per CPU-second.
 DALI rows' img/CPU-s leave out the pipeline's build (measured apart: build_cpu_s; with it: img_per_cpu_s_with_build).
 
@@ -44,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
 from dsincubate.data import DataConfig, build_train_loader, resolve_data  # noqa: E402
+from dsincubate.data.loader import close_pools  # noqa: E402
 from dsincubate.data.synth import jpeg_folder  # noqa: E402
 from dsincubate.data.transforms import build_transform, decode  # noqa: E402
 from dsincubate.data.writer import convert  # noqa: E402
@@ -106,6 +109,8 @@ def work_floor(paths, recipe: str, args) -> int:
 # "decode+crop+flip" is the DeiT recipe without RandAugment and erasing: what a GPU pipeline leaves on the CPU.
 LOADER_ROWS = (("none", "none", {}), ("deit", "deit", {}),
                ("decode+crop+flip", "deit", {"auto_augment": "", "reprob": 0.0, "color_jitter": 0.0}))
+# The epochs rows: the cheap recipe, where starting workers is the largest share of an epoch's cost
+EPOCH_ROW = ("none", "none", {})
 H100_IMAGES_PER_S = 3000  # ViT-B/16 bf16 training on one H100 (issue 22): the rate a loader must feed
 
 
@@ -128,15 +133,19 @@ def dali_build_cost(cfg: DataConfig, shards: str, args) -> float:
     return cpu_seconds() - c0
 
 
-def ours(cfg: DataConfig, args, device="cpu") -> int:
+def ours(cfg: DataConfig, args, device="cpu", epochs: int = 1, persistent: bool = True) -> int:
+    """Images of `epochs` epochs, a loader built per epoch as the trainer does; the workers are stopped before it
+    returns (getrusage counts a worker's CPU time once it has exited)."""
     info = resolve_data(cfg)
-    dl = build_train_loader(cfg, info, batch_size=args.batch, rank=0, world_size=1, epoch=0, seed=0,
-                            img_size=args.size, device=device)
     n = 0
-    for x, _ in dl:
-        n += x.shape[0]
+    for epoch in range(epochs):
+        dl = build_train_loader(cfg, info, batch_size=args.batch, rank=0, world_size=1, epoch=epoch, seed=0,
+                                img_size=args.size, device=device, persistent=persistent)
+        for x, _ in dl:
+            n += x.shape[0]
     if device != "cpu":
         torch.cuda.synchronize()  # the images are in GPU memory when counted
+    close_pools()
     return n
 
 
@@ -169,6 +178,8 @@ def main() -> int:
                          "CPU ones; all runs both)")
     ap.add_argument("--dali-cpu", action="store_true", help="with --backend dali on a CUDA host: also DALI's CPU rows")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of the persistent-vs-per-epoch workers rows (torch; "
+                                                          "< 2 leaves them out)")
     ap.add_argument("--workdir", default="/tmp/dsinc_bench")
     ap.add_argument("--host-kind", default=None, help="name of the machine in the result file (default cpu<cores>)")
     ap.add_argument("--out", default="")
@@ -211,6 +222,17 @@ def main() -> int:
                                  img_per_cpu_s=round(rows[row]["images"] / max(1e-6, rows[row]["cpu_s"] - build), 1))
         if "torch" in backends and name != "decode+crop+flip":
             rows[f"ImageFolder+PIL [{name}]"] = measure(lambda r=recipe: imagefolder(folder, r, args))
+    if "torch" in backends and args.epochs > 1:
+        # persistent workers (today's default) against workers started per epoch (the loader before them), over
+        # several epochs with each worker start-up inside the measurement
+        for persistent in (False, True):
+            cfg = loader_config(shards, "torch", EPOCH_ROW[1], EPOCH_ROW[2], args.workers)
+            kind = "persistent workers" if persistent else "workers per epoch"
+            row = f"ours [{EPOCH_ROW[0]}] {args.epochs} epochs, {kind}"
+            configs[row] = cfg
+            rows[row] = {**measure(lambda c=cfg, p=persistent: ours(c, args, epochs=args.epochs, persistent=p)),
+                         "backend": "torch", "recipe_row": EPOCH_ROW[0], "epochs": args.epochs,
+                         "persistent_workers": persistent}
     if "dali" in backends and torch.cuda.is_available():
         # the mixed pipeline: nvJPEG / hardware decode and GPU augmentation into this GPU's memory; CPU-seconds per
         # wall second = the host cores it kept busy
@@ -255,6 +277,15 @@ def main() -> int:
             ratio = round(d["img_per_cpu_s"] / t["img_per_cpu_s"], 2)
             targets[f"dali_vs_torch_per_core [{name}]"] = ratio
             lines.append(f"[{name}] DALI cpu / torch per core = {ratio:.2f} (issue 22 target for deit: >= 2)")
+    epoch_rows = [r for r in rows.values() if "persistent_workers" in r]
+    if len(epoch_rows) == 2:
+        before, after = epoch_rows
+        targets["persistent_vs_per_epoch_workers"] = {
+            "wall": round(after["img_per_s"] / before["img_per_s"], 3),
+            "per_core": round(after["img_per_cpu_s"] / before["img_per_cpu_s"], 3)}
+        lines.append(f"[{EPOCH_ROW[0]}] {args.epochs} epochs, persistent / per-epoch workers: wall "
+                     f"{targets['persistent_vs_per_epoch_workers']['wall']:.2f}, per core "
+                     f"{targets['persistent_vs_per_epoch_workers']['per_core']:.2f}")
     text = "\n".join(lines)
     print(text)
     record = common.header("dataloader", machine)

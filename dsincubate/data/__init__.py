@@ -95,9 +95,12 @@ def resolve_data(cfg: DataConfig, num_classes: int | None = None) -> DataInfo:
 
 
 def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: int, world_size: int, epoch: int,
-                       seed: int, img_size: int, subset_index: int | None = None, device="cpu") -> TrainLoader:
+                       seed: int, img_size: int, subset_index: int | None = None, device="cpu",
+                       persistent: bool = True) -> TrainLoader:
     """Loader for one training epoch (build one per epoch). subset_index picks DMT subset I when dmt_splits > 0.
-    Workers hand over uint8 batches; normalization (and random erasing) run on `device`."""
+    Workers hand over uint8 batches; normalization (and random erasing) run on `device`. torch backend: with
+    `persistent` the DataLoader workers are started once and kept for the next epochs' loaders built with the same
+    arguments (epoch aside), which read exactly what fresh workers would; persistent=False starts them per epoch."""
     _check_cfg(cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -113,8 +116,9 @@ def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank
         from dsincubate.data.dali_loader import dali_train_loader
         return dali_train_loader(cfg, index, sel, tf.batch_prep, batch_size=batch_size, rank=rank,
                                  world_size=world_size, epoch=epoch, seed=seed, img_size=img_size, device=device)
+    key = (repr(cfg), repr(info), batch_size, rank, world_size, seed, img_size, subset_index, str(device))
     return train_loader(cfg, index, sel, tf, batch_size=batch_size, rank=rank, world_size=world_size, epoch=epoch,
-                        seed=seed, img_size=img_size, device=device)
+                        seed=seed, img_size=img_size, device=device, pool_key=key if persistent else None)
 
 
 def build_val_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: int, world_size: int,

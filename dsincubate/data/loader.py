@@ -14,6 +14,7 @@ Called through dsincubate.data.build_train_loader / build_val_loader.
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from collections import Counter
@@ -30,7 +31,8 @@ _INDEX_CACHE: dict = {}
 
 
 def cached_index(source: str, manifest: str = "") -> DatasetIndex:
-    """load_index, cached per (source, manifest, manifest mtime): loaders are rebuilt every epoch."""
+    """load_index, cached per (source, manifest, manifest mtime): loaders are built every epoch (their workers
+    persist, see _Pool)."""
     folder = source if os.path.isdir(source) else os.path.dirname(source)
     mpath = manifest or (os.path.join(source, "manifest.json") if os.path.isdir(source) else source)
     key = (source, manifest, _mtime(mpath), _mtime(os.path.join(folder, CLASSES_NAME)))
@@ -104,16 +106,66 @@ def check_bad_fraction(st: dict, expected: int, max_bad: float) -> None:
             "raise max_bad_fraction")
 
 
+class _Pool:
+    """Persistent DataLoader workers over one ShardStream, kept from epoch to epoch: each epoch sets the stream's
+    shared (epoch, attempt) and restarts the same workers, which then read exactly what fresh ones would."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, device: torch.device):
+        self.stream, self.busy = stream, False
+        self.loader = _data_loader(stream, num_workers, device, persistent=True)
+
+
+_POOLS: dict = {}  # pool key -> _Pool; one at a time (a run trains one phase at a time), see _pool
+
+
+def _data_loader(stream: ShardStream, num_workers: int, device: torch.device, persistent: bool) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=4 if num_workers else None,
+                      generator=torch.Generator().manual_seed(0), persistent_workers=persistent and num_workers > 0,
+                      pin_memory=device.type == "cuda")  # so the uint8 upload can overlap compute
+
+
+def _pool(key: tuple, make_stream, num_workers: int, device: torch.device) -> _Pool:
+    """The pool of `key`, started on first use; a pool of another key (the previous phase's) is closed first."""
+    if key not in _POOLS:
+        for old in list(_POOLS.values()):
+            if not old.busy:
+                close_pool(old)
+        _POOLS[key] = _Pool(make_stream(), num_workers, device)
+    return _POOLS[key]
+
+
+def close_pool(pool: _Pool) -> None:
+    """Stop a pool's workers now (not at garbage collection) and forget it."""
+    for k in [k for k, v in _POOLS.items() if v is pool]:
+        del _POOLS[k]
+    it = pool.loader._iterator  # DataLoader keeps its persistent iterator here; shutting it down joins the workers
+    pool.loader._iterator = None
+    if it is not None:
+        it._shutdown_workers()
+
+
+def close_pools() -> None:
+    """Stop every persistent worker (at exit, before multiprocessing's own exit handler reaps daemons)."""
+    for pool in list(_POOLS.values()):
+        close_pool(pool)
+
+
+atexit.register(close_pools)
+
+
 class _Loader:
     """Shared iteration: DataLoader over ShardStream, partial-batch merging, stats, threshold."""
 
     def __init__(self, make_stream, *, steps: int, batch_size: int, img_size: int, num_workers: int,
                  expected: int, max_bad_fraction: float, pad: bool, attempts: int, info: dict, prep, device,
-                 prep_key: list):
+                 prep_key: list, pool_key: tuple | None = None):
         self.make_stream, self.steps, self.batch_size, self.img_size = make_stream, steps, batch_size, img_size
         self.prep, self.device, self.prep_key = prep, torch.device(device), list(prep_key)
         self.num_workers, self.expected, self.max_bad = num_workers, expected, max_bad_fraction
         self.pad, self.attempts, self.info = pad, attempts, info
+        # with a pool key the workers persist across epochs (loaders built with the same key share them)
+        self.pool_key, self.epoch = pool_key, int(info.get("epoch", 0))
+        self.worker_pids: set = set()  # the worker processes that delivered this loader's last epoch
         self._worker_stats: dict = {}
         self._bad: dict = {}  # (kind, shard, key) -> count: each bad sample once per epoch, however often read
         self._examples: list[str] = []
@@ -147,28 +199,49 @@ class _Loader:
             raise UserError(f"data ran out on rank {self.info.get('rank', 0)}: {self._emitted} of {self.steps} "
                             f"batches; bad data {st['bad_by_kind']}")
 
+    def _open(self, attempt: int):
+        """(items of this epoch's pass `attempt`, the pool it runs on or None): the persistent workers when this
+        loader has a pool key and its pool is free, else a DataLoader whose workers live for this pass only."""
+        if self.pool_key is not None and self.num_workers > 0:
+            pool = _pool(self.pool_key, lambda: self.make_stream(0), self.num_workers, self.device)
+            if not pool.busy:  # another loader of the same key iterating right now gets its own workers
+                pool.busy = True
+                pool.stream.set_epoch(self.epoch, attempt)
+                return iter(pool.loader), pool
+        return iter(_data_loader(self.make_stream(attempt), self.num_workers, self.device, persistent=False)), None
+
     def _batches(self):
-        B = self.batch_size
+        self.worker_pids = set()
         for attempt in range(self.attempts):
-            stream = self.make_stream(attempt)
-            nw = self.num_workers
-            dl = DataLoader(stream, batch_size=None, num_workers=nw, prefetch_factor=4 if nw else None,
-                            generator=torch.Generator().manual_seed(0), persistent_workers=False,
-                            pin_memory=self.device.type == "cuda")  # so the uint8 upload can overlap compute
-            for item in dl:
-                self._worker_stats[(attempt, item["wid"])] = item["stats"]
-                for kind, shard, key, n in item["bad"]:
-                    self._bad[(kind, shard, key)] = max(n, self._bad.get((kind, shard, key), 0))
-                for e in item["examples"]:
-                    if len(self._examples) < 5 and e not in self._examples:
-                        self._examples.append(e)
-                self._check(final=False)
-                if item["x"] is None:
-                    continue
-                yield item["x"], item["y"], item["n"]
-                if self._emitted >= self.steps:
-                    return
+            items, pool = self._open(attempt)
+            try:
+                yield from self._pass(items, attempt)
+            except GeneratorExit:
+                raise  # the consumer stopped early: the pool's workers drain the rest when it is next started
+            except BaseException:
+                if pool is not None:
+                    close_pool(pool)  # its iterator may be mid-way through anything: never reuse it
+                raise
+            finally:
+                if pool is not None:
+                    pool.busy = False
             if self.pad or self._emitted >= self.steps:
+                return
+
+    def _pass(self, items, attempt: int):
+        for item in items:
+            self.worker_pids.add(item["pid"])
+            self._worker_stats[(attempt, item["wid"])] = item["stats"]
+            for kind, shard, key, n in item["bad"]:
+                self._bad[(kind, shard, key)] = max(n, self._bad.get((kind, shard, key), 0))
+            for e in item["examples"]:
+                if len(self._examples) < 5 and e not in self._examples:
+                    self._examples.append(e)
+            self._check(final=False)
+            if item["x"] is None:
+                continue
+            yield item["x"], item["y"], item["n"]
+            if self._emitted >= self.steps:
                 return
 
     def _iterate(self):
@@ -227,7 +300,10 @@ class ValLoader(_Loader):
 
 
 def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_size: int, rank: int,
-                 world_size: int, epoch: int, seed: int, img_size: int, device="cpu") -> TrainLoader:
+                 world_size: int, epoch: int, seed: int, img_size: int, device="cpu",
+                 pool_key: tuple | None = None) -> TrainLoader:
+    """One epoch's loader; with `pool_key` (everything it was built from except the epoch) its DataLoader workers
+    are started once and reused by the following epochs' loaders of the same key."""
     n = sel.num_samples
     # None = the whole set's size, also for a fraction or a DMT subset: the paper keeps the full set's iterations
     per_epoch = cfg.samples_per_epoch or index.num_samples
@@ -259,7 +335,8 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
             world_size, "recipe": cfg.recipe, "subset": sel.info, "source": index.source}
     return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                        expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,
-                       attempts=2, info=info, prep=transform.batch_prep, device=device, prep_key=tf_seed)
+                       attempts=2, info=info, prep=transform.batch_prep, device=device, prep_key=tf_seed,
+                       pool_key=None if pool_key is None else (*pool_key, id(index)))
 
 
 def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: int, world_size: int,

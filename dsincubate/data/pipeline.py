@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import random
 import tarfile
 import zlib
@@ -60,13 +61,22 @@ class ShardStream(IterableDataset):
         self.plan, self.transform, self.batch_size, self.img_size = plan, transform, batch_size, img_size
         self.repeat, self.rank, self.world_size = repeat, rank, world_size
         self.num_classes, self.resampled, self.quotas = num_classes, resampled, quotas
-        self.seed_key = [seed, epoch, rank, attempt]
+        self.seed, self.seed_key = seed, [seed, epoch, rank, attempt]
         self.shuffle_buffer, self.shuffle_plan = shuffle_buffer, shuffle_plan
+        # (epoch, attempt) in shared memory: persistent DataLoader workers hold their own copy of this object from
+        # the first epoch on and read what the main process set here each time it starts an epoch (set_epoch)
+        self.epoch_attempt = torch.tensor([epoch, attempt], dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int, attempt: int = 0) -> None:
+        """The epoch (and top-up pass) the next iteration reads: what a new ShardStream for it would read."""
+        self.epoch_attempt[0], self.epoch_attempt[1] = epoch, attempt
 
     # ---- entry point -------------------------------------------------------------------------------------------
     def __iter__(self):
         wi = get_worker_info()
         wid, nw = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        epoch, attempt = (int(v) for v in self.epoch_attempt.tolist())
+        self.seed_key = [self.seed, epoch, self.rank, attempt]
         ss = np.random.SeedSequence(self.seed_key + [wid])
         s = int(ss.generate_state(1)[0])  # augmentation: this rank's own randomness
         # repeated augmentation: every rank draws the same shards in the same order (no rank in the seed) and keeps
@@ -293,7 +303,8 @@ class ShardStream(IterableDataset):
     def _item(self, wid, x, y, n) -> dict:
         stats = {k: v for k, v in self.stats.items() if not k.startswith("_")}
         bad, self.bad_new = self.bad_new, []  # only what is new since the last item: cheap per batch
-        return {"x": x, "y": y, "n": n, "wid": wid, "stats": stats, "examples": list(self.examples), "bad": bad}
+        return {"x": x, "y": y, "n": n, "wid": wid, "pid": os.getpid(), "stats": stats, "examples": list(self.examples),
+                "bad": bad}
 
 
 def _complete(group: dict) -> bool:

@@ -266,6 +266,11 @@ def test_benchmark_dali_rows_use_the_torch_rows_images_and_recipe(tmp_path, monk
         assert res[row]["cores_per_h100"] == pytest.approx(3000 / res[row]["img_per_cpu_s"], abs=0.06)
     assert cfgs["DALI cpu [decode+crop+flip]"]["auto_augment"] == "" and cfgs["DALI cpu [deit]"]["auto_augment"]
     assert cfgs["DALI cpu [decode+crop+flip]"]["color_jitter"] == 0.0   # timm would jitter without RandAugment
+    # the persistent-workers rows: 3 epochs of the torch [none] row's config, with and without persistence
+    rebuilt, kept = "ours [none] 3 epochs, workers per epoch", "ours [none] 3 epochs, persistent workers"
+    assert cfgs[rebuilt] == cfgs[kept] == cfgs["ours webdataset [none]"]
+    assert res[rebuilt]["images"] == res[kept]["images"] == 3 * 24
+    assert (res[rebuilt]["persistent_workers"], res[kept]["persistent_workers"]) == (False, True)
 
 
 @needs_dali

@@ -265,3 +265,47 @@ def test_derived_worker_count_is_what_the_loader_runs_and_records(shards, monkey
     dl = build_train_loader(cfg, info, batch_size=10, rank=0, world_size=2, epoch=0, seed=0, img_size=8)
     assert dl.num_workers == 0 and dl.stats()["num_workers"] == 0
     assert len([b for b in dl]) == len(dl) == 20
+
+
+def _epochs(cfg, info, persistent, epochs=(0, 1, 2), stop_early_at=None):
+    """Each epoch's images and the worker pids that delivered them; loaders built per epoch as the trainer does."""
+    out = []
+    for e in epochs:
+        dl = build_train_loader(cfg, info, batch_size=10, rank=1, world_size=2, epoch=e, seed=4, img_size=8,
+                                persistent=persistent)
+        batches = []
+        for x, _ in dl:
+            batches.append(x)
+            if e == stop_early_at and len(batches) == 2:
+                break  # the consumer leaves mid-epoch: the workers' unread batches must not leak into the next
+        out.append((torch.cat(batches), set(dl.worker_pids)))
+    return out
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_persistent_workers_serve_every_epoch_and_read_what_fresh_workers_read(shards, resampled):
+    """The torch loader's workers start once and serve the next epochs' loaders (same arguments but the epoch);
+    what they deliver is bit-identical to workers started for that epoch alone (so resumes stay exact), and each
+    epoch is still its own (epoch-seeded order and augmentation)."""
+    cfg = cfg_for(shards, resampled=resampled, recipe="deit", samples_per_epoch=200)
+    info = resolve_data(cfg)
+    kept = _epochs(cfg, info, persistent=True, stop_early_at=1)
+    fresh = _epochs(cfg, info, persistent=False)
+    assert len({frozenset(p) for _, p in kept}) == 1 and len(kept[0][1]) == 2      # the same 2 workers throughout
+    assert len({frozenset(p) for _, p in fresh}) == 3                               # new ones every epoch
+    assert torch.equal(kept[0][0], fresh[0][0]) and torch.equal(kept[2][0], fresh[2][0])
+    assert torch.equal(kept[1][0], fresh[1][0][:len(kept[1][0])])                  # epoch 1 stopped after 2 batches
+    assert not torch.equal(kept[0][0], kept[2][0])
+
+
+def test_two_loaders_of_one_key_iterated_at_once_each_read_their_own_epoch(shards):
+    """A loader of the persistent pool's key that starts while the pool is busy gets workers of its own."""
+    cfg = cfg_for(shards, resampled=True, samples_per_epoch=200)
+    info = resolve_data(cfg)
+    kw = dict(batch_size=10, rank=0, world_size=1, seed=2, img_size=8)
+    a, b = (build_train_loader(cfg, info, epoch=e, **kw) for e in (0, 1))
+    both = [(xa, xb) for (xa, _), (xb, _) in zip(a, b)]
+    assert len(both) == len(a) and not a.worker_pids & b.worker_pids
+    for e in (0, 1):
+        ref = torch.cat([x for x, _ in build_train_loader(cfg, info, epoch=e, persistent=False, **kw)])
+        assert torch.equal(torch.cat([p[e] for p in both]), ref)
