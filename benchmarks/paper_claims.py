@@ -382,9 +382,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def commit_problem() -> str | None:
-    """Why the code's commit cannot be named (None when it can): results must say which code made them."""
-    sha = common.git_commit()
+def code_commit() -> str:
+    """The commit of the code, '+dirty' where dsincubate/, benchmarks/ (but for benchmarks/results/, where this
+    script's own output lands mid-run) or ds_configs/ differ from it; '' where git cannot say."""
+    git = ["git", "-C", str(common.ROOT)]
+    try:
+        sha = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(git + ["status", "--porcelain", "--", "dsincubate", "benchmarks", "ds_configs",
+                                      ":(exclude)benchmarks/results"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+    return sha + ("+dirty" if sha and dirty else "")
+
+
+def commit_problem(sha: str) -> str | None:
+    """Why the code's commit `sha` cannot be named (None when it can): results must say which code made them."""
     if not sha or sha == "unknown":
         return "no git commit can be read"
     if sha.endswith("+dirty"):
@@ -393,7 +405,7 @@ def commit_problem() -> str | None:
     return None
 
 
-def recompute(path: Path) -> Path:
+def recompute(path: Path, commit: str) -> Path:
     """The table of a committed result recomputed from its per-seed records with this code's statistics; written
     beside it as <stem>_stats.{json,txt} (the record names its source and the source's commit)."""
     rec = json.loads(path.read_text())
@@ -402,7 +414,10 @@ def recompute(path: Path) -> Path:
     table, rows = summarise(rec["experiment"], rows)
     if not rec.get("git_commit") or rec["git_commit"].endswith("+dirty"):
         table += f"\nWARNING: the source result records git_commit {rec.get('git_commit')!r}: not a clean commit"
-    out = dict(common.header(f"paper_claims_{rec['experiment']}_stats", rec.get("device")), recomputed_from=str(path),
+    if commit_problem(commit):
+        table += f"\nWARNING: recomputed by code at git_commit {commit!r}: not a clean commit"
+    out = dict(common.header(f"paper_claims_{rec['experiment']}_stats", rec.get("device")), git_commit=commit,
+               recomputed_from=str(path),
                source_git_commit=rec.get("git_commit"), source_date=rec.get("date"), experiment=rec["experiment"],
                scale=rec.get("scale", "cpu"), seeds=rec.get("seeds"), rows=rows)
     return common.write_result("", out, table, out=path.with_name(path.stem + "_stats.json"))
@@ -413,10 +428,11 @@ def main(argv=None) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
     args = parse_args(argv)
+    start_commit = code_commit()
     if args.from_files:
         for f in [Path(f.strip()) for f in args.from_files.split(",") if f.strip()]:
             try:
-                path = recompute(f)
+                path = recompute(f, start_commit)
             except (OSError, ValueError, KeyError) as e:
                 print(f"error: --from {f}: not a paper_claims result ({e})", file=sys.stderr)
                 return 2
@@ -427,7 +443,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"error: unknown experiment(s) {bad}; use {', '.join(EXPERIMENTS)}", file=sys.stderr)
         return 2
-    problem = commit_problem()
+    problem = commit_problem(start_commit)
     if problem and not args.allow_dirty and not args.collect_only:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -443,16 +459,18 @@ def main(argv=None) -> int:
             print(f"error: --merge {f}: made at scale {rec.get('scale')}, not {args.scale}", file=sys.stderr)
             return 2
     common.set_threads()
-    start_commit = common.git_commit()
     for exp in exps:
         rows = run_experiment(exp, args, extra)
         rows = merged(exp, rows, *earlier.get(exp, ("", [])))
         table, rows = summarise(exp, rows)
-        if problem:
-            table += f"\nWARNING: {problem.split(':')[0]}: git_commit {common.git_commit()!r}"
+        end_commit = code_commit()
+        if problem or end_commit != start_commit:
+            table += f"\nWARNING: the code changed or was not committed: git_commit {start_commit!r} at the start, " \
+                     f"{end_commit!r} at the end"
         dev = common.device()
         name = f"paper_claims_{exp}" + (f"_{args.name}" if args.name else "")
-        record = dict(common.header(name, dev), git_commit_at_start=start_commit, scale=args.scale, experiment=exp,
+        record = dict(common.header(name, dev), git_commit=end_commit, git_commit_at_start=start_commit,
+                      scale=args.scale, experiment=exp,
                       seeds=[int(s) for s in args.seeds.split(",")], rows=rows, extra_args=extra,
                       cell_settings=args.set, e2e_budget=args.e2e_budget,
                       note="E2E epochs = " + ("ceil(DI training FLOPs / E2E FLOPs per epoch)" if args.e2e_budget ==

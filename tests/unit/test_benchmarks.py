@@ -373,7 +373,7 @@ def test_paper_claims_from_recomputes_a_result_and_flags_its_unclean_commit(tmp_
     out = json.loads((tmp_path / "paper_claims_k_cpu2_2026-11-23_stats.json").read_text())
     assert out["recomputed_from"] == str(src) and out["source_git_commit"] == ""
     assert all("paired" in r and "flags" in r for r in out["rows"])
-    assert "WARNING" in out["table"][-1] and "not a clean commit" in out["table"][-1]
+    assert any("WARNING: the source result records git_commit ''" in line for line in out["table"])
     assert pc.main(["--from", str(tmp_path / "nope.json")]) == 2
 
 
@@ -381,11 +381,11 @@ def test_paper_claims_from_recomputes_a_result_and_flags_its_unclean_commit(tmp_
 def test_paper_claims_refuses_to_run_without_a_clean_commit(monkeypatch, capsys, sha):
     from benchmarks import paper_claims as pc
 
-    monkeypatch.setattr(common, "git_commit", lambda: sha)
+    monkeypatch.setattr(pc, "code_commit", lambda: sha)
     assert pc.main(["--experiments", "depth", "--depths", "8", "--workdir", "/nonexistent"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
-    assert pc.commit_problem() is not None
+    assert pc.commit_problem(sha) is not None and pc.commit_problem("0123abc") is None
 
 
 # ---------------------------------------------------------------- honest throughput rows (issue 21 item 6)
