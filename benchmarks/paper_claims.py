@@ -145,7 +145,8 @@ def e2e_epochs_for(recipe: str, sets: list[str], extra: list[str]) -> tuple[int,
     K = cfg.model.num_stages
     plan = {"meta": cfg.meta.epochs * per_epoch * flops("meta"),
             "incubate": sum(cfg.incubate.epochs * per_epoch * flops("incubate", i) for i in range(K)),
-            "finetune": cfg.finetune.epochs * per_epoch * flops("e2e"), "e2e_per_epoch": per_epoch * flops("e2e")}
+            "finetune": cfg.finetune.epochs * per_epoch * flops("e2e"), "e2e_per_epoch": per_epoch * flops("e2e"),
+            "samples_per_epoch": per_epoch}
     plan["di_total"] = plan["meta"] + plan["incubate"] + plan["finetune"]
     return max(1, math.ceil(plan["di_total"] / plan["e2e_per_epoch"] - 1e-9)), plan
 
@@ -289,10 +290,12 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
     std per method, the paired DI - E2E difference with its 95% interval and p (`stats.paired`), the verdict that
     follows the interval, and per-seed flags (`stats.seed_flags`)."""
     title = EXPERIMENTS[experiment][0] if experiment in EXPERIMENTS else experiment
+    # --tune rows: the default recipe's E2E of the same seeds beside the tuned one
+    default = any(r.get("e2e_default") is not None for row in rows for r in row["seeds"])
     out, table_rows = [], []
     for row in rows:
         ok = [r for r in row["seeds"] if r.get("ok")]
-        ms = {k: _ms([r[k] for r in ok]) for k in ("meta", "assembled", "di", "e2e")}
+        ms = {k: _ms([r.get(k) for r in ok]) for k in ("meta", "assembled", "di", "e2e", "e2e_default")}
         both = [r for r in ok if r["di"] is not None and r["e2e"] is not None]
         ms["di_minus_e2e"] = _ms([r["di"] - r["e2e"] for r in both])
         diff = stats.paired([r["di"] for r in both], [r["e2e"] for r in both])
@@ -302,18 +305,25 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
         out.append(dict(row, stats=ms, paired=diff, means=flops, verdict=v, flags=flags, n_seeds=len(ok)))
         pm = lambda k: "-" if ms[k][0] is None else f"{ms[k][0]:.1f} ± {ms[k][1]:.1f}"  # noqa: E731
         label = row["label"] + ("*" if row.get("merged_from") else "")  # a row of an earlier result (--merge)
-        table_rows.append([label, len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e"), pm("di_minus_e2e"),
+        table_rows.append([label, len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e")] +
+                          ([pm("e2e_default")] if default else []) + [pm("di_minus_e2e"),
                            stats.fmt_interval(diff),
                            None if flops["di_flops"] is None else flops["di_flops"] / 1e12,
                            None if flops["e2e_flops"] is None else flops["e2e_flops"] / 1e12,
                            flops["di_hours"], flops["e2e_hours"], v, flags or "-"])
-    table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1", "DI-E2E paired",
-                          "DI-E2E [95% CI] p", "DI TFLOP", "E2E TFLOP", "DI h", "E2E h", "verdict",
-                          "per-seed flags"], table_rows,
-                         ["", "", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", "", ""])
+    table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1"] +
+                         (["E2E default"] if default else []) + ["DI-E2E paired", "DI-E2E [95% CI] p", "DI TFLOP",
+                                                                 "E2E TFLOP", "DI h", "E2E h", "verdict",
+                                                                 "per-seed flags"], table_rows,
+                         [""] * (8 + default) + [".1f", ".1f", ".4f", ".4f", "", ""])
     sources = sorted({Path(r["merged_from"]).name for r in rows if r.get("merged_from")})
     if sources:
         table += f"\n* measured earlier: {', '.join(sources)}"
+    for r in rows:
+        if r.get("tuning"):
+            t = r["tuning"]
+            table += f"\n{r['label']}: DI at {t['di']}, E2E at {t['e2e']} (each its best of the same grid on the " \
+                     f"held-out split, seed {t['seed']}; clipping 1.0 in every phase of both)"
     return table, out
 
 
@@ -377,6 +387,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name", default="", help="a tag in the result file names: paper_claims_<exp>_<name>_<device>_<date>")
     p.add_argument("--allow-dirty", action="store_true", help="run although the code is not committed (the result "
                    "file then says so in its table); by default a '+dirty' or unknown commit is refused")
+    p.add_argument("--tune", action="store_true", help="equal tuning (benchmarks/tuning.py): the same lr x warm-up "
+                   "grid for E2E and DI on a held-out split at --tune-seed, then the seeds at each method's choice")
+    p.add_argument("--tune-data", default="", help="TRAIN,TUNE shard directories for --tune (the tune split held "
+                   "out from the training data); default: a hold-out of the built-in training shards")
+    p.add_argument("--tune-per-class", type=int, default=50, help="images per class held out of the built-in "
+                   "training data for --tune (default 50 of 300)")
+    p.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs (default 0)")
     p.add_argument("--from", dest="from_files", default="", help="comma list of result .json files: recompute their "
                    "tables from the per-seed records they hold (no runs), written as <file>_stats.{json,txt}")
     return p.parse_args(argv)
@@ -468,7 +485,7 @@ def main(argv=None) -> int:
             table += f"\nWARNING: the code changed or was not committed: git_commit {start_commit!r} at the start, " \
                      f"{end_commit!r} at the end"
         dev = common.device()
-        name = f"paper_claims_{exp}" + (f"_{args.name}" if args.name else "")
+        name = f"paper_claims_{exp}" + ("_tuned" if args.tune else "") + (f"_{args.name}" if args.name else "")
         record = dict(common.header(name, dev), git_commit=end_commit, git_commit_at_start=start_commit,
                       scale=args.scale, experiment=exp,
                       seeds=[int(s) for s in args.seeds.split(",")], rows=rows, extra_args=extra,
@@ -486,7 +503,6 @@ def main(argv=None) -> int:
 def run_experiment(exp: str, args: argparse.Namespace, extra: list[str]) -> list[dict]:
     """Run (or with --collect-only, collect) every cell of one experiment over the seeds; its rows."""
     rows, work = [], Path(args.workdir) / args.scale
-    seeds = [int(s) for s in args.seeds.split(",")]
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     for recipe, label, sets in cells(exp, args.scale, depths):
@@ -494,26 +510,46 @@ def run_experiment(exp: str, args: argparse.Namespace, extra: list[str]) -> list
             continue
         print(f"[paper_claims] {exp} {label}", flush=True)
         sets = sets + args.set
-        seed_rows = []
+        if args.tune:
+            rows.append(tuned_row(work, recipe, label, sets, extra, args))
+            continue
+        base = None
         if exp in DI_ONLY:  # the default cell: the one without overrides of its own
             default = [i for i, (_, own) in enumerate(EXPERIMENTS[exp][1]) if not own][0]
             base_recipe, _, base_sets = cells(exp, args.scale, depths)[default]
-            base_sets = base_sets + args.set
-        for seed in seeds:
-            out = work / cell_key(recipe, sets) / f"seed{seed}"  # identical cells of two experiments run once
-            e2e_from = work / cell_key(base_recipe, base_sets) / f"seed{seed}" if exp in DI_ONLY else None
-            seed_sets = [s.replace("{e2e}", str((e2e_from or out) / "e2e" / "model.safetensors")) for s in sets]
-            if e2e_from is not None and e2e_from != out and not (e2e_from / "e2e" / "MANIFEST.json").is_file() \
-                    and not args.collect_only:
-                run_cell(e2e_from, base_recipe, base_sets, seed, extra, args.timeout, budget=args.e2e_budget)
-            if args.collect_only:
-                if ((e2e_from or out) / "e2e" / "MANIFEST.json").is_file() and (out / "summary.json").is_file():
-                    flop_epochs, plan = e2e_epochs_for(recipe, seed_sets, extra)
-                    seed_rows.append(collect_cell(out, seed, plan, flop_epochs, e2e_from))
-                continue
-            seed_rows.append(run_cell(out, recipe, seed_sets, seed, extra, args.timeout, e2e_from, args.e2e_budget))
+            base = (base_recipe, base_sets + args.set)
+        seed_rows = [r for seed in [int(s) for s in args.seeds.split(",")]
+                     for r in [seed_record(work, recipe, sets, seed, extra, args, base)] if r is not None]
         rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
     return rows
+
+
+def seed_record(work: Path, recipe: str, sets: list[str], seed: int, extra: list[str], args,
+                base: tuple[str, list[str]] | None) -> dict | None:
+    """Run (or collect) one seed of a cell; `base` is a DI-only ablation's default cell, whose E2E run it shares.
+    None where --collect-only finds the seed unfinished."""
+    out = work / cell_key(recipe, sets) / f"seed{seed}"  # identical cells of two experiments run once
+    e2e_from = work / cell_key(*base) / f"seed{seed}" if base else None
+    seed_sets = [s.replace("{e2e}", str((e2e_from or out) / "e2e" / "model.safetensors")) for s in sets]
+    if args.collect_only:
+        if ((e2e_from or out) / "e2e" / "MANIFEST.json").is_file() and (out / "summary.json").is_file():
+            flop_epochs, plan = e2e_epochs_for(recipe, seed_sets, extra)
+            return collect_cell(out, seed, plan, flop_epochs, e2e_from)
+        return None
+    if e2e_from is not None and e2e_from != out and not (e2e_from / "e2e" / "MANIFEST.json").is_file():
+        run_cell(e2e_from, base[0], base[1], seed, extra, args.timeout, budget=args.e2e_budget)  # shared E2E first
+    return run_cell(out, recipe, seed_sets, seed, extra, args.timeout, e2e_from, args.e2e_budget)
+
+
+def tuned_row(work: Path, recipe: str, label: str, sets: list[str], extra: list[str], args) -> dict:
+    """A cell under --tune: the grid on the held-out split, then every seed at each method's choice."""
+    from benchmarks import tuning
+
+    choice = tuning.tune_cell(work, recipe, sets, extra, args)
+    seeds = [] if choice is None else [
+        r for seed in [int(s) for s in args.seeds.split(",")]
+        for r in [tuning.run_tuned_seed(work, recipe, sets, choice, seed, extra, args)] if r is not None]
+    return {"label": f"{label} tuned", "recipe": recipe, "overrides": sets, "tuning": choice, "seeds": seeds}
 
 
 if __name__ == "__main__":

@@ -388,6 +388,83 @@ def test_paper_claims_refuses_to_run_without_a_clean_commit(monkeypatch, capsys,
     assert pc.commit_problem(sha) is not None and pc.commit_problem("0123abc") is None
 
 
+def test_tuning_grid_is_the_same_for_both_methods_and_valid_for_every_cell():
+    from benchmarks import paper_claims as pc, tuning
+    from dsincubate import recipes
+    from dsincubate.config import apply_overrides
+
+    assert len(tuning.GRID) == 6 and len({lb for lb, _ in tuning.GRID}) == 6  # lr x warm-up, 3 x 2
+    for label, _ in tuning.GRID:
+        sets = tuning.grid_sets(label)
+        for _, _, cell in pc.cells("depth", "cpu"):
+            cfg = apply_overrides(recipes.get("demo"), cell + sets + ["e2e.epochs=20"])  # validates every phase
+            assert cfg.meta.lr == cfg.incubate.lr == cfg.finetune.lr == cfg.e2e.lr  # one rate for both methods
+            assert cfg.meta.warmup_epochs == cfg.incubate.warmup_epochs == cfg.e2e.warmup_epochs
+            assert cfg.meta.clip_grad == cfg.incubate.clip_grad == cfg.finetune.clip_grad == cfg.e2e.clip_grad == 1.0
+    with pytest.raises(Exception, match="unknown grid point"):
+        tuning.grid_sets("lr 1 wu 1")
+
+
+def test_tuning_selects_each_methods_best_point_and_refuses_an_unfinished_grid():
+    from benchmarks import tuning
+    from dsincubate.errors import UserError
+
+    labels = [lb for lb, _ in tuning.GRID]
+    scores = {lb: {"di": 30.0 + i, "e2e": 40.0 - i} for i, lb in enumerate(labels)}
+    assert tuning.select(scores) == {"di": labels[-1], "e2e": labels[0]}
+    scores[labels[3]] = {"di": None, "e2e": 50.0}
+    with pytest.raises(UserError, match="tuning incomplete for di: 5 of 6"):
+        tuning.select(scores)
+
+
+def test_tuning_holdout_of_training_shards_is_class_balanced_disjoint_and_complete(tmp_path):
+    import numpy as np
+
+    from benchmarks import tuning
+    from dsincubate.data.sources import load_index
+    from dsincubate.data.writer import Sample, image_bytes, write_shards
+
+    rng = np.random.default_rng(0)
+    imgs = [image_bytes(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(40)]
+    write_shards([Sample(key=f"s{i:03d}", label=i % 4, ext="png", size=len(b), read=lambda b=b: b)
+                  for i, b in enumerate(imgs)], str(tmp_path / "src"), ["a", "b", "c", "d"], maxcount=7,
+                 progress=False)
+    train, tune = tuning.holdout(tmp_path / "src", tmp_path / "out", per_class=3)
+    ti, vi = load_index(str(train)), load_index(str(tune))
+    assert vi.samples_per_class() == [3, 3, 3, 3] and ti.samples_per_class() == [7, 7, 7, 7]
+    tk = {k for s in ti.shards for k in s.keys}
+    vk = {k for s in vi.shards for k in s.keys}
+    assert not tk & vk and tk | vk == {f"s{i:03d}" for i in range(40)}
+    with pytest.raises(Exception, match="too few to hold out"):
+        tuning.holdout(tmp_path / "src", tmp_path / "out2", per_class=10)
+
+
+def test_tuning_runs_read_the_held_out_split_never_the_validation_set(tmp_path):
+    from benchmarks import tuning
+    from dsincubate.errors import UserError
+
+    extra = ["--set", "x=1", "--train", "/d/train", "--val", "/d/val"]
+    assert tuning.tune_extra("/d/train,/d/tune", extra, tmp_path, 5) == \
+        ["--set", "x=1", "--train", "/d/train", "--val", "/d/tune"]
+    with pytest.raises(UserError, match="needs --tune-data"):
+        tuning.tune_extra("", extra, tmp_path, 5)
+    with pytest.raises(UserError, match="TRAIN,TUNE"):
+        tuning.tune_extra("/d/train", [], tmp_path, 5)
+
+
+def test_paper_claims_tuned_rows_show_the_default_e2e_and_the_choices():
+    from benchmarks import paper_claims as pc
+
+    seed = {"ok": True, "meta": 20.0, "assembled": 10.0, "di_flops": 1e12, "e2e_flops": 2e12, "di_hours": 0.1,
+            "e2e_hours": 0.2}
+    seeds = [dict(seed, seed=i, di=30.0 + i, e2e=32.0 + 2 * i, e2e_default=25.0 + i) for i in range(3)]
+    row = {"label": "16 tuned", "seeds": seeds, "tuning": {"di": "lr 8e-3 wu 1", "e2e": "lr 4e-3 wu 3", "seed": 0}}
+    table, out = pc.summarise("depth", [row])
+    head, line = _columns(table.splitlines()[0]), _columns(table.splitlines()[2])
+    assert head[6] == "E2E default" and line[6] == "26.0 ± 1.0" and line[5] == "34.0 ± 2.0"
+    assert "16 tuned: DI at lr 8e-3 wu 1, E2E at lr 4e-3 wu 3" in table.splitlines()[-1]
+
+
 # ---------------------------------------------------------------- honest throughput rows (issue 21 item 6)
 
 def _meta_count(recipe: str, sets: list[str]) -> dict:

@@ -1,0 +1,164 @@
+"""Equal tuning of E2E and Deep Incubation for `paper_claims.py --tune` (issue 24 item 1).
+
+Both methods get the same search: learning rate x warm-up, 3 x 2 (`GRID`), run at one seed on data held out from
+the training set (never on the validation set the tables report); each method then runs its seeds at the grid point
+that scored best for it. DI's grid point sets the settings its phases share: the learning rate of meta pre-training,
+incubation and fine-tuning (all at the same rate in the demo recipe) and the warm-up of meta pre-training and
+incubation; E2E gets the same learning rate and warm-up. Fine-tuning keeps its half epoch of warm-up (it starts from
+an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to every phase of both methods
+(`EQUAL`): the demo recipe clips fine-tuning only, and every committed CPU-scale result clipped every phase at
+DeepSpeed's default 1.0 anyway. E2E's epochs follow DI's training FLOPs, which no grid point changes.
+
+The held-out split: for a dataset that has one (Fashion-MNIST's `tune/`, benchmarks/fashion_mnist.py) pass
+`--tune-data TRAIN,TUNE`; for the built-in data `holdout` writes `--tune-per-class` images of every class of its
+training shards into a tune split and the rest into a smaller training split (shards, by the shard writer), under
+the work directory. Tuning runs train at the full training set's samples per epoch, so a grid point sees the
+iterations the seeds will.
+
+    python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from dsincubate.checkpoint import atomic_write_json
+from dsincubate.data.sources import MANIFEST_NAME, split_member
+from dsincubate.data.writer import Sample, write_shards
+from dsincubate.errors import UserError
+
+LRS = ("4e-3", "8e-3", "1.6e-2")        # per 512 images: half, the demo's, twice
+WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
+GRID = [(f"lr {lr} wu {wu}", [f"{ph}.lr={lr}" for ph in ("meta", "incubate", "finetune", "e2e")] +
+         [f"{ph}.warmup_epochs={wu}" for ph in ("meta", "incubate", "e2e")]) for lr in LRS for wu in WARMUPS]
+EQUAL = [f"{ph}.clip_grad=1.0" for ph in ("meta", "incubate", "finetune", "e2e")]
+
+
+def grid_sets(label: str) -> list[str]:
+    """The overrides of one grid point (with the clipping both methods get)."""
+    for lb, sets in GRID:
+        if lb == label:
+            return EQUAL + sets
+    raise UserError(f"unknown grid point {label!r}")
+
+
+def select(scores: dict[str, dict]) -> dict:
+    """Each method's best grid point by its top-1 on the tune split (ties: the first in grid order)."""
+    choice = {}
+    for method in ("di", "e2e"):
+        done = [(lb, s[method]) for lb, _ in GRID for s in [scores.get(lb)] if s and s.get(method) is not None]
+        if len(done) < len(GRID):
+            raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(GRID)} grid points finished")
+        choice[method] = max(done, key=lambda x: x[1])[0]
+    return choice
+
+
+def _read_split(src: Path) -> tuple[dict, dict[str, tuple[int, bytes, str]]]:
+    man = json.loads((src / MANIFEST_NAME).read_text())
+    samples: dict[str, tuple[int, bytes, str]] = {}
+    for shard in man["shards"]:
+        labels = dict(zip(shard["keys"], shard["labels"]))
+        with tarfile.open(src / shard["name"]) as tf:
+            for m in tf:
+                key, ext = split_member(m.name)
+                if m.isfile() and key in labels and ext not in ("cls", "label"):
+                    samples[key] = (int(labels[key]), tf.extractfile(m).read(), ext)
+    return man, samples
+
+
+def holdout(src: Path, out: Path, per_class: int, seed: int = 0) -> tuple[Path, Path]:
+    """Split a shard directory's samples into out/train and out/tune (`per_class` of every class, fixed seed),
+    both written as shards; returns (train, tune). Keeps what a previous call with the same arguments wrote."""
+    man, samples = _read_split(src)
+    keys = sorted(samples)
+    labels = np.asarray([samples[k][0] for k in keys])
+    tune: set[str] = set()
+    for c in range(man["num_classes"]):
+        members = [k for k, lab in zip(keys, labels) if lab == c]
+        if len(members) <= per_class:
+            raise UserError(f"{src}: class {c} has {len(members)} images, too few to hold out {per_class}")
+        pick = np.random.default_rng([seed, c]).permutation(len(members))[:per_class]
+        tune.update(members[i] for i in pick)
+    for split, chosen in (("train", [k for k in keys if k not in tune]), ("tune", sorted(tune))):
+        write_shards([Sample(key=k, label=samples[k][0], ext=samples[k][2], size=len(samples[k][1]),
+                             read=lambda b=samples[k][1]: b) for k in chosen], str(out / split),
+                     man["class_names"], prefix=split, maxcount=1000, seed=seed,
+                     image_size=man.get("image_size"), progress=False)
+    return out / "train", out / "tune"
+
+
+def tune_extra(tune_data: str, extra: list[str], work: Path, per_class: int) -> list[str]:
+    """The pipeline arguments of the tuning runs: `extra` with its --train/--val replaced by the held-out split
+    (`tune_data` "TRAIN,TUNE", or for the built-in data a `holdout` of its training shards under `work`)."""
+    pairs = [i for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")]
+    rest = [a for i, a in enumerate(extra) if i not in pairs and i - 1 not in pairs]
+    if tune_data:
+        parts = [p.strip() for p in tune_data.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise UserError(f"--tune-data takes TRAIN,TUNE (two shard directories), not {tune_data!r}")
+        train, tune = parts
+    elif pairs:
+        raise UserError("--tune with your own --train/--val needs --tune-data TRAIN,TUNE: a split held out from "
+                        "the training data (benchmarks/fashion_mnist.py writes one)")
+    else:
+        from benchmarks import common
+        from dsincubate.data.demo import ensure_demo
+
+        src = Path(ensure_demo(str(common.ROOT / "demo_data"))) / "train"
+        train, tune = (str(p) for p in holdout(src, work / "tune" / f"builtin_holdout_{per_class}", per_class))
+    return rest + ["--train", train, "--val", tune]
+
+
+def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) -> dict | None:
+    """Run (or collect) the grid of one cell at `args.tune_seed` on the held-out split and return each method's
+    choice with every grid point's tune top-1; saved as work/tune/choice_<cell>.json. None where --collect-only
+    finds no saved choice."""
+    from benchmarks import paper_claims as pc
+
+    path = work / "tune" / f"choice_{pc.cell_key(recipe, sets)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if args.collect_only:
+        return None
+    t_extra = tune_extra(args.tune_data, extra, work, args.tune_per_class)
+    _, plan = pc.e2e_epochs_for(recipe, sets, extra)
+    per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]  # the iterations of the seeds' runs
+    scores = {}
+    for label, _ in GRID:
+        g = sets + grid_sets(label) + per_epoch
+        out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
+        print(f"[paper_claims] tune {label}: {out}", flush=True)
+        r = pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
+        scores[label] = {"di": r.get("di"), "e2e": r.get("e2e"), "meta": r.get("meta"), "ok": r.get("ok")}
+    choice = dict(select(scores), scores=scores, seed=args.tune_seed, tune_args=t_extra, grid=GRID, equal=EQUAL)
+    atomic_write_json(str(path), choice)
+    return choice
+
+
+def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str], args) -> dict | None:
+    """One seed at the tuned settings: DI at its grid point, E2E at its own (in DI's run directory when both chose
+    the same), E2E's epochs from DI's FLOPs; beside it the default cell's E2E top-1 of this seed where that run
+    exists. None where --collect-only finds the seed unfinished."""
+    from benchmarks import paper_claims as pc
+
+    di_sets, e2e_sets = sets + grid_sets(choice["di"]), sets + grid_sets(choice["e2e"])
+    d_out = work / pc.cell_key(recipe, di_sets) / f"seed{seed}"
+    e_out = work / pc.cell_key(recipe, e2e_sets) / f"seed{seed}"
+    flop_epochs, plan = pc.e2e_epochs_for(recipe, di_sets, extra)
+    if not args.collect_only:
+        s = [f"seed={seed}"]
+        if not (d_out / "finetune" / "MANIFEST.json").is_file() and \
+                not pc._pipeline(d_out, "di", recipe, di_sets + s, extra, args.timeout):
+            return {"ok": False, "error": f"Deep Incubation failed, see {d_out / 'log_di.txt'}", "seed": seed}
+        if not (e_out / "e2e" / "MANIFEST.json").is_file() and \
+                not pc._pipeline(e_out, "e2e", recipe, e2e_sets + s + [f"e2e.epochs={flop_epochs}"], extra, args.timeout):
+            return {"ok": False, "error": f"E2E failed, see {e_out / 'log_e2e.txt'}", "seed": seed}
+    if not (d_out / "summary.json").is_file() or not (e_out / "e2e" / "MANIFEST.json").is_file():
+        return None
+    rec = pc.collect_cell(d_out, seed, plan, flop_epochs, e_out if e_out != d_out else None)
+    default = work / pc.cell_key(recipe, sets) / f"seed{seed}" / "summary.json"
+    rec["e2e_default"] = json.loads(default.read_text())["e2e"]["top1"] if default.is_file() else None
+    return dict(rec, di_setting=choice["di"], e2e_setting=choice["e2e"])
