@@ -19,10 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from dsincubate import registry
 from dsincubate.errors import UserError
-
-TRAIN_PHASES = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd", "m2mkd_finetune")
-METHODS = ("di", "e2e", "e2e_tune", "m2mkd")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,11 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dsincubate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_ in (("meta", "pre-train the meta model"), ("incubate", "incubate target module I"),
-                        ("finetune", "fine-tune the assembled model"), ("e2e", "train the target end to end"),
-                        ("e2e_tune", "train the E2E model further with the fine-tune recipe (the paper's control)"),
-                        ("m2mkd", "distil teacher module I into student module I through the meta model (m2mKD)"),
-                        ("m2mkd_finetune", "train the assembled m2mKD students end to end"),
+    phases = [(name, registry.phase(name).help) for name in registry.list_phases()]
+    methods = ", ".join(f"{m} ({registry.method_help(m)})" for m in registry.list_methods())
+    for name, help_ in (*phases,
                         ("eval", "top-1/top-5 of any model of a run (or a model file) on the validation data"),
                         ("pipeline", "every phase in order, then the summary"),
                         ("assemble", "join the K incubated modules"), ("export", "write a timm safetensors file"),
@@ -65,30 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
                                    "this run's output")):
         p = sub.add_parser(name, help=help_)
         _common(p)
-        if name in ("incubate", "m2mkd"):
+        if name in registry.stage_phases():
             p.add_argument("--module", "--stage-index", dest="stage_index", type=int, required=True,
                            help="stage index I in 0..K-1")
         if name == "eval":
+            hybrids = ", ".join(f"{registry.phase(n).hybrid}:I" for n in registry.stage_phases())
             p.add_argument("--model", dest="which", default="finetune",
-                           help="meta, hybrid:I, assemble, finetune, e2e, e2e_tune, m2mkd_assemble, m2mkd_finetune or a "
-                                "model file; "
-                                "a comma list evaluates several in one start")
+                           help=f"{', '.join(registry.named_models())}, {hybrids} or a model file; a comma list "
+                                "evaluates several in one start")
         if name == "assemble":
             p.add_argument("--stages", nargs="+", default=None, help="explicit stage files (default: the run's)")
-            p.add_argument("--method", choices=("incubate", "m2mkd"), default="incubate",
+            p.add_argument("--method", choices=registry.stage_phases(), default="incubate",
                            help="whose modules: incubation's (-> assemble/) or m2mKD's students (-> m2mkd/assemble/)")
         if name == "export":
-            p.add_argument("--source", choices=("finetune", "e2e", "e2e_tune", "m2mkd_finetune"), default="finetune")
+            p.add_argument("--source", choices=registry.exported(), default="finetune")
         if name == "pipeline":
-            p.add_argument("--methods", default="di,e2e", help="comma list of di, e2e, e2e_tune (E2E + tuning), "
-                                                               "m2mkd (distil m2mkd.teacher into student modules)")
+            p.add_argument("--methods", default="di,e2e", help=f"comma list of {methods}")
         if name == "config":
             p.add_argument("--fields", action="store_true", help="list every config field with its documentation")
             p.add_argument("--methods", default="di,e2e,e2e_tune",
                            help="check the phases of these pipeline methods (the launchers' fail-fast check)")
+            p.add_argument("--plan", action="store_true", help="after the checks, print the steps of --methods, one "
+                           "a line: KIND NAME COUNT DIR (what the launchers run; see dsincubate/plan.py)")
         if name == "import":
             p.add_argument("file", help="a .pth saved by the official code (with model_stages)")
-            p.add_argument("--as", dest="as_", choices=("finetune", "e2e"), default=None,
+            p.add_argument("--as", dest="as_", choices=registry.exported(), default=None,
                            help="where a whole model goes (default finetune)")
     ops = sub.add_parser("ops", help="report the fused kernels: compatible, built, backend in use, where verified")
     ops.add_argument("rest", nargs=argparse.REMAINDER)
@@ -191,15 +188,18 @@ def run(args) -> int:
         # about the missing CUDA runtime, on every start: noise in front of any error line that follows
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    if args.command in TRAIN_PHASES or args.command in ("pipeline", "eval"):
+    train = args.command in registry.list_phases()
+    if train or args.command in ("pipeline", "eval"):
         from dsincubate.ranks import check_world
 
         check_world()  # an N-task srun without rank variables: refused before demo data or rank records are written
     info = _preflight(cfg, torch.cuda.is_available())
     n_cls = _num_classes(cfg, info)
     if args.command == "config":  # also the launchers' fail-fast check: it refuses what training would refuse
-        _check_phases(cfg, root, n_cls, info, _methods(args.methods))
-        print(json.dumps(cfg.to_dict(), indent=2))
+        from dsincubate import plan
+
+        steps = plan.check_phases(cfg, root, n_cls, info, registry.parse_methods(args.methods), _world_size())
+        print("\n".join(registry.plan_lines(steps)) if args.plan else json.dumps(cfg.to_dict(), indent=2))
         return 0
     if args.command == "summary":
         from dsincubate.accounting import format_summary, summarize
@@ -208,16 +208,15 @@ def run(args) -> int:
         return 0
     if args.command in ("assemble", "export"):
         return _single_process(args, cfg, root)
-    from dsincubate import checks, dist, phases, trainer
+    from dsincubate import checks, dist, phases, plan, trainer
 
     phase = None
     world_size = _world_size()
-    if args.command in TRAIN_PHASES:  # its inputs checked before any process group or engine exists
+    if train:  # its inputs checked before any process group or engine exists
         phase = phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None))
         checks.check_plan(phase, info, world_size, torch.cuda.is_available())
     if args.command == "pipeline":
-        methods = _methods(args.methods)
-        _check_phases(cfg, root, n_cls, info, methods)
+        steps = plan.check_phases(cfg, root, n_cls, info, registry.parse_methods(args.methods), _world_size())
     if args.command == "eval":
         from dsincubate.evaluate import resolve
 
@@ -243,7 +242,7 @@ def run(args) -> int:
         if phase is not None:
             trainer.run_phase(phase, ctx, info)
         else:
-            _pipeline(methods, cfg, root, ctx, info, n_cls)
+            plan.run_pipeline(steps, cfg, root, ctx, info, n_cls)
     # reached only when the work finished (an error left above, exit non-zero): the engines are released by then
     # (trainer.release); the groups go before the interpreter exits, or finalization may abort the rank (exit -6)
     if dist.shutdown() and phase is not None:
@@ -269,59 +268,9 @@ def _record_shutdown(phase) -> None:
         ckpt.atomic_write_json(path, rec)
 
 
-def _check_phases(cfg, root: Path, n_cls: int, info, methods: set[str]) -> None:
-    """checks.check_plan for every phase the methods run (sizes, ds_config, outputs made with another config), so
-    that a pipeline or `config` refuses at once what a later phase would refuse hours later."""
-    import torch
-
-    from dsincubate import checks, phases
-
-    names = [("meta", None)] + [("incubate", i) for i in range(cfg.model.num_stages)] + [("finetune", None)] \
-        if "di" in methods else []
-    names += [("e2e", None)] if methods & {"e2e", "e2e_tune"} else []
-    names += [("e2e_tune", None)] if "e2e_tune" in methods else []
-    if "m2mkd" in methods:
-        _check_teacher(cfg, root, methods, n_cls)
-        names += ([] if "di" in methods else [("meta", None)]) + [("m2mkd", i) for i in range(cfg.model.num_stages)]
-        names += [("m2mkd_finetune", None)]
-    for name, i in names:  # resolve=False: earlier phases' outputs need not exist yet
-        checks.check_plan(phases.make(name, cfg, root, n_cls, i, resolve=False), info, _world_size(),
-                           torch.cuda.is_available())
-
-
-def _check_teacher(cfg, root: Path, methods: set[str], n_cls: int) -> None:
-    """The m2mKD teacher exists and fits the run (a whole model of the meta model's width, the run's classes and K
-    modules), or a method of this pipeline makes it (before m2mkd runs): a wrong teacher is refused before the meta
-    model trains, not after."""
-    from dsincubate import checkpoint as ckpt
-    from dsincubate.layout import RunLayout
-    from dsincubate.m2mkd import teacher_spec
-
-    t = cfg.m2mkd.teacher
-    made_by = {"e2e": "e2e", "finetune": "di"}
-    if t in made_by:
-        if made_by[t] in methods:
-            return  # trained by this pipeline first, from this config
-        if not ckpt.complete(RunLayout(root).phase_dir(t)):
-            raise UserError(f"m2mkd.teacher={t}: this run has no finished {t} model; add {made_by[t]} to --methods "
-                            "or give a model file")
-        teacher_spec(cfg, n_cls, RunLayout(root).model(t))
-    elif not Path(t).is_file():
-        raise UserError(f"m2mkd.teacher={t}: no such model file")
-    else:
-        teacher_spec(cfg, n_cls, Path(t))
-
-
 def _world_size() -> int:
     """The world size the command will run at (the launcher's WORLD_SIZE; 1 alone), known before any process group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _methods(text: str) -> set[str]:
-    methods = {m.strip() for m in text.split(",") if m.strip()}
-    if not methods or methods - set(METHODS):
-        raise UserError(f"--methods {text!r}: use one or more of {', '.join(METHODS)}")
-    return methods
 
 
 def _single_process(args, cfg, root: Path) -> int:
@@ -336,59 +285,6 @@ def _single_process(args, cfg, root: Path) -> int:
         path = export(root, args.source, dry_run=args.dry_run)
     print(f"dsincubate {args.command}: dry run, all checks passed; would write {path}" if args.dry_run else
           f"[dsincubate] {args.command}: wrote {path}")
-    return 0
-
-
-def _pipeline(methods: set[str], cfg, root: Path, ctx, info, n_cls: int) -> int:
-    """Deep Incubation (meta, K incubations, assemble, finetune), E2E, E2E + tuning and m2mKD (meta, K students,
-    assemble, fine-tune) in one process group."""
-    from dsincubate import dist, phases, trainer
-    from dsincubate.accounting import format_summary, summarize
-    from dsincubate.assemble import assemble, export
-    from dsincubate.evaluate import run_eval
-    from dsincubate.layout import RunLayout
-
-    layout = RunLayout(root)
-
-    def train(name: str, stage_index: int | None = None) -> bool:
-        """Train one phase; False when it stopped early (stop_after_epochs) and the pipeline must stop too."""
-        rec = trainer.run_phase(phases.make(name, cfg, root, n_cls, stage_index), ctx, info)
-        return "stopped_at_epoch" not in rec
-
-    def modules_then_tune(method: str, tuned: str) -> bool:
-        """Meta model, the K modules of `method` (incubate or m2mkd), their assembly and its accuracy before
-        fine-tuning (paper Fig. 10), the fine-tune phase `tuned` and its export; False when a phase stopped early."""
-        if not all([train("meta")] + [train(method, i) for i in range(cfg.model.num_stages)]):
-            return False
-        where = layout.assemble_dir_of(method)
-        if ctx.is_main and not (where / "MANIFEST.json").is_file():
-            assemble(root, None, cfg.model.num_stages, method=method)
-        dist.barrier()
-        if not (where / "eval.json").is_file():
-            run_eval("assemble" if method == "incubate" else "m2mkd_assemble", cfg, root, ctx, info, n_cls)
-        dist.barrier()
-        if not train(tuned):
-            return False
-        if ctx.is_main:
-            export(root, tuned)
-        return True
-
-    if "di" in methods and not modules_then_tune("incubate", "finetune"):
-        return 0
-    if methods & {"e2e", "e2e_tune"}:
-        if not train("e2e"):
-            return 0
-        if ctx.is_main:
-            export(root, "e2e")
-        dist.barrier()
-    if "e2e_tune" in methods and not train("e2e_tune"):
-        return 0
-    # after di and e2e: the teacher may be this run's finetune or e2e model
-    if "m2mkd" in methods and not modules_then_tune("m2mkd", "m2mkd_finetune"):
-        return 0
-    dist.barrier()
-    if ctx.is_main:
-        print(format_summary(summarize(root, cfg.model.num_stages)))
     return 0
 
 

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from dsincubate import registry
 from dsincubate.errors import UserError
 from dsincubate.settings import _Checked, _check_domains, _from_dict, config_lines, setting  # noqa: F401 (API)
 
@@ -225,7 +226,10 @@ class TrainConfig(_Checked):
                             f"({where}.epochs={self.epochs})")
 
 
-TRAIN_SECTIONS = ("meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd", "m2mkd_finetune")
+def __getattr__(name: str):
+    if name == "TRAIN_SECTIONS":  # the sections the registered phases read (dsincubate.registry), read when asked
+        return registry.train_sections()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -289,11 +293,11 @@ class RunConfig(_Checked):
         """Every field's domain and the relations between fields; raises UserError naming the field."""
         for sub, where in ((self, "config"), (self.model, "model"), (self.data, "data")):
             _check_domains(sub, where)
-        for name in TRAIN_SECTIONS:
+        for name in registry.train_sections():
             self.train_config(name).validate(name)
-            if self.train_config(name).img_size and name not in ("finetune", "e2e_tune"):
-                raise UserError(f"{name}.img_size: only fine-tuning (finetune, e2e_tune) changes the resolution; "
-                                "set model.img_size for the whole run")
+            if self.train_config(name).img_size and name not in registry.resizing_sections():
+                raise UserError(f"{name}.img_size: only fine-tuning ({', '.join(registry.resizing_sections())}) "
+                                "changes the resolution; set model.img_size for the whole run")
         m = self.model
         if m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
             raise UserError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
@@ -322,7 +326,13 @@ class RunConfig(_Checked):
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     def train_config(self, phase: str) -> TrainConfig:
-        return getattr(self, phase)
+        """The recipe of a phase (its registry entry's config section) or of a section named directly."""
+        section = registry.phase(phase).config_section if phase in registry.list_phases() else phase
+        tc = getattr(self, section, None)
+        if not isinstance(tc, TrainConfig):
+            raise UserError(f"phase {phase}: the config has no training section {section!r} (a TrainConfig field "
+                            "of RunConfig)")
+        return tc
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:

@@ -20,12 +20,10 @@ from pathlib import Path
 
 import torch
 
-from dsincubate import checkpoint as ckpt, dist, dsconfig, phases
+from dsincubate import checkpoint as ckpt, dist, dsconfig, phases, registry
 from dsincubate.errors import UserError
 from dsincubate.layout import STAGE_FILE, RunLayout
 from dsincubate.models import staged, vit
-
-NAMED = ("meta", "assemble", "finetune", "e2e", "e2e_tune", "m2mkd_assemble", "m2mkd_finetune")
 
 
 def model_from_file(path: Path) -> torch.nn.Module:
@@ -38,7 +36,7 @@ def model_from_file(path: Path) -> torch.nn.Module:
     if kind == "meta":
         spec = vit.ModelSpec.from_json(header["meta_spec"])
         depths = [header["meta_depth_per_stage"]] * header["num_stages"]
-    elif kind in ("assembled", "finetune", "e2e", "e2e_tune", "m2mkd_finetune", "timm"):
+    elif kind in ("assembled", "timm", *registry.exported()):
         spec = vit.ModelSpec.from_json(header["spec"])
         depths = header.get("stage_depths")
     elif kind == "stage":
@@ -57,7 +55,8 @@ def model_from_file(path: Path) -> torch.nn.Module:
 def resolve(which: str, cfg, root: Path, num_classes: int) -> tuple[torch.nn.Module, Path]:
     """(model, the directory its eval.json goes to) for a --model value."""
     layout = RunLayout(root)
-    for prefix, method in (("hybrid:", "incubate"), ("m2mkd_hybrid:", "m2mkd")):
+    for method in registry.stage_phases():  # `<hybrid>:I`: stage output I inside the meta model
+        prefix = f"{registry.phase(method).hybrid}:"
         if not which.startswith(prefix):
             continue
         try:
@@ -74,7 +73,7 @@ def resolve(which: str, cfg, root: Path, num_classes: int) -> tuple[torch.nn.Mod
         tensors, _ = ckpt.load_tensors(stage_dir / STAGE_FILE)
         model.target_stage.load_state_dict(tensors, strict=True)
         return model, stage_dir
-    if which in NAMED:
+    if which in registry.named_models():
         path = layout.meta if which == "meta" else layout.model(which)
         if not ckpt.complete(path.parent):
             raise UserError(f"eval: {which} model missing or incomplete: {path}")

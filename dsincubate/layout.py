@@ -13,13 +13,16 @@
     <root>/export/<source>/                   timm-named weights + model.json
     <root>/summary.json                       the pipeline's table
 
-Every phase directory holds `run.json`, `config.json`, `ds_config.json`, `metrics.jsonl`, `tb/`, `checkpoints/` and,
+The phases' directories and files are their `dsincubate.registry` entries' (`out_dir`, `output_file`). Every phase
+directory holds `run.json`, `config.json`, `ds_config.json`, `metrics.jsonl`, `tb/`, `checkpoints/` and,
 written last, `MANIFEST.json`. Phases, assembly, accounting, the summary, `eval` and the benchmarks all ask this class
 for paths, so there is one spelling of each.
 """
 from __future__ import annotations
 
 from pathlib import Path
+
+from dsincubate import registry
 
 META_FILE = "model.safetensors"
 STAGE_FILE = "stage.safetensors"
@@ -43,14 +46,8 @@ class RunLayout:
         return self.root / "logs"
 
     def phase_dir(self, name: str, stage_index: int | None = None) -> Path:
-        """The output directory of a training phase (`incubate` needs its stage index)."""
-        if name in ("incubate", "m2mkd"):
-            if stage_index is None:
-                raise ValueError(f"the {name} phase needs a stage_index")
-            return self.root / name / f"module_{stage_index}"
-        if name == "m2mkd_finetune":
-            return self.root / "m2mkd" / "finetune"
-        return self.root / name
+        """The output directory of a training phase (a per-stage one, e.g. `incubate`, needs its stage index)."""
+        return self.root / registry.phase(name).output_dir(stage_index)
 
     @property
     def meta(self) -> Path:
@@ -61,23 +58,22 @@ class RunLayout:
 
     @property
     def assemble_dir(self) -> Path:
-        return self.root / "assemble"
+        return self.assemble_dir_of("incubate")
 
     def assemble_dir_of(self, method: str) -> Path:
-        """Where the modules trained by `method` (incubate or m2mkd) are joined."""
-        return self.assemble_dir if method == "incubate" else self.root / "m2mkd" / "assemble"
+        """Where the modules trained by the per-stage phase `method` (incubate or m2mkd) are joined."""
+        return self.root / registry.phase(method).assembly_dir
 
     @property
     def assembled(self) -> Path:
         return self.assemble_dir / MODEL_FILE
 
     def model(self, name: str) -> Path:
-        """The model file a phase (meta, finetune, e2e, e2e_tune) or the assembly wrote."""
-        if name == "assemble":
-            return self.assembled
-        if name == "m2mkd_assemble":
-            return self.assemble_dir_of("m2mkd") / MODEL_FILE
-        return self.phase_dir(name) / MODEL_FILE
+        """The model file a phase (meta, finetune, e2e, ...) or an assembly (assemble, m2mkd_assemble) wrote."""
+        assembled = registry.assemblies().get(name)
+        if assembled is not None:
+            return self.assemble_dir_of(assembled.name) / MODEL_FILE
+        return self.phase_dir(name) / registry.phase(name).output_file
 
     def export_dir(self, source: str) -> Path:
         return self.root / "export" / source

@@ -1,6 +1,6 @@
 """m2mKD (Lo et al., the follow-up of Deep Incubation) as two phases on top of incubation's: distilling module I of
 a trained monolithic teacher into student module I through the frozen meta model, and training the assembled
-students end to end. Registered in `dsincubate.phases.PHASES` (`phases.make("m2mkd", ..., stage_index=I)`).
+students end to end. Registered in `dsincubate.registry` (`phases.make("m2mkd", ..., stage_index=I)`).
 
     m2mkd           student module I, loss (1 - a) CE(s, y) + a t^2 KL(t || s)      -> m2mkd/module_I/stage.safetensors
     m2mkd_finetune  the assembled students (assemble --method m2mkd) end to end     -> m2mkd/finetune/model.safetensors
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
-from dsincubate import checkpoint as ckpt, phases
+from dsincubate import checkpoint as ckpt
 from dsincubate.errors import UserError
 from dsincubate.models import staged, vit
 from dsincubate.phases import IncubatePhase, _FromModel, meta_spec, stage_only
@@ -112,5 +112,3 @@ class M2mkdFinetunePhase(_FromModel):
     name = "m2mkd_finetune"
     source = "m2mkd_assemble"
 
-
-phases.PHASES.update(m2mkd=M2mkdPhase, m2mkd_finetune=M2mkdFinetunePhase)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from dsincubate import checkpoint as ckpt
 from dsincubate.config import RunConfig, TrainConfig
 from dsincubate.errors import UserError
-from dsincubate.layout import META_FILE, MODEL_FILE, STAGE_FILE, RunLayout
+from dsincubate.layout import META_FILE, STAGE_FILE, RunLayout
 from dsincubate.models import staged, vit
 
 
@@ -40,7 +40,6 @@ class Phase:
     """Base: a phase of the run rooted at `root` (the run's output directory)."""
 
     name = ""
-    output_file = MODEL_FILE
     model: nn.Module | None = None  # set by the engine builder: the model whose MoE losses `objective` adds
 
     def __init__(self, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None):
@@ -49,6 +48,13 @@ class Phase:
     @property
     def train_cfg(self) -> TrainConfig:
         return self.cfg.train_config(self.name)
+
+    @property
+    def output_file(self) -> str:
+        """The file its result goes to (the registry's entry)."""
+        from dsincubate import registry
+
+        return registry.phase(self.name).output_file
 
     @property
     def out_dir(self) -> Path:
@@ -260,7 +266,6 @@ def stage_only(spec: vit.ModelSpec, depths: list[int], i: int) -> staged.Stage:
 
 class IncubatePhase(Phase):
     name = "incubate"
-    output_file = STAGE_FILE
     meta_path: Path | None = None
     meta_sha: str | None = None
 
@@ -403,22 +408,15 @@ class E2EPhase(Phase):
         return self.target()
 
 
-PHASES = {"meta": MetaPhase, "incubate": IncubatePhase, "finetune": FinetunePhase, "e2e": E2EPhase,
-          "e2e_tune": E2ETunePhase}  # + m2mkd and m2mkd_finetune, registered by dsincubate.m2mkd (imported below)
-
-
 def make(name: str, cfg: RunConfig, root: Path, num_classes: int, stage_index: int | None = None,
          resolve: bool = True) -> Phase:
-    """A ready phase. `resolve=False` skips locating earlier phases' outputs (tune and benchmarks build the
-    architecture only, with `build_model(load=False)`)."""
-    if name not in PHASES:
-        raise UserError(f"unknown phase {name!r} (one of {', '.join(PHASES)})")
-    phase = PHASES[name](cfg, root, num_classes, stage_index)
+    """A ready phase (its class from `dsincubate.registry`). `resolve=False` skips locating earlier phases' outputs
+    (tune and benchmarks build the architecture only, with `build_model(load=False)`)."""
+    from dsincubate import registry
+
+    phase = registry.phase_class(name)(cfg, root, num_classes, stage_index)
     if resolve:
         phase.resolve_inputs()
-    elif name in ("incubate", "m2mkd") and (stage_index is None or not 0 <= stage_index < cfg.model.num_stages):
+    elif registry.phase(name).per_stage and (stage_index is None or not 0 <= stage_index < cfg.model.num_stages):
         raise UserError(f"module index {stage_index} out of range: K={cfg.model.num_stages}")
     return phase
-
-
-import dsincubate.m2mkd  # noqa: E402,F401  (registers the m2mKD phases; it builds on the classes above)

@@ -1,6 +1,7 @@
 """`dsincubate tune`: find a fast engine configuration for a recipe's phase by trying them, a few steps each.
 
-For one phase (meta, incubate --module I, finetune, e2e) of a recipe it tries every combination of micro-batch size,
+For one phase (any of `dsincubate.registry`'s: meta, incubate --module I, finetune, e2e, e2e_tune, m2mkd --module I
+with a teacher model file, m2mkd_finetune) of a recipe it tries every combination of micro-batch size,
 shipped ds_config (ZeRO stage 0/2/3, bf16/fp32, CPU offload of optimizer and parameters: `ds_configs/*.json`) and
 activation checkpointing (`model.grad_checkpointing`). Each trial runs in its own subprocess (optionally under the
 `deepspeed` launcher with several ranks): the phase's engine as the training loop builds it
@@ -38,10 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from dsincubate import procutil
+from dsincubate import procutil, registry
 from dsincubate.errors import UserError
-
-PHASES = ("meta", "incubate", "finetune", "e2e")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="a saved config.json instead of a recipe")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every trial (e.g. model.kernel_backend=torch)")
-    parser.add_argument("--phase", choices=PHASES, default="e2e", help="phase to tune (default e2e)")
-    parser.add_argument("--module", type=int, default=0, help="incubate: the module I (default 0)")
+    parser.add_argument("--phase", choices=registry.list_phases(), default="e2e", help="phase to tune (default e2e)")
+    parser.add_argument("--module", type=int, default=0, help="incubate, m2mkd: the module I (default 0)")
     parser.add_argument("--micro-batches", default="8,16,32,64", help="comma list of micro-batch sizes per rank")
     parser.add_argument("--ds-configs", default="all",
                         help="comma list of ds_configs (names or paths); 'all' = every shipped one")
@@ -83,9 +82,9 @@ def _num_classes(cfg) -> int:
     if cfg.model.num_classes:
         return cfg.model.num_classes
     try:
-        from dsincubate.models import vit
+        from dsincubate.models import family
 
-        n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"])
+        n_cls = int(family.target_spec(cfg.model).kwargs["num_classes"])
         if n_cls:
             return n_cls
     except Exception:  # noqa: BLE001
@@ -116,14 +115,21 @@ def run_trial(spec: dict) -> dict:
     try:
         cfg = RunConfig.from_dict(spec["config"]) if spec.get("config") else recipes.get(spec["recipe"])
         phase_name = spec["phase"]
+        section = registry.phase(phase_name).config_section
         sets = list(spec.get("overrides", [])) + [
-            f"ds_config={spec['ds_config']}", f"{phase_name}.micro_batch={spec['micro_batch']}",
+            f"ds_config={spec['ds_config']}", f"{section}.micro_batch={spec['micro_batch']}",
             f"model.grad_checkpointing={str(spec['grad_checkpointing']).lower()}"]
         cfg = apply_overrides(cfg, sets)
         n_cls = _num_classes(cfg)
         # The real phase's architecture, trainable part, kernels, optimizer and lr (weights not loaded).
         phase = phases.make(phase_name, cfg, Path("/nonexistent-tune-root"), n_cls,
-                            spec.get("module") if phase_name == "incubate" else None, resolve=False)
+                            spec.get("module") if registry.phase(phase_name).per_stage else None, resolve=False)
+        if phase_name == "m2mkd":  # its teacher stage's architecture comes from the teacher file
+            from dsincubate.m2mkd import teacher_spec
+
+            if not Path(cfg.m2mkd.teacher).is_file():
+                raise UserError(f"tune m2mkd: m2mkd.teacher={cfg.m2mkd.teacher} must be a model file")
+            phase.teacher_spec, phase.teacher_depths = teacher_spec(cfg, n_cls, Path(cfg.m2mkd.teacher))
         tc = phase.train_cfg
         ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
         dtype = dsconfig.precision(ds_cfg)
@@ -250,7 +256,8 @@ def sweep(args) -> int:
         config = json.loads(Path(args.config).read_text())
     rows = []
     print(f"[tune] {args.recipe if not config else args.config} phase {args.phase}"
-          f"{f' module {args.module}' if args.phase == 'incubate' else ''}: {len(names)} ds_config(s) x "
+          f"{f' module {args.module}' if registry.phase(args.phase).per_stage else ''}: {len(names)} ds_config(s) "
+          f"x "
           f"{len(gcs)} checkpointing x {len(mbs)} micro-batch(es), {args.ranks} rank(s) per trial"
           f"{f', memory cap {args.memory_cap}' if cap else ''}", flush=True)
     for name in names:
@@ -284,7 +291,8 @@ def sweep(args) -> int:
         engine_cfg = dsconfig.load(dsconfig.find(best["ds_config"], has_cuda))  # engine keys only, as shipped
         dsconfig.validate(engine_cfg, str(out))
         out.write_text(json.dumps(engine_cfg, indent=2) + "\n")
-        use = (f"--ds-config {out} --set {args.phase}.micro_batch={best['micro_batch']} --set "
+        section = registry.phase(args.phase).config_section
+        use = (f"--ds-config {out} --set {section}.micro_batch={best['micro_batch']} --set "
                f"model.grad_checkpointing={'true' if best['grad_checkpointing'] else 'false'}")
         print(f"\nbest: {best['ds_config']} (ZeRO {best['zero_stage']}, {best['precision']}, offload "
               f"{best['offload']}), micro-batch {best['micro_batch']}, activation checkpointing "

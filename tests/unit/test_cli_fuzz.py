@@ -17,13 +17,12 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from dsincubate import checkpoint as ckpt, cli, phases, recipes
+from dsincubate import checkpoint as ckpt, cli, phases, recipes, registry
 from dsincubate.config import TRAIN_SECTIONS, DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides
 from dsincubate.data.synth import id_samples
 from dsincubate.data.writer import write_shards
 
-COMMANDS = ["meta", "incubate", "finetune", "e2e", "e2e_tune", "m2mkd", "m2mkd_finetune", "eval", "pipeline",
-            "assemble", "export", "summary", "config"]
+COMMANDS = [*registry.list_phases(), "eval", "pipeline", "assemble", "export", "summary", "config"]
 SECTIONS = {"model": ModelConfig, "data": DataConfig, **{s: TrainConfig for s in TRAIN_SECTIONS}}
 KEYS = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)
         if f.name not in ("train", "val", "demo_root", "train_manifest", "val_manifest", "teacher")]  # paths: own cases
@@ -150,7 +149,7 @@ def test_any_invocation_passes_its_checks_or_fails_with_one_line_and_touches_not
             argv += ["--ds-config", ds]
         if teacher:
             argv += ["--set", f"m2mkd.teacher={shards / teacher if teacher.endswith('.safetensors') else teacher}"]
-        if command in ("incubate", "m2mkd"):
+        if command in registry.stage_phases():
             argv += ["--module", str(module)]
         if command == "pipeline" and "--methods" not in extra:
             argv += ["--methods", "di,e2e"]
