@@ -12,8 +12,9 @@ at start for shards that lack one). Each epoch, each rank writes filtered copies
 exactly its samples in its order, so
   - the split across ranks (one pass: sample g of the selection goes to rank g % world), the steps per rank
     (samples_per_epoch // (batch x world), equal on every rank), resampled shards (drawn with replacement,
-    weighted by selected samples), repeated augmentation (the shared stream dealt round-robin), DMT subsets and
-    class-balanced fractions are identical to the torch loader's;
+    weighted by selected samples), repeated augmentation (a group's stream dealt round-robin to its ranks, each
+    rank indexing only its copies: subsets.repeat_group), DMT subsets and class-balanced fractions are identical
+    to the torch loader's;
   - the order is seeded from (seed, epoch, rank): shard order permuted, samples permuted within each shard (DALI's
     own shuffle buffer is off: it would mix the next pass into the end of this one).
 Bad data. DALI stops a pipeline on an undecodable image and its error does not name the sample, so what can be

@@ -17,7 +17,8 @@ from dsincubate.data.dali import (LABEL_BYTES, BadLog, EpochDir, checked_plan, l
 from dsincubate.data.loader import check_bad_fraction, resolve_workers
 from dsincubate.data.pipeline import BAD_SAMPLE_KINDS, BAD_SHARD_KINDS
 from dsincubate.data.sources import IMAGE_EXTS, LABEL_EXTS
-from dsincubate.data.subsets import select_subset, split_by_sample, split_by_shard
+from dsincubate.data.subsets import (dealt_copies, group_shards, repeat_group, select_subset, split_by_sample,
+                                     split_by_shard)
 from dsincubate.errors import UserError
 
 # DALI's own auto_aug calls its deprecated fn.experimental aliases (at graph build and first run)
@@ -219,10 +220,17 @@ def dali_train_loader(cfg, index, sel, prep, *, batch_size: int, rank: int, worl
     K, W = cfg.repeated_aug, world_size
     if cfg.resampled:
         # every rank draws its own shards with replacement, weighted by selected samples (repeated augmentation:
-        # all ranks draw the same stream and each keeps its round-robin share of the repeated copies)
-        plan = checked_plan(index, sel.keys, index.num_classes, bad)
-        weights = np.array([len(k) for k in sel.keys if k], dtype=np.float64)
-        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch] + ([rank] if K == 1 else [])))
+        # the ranks of a group draw the group's stream from the group's shards and each keeps its round-robin share
+        # of the repeated copies, as the torch path: subsets.repeat_group)
+        group, groups, member, size = repeat_group(rank, W, K) if K > 1 else (0, 1, rank, W)
+        keys = sel.keys
+        if groups > 1:
+            mine = set(group_shards([len(k) for k in keys], groups, group))
+            keys = [k if i in mine else [] for i, k in enumerate(keys)]
+        plan = checked_plan(index, keys, index.num_classes, bad)
+        weights = np.array([len(k) for k in keys if k], dtype=np.float64)
+        draw_key = [rank] if K == 1 else [group] if groups > 1 else []
+        rng = np.random.default_rng(np.random.SeedSequence([seed, epoch] + draw_key))
         need = steps * batch_size + batch_size  # this rank's samples (its dealt copies), one batch to spare
         chunks, total, p, dry = [], 0, 0, 0
         while total < need and dry < max(20, 2 * len(plan)):
@@ -230,16 +238,10 @@ def dali_train_loader(cfg, index, sel, prep, *, batch_size: int, rank: int, worl
             pairs = [good[i][1] for i in rng.permutation(len(good))]
             dry = 0 if pairs else dry + 1
             if K > 1:
-                mine = []
-                for pair in pairs:
-                    for _ in range(K):
-                        if p % W == rank:
-                            mine.append(pair)
-                        p += 1
-                total += len(pairs) * K // W
-                pairs = mine
-            else:
-                total += len(pairs)
+                copies = dealt_copies(len(pairs), p, K, size, member)
+                p += len(pairs) * K
+                pairs = [pair for pair, c in zip(pairs, copies) for _ in range(c)]
+            total += len(pairs)
             chunks.append((tar, pairs))
     else:
         plan = checked_plan(index, split_by_sample(sel, W, rank), index.num_classes, bad)
@@ -254,6 +256,7 @@ def dali_train_loader(cfg, index, sel, prep, *, batch_size: int, rank: int, worl
     threads = max(1, resolve_workers(cfg))
     info = {"split": "train", "rank": rank, "world_size": W, "epoch": epoch, "seed": seed, "backend": "dali",
             "mode": "resampled" if cfg.resampled else "one_pass", "repeated_aug": K, "num_workers": threads,
+            "repeat_group": list(repeat_group(rank, W, K)) if K > 1 and cfg.resampled else None,
             "samples_per_epoch": steps * batch_size * W, "samples_planned": good, "recipe": cfg.recipe, "subset": sel.info,
             "source": index.source, "dali_device": "gpu" if torch.device(device).type == "cuda" else "cpu"}
     return DaliLoader(chunks=chunks, good=good, steps=steps, batch_size=batch_size, img_size=img_size, train=True,

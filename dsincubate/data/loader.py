@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from dsincubate.data.pipeline import BAD_SAMPLE_KINDS, BAD_SHARD_KINDS, PlanItem, ShardStream
 from dsincubate.data.sources import CLASSES_NAME, DatasetIndex, load_index
-from dsincubate.data.subsets import Selection, select_subset, split_by_sample, split_by_shard
+from dsincubate.data.subsets import (Selection, group_shards, repeat_group, select_subset, split_by_sample,
+                                     split_by_shard)
 from dsincubate.errors import UserError
 
 _INDEX_CACHE: dict = {}
@@ -189,7 +190,8 @@ class _Loader:
                "samples_yielded": self._yielded, "padded_samples": self._padded, "samples_read": read,
                "bad_samples": bad_samples, "bad_fraction": bad_samples / max(1, self.expected, read),
                "bad_by_kind": {k: total[k] for k in BAD_SAMPLE_KINDS + BAD_SHARD_KINDS if total[k]},
-               "shards_read": total["shards_read"], "bad_examples": list(self._examples)}
+               "shards_read": total["shards_read"], "samples_streamed": total["samples_streamed"],
+               "bad_examples": list(self._examples)}
         return {**self.info, **out}
 
     def _check(self, final: bool) -> None:
@@ -313,8 +315,13 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
     if steps == 0:
         raise UserError(f"batch size {batch_size} x {world_size} rank(s) exceeds the {per_epoch} training samples "
                         "per epoch: lower the batch size")
+    ra_group = repeat_group(rank, world_size, cfg.repeated_aug) if cfg.repeated_aug > 1 else None
     if cfg.resampled:
-        plan = make_plan(index, sel.keys)
+        keys = sel.keys
+        if ra_group is not None:  # the group reads its own shards only (subsets.py: repeated augmentation at scale)
+            mine = set(group_shards([len(k) for k in keys], ra_group[1], ra_group[0]))
+            keys = [k if i in mine else [] for i, k in enumerate(keys)]
+        plan = make_plan(index, keys)
         nw = max(0, min(resolve_workers(cfg), steps))
         quotas = [steps // max(nw, 1) + (w < steps % max(nw, 1)) for w in range(max(nw, 1))]
     else:
@@ -327,12 +334,13 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
         return ShardStream(plan, transform=transform, batch_size=batch_size, img_size=img_size,
                            num_classes=index.num_classes, seed=tf_seed[0], epoch=tf_seed[1], rank=tf_seed[2],
                            attempt=attempt, resampled=cfg.resampled, quotas=quotas,
-                           repeat=cfg.repeated_aug, world_size=world_size,
+                           repeat=cfg.repeated_aug, world_size=world_size, ra_group=ra_group,
                            shuffle_buffer=cfg.shuffle_buffer, shuffle_plan=True)
 
     info = {"split": "train", "rank": rank, "world_size": world_size, "epoch": epoch, "seed": seed,
-            "mode": "resampled" if cfg.resampled else "one_pass", "num_workers": nw, "repeated_aug": cfg.repeated_aug, "samples_per_epoch": steps * batch_size *
-            world_size, "recipe": cfg.recipe, "subset": sel.info, "source": index.source}
+            "mode": "resampled" if cfg.resampled else "one_pass", "num_workers": nw, "repeated_aug": cfg.repeated_aug,
+            "repeat_group": list(ra_group) if ra_group else None, "samples_per_epoch": steps * batch_size * world_size,
+            "recipe": cfg.recipe, "subset": sel.info, "source": index.source}
     return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                        expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,
                        attempts=2, info=info, prep=transform.batch_prep, device=device, prep_key=tf_seed,

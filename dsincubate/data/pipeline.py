@@ -34,6 +34,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset import gopen
 
 from dsincubate.data.sources import IMAGE_EXTS, LABEL_EXTS, split_member
+from dsincubate.data.subsets import dealt_copies
 from dsincubate.data.tario import MemberCut, iter_tar
 from dsincubate.data.transforms import decode
 
@@ -57,9 +58,11 @@ class ShardStream(IterableDataset):
     def __init__(self, plan: list[PlanItem], *, transform, batch_size: int, img_size: int, num_classes: int,
                  seed: int, epoch: int, rank: int, attempt: int = 0, resampled: bool = False,
                  quotas: list[int] | None = None, shuffle_buffer: int = 0, shuffle_plan: bool = False,
-                 repeat: int = 1, world_size: int = 1):
+                 repeat: int = 1, world_size: int = 1, ra_group: tuple[int, int, int, int] | None = None):
         self.plan, self.transform, self.batch_size, self.img_size = plan, transform, batch_size, img_size
         self.repeat, self.rank, self.world_size = repeat, rank, world_size
+        # repeated augmentation: (group, groups, member, size) of subsets.repeat_group; `plan` is the group's shards
+        self.ra_group = ra_group or (0, 1, rank, world_size)
         self.num_classes, self.resampled, self.quotas = num_classes, resampled, quotas
         self.seed, self.seed_key = seed, [seed, epoch, rank, attempt]
         self.shuffle_buffer, self.shuffle_plan = shuffle_buffer, shuffle_plan
@@ -79,10 +82,12 @@ class ShardStream(IterableDataset):
         self.seed_key = [self.seed, epoch, self.rank, attempt]
         ss = np.random.SeedSequence(self.seed_key + [wid])
         s = int(ss.generate_state(1)[0])  # augmentation: this rank's own randomness
-        # repeated augmentation: every rank draws the same shards in the same order (no rank in the seed) and keeps
-        # its share of the repeated stream; otherwise each rank draws its own
+        # repeated augmentation: every rank of a group draws the group's shards in the same order (the group, not
+        # the rank, in the seed) and keeps its share of the repeated stream; otherwise each rank draws its own
         seed, epoch, _, attempt = self.seed_key
-        draw = ss if self.repeat == 1 else np.random.SeedSequence([seed, epoch, attempt, wid, 0x5A])
+        group, groups = self.ra_group[:2]
+        draw = ss if self.repeat == 1 else np.random.SeedSequence([seed, epoch, attempt, wid, 0x5A] +
+                                                                  ([group] if groups > 1 else []))
         if wi is not None:
             _seed_globals(s)
             return self._run(wid, nw, draw)
@@ -229,6 +234,7 @@ class ShardStream(IterableDataset):
             good = 0
             for s in self._read(item):
                 good += 1
+                self.stats["samples_streamed"] += 1  # read from storage (with repeated augmentation: before dealing)
                 yield s
             # resampling from shards that give nothing would spin forever: give up after enough fruitless draws
             empty_run = 0 if good else empty_run + 1
@@ -254,14 +260,14 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def _dealt(self, samples):
-        """Repeated augmentation (DeiT's RASampler on a stream): the stream all ranks read alike, each sample `repeat`
-        times in a row, dealt round-robin to the ranks; each copy is augmented by the rank that gets it."""
-        p, k, W = 0, self.repeat, self.world_size
+        """Repeated augmentation (DeiT's RASampler on a stream): the stream a group's ranks read alike, each sample
+        `repeat` times in a row, dealt round-robin to the group's members (subsets.dealt_copies); each copy is
+        augmented by the rank that gets it. Not timm's RepeatAugSampler: it samples indices of a map-style set."""
+        p, k, (_, _, member, size) = 0, self.repeat, self.ra_group
         for s in samples:
-            for _ in range(k):
-                if p % W == self.rank:
-                    yield s
-                p += 1
+            for _ in range(dealt_copies(1, p, k, size, member)[0]):
+                yield s
+            p += k
 
     def _run(self, wid: int, nw: int, ss: np.random.SeedSequence):
         self.stats, self.examples, self.warned, self.bad_new = Counter(), [], 0, []

@@ -5,6 +5,8 @@
 * Decentralized modular training (DMT): per class, the (fraction-selected) samples in shard order cut into N
   contiguous, nearly equal chunks; job I keeps chunk I. The N subsets are disjoint, cover the set and are
   class-balanced (per class sizes differ by at most one).
+* Repeated augmentation's rank groups (`repeat_group`, `group_shards`, `dealt_copies`): which shards a rank's
+  group draws from and which copies of the group's stream the rank keeps (both backends use them).
 Shard order is a fixed-seed shuffle made by the shard writer, so "first in shard order" is a random sample, and
 contiguous chunks mean job I needs only about 1/N of the shards (only shards holding selected keys are opened).
 
@@ -86,17 +88,56 @@ def split_by_sample(sel: Selection, world: int, rank: int) -> list[list[str]]:
     return out
 
 
+def shard_owners(sizes: list[int], parts: int) -> dict[int, int]:
+    """Shard index -> owner in [0, parts): non-empty shards, largest first onto the least-loaded owner."""
+    load = [0] * parts
+    owner = {}
+    for si in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        if sizes[si]:
+            r = min(range(parts), key=lambda j: (load[j], j))
+            owner[si] = r
+            load[r] += sizes[si]
+    return owner
+
+
 def split_by_shard(sel: Selection, world: int, rank: int) -> list[list[str]]:
     """Whole shards per rank, balanced by selected-sample count (largest first onto the lightest rank). Each rank
     opens only its shards; counts may differ between ranks (the val loader pads)."""
-    load = [0] * world
-    owner = {}
-    for si in sorted(range(len(sel.keys)), key=lambda i: (-len(sel.keys[i]), i)):
-        if sel.keys[si]:
-            r = min(range(world), key=lambda j: (load[j], j))
-            owner[si] = r
-            load[r] += len(sel.keys[si])
+    owner = shard_owners([len(k) for k in sel.keys], world)
     return [ks if owner.get(si) == rank else [] for si, ks in enumerate(sel.keys)]
+
+
+# ---- repeated augmentation at scale ---------------------------------------------------------------------------------
+# DeiT's RASampler deals each sample's `repeat` copies round-robin to all ranks, so on a stream every rank would read
+# the whole shared stream to keep 1/world of it (storage reads world/repeat times an epoch). Instead the ranks form
+# groups of about `repeat`; a group draws its own stream from its own shards, and its members deal the copies among
+# themselves: a sample is read only by the members of its group, which all keep a copy.
+def repeat_group(rank: int, world: int, repeat: int) -> tuple[int, int, int, int]:
+    """(group, groups, member, size) of `rank`: max(1, world // repeat) contiguous groups whose sizes differ by at
+    most one (so size >= repeat when world >= repeat, and size < 2 * repeat); member = rank's place in its group."""
+    groups = max(1, world // max(1, repeat))
+    base, extra = divmod(world, groups)
+    big = extra * (base + 1)  # the first `extra` groups have one member more
+    if rank < big:
+        return rank // (base + 1), groups, rank % (base + 1), base + 1
+    return extra + (rank - big) // base, groups, (rank - big) % base, base
+
+
+def group_shards(sizes: list[int], groups: int, group: int) -> list[int]:
+    """The shards (indices; sizes = selected samples per shard) a repeated-augmentation group draws from: disjoint
+    whole-shard sets balanced by samples (split_by_shard's rule), or every non-empty shard for every group when
+    there are fewer of them than groups."""
+    if sum(1 for n in sizes if n) < groups:
+        return [i for i, n in enumerate(sizes) if n]
+    owner = shard_owners(sizes, groups)
+    return sorted(i for i, g in owner.items() if g == group)
+
+
+def dealt_copies(n: int, start: int, repeat: int, size: int, member: int) -> list[int]:
+    """Copies `member` keeps of each of n consecutive stream samples whose first copy is at stream position
+    `start`: sample i's copies take positions start + i*repeat + j (j < repeat), dealt round-robin to the group's
+    `size` members (RASampler's rule within the group)."""
+    return [sum(1 for j in range(repeat) if (start + i * repeat + j) % size == member) for i in range(n)]
 
 
 def rank_counts(sel: Selection, world: int, by_shard: bool) -> list[int]:

@@ -6,6 +6,7 @@ Skipped when DALI is not installed (`pip install -e .[dali]`; the test extra ins
 
     pytest tests/unit/test_data_dali.py -q
 """
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -159,6 +160,23 @@ def test_repeated_augmentation_reads_each_ranks_share_only(shards):
     steps = 400 // (B * W)
     assert all(steps * B <= p <= steps * B + 60 for p in planned), planned   # ~its own batches (+ the last draw)
     assert sum(planned) < 1.5 * 400
+
+
+@needs_dali
+def test_repeated_augmentation_groups_of_k_ranks_read_disjoint_shards_as_the_torch_path(shards):
+    """From world >= 2k on, ranks form groups of k (subsets.repeat_group, as the torch loader): a group's members
+    each get one copy of every sample of the group's stream, and groups read disjoint shards."""
+    cfg = cfg_for(shards, resampled=True, repeated_aug=2, samples_per_epoch=400)
+    info = resolve_data(cfg)
+    loaders = [build_train_loader(cfg, info, batch_size=10, rank=r, world_size=4, epoch=1, seed=2, img_size=8)
+               for r in range(4)]
+    ids = [ids_of(dl) for dl in loaders]
+    assert [dl.stats()["repeat_group"] for dl in loaders] == [[0, 2, 0, 2], [0, 2, 1, 2], [1, 2, 0, 2], [1, 2, 1, 2]]
+    torch_cfg = dataclasses.replace(cfg, backend="torch")
+    assert [build_train_loader(torch_cfg, info, batch_size=10, rank=r, world_size=4, epoch=1, seed=2, img_size=8)
+            .stats()["repeat_group"] for r in range(4)] == [dl.stats()["repeat_group"] for dl in loaders]
+    assert ids[0] == ids[1] and ids[2] == ids[3] and len(ids[0]) == 100
+    assert not set(ids[0]) & set(ids[2])
 
 
 @needs_dali
