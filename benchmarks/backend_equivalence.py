@@ -1,12 +1,16 @@
 """Training equivalence of the data backends: the same pipeline with data.backend=torch and =dali, several seeds.
 
 For each seed and backend, `dsincubate pipeline` runs the recipe (default: the CI's `debug` recipe on the built-in
-demo data; `--recipe demo` for the demo) with `--methods di,e2e`; the run's summary.json gives Deep Incubation's
-top-1 (after fine-tuning), the meta model's and E2E's. The result holds every run's numbers and, per backend, the
+demo data; `--recipe demo` for the demo) with `--methods` (default di,e2e); the run's summary.json gives Deep
+Incubation's top-1 (after fine-tuning), the meta model's and E2E's. The debug recipe's one-epoch phases end near
+chance (10%), which no comparison can use: `--methods e2e --set e2e.epochs=8 --set data.samples_per_epoch=1024`
+trains long enough to tell backends apart. The result holds every run's numbers and, per backend, the
 mean and sample standard deviation over seeds: the backends agree when their means differ by less than the seed
 spread. Only `data.backend` differs between the two runs of one seed (same shards, recipe, seed and plan).
 
     nice -n 19 python benchmarks/backend_equivalence.py [--recipe debug] [--seeds 0,1,2] [--workdir runs/backend_eq]
+    nice -n 19 python benchmarks/backend_equivalence.py --methods e2e --set e2e.epochs=8 \
+        --set data.samples_per_epoch=1024
     python benchmarks/backend_equivalence.py --collect-only     # table of the finished runs
 
 Finished runs (a summary.json in their folder) are kept on a re-run. Writes
@@ -32,9 +36,9 @@ METRICS = (("di_top1", ("deep_incubation", "top1")), ("meta_top1", ("deep_incuba
            ("e2e_top1", ("e2e", "top1")))
 
 
-def run_one(out: Path, recipe: str, backend: str, seed: int, sets: list[str], timeout: int) -> bool:
+def run_one(out: Path, recipe: str, methods: str, backend: str, seed: int, sets: list[str], timeout: int) -> bool:
     """`dsincubate pipeline` for one (backend, seed) into `out`; True when it finished."""
-    cmd = [sys.executable, "-m", "dsincubate", "pipeline", "--recipe", recipe, "--methods", "di,e2e",
+    cmd = [sys.executable, "-m", "dsincubate", "pipeline", "--recipe", recipe, "--methods", methods,
            "--output", str(out), "--set", f"data.backend={backend}", "--set", f"seed={seed}"]
     for s in sets:
         cmd += ["--set", s]
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="debug", help="debug (the CI fixture) or demo")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="di,e2e", help="dsincubate pipeline --methods (di, e2e)")
     p.add_argument("--set", action="append", default=[], dest="sets", help="extra config override for every run")
     p.add_argument("--workdir", default="runs/backend_eq")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per run")
@@ -102,19 +107,24 @@ def main(argv=None) -> int:
         p.error("--recipe must be debug or demo (recipes that train on the built-in demo data)")
     record = common.header("backend_equivalence")
     record["load_average_start"] = os.getloadavg()
-    work = Path(args.workdir) / args.recipe
+    if not set(args.methods.split(",")) <= {"di", "e2e"} or not args.methods:
+        p.error(f"--methods must be a comma list of di, e2e; got {args.methods!r}")
+    work = Path(args.workdir) / "_".join([args.recipe, args.methods.replace(",", "_"), *args.sets]).replace("=", "-")
     runs = []
     for seed in seeds:
         for backend in BACKENDS:
             out = work / f"{backend}_seed{seed}"
             t0 = time.time()
             if read_summary(out) is None and not args.collect_only:
-                ok = run_one(out, args.recipe, backend, seed, args.sets, args.timeout)
+                ok = run_one(out, args.recipe, args.methods, backend, seed, args.sets, args.timeout)
                 print(f"[backend_equivalence] {backend} seed {seed}: {'done' if ok else 'FAILED'} in "
                       f"{time.time() - t0:.0f}s ({out})", flush=True)
             row = read_summary(out)
             if row is not None:
                 runs.append({"backend": backend, "seed": seed, **row})
+    if not runs:
+        print("[backend_equivalence] no finished runs: nothing to write")
+        return 1
     agg = aggregate(runs)
     text = table(agg)
     print(text)
