@@ -5,8 +5,9 @@ list when the jobs ran on different machines and their files were collected), ch
 once and agree on the target spec, K, stage depths and meta model (hash), and writes `<run>/assemble/model.safetensors`.
 `export` writes the final model (fine-tuned, or E2E) with timm's own parameter names, next to `model.json` holding the
 `timm.create_model` arguments and `config.json` in timm's own format, so every way timm loads local weights gives the
-trained model, head included (a V-MoE, no timm architecture, gets its spec in `model.json` instead) (timm drops a pretrained head whose class count differs from the pretrained_cfg's, so
-the class count travels in both files):
+trained model, head included (timm drops a pretrained head whose class count differs from the pretrained_cfg's, so
+the class count travels in both files). A model timm cannot build (a V-MoE, a CIFAR ResNet: the family's
+`timm_native` is false) gets its spec in `model.json` instead, which `family.build` rebuilds:
 
     timm.create_model("local-dir:<run>/export/finetune", pretrained=True)                 # config.json
     timm.create_model(**json.load(open(".../model.json")), pretrained=True)              # pretrained_cfg_overlay
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from dsincubate import checkpoint as ckpt
 from dsincubate.errors import UserError
-from dsincubate.models import staged, vit
+from dsincubate.models import family, staged
+from dsincubate.models.family import ModelSpec
 from dsincubate.layout import MODEL_FILE, STAGE_FILE, RunLayout
 
 
@@ -75,8 +77,7 @@ def assemble(root: Path, files: list[Path] | None = None, num_stages: int | None
         return out / MODEL_FILE
     t0 = time.time()
     head = ordered[0][1]
-    spec = vit.ModelSpec.from_json(head["spec"])
-    model = staged.StagedModel(staged.divide(vit.build(spec), head["stage_depths"]))
+    model = family.build_staged(ModelSpec.from_json(head["spec"]), head["stage_depths"])
     for i, (f, _) in enumerate(ordered):
         tensors, _ = ckpt.load_tensors(f)
         missing, unexpected = model.stages[i].load_state_dict(tensors, strict=False)
@@ -100,36 +101,39 @@ def export(root: Path, source: str = "finetune", dry_run: bool = False) -> Path:
     if dry_run:
         return RunLayout(root).export_dir(source) / MODEL_FILE
     tensors, header = ckpt.load_tensors(src)
-    spec = vit.ModelSpec.from_json(header["spec"])
-    spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
-    model = staged.StagedModel(staged.divide(vit.build(spec), header["stage_depths"]))
+    spec = ModelSpec.from_json(header["spec"])
+    spec = ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
+    model = family.build_staged(spec, header["stage_depths"])
     model.load_state_dict(tensors, strict=True)
     out = RunLayout(root).export_dir(source)
     ckpt.save_tensors(out / MODEL_FILE, staged.timm_state_dict(model), {"kind": "timm", "spec": spec.to_json()})
     cfg = pretrained_cfg(spec)
     # timm cannot take a LayerNorm eps as an argument (the official ViT-H's 1e-5): config.json records it for the user
-    args = {k: v for k, v in spec.kwargs.items() if k not in vit.SPEC_ONLY}
-    if spec.kwargs.get("moe"):  # a V-MoE is no timm architecture: its spec rebuilds it (every expert in the file)
-        ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **args, "moe": spec.kwargs["moe"],
-                                                    "spec": spec.to_json(), "load_with": MOE_LOAD_HINT})
+    fam = family.family_of(spec)
+    args = fam.create_args(spec)
+    if not fam.timm_native(spec):  # its spec rebuilds it (a V-MoE: every expert in the file)
+        extra = {"moe": spec.kwargs["moe"]} if spec.kwargs.get("moe") else {}
+        ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **args, **extra,
+                                                    "spec": spec.to_json(), "load_with": LOAD_HINT})
         ckpt.write_manifest(out, [MODEL_FILE, "model.json"], {"source": str(src)})
         return out / MODEL_FILE
     ckpt.atomic_write_json(out / "model.json", {"model_name": spec.timm_name, **args, "pretrained_cfg_overlay":
                                                 dict(cfg, file=str((out / MODEL_FILE).resolve()))})
     model_args = {k: v for k, v in args.items() if k != "num_classes"}
     eps = {"layer_norm_eps": spec.kwargs["norm_eps"]} if "norm_eps" in spec.kwargs else {}  # timm ignores it
+    width = fam.boundary_width(spec, len(header["stage_depths"]) - 1)  # the head's input
     ckpt.atomic_write_json(out / "config.json", {"architecture": spec.timm_name, "num_classes": cfg["num_classes"],
-                                                 "num_features": spec.kwargs.get("embed_dim"),
-                                                 "model_args": model_args, "pretrained_cfg": cfg, **eps})
+                                                 "num_features": width, "model_args": model_args,
+                                                 "pretrained_cfg": cfg, **eps})
     ckpt.write_manifest(out, [MODEL_FILE, "model.json", "config.json"], {"source": str(src)})
     return out / MODEL_FILE
 
 
-MOE_LOAD_HINT = ("dsincubate.models.vit.build(dsincubate.models.vit.ModelSpec.from_json(model_json['spec']))"
-                 ".load_state_dict(safetensors.torch.load_file('model.safetensors'))")
+LOAD_HINT = ("dsincubate.models.family.build(dsincubate.models.family.ModelSpec.from_json(model_json['spec']))"
+             ".load_state_dict(safetensors.torch.load_file('model.safetensors'))")
 
 
-def pretrained_cfg(spec: vit.ModelSpec) -> dict:
+def pretrained_cfg(spec: ModelSpec) -> dict:
     """timm's pretrained_cfg for an exported model: its class count (so timm keeps the trained head) and the
     preprocessing the project's eval used (bicubic resize to img_size / crop_pct, center crop, ImageNet mean/std)."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD

@@ -139,10 +139,9 @@ def _preflight(cfg, has_cuda: bool):
     """Cheap checks every command shares: model, K, ds_config, data sources. Returns the data info."""
     from dsincubate import dsconfig
     from dsincubate.data import resolve_data
-    from dsincubate.models import vit
+    from dsincubate.models import family
 
-    spec = vit.target_spec(cfg.model)
-    vit.stage_depths(cfg.model, spec.depth)
+    family.stage_depths(cfg.model, family.target_spec(cfg.model))
     dsconfig.load(dsconfig.find(cfg.ds_config, has_cuda))
     info = resolve_data(cfg.data, cfg.model.num_classes)
     if cfg.model.num_classes and cfg.model.num_classes < info.num_classes:

@@ -29,7 +29,9 @@ class ModelConfig(_Checked):
     """The target model and how it is divided."""
 
     preset: str = "tiny"
-    """A preset name (see `dsincubate.models.vit.PRESETS`), deit_t_<depth>, or any timm VisionTransformer name."""
+    """The model family and its size: a ViT preset (`dsincubate.models.vit.PRESETS`), deit_t_<depth>, any timm
+    VisionTransformer name, or a CIFAR ResNet (resnet20/32/56/110_cifar, `dsincubate.models.resnet_cifar`; it refuses
+    the ViT-only fields embed_dim, num_heads, patch_size, meta_embed_dim, meta_num_heads, moe_every)."""
     depth: Optional[int] = setting(None, lo=1)
     """Override the number of blocks (None keeps the preset's)."""
     embed_dim: Optional[int] = setting(None, lo=1)

@@ -94,10 +94,10 @@ def target_params(phase) -> int | None:
 
 @functools.lru_cache(maxsize=16)
 def _count_params(spec_json: str) -> int:
-    from dsincubate.models import vit
+    from dsincubate.models import family
 
     with torch.device("meta"):
-        model = vit.build(vit.ModelSpec.from_json(spec_json))
+        model = family.build(family.ModelSpec.from_json(spec_json))
     return sum(p.numel() for p in model.parameters())
 
 

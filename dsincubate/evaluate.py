@@ -23,7 +23,8 @@ import torch
 from dsincubate import checkpoint as ckpt, dist, dsconfig, phases, registry
 from dsincubate.errors import UserError
 from dsincubate.layout import STAGE_FILE, RunLayout
-from dsincubate.models import staged, vit
+from dsincubate.models import family
+from dsincubate.models.family import ModelSpec
 
 
 def model_from_file(path: Path) -> torch.nn.Module:
@@ -34,20 +35,20 @@ def model_from_file(path: Path) -> torch.nn.Module:
     tensors, header = ckpt.load_tensors(path)
     kind = header.get("kind")
     if kind == "meta":
-        spec = vit.ModelSpec.from_json(header["meta_spec"])
+        spec = ModelSpec.from_json(header["meta_spec"])
         depths = [header["meta_depth_per_stage"]] * header["num_stages"]
     elif kind in ("assembled", "timm", *registry.exported()):
-        spec = vit.ModelSpec.from_json(header["spec"])
+        spec = ModelSpec.from_json(header["spec"])
         depths = header.get("stage_depths")
     elif kind == "stage":
         raise UserError(f"eval: {path} is one incubated stage, not a model; use --model hybrid:{header.get('index')}")
     else:
         raise UserError(f"eval: {path} is not a model file of dsincubate (kind={kind!r})")
-    spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
-    if kind == "timm":  # exported: timm's own keys
-        model = vit.build(spec)
+    spec = ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
+    if kind == "timm":  # exported: the whole model's own keys (timm's)
+        model = family.build(spec)
     else:
-        model = staged.StagedModel(staged.divide(vit.build(spec), depths))
+        model = family.build_staged(spec, depths)
     model.load_state_dict(tensors, strict=True)
     return model
 
@@ -89,13 +90,13 @@ def run_eval(which: str, cfg, root: Path, ctx: dist.DistContext, info, num_class
     from dsincubate.trainer import evaluate
 
     model, where = resolved or resolve(which, cfg, root, num_classes)
-    head = model.stages[-1].head if hasattr(model, "stages") else model.head
+    head = family.classifier(model)
     if head.out_features < info.num_classes:
         raise UserError(f"eval: the model has {head.out_features} classes but the data has {info.num_classes}")
     ds_cfg = dsconfig.load(dsconfig.find(cfg.ds_config, ctx.has_cuda))
     dtype = dsconfig.precision(ds_cfg)
     model = model.to(ctx.device, dtype)
-    img = int(model.stages[0].patch_embed.img_size[0]) if hasattr(model, "stages") else model.patch_embed.img_size[0]
+    img = family.input_size(model)
     val = build_val_loader(cfg.data, info, batch_size=cfg.finetune.micro_batch, rank=ctx.rank,
                            world_size=ctx.world_size, img_size=img, device=ctx.device)
     result = dict(evaluate(model, val, ctx, dtype), model=which, world_size=ctx.world_size)

@@ -28,6 +28,7 @@ import torch
 from dsincubate import checkpoint as ckpt, phases
 from dsincubate.errors import UserError
 from dsincubate.layout import RunLayout
+from dsincubate.models.family import family_of
 
 
 def load_official(path: Path) -> list[dict[str, torch.Tensor]]:
@@ -105,10 +106,11 @@ def import_file(path: Path, cfg, root: Path, as_: str | None = None) -> Path:
     count is model.num_classes, else the rows of the file's head."""
     path, root = Path(path), Path(root)
     stages = load_official(path)
-    head = stages[-1].get("head.weight")
+    key = f"{family_of(cfg.model).classifier_name}.weight"  # the classifier's rows: the class count
+    head = stages[-1].get(key)
     num_classes = cfg.model.num_classes or (int(head.shape[0]) if head is not None and head.ndim == 2 else None)
     if not num_classes:
-        raise UserError(f"import: {path} has no head.weight in its last stage; set model.num_classes")
+        raise UserError(f"import: {path} has no {key} in its last stage; set model.num_classes")
     meta_phase = phases.make("meta", cfg, root, num_classes, resolve=False)
     target = meta_phase.depths()
     kind, index = classify(blocks_per_stage(stages), target, cfg.model.meta_depth_per_stage)

@@ -16,22 +16,25 @@ from torch import nn
 
 from dsincubate import checkpoint as ckpt
 from dsincubate.errors import UserError
-from dsincubate.models import staged, vit
-from dsincubate.phases import IncubatePhase, _FromModel, meta_spec, stage_only
+from dsincubate.models import family, staged
+from dsincubate.models.family import ModelSpec
+from dsincubate.phases import IncubatePhase, _FromModel, meta_spec, persistent_buffers
 
 
-def teacher_spec(cfg, num_classes: int, path: Path) -> tuple[vit.ModelSpec, list[int]]:
+def teacher_spec(cfg, num_classes: int, path: Path) -> tuple[ModelSpec, list[int]]:
     """The teacher file's model spec and stage depths, checked against the run (raises UserError): a whole
     dsincubate model, at the meta model's width, with the run's classes and K modules. Reads the header only."""
     header = ckpt.read_meta(path)
     spec = header.get("spec")
     if not spec or header.get("stage_depths") is None:
         raise UserError(f"m2mkd teacher {path} is not a whole dsincubate model (kind {header.get('kind')!r})")
-    have = vit.ModelSpec.from_json(spec)
-    w_meta = int(meta_spec(cfg, num_classes).kwargs["embed_dim"])
-    if int(have.kwargs["embed_dim"]) != w_meta or int(have.kwargs["num_classes"]) != num_classes:
-        raise UserError(f"m2mkd teacher {path} (width {have.kwargs['embed_dim']}, {have.kwargs['num_classes']} "
-                        f"classes) does not fit the meta model (width {w_meta}, {num_classes} classes): the "
+    have = ModelSpec.from_json(spec)
+    meta = meta_spec(cfg, num_classes)
+    fam, fam_meta = family.family_of(have), family.family_of(meta)
+    w, w_meta = fam.boundary_width(have, 0), fam_meta.boundary_width(meta, 0)
+    if fam is not fam_meta or w != w_meta or int(have.kwargs["num_classes"]) != num_classes:
+        raise UserError(f"m2mkd teacher {path} ({fam.name}, width {w}, {have.kwargs['num_classes']} classes) does "
+                        f"not fit the meta model ({fam_meta.name}, width {w_meta}, {num_classes} classes): the "
                         "meta model must be at the teacher's width")
     depths = list(header["stage_depths"])
     if len(depths) != cfg.model.num_stages:
@@ -62,7 +65,7 @@ class M2mkdPhase(IncubatePhase):
         return dict(super().config_key(), teacher=str(self.teacher_path) if self.teacher_path else None)
 
     def teacher_stage(self, load: bool = True) -> staged.Stage:
-        teacher = staged.StagedModel(staged.divide(vit.build(self.teacher_spec), self.teacher_depths))
+        teacher = family.build_staged(self.teacher_spec, self.teacher_depths)
         if load:
             tensors, _ = ckpt.load_tensors(self.teacher_path)
             teacher.load_state_dict(tensors, strict=True)
@@ -77,7 +80,8 @@ class M2mkdPhase(IncubatePhase):
         from safetensors import safe_open
 
         hybrid, sources = super()._construct_zero3()
-        teacher = stage_only(self.teacher_spec, self.teacher_depths, self.stage_index)
+        teacher = family.family_of(self.teacher_spec).stage_only(self.teacher_spec, self.teacher_depths,
+                                                                 self.stage_index)
         if self.teacher_path is None:
             return staged.Distill(hybrid, teacher), sources
         prefix = f"stages.{self.stage_index}."
@@ -100,7 +104,8 @@ class M2mkdPhase(IncubatePhase):
 
     def output_names(self, model):
         prefix = f"hybrid.stages.{self.stage_index}."
-        return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+        return [n for n, _ in model.named_parameters() if n.startswith(prefix)] + \
+            persistent_buffers(model, prefix)
 
     def save_output(self, tensors):
         return super().save_output({n[len("hybrid."):]: t for n, t in tensors.items()})

@@ -15,11 +15,12 @@ save its result. Everything else is done identically for all phases, which is wh
 
 Under ZeRO-3 the engine builds through `build_model_zero3(ds_cfg, load)`: the model is constructed inside
 `deepspeed.zero.Init` (each submodule partitioned as soon as it exists), timm's initialisation is replayed one module
-at a time (`vit.init_weights_gathered`: same values as an unsharded build), and earlier phases' weights are loaded
+at a time (`family.init_weights_gathered`: same values as an unsharded build), and earlier phases' weights are loaded
 one tensor at a time into gathered parameters, so no rank ever holds the whole model. Incubation then builds the meta
-model and target stage I only, never the whole target; its stage I is drawn from a model of stage I's depth (same
-architecture, the target's drop-path rates for those blocks), so its initial values differ from the stage I of a
-whole-target build used without ZeRO-3.
+model and target stage I only (`family.stage_only`; a ViT's from a model of stage I's depth: same architecture, the
+target's drop-path rates for those blocks), so its initial values differ from the stage I of a whole-target build used
+without ZeRO-3. Every model is built through the model-family seam (`dsincubate.models.family`): nothing here reads
+an attribute of one architecture.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from dsincubate import checkpoint as ckpt
 from dsincubate.config import RunConfig, TrainConfig
 from dsincubate.errors import UserError
 from dsincubate.layout import META_FILE, STAGE_FILE, RunLayout
-from dsincubate.models import staged, vit
+from dsincubate.models import family, staged
+from dsincubate.models.family import ModelSpec
 
 
 class Phase:
@@ -68,19 +70,16 @@ class Phase:
     def img_size(self) -> int:
         return int(self.target_spec().kwargs["img_size"])
 
-    def target_spec(self, drop_path: float | None = None) -> vit.ModelSpec:
+    def target_spec(self, drop_path: float | None = None) -> ModelSpec:
         dp = self.train_cfg.drop_path if drop_path is None else drop_path
-        spec = vit.target_spec(self.cfg.model, self.num_classes, dp)
+        spec = family.target_spec(self.cfg.model, self.num_classes, dp)
         size = self.train_cfg.img_size  # a high-resolution fine-tune
         if size and size != spec.kwargs["img_size"]:
-            if size % spec.kwargs["patch_size"]:
-                raise UserError(f"{self.name}.img_size={size} is not a multiple of the patch size "
-                                f"{spec.kwargs['patch_size']}")
-            spec = vit.ModelSpec(spec.timm_name, dict(spec.kwargs, img_size=size))
+            spec = family.family_of(spec).with_img_size(spec, size, self.name)
         return spec
 
     def depths(self) -> list[int]:
-        return vit.stage_depths(self.cfg.model, self.target_spec().depth)
+        return family.stage_depths(self.cfg.model, self.target_spec())
 
     def config_key(self) -> dict:
         """The part of the run config this phase's output depends on (a changed one must not resume into it)."""
@@ -93,10 +92,10 @@ class Phase:
 
     def target(self) -> staged.StagedModel:
         """The target model divided into K stages, with this phase's stochastic depth."""
-        tc = self.train_cfg
-        model = staged.StagedModel(staged.divide(vit.build(self.target_spec()), self.depths()))
-        if tc.drop_path_mode != "linear":
-            vit.set_drop_path(model, tc.drop_path, tc.drop_path_mode)
+        tc, spec = self.train_cfg, self.target_spec()
+        model = family.build_staged(spec, self.depths())
+        if tc.drop_path_mode != "linear":  # the build gave the linear schedule
+            family.apply_drop_path(spec, model.stages, tc.drop_path, tc.drop_path_mode)
         return model
 
     def build_model(self, load: bool = True) -> nn.Module:
@@ -106,10 +105,10 @@ class Phase:
         """The model built inside `deepspeed.zero.Init` with `ds_cfg` (ZeRO stage 3): partitioned from the start."""
         import deepspeed
 
-        with vit.deferred_init() as built, deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        with family.deferred_init() as built, deepspeed.zero.Init(config_dict_or_path=ds_cfg):
             model, sources = self._construct_zero3()
         for m in built:
-            vit.init_weights_gathered(m)
+            family.init_weights_gathered(m)
         if load:
             for module, path in sources:
                 load_gathered(module, path)
@@ -135,14 +134,26 @@ class Phase:
         return losses
 
     def output_names(self, model: nn.Module) -> list[str]:
-        """Parameter names (in `model`) saved as this phase's result."""
-        return [n for n, p in model.named_parameters() if p.requires_grad]
+        """Parameter and buffer names (in `model`) saved as this phase's result: the trained parameters and the
+        model's persistent buffers (a ResNet's BatchNorm statistics; a ViT has none)."""
+        return [n for n, p in model.named_parameters() if p.requires_grad] + persistent_buffers(model)
 
     def save_output(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         meta = {"kind": self.name, "spec": self.target_spec(0.0).to_json(), "num_stages": self.cfg.model.num_stages,
                 "stage_depths": self.depths()}
         ckpt.save_tensors(self.out_dir / self.output_file, tensors, meta)
         return [self.output_file]
+
+
+def persistent_buffers(model: nn.Module, prefix: str = "") -> list[str]:
+    """Names of the buffers a state dict of `model` holds, under `prefix`."""
+    out = []
+    for name, module in model.named_modules():
+        for b, _ in module.named_buffers(recurse=False):
+            full = f"{name}.{b}" if name else b
+            if b not in module._non_persistent_buffers_set and full.startswith(prefix):
+                out.append(full)
+    return out
 
 
 class _Tensors:
@@ -189,13 +200,14 @@ def load_gathered(module: nn.Module, path: Path | dict) -> None:
             b.data.copy_(f.get_tensor(name).to(b.dtype))
 
 
-def meta_spec(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -> vit.ModelSpec:
-    return vit.meta_spec(cfg.model, vit.target_spec(cfg.model, num_classes, 0.0), drop_path)
+def meta_spec(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -> ModelSpec:
+    target = family.target_spec(cfg.model, num_classes, 0.0)
+    return family.family_of(target).meta_spec(cfg.model, target, drop_path)
 
 
 def build_meta_model(cfg: RunConfig, num_classes: int, drop_path: float = 0.0) -> staged.StagedModel:
     K, d = cfg.model.num_stages, cfg.model.meta_depth_per_stage
-    return staged.StagedModel(staged.divide(vit.build(meta_spec(cfg, num_classes, drop_path)), [d] * K))
+    return family.build_staged(meta_spec(cfg, num_classes, drop_path), [d] * K)
 
 
 class MetaPhase(Phase):
@@ -243,25 +255,17 @@ def meta_checkpoint(cfg: RunConfig, root: Path, num_classes: int) -> tuple[Path,
     header = ckpt.read_meta(path)
     if header.get("kind") != "meta":
         raise UserError(f"{path} is not a meta-model checkpoint")
-    have = vit.ModelSpec.from_json(header["meta_spec"])
+    have = ModelSpec.from_json(header["meta_spec"])
     want = meta_spec(cfg, num_classes)
     if header.get("num_stages") != cfg.model.num_stages:
         raise UserError(f"{path} has K={header.get('num_stages')} stages but the run asks for K={cfg.model.num_stages}")
-    if not vit.same_architecture(have, want):
+    if not family.same_architecture(have, want):
         diff = {k: (have.kwargs.get(k), want.kwargs.get(k)) for k in set(have.kwargs) | set(want.kwargs)
                 if k != "drop_path_rate" and have.kwargs.get(k) != want.kwargs.get(k)}
         raise UserError(f"{path} was trained for another model: " + ", ".join(
             f"{k} {a} (checkpoint) vs {b} (run)" for k, (a, b) in sorted(diff.items())))
     sha = ckpt.read_manifest(path.parent)["files"][META_FILE]["sha256"]
     return path, sha
-
-
-def stage_only(spec: vit.ModelSpec, depths: list[int], i: int) -> staged.Stage:
-    """Stage i of a model divided by `depths`, built from a model of stage i's depth alone (no drop path)."""
-    part = vit.build(vit.ModelSpec(spec.timm_name, dict(spec.kwargs, depth=depths[i], drop_path_rate=0.0)))
-    stage = staged.Stage(part, 0, depths[i], first=i == 0, last=i == len(depths) - 1)
-    stage.block_offset = sum(depths[:i])
-    return stage
 
 
 class IncubatePhase(Phase):
@@ -290,28 +294,24 @@ class IncubatePhase(Phase):
     def _hybrid(self, meta_model: staged.StagedModel, target_stage: staged.Stage) -> staged.Hybrid:
         """Paper Eq. 3; with a meta model of another width, stitches enter and leave the target stage."""
         tc, i, K = self.train_cfg, self.stage_index, self.cfg.model.num_stages
-        w_meta = int(meta_spec(self.cfg, self.num_classes).kwargs["embed_dim"])
-        w = int(self.target_spec().kwargs["embed_dim"])
-        stitch_in = staged.Stitch(w_meta, w) if w_meta != w and i > 0 else None
-        stitch_out = staged.Stitch(w, w_meta) if w_meta != w and i < K - 1 else None
+        meta, target = meta_spec(self.cfg, self.num_classes), self.target_spec()
+        fam = family.family_of(target)
+        stitch_in = stitch_out = None
+        if i > 0:  # the widths entering stage i: meta stage i-1's output, target stage i's input
+            w_meta, w = fam.boundary_width(meta, i - 1), fam.boundary_width(target, i - 1)
+            stitch_in = staged.Stitch(w_meta, w) if w_meta != w else None
+        if i < K - 1:
+            w_meta, w = fam.boundary_width(meta, i), fam.boundary_width(target, i)
+            stitch_out = staged.Stitch(w, w_meta) if w_meta != w else None
         return staged.Hybrid(list(meta_model.stages), target_stage, i, imitation=tc.imitation,
                              freeze_meta=tc.meta_model == "fixed", stitch_in=stitch_in, stitch_out=stitch_out)
 
     def target_stage_only(self) -> staged.Stage:
         """Target stage I alone, from a model of stage I's depth (its embedding or head kept only when stage I has
         them): the blocks get the whole target's drop-path rates for their positions."""
-        from timm.layers import DropPath
-
-        tc, depths, i = self.train_cfg, self.depths(), self.stage_index
-        start, total = sum(depths[:i]), sum(depths)
-        stage = stage_only(self.target_spec(), depths, i)
-        rate = tc.drop_path
-        for j, block in enumerate(stage.blocks):
-            k = start + j
-            p = rate if tc.drop_path_mode == "uniform" else (rate * k / (total - 1) if total > 1 else 0.0)
-            for attr in ("drop_path1", "drop_path2"):
-                if hasattr(block, attr):
-                    setattr(block, attr, DropPath(p) if p > 0 else nn.Identity())
+        tc, depths, i, spec = self.train_cfg, self.depths(), self.stage_index, self.target_spec()
+        stage = family.family_of(spec).stage_only(spec, depths, i)
+        family.apply_drop_path(spec, [stage], tc.drop_path, tc.drop_path_mode, sum(depths[:i]), sum(depths))
         return stage
 
     def _construct_zero3(self):
@@ -326,7 +326,7 @@ class IncubatePhase(Phase):
 
     def output_names(self, model):
         prefix = f"stages.{self.stage_index}."
-        return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+        return [n for n, _ in model.named_parameters() if n.startswith(prefix)] + persistent_buffers(model, prefix)
 
     def save_output(self, tensors):
         prefix = f"stages.{self.stage_index}."
@@ -353,23 +353,20 @@ class _FromModel(Phase):
             how = "assemble --method m2mkd" if self.source == "m2mkd_assemble" else self.source
             raise UserError(f"{self.source} model missing: {path} (run `dsincubate {how}` first)")
         header = ckpt.read_meta(path)
-        have, want = vit.ModelSpec.from_json(header["spec"]), self.target_spec(0.0)
+        have, want = ModelSpec.from_json(header["spec"]), self.target_spec(0.0)
         self.source_size = int(have.kwargs["img_size"])  # a high-resolution fine-tune starts from another size
-        same_but_size = vit.ModelSpec(have.timm_name, dict(have.kwargs, img_size=want.kwargs["img_size"]))
-        if not vit.same_architecture(same_but_size, want):
+        same_but_size = ModelSpec(have.timm_name, dict(have.kwargs, img_size=want.kwargs["img_size"]))
+        if not family.same_architecture(same_but_size, want):
             raise UserError(f"{path} holds another model than this run's target")
         self.source_path = path
 
     def source_tensors(self) -> dict[str, torch.Tensor]:
-        """The earlier model's tensors, its position embedding resampled to this phase's resolution if it differs."""
-        from timm.layers import resample_abs_pos_embed
-
+        """The earlier model's tensors, moved to this phase's resolution if it differs (a ViT's position embedding
+        resampled; the family says what depends on the resolution)."""
         tensors, _ = ckpt.load_tensors(self.source_path)
-        patch, size = self.target_spec().kwargs["patch_size"], self.img_size
-        if self.source_size is not None and self.source_size != size:
-            key = "stages.0.pos_embed"
-            tensors[key] = resample_abs_pos_embed(tensors[key], new_size=[size // patch] * 2,
-                                                  old_size=[self.source_size // patch] * 2, num_prefix_tokens=1)
+        if self.source_size is not None and self.source_size != self.img_size:
+            spec = self.target_spec()
+            tensors = family.family_of(spec).resample(tensors, spec, self.source_size, self.img_size)
         return tensors
 
     def build_model(self, load: bool = True) -> nn.Module:

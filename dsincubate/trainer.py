@@ -283,6 +283,9 @@ def finish(run: Run, frozen_before: str | None) -> dict:
     frozen = {"sha256_before": frozen_before, "sha256_after": frozen_digest(module)}
     if frozen["sha256_before"] != frozen["sha256_after"]:
         raise RuntimeError(f"{phase.label}: frozen parameters changed during training; refusing to save")
+    # buffers the phase outputs (a BatchNorm's running statistics; a ViT has none): never partitioned
+    tensors.update({name: b.detach().cpu().clone().float() if b.is_floating_point() else b.detach().cpu().clone()
+                    for name, b in module.named_buffers() if name in trainable})
     wall = run.prior_wall + (time.time() - run.t_start)
     record = accounting.run_record(
         phase=phase, ds_cfg=run.ds_cfg, ds_file=run.ds_file, ctx=ctx, wall_seconds=wall, state=run.state,

@@ -1,75 +1,73 @@
-"""Dividing a timm ViT into K stages, the hybrid of module incubation, and assembling stages back.
+"""Stages of a model, the hybrid of module incubation, and assembling stages back: the algorithm, for any family.
 
-- `divide(vit, depths)` moves a VisionTransformer's modules into K `Stage`s (no copies, no shared modules, so state
-  dicts hold every tensor once). Stage 0 owns the patch embedding, class token and position embedding; the last
-  stage owns the final norm and the head. Their forward passes call timm's own `_pos_embed` and `pool`, so the
-  composition of the stages is exactly timm's forward.
+- A `Stage` is a contiguous slice of a model: [embedding] + blocks + [final norm and head]. Its family divides a
+  built model into stages (`family.family_of(spec).divide(model, depths)`, or `divide` here) by moving modules (no
+  copies, no shared modules, so state dicts hold every tensor once); the family's Stage subclass says what the
+  embedding and head compute (`forward_embed` / `forward_head`), so the composition is exactly the family's forward.
 - `StagedModel` is the composition (the meta model, the assembled target, the E2E model).
 - `Hybrid` is the meta model with stage i replaced by target stage i (paper Eq. 3): meta stages frozen and in eval
   mode; stages before i run under `no_grad` (no graph, no activations kept); stages after i pass gradients to their
   input but, with `requires_grad=False`, compute no weight gradients.
-- `stage_state_dict_to_timm` / `timm_state_dict` map stage-local keys (`blocks.<local>`) to timm's keys, for
-  assembly and export.
+- `stage_to_timm_keys` / `timm_state_dict` map stage-local keys (`blocks.<local>`) to the whole model's keys (timm's,
+  for a timm family), for assembly and export.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from timm.models._manipulate import checkpoint_seq
-from timm.models.vision_transformer import VisionTransformer
-
-_EMBED_ATTRS = ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre")
-_EMBED_FLAGS = ("num_prefix_tokens", "no_embed_class", "dynamic_img_size")
-_HEAD_ATTRS = ("norm", "fc_norm", "head_drop", "head", "attn_pool")
-_HEAD_FLAGS = ("global_pool", "num_prefix_tokens", "pool_include_prefix")
 
 
 class Stage(nn.Module):
-    """A contiguous slice of a ViT: [embedding] + blocks + [final norm and head]."""
+    """A contiguous slice of a model: [embedding] + blocks + [final norm and head]. `embed` / `head` are the
+    (name, module or plain attribute) pairs stage 0 / stage K-1 own, set in that order, so a family keeps its own
+    parameter names and order; subclasses compute them in `forward_embed` / `forward_head`."""
 
-    def __init__(self, vit: VisionTransformer, start: int, stop: int, first: bool, last: bool):
+    def __init__(self, embed: list, blocks: list, head: list, block_offset: int, first: bool, last: bool):
         super().__init__()
         self.first, self.last = first, last
-        self.block_offset = start
-        if first:
-            for name in _EMBED_ATTRS + _EMBED_FLAGS:
-                setattr(self, name, getattr(vit, name))
-        self.blocks = nn.Sequential(*[vit.blocks[j] for j in range(start, stop)])
-        if last:
-            for name in _HEAD_ATTRS + _HEAD_FLAGS:
-                setattr(self, name, getattr(vit, name))
+        self.block_offset = block_offset
+        for name, value in embed if first else ():
+            setattr(self, name, value)
+        self.blocks = nn.Sequential(*blocks)
+        for name, value in head if last else ():
+            setattr(self, name, value)
         self.grad_checkpointing = False
+
+    def forward_embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
-            x = self.patch_embed(x)
-            x = VisionTransformer._pos_embed(self, x)
-            x = self.patch_drop(x)
-            x = self.norm_pre(x)
+            x = self.forward_embed(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
         if self.last:
-            x = self.norm(x)
-            x = VisionTransformer.pool(self, x)
-            x = self.fc_norm(x)
-            x = self.head_drop(x)
-            x = self.head(x)
+            x = self.forward_head(x)
         return x
 
+    def classifier(self) -> nn.Module:
+        """The final linear layer (last stage only)."""
+        raise NotImplementedError
+
+    def input_size(self) -> int:
+        """The image side the model was built for (first stage only)."""
+        raise NotImplementedError
+
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed"} if self.first else set()
+        return set()
 
 
-def divide(vit: VisionTransformer, depths: list[int]) -> list[Stage]:
-    if sum(depths) != len(vit.blocks):
-        raise ValueError(f"stage depths {depths} do not sum to the model depth {len(vit.blocks)}")
-    stages, start = [], 0
-    for i, d in enumerate(depths):
-        stages.append(Stage(vit, start, start + d, first=i == 0, last=i == len(depths) - 1))
-        start += d
-    return stages
+def divide(model: nn.Module, depths: list[int]) -> list[Stage]:
+    """K stages of `depths` blocks each, by the model's family."""
+    from dsincubate.models.family import family_of
+
+    return family_of(model).divide(model, depths)
 
 
 class StagedModel(nn.Module):
@@ -187,7 +185,8 @@ class Hybrid(nn.Module):
 
 
 def stage_to_timm_keys(state: dict[str, torch.Tensor], block_offset: int) -> dict[str, torch.Tensor]:
-    """Stage-local keys -> timm keys: `blocks.<j>.` becomes `blocks.<offset + j>.`; other keys are already timm's."""
+    """Stage-local keys -> whole-model keys: `blocks.<j>.` becomes `blocks.<offset + j>.`; the embedding's and the
+    head's keys are already the whole model's."""
     out = {}
     for key, value in state.items():
         if key.startswith("blocks."):
@@ -198,7 +197,7 @@ def stage_to_timm_keys(state: dict[str, torch.Tensor], block_offset: int) -> dic
 
 
 def timm_state_dict(model: StagedModel) -> dict[str, torch.Tensor]:
-    """The state dict of the equivalent timm VisionTransformer."""
+    """The state dict of the equivalent whole model (for a ViT: timm's VisionTransformer)."""
     out = {}
     for stage in model.stages:
         out.update(stage_to_timm_keys(stage.state_dict(), stage.block_offset))

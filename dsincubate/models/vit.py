@@ -1,17 +1,13 @@
-"""Target and meta model specs: timm VisionTransformer names plus overrides, and the paper's presets.
+"""The ViT family (timm's VisionTransformer): specs, presets, build, and its side of the seam in `family.py`.
 
-A `ModelSpec` is the JSON-serialisable recipe for `timm.create_model(timm_name, **kwargs)`; it travels inside every
-checkpoint so that a stage file, the meta model and the exported model can be checked against each other and rebuilt
-anywhere. `target_spec(cfg)` / `meta_spec(cfg)` derive the two specs of a run; `build(spec)` creates the model (never
-with pretrained weights: nothing is downloaded).
+A `ModelSpec` here is the JSON-serialisable recipe for `timm.create_model(timm_name, **kwargs)`; it travels inside
+every checkpoint so that a stage file, the meta model and the exported model can be checked against each other and
+rebuilt anywhere. `target_spec(cfg)` / `meta_spec(cfg)` derive the two specs of a run; `build(spec)` creates the
+model (never with pretrained weights: nothing is downloaded). `ViTStage` / `divide` split a VisionTransformer into
+stages (stage 0 owns the patch embedding, class token and position embedding, the last stage the final norm and the
+head; their forwards call timm's own `_pos_embed` and `pool`, so the composition is exactly timm's forward).
 """
 from __future__ import annotations
-
-import hashlib
-import json
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
 
 import timm
 import torch
@@ -19,8 +15,10 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from dsincubate.config import DEIT_T_PREFIX, ModelConfig, parse_deit_t
+from dsincubate.config import ModelConfig, parse_deit_t
 from dsincubate.errors import UserError
+from dsincubate.models import family, staged
+from dsincubate.models.family import ModelSpec, deferred_init, same_architecture  # noqa: F401 (API)
 
 # name -> (timm architecture, overrides). Paper models: Tab. 1 (ViT-B/L/H), Tab. 6 (ViT-B-DN: depth 24, width 540,
 # FLOPs of ViT-B), Sec. 4.2 (DeiT-Tiny of depth N on CIFAR-size images).
@@ -36,29 +34,6 @@ PRESETS: dict[str, tuple[str, dict]] = {
 # spec keys that are not timm.create_model arguments (applied after construction): the official ViT-H's LayerNorm eps,
 # and a V-MoE's MoE layers (dsincubate.models.moe)
 SPEC_ONLY = ("norm_eps", "moe")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Exactly what `timm.create_model` is called with."""
-
-    timm_name: str
-    kwargs: dict = field(default_factory=dict)
-
-    @property
-    def depth(self) -> int:
-        return int(self.kwargs["depth"])
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
-        d = json.loads(text)
-        return cls(d["timm_name"], dict(d["kwargs"]))
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
 
 def _preset(name: str) -> tuple[str, dict]:
@@ -122,21 +97,6 @@ def target_spec(cfg: ModelConfig, num_classes: int | None = None, drop_path: flo
     return ModelSpec(arch, full)
 
 
-def stage_depths(cfg: ModelConfig, depth: int) -> list[int]:
-    """Blocks per stage of the target: explicit, or an even split (earlier stages take the remainder)."""
-    k = cfg.num_stages
-    if k < 1 or k > depth:
-        raise UserError(f"K={k} stages does not fit a model of depth {depth} (need 1 <= K <= depth)")
-    if cfg.stage_depths:
-        if len(cfg.stage_depths) != k or sum(cfg.stage_depths) != depth or min(cfg.stage_depths) < 1:
-            raise UserError(
-                f"model.stage_depths={cfg.stage_depths} must be {k} positive numbers summing to depth {depth}"
-            )
-        return list(cfg.stage_depths)
-    base, extra = divmod(depth, k)
-    return [base + (1 if i < extra else 0) for i in range(k)]
-
-
 def meta_spec(cfg: ModelConfig, target: ModelSpec, drop_path: float = 0.0) -> ModelSpec:
     """The meta model: the target's architecture, width, patch size and classes, `meta_depth_per_stage` x K blocks."""
     if cfg.meta_depth_per_stage < 1:
@@ -154,25 +114,8 @@ def meta_spec(cfg: ModelConfig, target: ModelSpec, drop_path: float = 0.0) -> Mo
     return ModelSpec(target.timm_name, kw)
 
 
-_DEFERRED: ContextVar[list | None] = ContextVar("dsincubate_vit_deferred_init", default=None)
-
-
-@contextmanager
-def deferred_init():
-    """Inside, `build` skips timm's weight initialisation and collects the models it builds (the yielded list); run
-    `init_weights_gathered` on each afterwards. For building inside `deepspeed.zero.Init`, which partitions every
-    submodule as soon as it is constructed: timm's initialisation at the end of the model's constructor would then
-    write into empty shards (a silent no-op that leaves PyTorch's default init)."""
-    built: list = []
-    token = _DEFERRED.set(built)
-    try:
-        yield built
-    finally:
-        _DEFERRED.reset(token)
-
-
 def build(spec: ModelSpec) -> VisionTransformer:
-    pending = _DEFERRED.get()
+    pending = family.deferring()
     kwargs = {k: v for k, v in spec.kwargs.items() if k not in SPEC_ONLY}
     if pending is not None:
         kwargs["weight_init"] = "skip"
@@ -204,16 +147,7 @@ def init_weights_gathered(model: VisionTransformer) -> None:
     if getattr(model, "fix_init", False) or getattr(model, "weight_init_mode", "reset") not in ("reset", ""):
         raise ValueError("init_weights_gathered replays timm's default init only (no fix_init, no jax/moco modes)")
 
-    def in_fp32(params, fn):
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            full = {p: p.data for p in params}
-            for p in params:
-                p.data = torch.empty(p.shape, dtype=torch.float32, device=full[p].device)
-            try:
-                fn()
-            finally:
-                for p in params:
-                    p.data = full[p].copy_(p.data.to(full[p].dtype))
+    in_fp32 = family.gathered_init
 
     def top():
         if model.pos_embed is not None:
@@ -237,22 +171,120 @@ def init_weights_gathered(model: VisionTransformer) -> None:
     named_apply(each, model)
 
 
-def set_drop_path(model: nn.Module, rate: float, mode: str) -> None:
-    """Stochastic depth per block: 'linear' (timm/DeiT, 0 at the first block rising to `rate`) or 'uniform' (CaiT,
-    `rate` everywhere; the paper's ViT-L/H E2E baselines). `model` is a VisionTransformer or anything whose
-    `.blocks` / `.stages[*].blocks` hold timm blocks, in depth order."""
+def set_drop_path(blocks, rates: list[float]) -> None:
+    """Stochastic depth of each timm block (`family.drop_path_rates` gives the rates)."""
     from timm.layers import DropPath
 
-    blocks = list(model.blocks) if hasattr(model, "blocks") else [b for s in model.stages for b in s.blocks]
-    n = len(blocks)
-    for i, block in enumerate(blocks):
-        p = rate if mode == "uniform" else (rate * i / (n - 1) if n > 1 else 0.0)
+    for block, p in zip(blocks, rates):
         for attr in ("drop_path1", "drop_path2"):
             if hasattr(block, attr):
                 setattr(block, attr, DropPath(p) if p > 0 else nn.Identity())
 
 
-def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
-    """Equal up to regularisation (drop path differs between phases but not the weights' meaning)."""
-    strip = lambda s: {k: v for k, v in s.kwargs.items() if k != "drop_path_rate"}  # noqa: E731
-    return a.timm_name == b.timm_name and strip(a) == strip(b)
+_EMBED_ATTRS = ("patch_embed", "cls_token", "reg_token", "pos_embed", "pos_drop", "patch_drop", "norm_pre")
+_EMBED_FLAGS = ("num_prefix_tokens", "no_embed_class", "dynamic_img_size")
+_HEAD_ATTRS = ("norm", "fc_norm", "head_drop", "head", "attn_pool")
+_HEAD_FLAGS = ("global_pool", "num_prefix_tokens", "pool_include_prefix")
+
+
+class ViTStage(staged.Stage):
+    """A slice of a VisionTransformer; the embedding and head call timm's own `_pos_embed` and `pool`."""
+
+    def __init__(self, vit: VisionTransformer, start: int, stop: int, first: bool, last: bool):
+        embed = [(n, getattr(vit, n)) for n in _EMBED_ATTRS + _EMBED_FLAGS]
+        head = [(n, getattr(vit, n)) for n in _HEAD_ATTRS + _HEAD_FLAGS]
+        super().__init__(embed, [vit.blocks[j] for j in range(start, stop)], head, start, first, last)
+
+    def forward_embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = VisionTransformer._pos_embed(self, x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        x = VisionTransformer.pool(self, x)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return self.head(x)
+
+    def classifier(self) -> nn.Module:
+        return self.head
+
+    def input_size(self) -> int:
+        return int(self.patch_embed.img_size[0])
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"} if self.first else set()
+
+
+def divide(vit: VisionTransformer, depths: list[int]) -> list[ViTStage]:
+    return family.split_stages(vit, depths, ViTStage)
+
+
+class ViTFamily(family.Family):
+    """timm's VisionTransformer (and a V-MoE built on it)."""
+
+    name = "vit"
+    model_type = VisionTransformer
+    fallback = True
+
+    def owns_preset(self, preset: str) -> bool:
+        return True  # the default family: `_preset` names the presets and timm ViTs, and refuses the rest
+
+    def owns_spec(self, spec: ModelSpec) -> bool:
+        return True
+
+    def target_spec(self, cfg, num_classes=None, drop_path=0.0) -> ModelSpec:
+        return target_spec(cfg, num_classes, drop_path)
+
+    def meta_spec(self, cfg, target, drop_path=0.0) -> ModelSpec:
+        return meta_spec(cfg, target, drop_path)
+
+    def build(self, spec: ModelSpec) -> nn.Module:
+        return build(spec)
+
+    def divide(self, model, depths):
+        return divide(model, depths)
+
+    def stage_only(self, spec, depths, i):
+        """Stage i built from a model of stage i's depth alone (no drop path)."""
+        part = build(ModelSpec(spec.timm_name, dict(spec.kwargs, depth=depths[i], drop_path_rate=0.0)))
+        stage = ViTStage(part, 0, depths[i], first=i == 0, last=i == len(depths) - 1)
+        stage.block_offset = sum(depths[:i])
+        return stage
+
+    def boundary_width(self, spec, i) -> int:
+        return int(spec.kwargs["embed_dim"])  # every block keeps the width
+
+    def with_img_size(self, spec, size, where) -> ModelSpec:
+        if size % spec.kwargs["patch_size"]:
+            raise UserError(f"{where}.img_size={size} is not a multiple of the patch size {spec.kwargs['patch_size']}")
+        return ModelSpec(spec.timm_name, dict(spec.kwargs, img_size=size))
+
+    def resample(self, tensors, spec, old_size, new_size):
+        """The position embedding (stage 0's) resampled to the new grid of patches."""
+        from timm.layers import resample_abs_pos_embed
+
+        patch, key = spec.kwargs["patch_size"], "stages.0.pos_embed"
+        tensors[key] = resample_abs_pos_embed(tensors[key], new_size=[new_size // patch] * 2,
+                                              old_size=[old_size // patch] * 2, num_prefix_tokens=1)
+        return tensors
+
+    def set_drop_path(self, blocks, rates):
+        set_drop_path(blocks, rates)
+
+    def init_weights_gathered(self, model):
+        init_weights_gathered(model)
+
+    def timm_native(self, spec) -> bool:
+        return not spec.kwargs.get("moe")  # a V-MoE's MoE layers are DeepSpeed's, not timm's
+
+    def create_args(self, spec) -> dict:
+        return {k: v for k, v in spec.kwargs.items() if k not in SPEC_ONLY}
+
+    def input_size(self, model) -> int:
+        return int(model.patch_embed.img_size[0])
+
+
+FAMILY = family.register(ViTFamily())

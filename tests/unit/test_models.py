@@ -7,7 +7,7 @@ import torch
 
 from dsincubate.config import ModelConfig
 from dsincubate.errors import UserError
-from dsincubate.models import staged, vit
+from dsincubate.models import family, staged, vit
 
 
 def tiny_cfg(**kw):
@@ -22,7 +22,7 @@ def build_staged(cfg, drop_path=0.0, meta=False):
         spec = vit.meta_spec(cfg, spec, drop_path)
         depths = [cfg.meta_depth_per_stage] * cfg.num_stages
     else:
-        depths = vit.stage_depths(cfg, spec.depth)
+        depths = family.stage_depths(cfg, spec)
     torch.manual_seed(0)
     model = vit.build(spec)
     return model, staged.StagedModel(staged.divide(copy.deepcopy(model), depths)), spec
@@ -34,7 +34,7 @@ def test_divide_assemble_roundtrip_forward(preset):
     spec = vit.target_spec(cfg)
     torch.manual_seed(0)
     model = vit.build(spec).eval()
-    stages = staged.divide(copy.deepcopy(model), vit.stage_depths(cfg, spec.depth))
+    stages = staged.divide(copy.deepcopy(model), family.stage_depths(cfg, spec))
     sm = staged.StagedModel(stages).eval()
     sd = model.state_dict()
     back = staged.timm_state_dict(sm)
@@ -52,7 +52,7 @@ def test_divide_roundtrip_large_presets_on_meta_device(preset):
     spec = vit.target_spec(cfg)
     with torch.device("meta"):
         model = vit.build(spec)
-        sm = staged.StagedModel(staged.divide(copy.deepcopy(model), vit.stage_depths(cfg, spec.depth)))
+        sm = staged.StagedModel(staged.divide(copy.deepcopy(model), family.stage_depths(cfg, spec)))
     sd = model.state_dict()
     back = staged.timm_state_dict(sm)
     assert set(back) == set(sd)
@@ -92,12 +92,12 @@ def test_bad_model_inputs():
     with pytest.raises(UserError, match="unknown model"):
         vit.target_spec(ModelConfig(preset="resnet_nope"))
     with pytest.raises(UserError, match="does not fit"):
-        vit.stage_depths(ModelConfig(num_stages=9), 8)
+        family.stage_depths(ModelConfig(num_stages=9), vit.target_spec(ModelConfig(depth=8)))
     with pytest.raises(UserError, match="summing"):
-        vit.stage_depths(ModelConfig(num_stages=2, stage_depths=[3, 4]), 8)
+        family.stage_depths(ModelConfig(num_stages=2, stage_depths=[3, 4]), vit.target_spec(ModelConfig(depth=8)))
     with pytest.raises(UserError, match="divisible"):
         vit.target_spec(ModelConfig(preset="tiny", embed_dim=100, num_heads=3))
-    assert vit.stage_depths(ModelConfig(num_stages=3), 8) == [3, 3, 2]
+    assert family.stage_depths(ModelConfig(num_stages=3), vit.target_spec(ModelConfig(depth=8))) == [3, 3, 2]
 
 
 def make_hybrid(index, imitation=False):
@@ -148,7 +148,7 @@ def test_assembled_forward_equals_composition_of_stages():
     for i in range(4):  # four independently "trained" target stages (different seeds)
         torch.manual_seed(100 + i)
         spec = vit.target_spec(cfg, 10, 0.0)
-        stages.append(staged.divide(vit.build(spec), vit.stage_depths(cfg, spec.depth))[i])
+        stages.append(staged.divide(vit.build(spec), family.stage_depths(cfg, spec))[i])
     assembled = staged.StagedModel(staged.divide(vit.build(vit.target_spec(cfg, 10, 0.0)), [2, 2, 2, 2])).eval()
     for i, s in enumerate(stages):
         assembled.stages[i].load_state_dict(s.state_dict())
