@@ -9,6 +9,11 @@ Train, one pass (resampled=False): the g-th selected sample (shard order) belong
     tops it up so no rank ever runs fewer steps (which would hang a collective).
 Val: whole shards per rank (sample split when there are fewer shards than ranks); every rank yields
     max_r ceil(n_r / batch_size) batches, padded with valid=False rows, so ZeRO-3 ranks run the same forwards.
+Repeated augmentation (resampled only): ranks in groups of about `repeated_aug` (subsets.repeat_group); a group
+    draws from its own shards and its members keep their dealt copies, so reads stay ~one epoch over all ranks.
+Workers: a train loader built with a pool key (build_train_loader's default) runs on persistent DataLoader workers
+    that later epochs' loaders of the same key reuse (_Pool: the epoch travels in shared memory; bit-identical to
+    workers started for the epoch). Val loaders start theirs per evaluation.
 
 Called through dsincubate.data.build_train_loader / build_val_loader.
 """

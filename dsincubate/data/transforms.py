@@ -71,6 +71,8 @@ class BatchPrep:
     Erasing runs on normalized values (pixel mode draws N(0,1) noise), so it belongs here rather than in the
     per-sample uint8 stage; timm's prefetcher does the same. Its python/torch randomness is seeded from `key` and the
     caller's RNG states are restored, so a batch is erased identically wherever and whenever it is prepared.
+    Not timm's PrefetchLoader: its erasing draws from the global RNG (a resumed run would erase differently) and it
+    owns the iteration, where our loaders merge partial batches and count bad data.
     """
 
     def __init__(self, mean, std, erasing=None):
