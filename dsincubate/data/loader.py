@@ -349,7 +349,7 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
     return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                        expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,
                        attempts=2, info=info, prep=transform.batch_prep, device=device, prep_key=tf_seed,
-                       pool_key=None if pool_key is None else (*pool_key, id(index)))
+                       pool_key=None if pool_key is None else (*pool_key, id(index), nw))  # nw: env-derived
 
 
 def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: int, world_size: int,
