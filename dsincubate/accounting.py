@@ -181,7 +181,8 @@ def summarize(root: Path, num_stages: int, write: bool = True) -> dict:
         if (layout.assemble_dir / "eval.json").is_file() else {}
     students = [_load(layout.phase_dir("m2mkd", i)) for i in range(num_stages)]
     kd_ft = _load(layout.phase_dir("m2mkd_finetune"))
-    if not any([meta, ft, e2e, e2e_tune, kd_ft, *inc, *students]):
+    others = _other_phases(layout, num_stages, hours)
+    if not any([meta, ft, e2e, e2e_tune, kd_ft, *inc, *students, others]):
         raise UserError(f"summary: no finished phase under {root} (is --output the run directory?)")
     device = next((r["device_name"] for r in [meta, ft, e2e, *inc] if r), "unknown")
     di_hours = None
@@ -214,9 +215,25 @@ def summarize(root: Path, num_stages: int, write: bool = True) -> dict:
             "student_top1": [r["final"].get("top1") if r else None for r in students],
             "assembled_top1": json.loads(kd_eval.read_text()).get("top1") if kd_eval.is_file() else None,
         }
+    summary.update(others)
     if write:
         atomic_write_json(layout.summary, summary)
     return summary
+
+
+def _other_phases(layout, num_stages: int, hours) -> dict:
+    """{"phases": {label: {"top1", "device_hours"}}} for the registered phases with a summary row of their own."""
+    from dsincubate import registry
+
+    rows = {}
+    for name in registry.summarized():
+        spec = registry.phase(name)
+        for i in range(num_stages) if spec.per_stage else [None]:
+            r = _load(layout.phase_dir(name, i))
+            if r:
+                rows[spec.summary if i is None else f"{spec.summary} module {i}"] = {
+                    "top1": r["final"].get("top1"), "device_hours": hours(r)}
+    return {"phases": rows} if rows else {}
 
 
 def format_summary(s: dict) -> str:
@@ -241,6 +258,7 @@ def format_summary(s: dict) -> str:
             rows.append(("m2mKD: assembled, before finetune", f(kd["assembled_top1"], ".2f"), "-"))
         rows.append(("m2mKD: finetune (final)", f(kd["top1"], ".2f"), f(kd["phases"]["finetune"], ".4f")))
         rows.append(("m2mKD total (meta, not teacher)", f(kd["top1"], ".2f"), f(kd["device_hours"], ".4f")))
+    rows += [(label, f(r["top1"], ".2f"), f(r["device_hours"], ".4f")) for label, r in s.get("phases", {}).items()]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'run':<{width}}  {'top-1 %':>8}  {'device-hours':>12}   (device: {s['device']})"]
     lines += [f"{a:<{width}}  {b:>8}  {c:>12}" for a, b, c in rows]

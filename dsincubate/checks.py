@@ -1,15 +1,16 @@
-"""The checks of a training phase that need no process group, engine or data read: the CLI runs them for every phase
-a command will train before anything starts (bad input is one error line, exit 2, nothing written), and
-`trainer.prepare` runs them again under the launcher.
+"""The checks of a training phase that need no process group, engine or data read, and the plan they produce: the CLI
+runs them for every phase a command will train before anything starts (bad input is one error line, exit 2, nothing
+written); `--dry-run` stops there, and the run executes the same plans (`trainer.run_phase(plan, ctx, info)`), so
+the ds_config is resolved and the steps are counted once per phase.
 
-    check_plan(phases.make("incubate", cfg, root, n_cls, 2, resolve=False), info, world_size=8, has_cuda=True)
+    plan = check_plan(phases.make("incubate", cfg, root, n_cls, 2, resolve=False), info, world_size=8, has_cuda=True)
+    plan.ds_cfg, plan.steps_per_epoch
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from dsincubate import checkpoint as ckpt, dist, dsconfig
 from dsincubate.config import RunConfig
@@ -19,15 +20,42 @@ from dsincubate.errors import UserError
 from dsincubate.phases import Phase
 
 
-def preflight(phase: Phase, world_size: int) -> None:
-    """The checks of `prepare` that need no process group (the CLI runs them before one exists): an output made with
-    another config, and the ds_config merged with the recipe. Also sets the collective timeout of the process group
-    to come and records where this rank runs."""
-    resolve_ds_config(phase, torch.cuda.is_available(), world_size)
-    check_output(phase)
-    dist.set_collective_timeout(phase.cfg.collective_timeout_s)
-    if not ckpt.complete(phase.out_dir):
-        write_host_record(phase)
+@dataclass(frozen=True)
+class PhasePlan:
+    """A phase's run as sized before anything starts (`check_plan`, once): its resolved ds_config and steps. They do
+    not depend on earlier phases' outputs, so a plan made before those exist (a pipeline's up-front checks) holds
+    when the phase runs with its inputs resolved."""
+
+    phase: Phase
+    ds_file: Path
+    ds_cfg: dict
+    """The dict handed to `deepspeed.initialize` (read only: the run takes a copy)."""
+    micro_steps: int
+    """Micro-batches per rank and epoch (>= the gradient accumulation)."""
+    world_size: int
+    has_cuda: bool
+    output_key: str
+    """The output identity (`phase.config_key()`, as JSON) that `check_output` accepted."""
+
+    @property
+    def accum(self) -> int:
+        return self.ds_cfg["gradient_accumulation_steps"]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.micro_steps // self.accum
+
+
+def output_key(phase: Phase) -> str:
+    return json.dumps(phase.config_key(), default=str, sort_keys=True)
+
+
+def preflight(plan: PhasePlan) -> None:
+    """After the plan's checks, before the process group: the collective timeout of the group to come, and where
+    this rank runs."""
+    dist.set_collective_timeout(plan.phase.cfg.collective_timeout_s)
+    if not ckpt.complete(plan.phase.out_dir):
+        write_host_record(plan.phase)
 
 
 def write_host_record(phase: Phase) -> Path:
@@ -40,12 +68,12 @@ def write_host_record(phase: Phase) -> Path:
     return path
 
 
-def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) -> tuple[int, int]:
+def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) -> PhasePlan:
     """Every check of a phase that needs no process group, engine or data read (the CLI runs it before any starts):
     the ds_config merged with the recipe, an output made with another config, mixup's even batch, and an epoch of at
-    least one optimizer step per rank. Returns (micro-batches per rank and epoch, gradient accumulation)."""
+    least one optimizer step per rank. Returns the phase's plan."""
     tc, m = phase.train_cfg, phase.cfg.model
-    _, ds_cfg = resolve_ds_config(phase, has_cuda, world_size)
+    ds_file, ds_cfg = resolve_ds_config(phase, has_cuda, world_size)
     check_output(phase)
     if m.moe_every and phase.name != "meta":  # the meta model is dense
         if dsconfig.zero_stage(ds_cfg) == 3:
@@ -67,7 +95,7 @@ def check_plan(phase: Phase, info: DataInfo, world_size: int, has_cuda: bool) ->
     if micro_steps < accum:
         raise UserError(f"{phase.label}: an epoch has {micro_steps} micro-batches per rank, fewer than gradient "
                         f"accumulation {accum}; lower micro_batch or use more data")
-    return micro_steps, accum
+    return PhasePlan(phase, ds_file, ds_cfg, micro_steps, world_size, has_cuda, output_key(phase))
 
 
 def check_output(phase: Phase) -> None:

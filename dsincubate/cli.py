@@ -198,7 +198,8 @@ def run(args) -> int:
         from dsincubate import plan
 
         steps = plan.check_phases(cfg, root, n_cls, info, registry.parse_methods(args.methods), _world_size())
-        print("\n".join(registry.plan_lines(steps)) if args.plan else json.dumps(cfg.to_dict(), indent=2))
+        print("\n".join(registry.plan_lines([s for s, _ in steps])) if args.plan else
+              json.dumps(cfg.to_dict(), indent=2))
         return 0
     if args.command == "summary":
         from dsincubate.accounting import format_summary, summarize
@@ -207,15 +208,22 @@ def run(args) -> int:
         return 0
     if args.command in ("assemble", "export"):
         return _single_process(args, cfg, root)
+    return _train_or_eval(args, cfg, root, info, n_cls)
+
+
+def _train_or_eval(args, cfg, root: Path, info, n_cls: int) -> int:
+    """A phase, the pipeline or eval: every check and plan first (all that --dry-run does), then the process group."""
+    import torch
+
     from dsincubate import checks, dist, phases, plan, trainer
 
-    phase = None
+    planned = None  # the phase command's checks.PhasePlan: checked here, executed by the run
     world_size = _world_size()
-    if train:  # its inputs checked before any process group or engine exists
-        phase = phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None))
-        checks.check_plan(phase, info, world_size, torch.cuda.is_available())
+    if args.command in registry.list_phases():  # its inputs checked and its run planned before any process group or engine exists
+        planned = checks.check_plan(phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None)),
+                                    info, world_size, torch.cuda.is_available())
     if args.command == "pipeline":
-        steps = plan.check_phases(cfg, root, n_cls, info, registry.parse_methods(args.methods), _world_size())
+        steps = plan.check_phases(cfg, root, n_cls, info, registry.parse_methods(args.methods), world_size)
     if args.command == "eval":
         from dsincubate.evaluate import resolve
 
@@ -225,8 +233,8 @@ def run(args) -> int:
     if args.dry_run:
         print(f"dsincubate {args.command}: dry run, all checks passed; would write under {root}")
         return 0
-    if phase is not None:
-        checks.preflight(phase, world_size)
+    if planned is not None:
+        checks.preflight(planned)
     ctx = dist.init()
     if args.command == "eval":
         from dsincubate.evaluate import run_eval
@@ -238,14 +246,14 @@ def run(args) -> int:
             root.mkdir(parents=True, exist_ok=True)
             if not (root / "config.json").is_file():
                 cfg.save(root / "config.json")
-        if phase is not None:
-            trainer.run_phase(phase, ctx, info)
+        if planned is not None:
+            trainer.run_phase(planned, ctx, info)
         else:
             plan.run_pipeline(steps, cfg, root, ctx, info, n_cls)
     # reached only when the work finished (an error left above, exit non-zero): the engines are released by then
     # (trainer.release); the groups go before the interpreter exits, or finalization may abort the rank (exit -6)
-    if dist.shutdown() and phase is not None:
-        _record_shutdown(phase)
+    if dist.shutdown() and planned is not None:
+        _record_shutdown(planned.phase)
     return 0
 
 

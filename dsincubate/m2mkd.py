@@ -116,4 +116,3 @@ class M2mkdFinetunePhase(_FromModel):
 
     name = "m2mkd_finetune"
     source = "m2mkd_assemble"
-

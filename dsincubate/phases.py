@@ -83,8 +83,10 @@ class Phase:
 
     def config_key(self) -> dict:
         """The part of the run config this phase's output depends on (a changed one must not resume into it)."""
-        d = self.cfg.to_dict()
-        return {k: d[k] for k in ("seed", "ds_config", "model", "data", self.name)}
+        from dsincubate import registry
+
+        d = self.cfg.to_dict()  # its recipe is its registry entry's config section (the phase's name for most)
+        return {k: d[k] for k in ("seed", "ds_config", "model", "data", registry.phase(self.name).config_section)}
 
     def resolve_inputs(self) -> None:
         """Check and locate what earlier phases handed over (cheap; raises UserError). Called once by `make`."""

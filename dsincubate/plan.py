@@ -12,15 +12,17 @@ launchers/incubate.sh and launchers/slurm_pipeline.sh read that plan instead of 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from dsincubate import registry
 from dsincubate.errors import UserError
 
 
-def check_phases(cfg, root: Path, n_cls: int, info, methods, world_size: int) -> list[registry.Step]:
+def check_phases(cfg, root: Path, n_cls: int, info, methods, world_size: int) -> list[tuple[registry.Step, object]]:
     """checks.check_plan for every phase the methods train (sizes, ds_config, outputs made with another config), so
-    that a pipeline or `config` refuses at once what a later phase would refuse hours later. Returns the plan."""
+    that a pipeline or `config` refuses at once what a later phase would refuse hours later. Returns the steps, each
+    with its phase's `checks.PhasePlan` (None for a step that trains nothing): what `run_pipeline` executes."""
     import torch
 
     from dsincubate import checks, phases
@@ -28,11 +30,10 @@ def check_phases(cfg, root: Path, n_cls: int, info, methods, world_size: int) ->
     steps = registry.plan(methods, cfg.model.num_stages)
     if "m2mkd" in methods:
         check_teacher(cfg, root, methods, n_cls)
-    for s in steps:  # resolve=False: earlier phases' outputs need not exist yet
-        if s.kind == "train":
-            checks.check_plan(phases.make(s.name, cfg, root, n_cls, s.stage_index, resolve=False), info, world_size,
-                              torch.cuda.is_available())
-    return steps
+    # resolve=False: earlier phases' outputs need not exist yet (the plans do not depend on them)
+    return [(s, checks.check_plan(phases.make(s.name, cfg, root, n_cls, s.stage_index, resolve=False), info,
+                                  world_size, torch.cuda.is_available()) if s.kind == "train" else None)
+            for s in steps]
 
 
 def check_teacher(cfg, root: Path, methods, n_cls: int) -> None:
@@ -58,7 +59,7 @@ def check_teacher(cfg, root: Path, methods, n_cls: int) -> None:
         teacher_spec(cfg, n_cls, Path(t))
 
 
-def run_pipeline(steps: list[registry.Step], cfg, root: Path, ctx, info, n_cls: int) -> None:
+def run_pipeline(steps: list[tuple[registry.Step, object]], cfg, root: Path, ctx, info, n_cls: int) -> None:
     """Run the plan's steps in order in one process group; stops after a phase that stopped early
     (stop_after_epochs). A finished phase, assembly or evaluation is skipped, so re-running resumes."""
     from dsincubate import dist, phases, trainer
@@ -68,9 +69,10 @@ def run_pipeline(steps: list[registry.Step], cfg, root: Path, ctx, info, n_cls: 
     from dsincubate.layout import RunLayout
 
     layout = RunLayout(root)
-    for s in steps:
-        if s.kind == "train":
-            rec = trainer.run_phase(phases.make(s.name, cfg, root, n_cls, s.stage_index), ctx, info)
+    for s, planned in steps:
+        if s.kind == "train":  # the plan checked up front, with the phase's inputs resolved now that they exist
+            phase = phases.make(s.name, cfg, root, n_cls, s.stage_index)
+            rec = trainer.run_phase(dataclasses.replace(planned, phase=phase), ctx, info)
             if "stopped_at_epoch" in rec:
                 return
         elif s.kind == "assemble":

@@ -49,6 +49,9 @@ class PhaseSpec:
     hybrid: str = ""
     resizes: bool = False
     """It may train at a resolution of its own (`<section>.img_size`: a high-resolution fine-tune)."""
+    summary: str = ""
+    """Its row label in `dsincubate summary` (top-1 and device-hours of each finished output); empty for the
+    built-in phases, whose rows the summary's method tables (DI, E2E, m2mKD) give."""
 
     @property
     def config_section(self) -> str:
@@ -156,6 +159,11 @@ def exported() -> tuple[str, ...]:
 def assemblies() -> dict[str, PhaseSpec]:
     """{assembled model name: the per-stage phase whose outputs it joins}."""
     return {s.assembly: s for s in _PHASES.values() if s.per_stage and s.assembly}
+
+
+def summarized() -> tuple[str, ...]:
+    """Phases with a summary row of their own (`PhaseSpec.summary`)."""
+    return tuple(n for n, s in _PHASES.items() if s.summary)
 
 
 def named_models() -> tuple[str, ...]:

@@ -1,9 +1,11 @@
 """The one training loop, shared by every phase: train, evaluate, checkpoint/resume, record.
 
     record = run_phase(phases.make("incubate", cfg, root, num_classes, 2), ctx, info)
+    record = run_phase(checks.check_plan(phase, info, world_size, has_cuda), ctx, info)   # the CLI: a checked plan
 
-`run_phase` is an outline of named steps: `prepare` (skip a complete output, refuse one made with another config,
-resolve the ds_config, count steps), `build_engine` (dsincubate.engine), `resume`, then `train_epoch` /
+`run_phase` is an outline of named steps: `prepare` (the phase's plan, `dsincubate.checks.check_plan`: resolved
+ds_config, steps, output check; taken as given when the CLI made it; then skip a complete output),
+`build_engine` (dsincubate.engine), `resume`, then `train_epoch` /
 `train_step` per epoch and `end_epoch` (evaluate, log, checkpoint, stop), and `finish` (gather the trained weights,
 check the frozen ones did not move, save the output and, last, its MANIFEST.json). Every `ckpt_every` epochs a
 DeepSpeed checkpoint is saved that a re-run of the same command resumes from; the result equals an uninterrupted run
@@ -17,6 +19,7 @@ frames; every line this module prints starts with the rank's host and rank.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import hashlib
@@ -31,9 +34,9 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from dsincubate import accounting, checkpoint as ckpt, dist, dsconfig
-from dsincubate.checks import check_output, check_plan
+from dsincubate.checks import PhasePlan, check_output, check_plan, output_key
 from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
-from dsincubate.engine import Built, build_engine, resolve_ds_config
+from dsincubate.engine import Built, build_engine
 from dsincubate.errors import UserError
 from dsincubate.models import moe
 from dsincubate.phases import Phase
@@ -96,8 +99,8 @@ class Run:
                                   img_size=self.phase.img_size, subset_index=self.phase.stage_index, device=device)
 
 
-def run_phase(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> dict:
-    """Train one phase to completion (or to `stop_after_epochs`); returns its run record."""
+def run_phase(phase: Phase | PhasePlan, ctx: dist.DistContext, info: DataInfo) -> dict:
+    """Train one phase (or execute its plan) to completion (or to `stop_after_epochs`); returns its run record."""
     run = prepare(phase, ctx, info)
     if isinstance(run, dict):  # already complete
         return run
@@ -132,21 +135,23 @@ def _train(run: Run) -> dict:
     return record
 
 
-def prepare(phase: Phase, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
-    """Cheap checks and sizes before any engine exists; the saved record when the output is already complete."""
-    ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
-    check_output(phase)
+def prepare(target: Phase | PhasePlan, ctx: dist.DistContext, info: DataInfo) -> Run | dict:
+    """The phase's plan (made here unless given: `checks.check_plan`) and what the run needs besides the engine; the
+    saved record when the output is already complete."""
+    plan = target if isinstance(target, PhasePlan) else None
+    phase = plan.phase if plan else target
+    if plan is None or (plan.world_size, plan.has_cuda) != (ctx.world_size, ctx.has_cuda):
+        plan = check_plan(phase, info, ctx.world_size, ctx.has_cuda)
+    elif plan.output_key != output_key(phase):  # its inputs resolved since (the meta model's sha256, the teacher)
+        check_output(phase)
     if ckpt.complete(phase.out_dir):
         if ctx.is_main:
             print(f"{dist.log_prefix()} [dsincubate] {phase.label}: already complete in {phase.out_dir}, skipping")
         return json.loads((phase.out_dir / "run.json").read_text())
-    micro_steps, accum = check_plan(phase, info, ctx.world_size, ctx.has_cuda)
-    run = Run(phase, ctx, info, ds_file, ds_cfg, steps_per_epoch=0)
-    run.mixup = build_mixup(phase.cfg.data, phase.num_classes, seed=phase.cfg.seed, rank=ctx.rank)
-    run.steps_per_epoch = micro_steps // accum
-    run.criterion = _criterion(run.mixup, phase.cfg.data.smoothing)
-    run.flops = accounting.count_flops(lambda: phase.build_model(load=False), phase.img_size)
-    return run
+    mixup = build_mixup(phase.cfg.data, phase.num_classes, seed=phase.cfg.seed, rank=ctx.rank)
+    return Run(phase, ctx, info, plan.ds_file, copy.deepcopy(plan.ds_cfg), plan.steps_per_epoch, mixup=mixup,
+               criterion=_criterion(mixup, phase.cfg.data.smoothing),
+               flops=accounting.count_flops(lambda: phase.build_model(load=False), phase.img_size))
 
 
 def start_outputs(run: Run) -> None:
@@ -278,14 +283,14 @@ def finish(run: Run, frozen_before: str | None) -> dict:
     phase, ctx, module = run.phase, run.ctx, run.built.engine.module
     trainable = phase.output_names(module)
     tensors = {name: _full_fp32(p) for name, p in module.named_parameters() if name in trainable}
+    # buffers the phase outputs (a BatchNorm's running statistics; a ViT has none): never partitioned
+    tensors.update({name: b.detach().cpu().clone().float() if b.is_floating_point() else b.detach().cpu().clone()
+                    for name, b in module.named_buffers() if name in trainable})
     if moe.layers(module):  # every expert of every rank, under its global index (a collective)
         tensors = moe.gather_experts(tensors, phase.cfg.model.moe_ep_size)
     frozen = {"sha256_before": frozen_before, "sha256_after": frozen_digest(module)}
     if frozen["sha256_before"] != frozen["sha256_after"]:
         raise RuntimeError(f"{phase.label}: frozen parameters changed during training; refusing to save")
-    # buffers the phase outputs (a BatchNorm's running statistics; a ViT has none): never partitioned
-    tensors.update({name: b.detach().cpu().clone().float() if b.is_floating_point() else b.detach().cpu().clone()
-                    for name, b in module.named_buffers() if name in trainable})
     wall = run.prior_wall + (time.time() - run.t_start)
     record = accounting.run_record(
         phase=phase, ds_cfg=run.ds_cfg, ds_file=run.ds_file, ctx=ctx, wall_seconds=wall, state=run.state,

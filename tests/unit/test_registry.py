@@ -1,6 +1,6 @@
 """The phase and method registry (dsincubate/registry.py) is the one list every consumer reads: a phase registered
 here (one class and one entry, as a new phase file would add) appears in the CLI's subcommands and choices, the
-config's sections, the layout, tune and `config --plan`, and disappears with its entry; the built-in methods keep the
+config's sections, the layout, tune, the summary and `config --plan`, and disappears with its entry; the built-in methods keep the
 pipeline's order; the phases module no longer imports m2mkd (the package's import cycle is gone).
 
     pytest tests/unit/test_registry.py -q
@@ -32,7 +32,7 @@ def toy():
     unregistered afterwards."""
     spec = registry.register_phase(registry.PhaseSpec(
         "toy", f"{__name__}:ToyPhase", "a toy phase", per_stage=True, section="e2e", out_dir="toy_out/m{i}",
-        exports=True))
+        exports=True, summary="Toy"))
     registry.register_method(registry.MethodSpec("toy_method", "toy", (("train", "toy"), ("export", "toy"))))
     yield spec
     registry.unregister("toy")
@@ -52,6 +52,14 @@ def test_a_registered_phase_appears_in_the_cli_layout_tune_and_the_plan_and_goes
     tune_parser = __import__("argparse").ArgumentParser()
     tune.add_arguments(tune_parser)
     assert tune_parser.parse_args(["--phase", "toy"]).phase == "toy"
+    from dsincubate import checkpoint as ckpt
+    from dsincubate.accounting import format_summary, summarize
+
+    out = RunLayout(tmp_path).phase_dir("toy", 1)  # a finished toy output: the summary gives it a row
+    ckpt.atomic_write_json(out / "run.json", {"final": {"top1": 12.5}, "device_seconds": 36.0})
+    ckpt.write_manifest(out, ["run.json"])
+    assert summarize(tmp_path, 2, write=False)["phases"] == {"Toy module 1": {"top1": 12.5, "device_hours": 0.01}}
+    assert "Toy module 1" in format_summary(summarize(tmp_path, 2, write=False))
     assert [(s.kind, s.name, s.stage_index) for s in registry.plan(["toy_method"], 2)] == [
         ("train", "toy", 0), ("train", "toy", 1), ("export", "toy", None), ("summary", "", None)]
     registry.unregister("toy")
