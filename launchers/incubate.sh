@@ -7,11 +7,12 @@
 #
 # Options (passed to every `deepspeed` call): --hostfile F, --include S, --exclude S, --num_gpus N, --num_nodes N,
 # --master_port P (base port; concurrent jobs use P+1..P+K). Pipeline options: --recipe R | --config C,
-# --output DIR, --ds-config D, --methods di,e2e[,m2mkd], --cpu-ranks N (ranks per CPU job, default 1),
+# --output DIR, --ds-config D, --methods di,e2e[,e2e_tune,m2mkd], --cpu-ranks N (ranks per CPU job, default 1),
 # --env NAME[,NAME] (repeatable; also DSI_FORWARD_ENV="A,B"): variables of this host to set on every host. Anything
 # after `--` goes to every `dsincubate` call (e.g. --set incubate.epochs=50, --train/--val).
 #
-# Phases: meta pretrain on the full allocation; then the K incubation jobs, which need no communication:
+# The steps and their order are `dsincubate config --plan --methods ...`'s (dsincubate/registry.py): each phase on the
+# full allocation, except a per-module phase's K jobs (incubation, m2mKD), which need no communication:
 #   * a hostfile with >= K hosts: job i runs on hosts i, i+K, ... concurrently, each with its own master port;
 #   * one node with G >= K usable GPUs: job i runs on the i-th group of G//K of them concurrently; the G%K left over
 #     stay idle meanwhile. GPU ids are physical, taken from CUDA_VISIBLE_DEVICES (else SLURM's SLURM_STEP_GPUS /
@@ -61,7 +62,7 @@ while [ $# -gt 0 ]; do
     --cpu-ranks) CPU_RANKS="$2"; shift 2;;
     --env) FWD+=(--env "$2"); shift 2;;
     --) shift; EXTRA=("$@"); break;;
-    -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0;;
     *) die "unknown option $1 (see --help)";;
   esac
 done
@@ -138,9 +139,12 @@ launch() {  # launch <port> <launcher args...> -- <dsincubate args...>   (in the
 
 complete() { [ -f "$1/MANIFEST.json" ]; }  # an output counts once its manifest is written (written last)
 
-# Fail fast on bad input (one line, exit 2) before starting any job.
-"$PY" -m dsincubate config --methods "$METHODS" "${CLI[@]}" >/dev/null
-K=$("$PY" -m dsincubate config "${CLI[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
+# Fail fast on bad input (one line, exit 2) before starting any job; the steps to run, one a line
+# (KIND NAME COUNT DIR, dsincubate/plan.py): the order is dsincubate.registry's, not this script's.
+PLAN=$("$PY" -m dsincubate config --plan --methods "$METHODS" "${CLI[@]}")
+mapfile -t STEPS <<<"$PLAN"
+K=$(awk '$1 == "train" && index($4, "{i}") {print $3; exit}' <<<"$PLAN")
+K="${K:-1}"  # no per-module phase in these methods: the module jobs are not used
 if [ "$MAP_GPUS" = 1 ]; then
   GPU_OUT=$("$PY" -m dsincubate.launch_env gpus --jobs "$K" ${NUM_GPUS:+--num-gpus "$NUM_GPUS"}) || exit 2
   mapfile -t GPU_LINES <<<"$GPU_OUT"
@@ -170,22 +174,24 @@ elif [ "$HAS_GPU" = 0 ] && [ "$CPU_RANKS" -ge "$K" ]; then
   for ((i = 0; i < K; i++)); do JOB_ARGS+=("--num_accelerators $((CPU_RANKS / K))"); done
 fi
 
-meta() {
-  echo "== meta pretrain"
-  if complete "$OUTPUT/meta"; then echo "   already complete"; else
-    launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- meta "${CLI[@]}"
+whole() {  # whole PHASE DIR: one phase on the full allocation (skipped when its output is complete)
+  echo "== $1"
+  if complete "$OUTPUT/$2"; then echo "   already complete"; else
+    launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- "$1" "${CLI[@]}"
   fi
 }
 
-modules() {  # modules <incubate|m2mkd>: the K module jobs, concurrently where the allocation allows
-  local phase="$1" i rc f doing what
-  if [ "$phase" = incubate ]; then doing=incubating; what=incubation; else doing="m2mKD: distilling"; what="m2mKD"; fi
+modules() {  # modules PHASE DIR: the K module jobs (DIR holds {i}), concurrently where the allocation allows
+  local phase="$1" i rc f doing="$1:" what="$1" mdir
+  if [ "$phase" = incubate ]; then doing=incubating; what=incubation; fi
+  if [ "$phase" = m2mkd ]; then doing="m2mKD: distilling"; what="m2mKD"; fi
   if [ "${#JOB_ARGS[@]}" -eq "$K" ]; then
     echo "== $doing $K modules concurrently"
     local PIDS=() FAILED=() JA
     for ((i = 0; i < K; i++)); do
       PIDS+=("")
-      if complete "$OUTPUT/$phase/module_$i"; then echo "   module $i: already complete"; continue; fi
+      mdir="${2//\{i\}/$i}"
+      if complete "$OUTPUT/$mdir"; then echo "   module $i: already complete"; continue; fi
       read -r -a JA <<<"${JOB_ARGS[$i]}"
       echo "   module $i on: ${JOB_ARGS[$i]} (log: $OUTPUT/logs/${phase}_$i.log)"
       "${DS_RUN[@]}" "${JA[@]}" --master_port $((PORT + 1 + i)) --module dsincubate "$phase" --module "$i" \
@@ -211,35 +217,21 @@ modules() {  # modules <incubate|m2mkd>: the K module jobs, concurrently where t
   else
     echo "== $doing $K modules one after another (fewer than K hosts/GPUs)"
     for ((i = 0; i < K; i++)); do
-      if complete "$OUTPUT/$phase/module_$i"; then echo "   module $i: already complete"; continue; fi
+      mdir="${2//\{i\}/$i}"
+      if complete "$OUTPUT/$mdir"; then echo "   module $i: already complete"; continue; fi
       launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- "$phase" --module "$i" "${CLI[@]}"
     done
   fi
 }
 
-if [[ ",$METHODS," == *",di,"* ]]; then
-  meta
-  modules incubate
-  echo "== assemble"
-  "$PY" -m dsincubate assemble "${CLI[@]}"
-  echo "== fine-tune"
-  launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- finetune "${CLI[@]}"
-  "$PY" -m dsincubate export --source finetune "${CLI[@]}"
-fi
-
-if [[ ",$METHODS," == *",e2e,"* ]]; then
-  echo "== E2E baseline"
-  launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- e2e "${CLI[@]}"
-  "$PY" -m dsincubate export --source e2e "${CLI[@]}"
-fi
-
-if [[ ",$METHODS," == *",m2mkd,"* ]]; then  # after di/e2e: the teacher (m2mkd.teacher) may be this run's model
-  meta
-  modules m2mkd
-  echo "== assemble the m2mKD students"
-  "$PY" -m dsincubate assemble --method m2mkd "${CLI[@]}"
-  echo "== m2mKD: train the students end to end"
-  launch "$PORT" "${FULL[@]+"${FULL[@]}"}" -- m2mkd_finetune "${CLI[@]}"
-  "$PY" -m dsincubate export --source m2mkd_finetune "${CLI[@]}"
-fi
-"$PY" -m dsincubate summary "${CLI[@]}"
+# The plan's steps in order. Its eval steps (the assembled model's accuracy before fine-tuning) are left to
+# `dsincubate eval --model assemble` or `dsincubate pipeline`.
+for line in "${STEPS[@]}"; do
+  read -r kind name _count dir <<<"$line"
+  case "$kind" in
+    train) if [[ "$dir" == *"{i}"* ]]; then modules "$name" "$dir"; else whole "$name" "$dir"; fi;;
+    assemble) echo "== assemble ($name)"; "$PY" -m dsincubate assemble --method "$name" "${CLI[@]}";;
+    export) "$PY" -m dsincubate export --source "$name" "${CLI[@]}";;
+    summary) "$PY" -m dsincubate summary "${CLI[@]}";;
+  esac
+done

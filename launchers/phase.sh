@@ -5,7 +5,8 @@
 #   launchers/phase.sh incubate --hostfile hosts --include node3 -- --module 2 --recipe vit_b16 --output /shared/vitb
 #   launchers/phase.sh finetune --num_accelerators 2 -- --recipe debug --output runs/debug     # 2 CPU ranks
 #
-# PHASE is a training phase: meta, incubate, finetune, e2e, e2e_tune, m2mkd or m2mkd_finetune. Launcher options are
+# PHASE is a training phase of dsincubate/registry.py (`python -m dsincubate.registry phases`: meta, incubate,
+# finetune, e2e, e2e_tune, m2mkd, m2mkd_finetune, ...). Launcher options are
 # the deepspeed launcher's own (--hostfile, --include, --exclude, --num_gpus, --num_nodes, --master_port,
 # --num_accelerators, ...), and --env NAME[,NAME] (repeatable; also DSI_FORWARD_ENV="A,B"): variables of this host
 # to set on every host of a hostfile launch.
@@ -20,11 +21,11 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 PHASE="${1:-}"
-case "$PHASE" in
-  meta|incubate|finetune|e2e|e2e_tune|m2mkd|m2mkd_finetune) shift;;
-  *) echo "phase.sh: error: first argument must be a training phase: meta, incubate, finetune, e2e, e2e_tune, m2mkd" \
-       "or m2mkd_finetune (got '${PHASE}')" >&2; exit 2;;
-esac
+PHASES=$("$PY" -m dsincubate.registry phases) || exit 2
+if [ -n "$PHASE" ] && grep -qxF -- "$PHASE" <<<"$PHASES"; then shift; else
+  echo "phase.sh: error: first argument must be a training phase: $(echo $PHASES | sed 's/ /, /g') (got '${PHASE}')" >&2
+  exit 2
+fi
 LARGS=() FWD=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   if [ "$1" = --env ]; then

@@ -42,9 +42,9 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   esac
 done
 [ "${1:-}" = "--" ] && shift
-case "$METHOD" in
-  incubate) CHECK=() MOD_DIR=incubate FT_PHASE=finetune FT_DIR=finetune;;
-  m2mkd) CHECK=(--methods m2mkd) MOD_DIR=m2mkd FT_PHASE=m2mkd_finetune FT_DIR=m2mkd/finetune;;
+case "$METHOD" in  # the pipeline method (dsincubate/registry.py) whose plan the chain runs
+  incubate) METHODS=di;;
+  m2mkd) METHODS=m2mkd;;
   *) echo "slurm_pipeline.sh: error: --method must be incubate or m2mkd (got '$METHOD')" >&2; exit 2;;
 esac
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -83,10 +83,18 @@ if [ "$GPUS" = 0 ]; then
   TASK_SLOTS=$((SLOTS * NODES / (K * ANODES)))
   [ "$TASK_SLOTS" -ge 1 ] || TASK_SLOTS=1
 fi
-# fail fast (one line, exit 2) on bad input before anything is queued; also checks K against the run's config
-# (with --method m2mkd also that the teacher exists and fits the run)
-"$PY" -m dsincubate config "${CHECK[@]+"${CHECK[@]}"}" "${ARGS[@]}" >/dev/null || exit 2
-NUM_STAGES=$("$PY" -m dsincubate config "${ARGS[@]}" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["model"]["num_stages"])')
+# fail fast (one line, exit 2) on bad input before anything is queued (with --method m2mkd also that the teacher
+# exists and fits the run); the plan's steps (KIND NAME COUNT DIR a line, dsincubate/plan.py) become the chain: the
+# phases before the per-module one are the first job, its K jobs the array, the steps after it one job. The plan's
+# eval and summary steps are left out (the report job says what is complete).
+PLAN=$("$PY" -m dsincubate config --plan --methods "$METHODS" "${ARGS[@]}") || exit 2
+PRE=() POST=() MOD_PHASE="" MOD_DIR="" NUM_STAGES=""
+while read -r kind name count dir; do
+  if [ "$kind" = train ] && [[ "$dir" == *"{i}"* ]]; then MOD_PHASE="$name" MOD_DIR="$dir" NUM_STAGES="$count"
+  elif [ "$kind" = train ] && [ -z "$MOD_PHASE" ]; then PRE+=("$name $dir")
+  elif [ "$kind" = train ] || [ "$kind" = assemble ] || [ "$kind" = export ]; then POST+=("$kind $name $dir")
+  fi
+done <<<"$PLAN"
 [ "$NUM_STAGES" = "$K" ] || { echo "slurm_pipeline.sh: error: --k $K but the run has model.num_stages=$NUM_STAGES" >&2; exit 2; }
 
 resources() {  # resources RANKS_PER_NODE: one task per node holding its ranks' cores and memory
@@ -120,15 +128,23 @@ $2
 EOF
   chmod +x "$JOBS/$1.sh"
 }
-job_script meta 'PHASE meta'
-job_script finetune "$(printf '%q' "$PY") -m dsincubate assemble --method $METHOD $Q_ARGS
-PHASE $FT_PHASE
-$(printf '%q' "$PY") -m dsincubate export --source $FT_PHASE $Q_ARGS"
+PRE_BODY="" POST_BODY="" FT_PHASE=""
+for step in "${PRE[@]+"${PRE[@]}"}"; do PRE_BODY+="PHASE ${step%% *}"$'\n'; done
+for step in "${POST[@]+"${POST[@]}"}"; do
+  read -r kind name _dir <<<"$step"
+  case "$kind" in
+    train) POST_BODY+="PHASE $name"$'\n'; FT_PHASE="$name";;
+    assemble) POST_BODY+="$(printf '%q' "$PY") -m dsincubate assemble --method $name $Q_ARGS"$'\n';;
+    export) POST_BODY+="$(printf '%q' "$PY") -m dsincubate export --source $name $Q_ARGS"$'\n';;
+  esac
+done
+job_script meta "${PRE_BODY%$'\n'}"
+job_script finetune "${POST_BODY%$'\n'}"
 META=$(sbatch "${SB[@]}" "${JOB_RES[@]}" --job-name dsi-meta --output "$JOBS/meta-%j.out" "$JOBS/meta.sh")
-ARRAY=$(DSI_SLOTS="$TASK_SLOTS" DSI_MASTER_PORT="$PORT" DSI_REPO="$REPO" DSI_PHASE="$METHOD" DSI_PYTHON="$PY" \
+ARRAY=$(DSI_SLOTS="$TASK_SLOTS" DSI_MASTER_PORT="$PORT" DSI_REPO="$REPO" DSI_PHASE="$MOD_PHASE" DSI_PYTHON="$PY" \
   sbatch "${SB[@]}" "${TASK_RES[@]}" \
-  --export=ALL --dependency "afterok:$META" --array "0-$((K - 1))" --job-name "dsi-$METHOD" \
-  --output "$JOBS/$METHOD-%A_%a.out" \
+  --export=ALL --dependency "afterok:$META" --array "0-$((K - 1))" --job-name "dsi-$MOD_PHASE" \
+  --output "$JOBS/$MOD_PHASE-%A_%a.out" \
   "$HERE/slurm_incubate.sbatch" "${ARGS[@]}")
 FT=$(sbatch "${SB[@]}" "${JOB_RES[@]}" --dependency "afterok:$ARRAY" --job-name dsi-finetune \
   --output "$JOBS/finetune-%j.out" "$JOBS/finetune.sh")
@@ -139,13 +155,15 @@ cd $(printf '%q' "$REPO")
 O=$(printf '%q' "$OUTPUT"); L=$(printf '%q' "$JOBS"); bad=0
 {
   ok() { [ -f "\$O/\$1/MANIFEST.json" ]; }
-  if ok meta; then echo "meta: complete"; else echo "meta: FAILED (log: \$L/meta-$META.out)"; bad=1; fi
+$(for step in "${PRE[@]+"${PRE[@]}"}"; do set -- $step
+  echo "  if ok $2; then echo \"$1: complete\"; else echo \"$1: FAILED (log: \$L/meta-$META.out)\"; bad=1; fi"; done)
   for ((i = 0; i < $K; i++)); do
-    if ok $MOD_DIR/module_\$i; then echo "$METHOD module \$i: complete"
-    else echo "$METHOD module \$i: FAILED (log: \$L/$METHOD-${ARRAY}_\$i.out)"; bad=1; fi
+    if ok ${MOD_DIR//\{i\}/\$i}; then echo "$MOD_PHASE module \$i: complete"
+    else echo "$MOD_PHASE module \$i: FAILED (log: \$L/$MOD_PHASE-${ARRAY}_\$i.out)"; bad=1; fi
   done
-  if ok $FT_DIR; then echo "$FT_PHASE: complete"
-  else echo "$FT_PHASE: not run or FAILED (log: \$L/finetune-$FT.out)"; bad=1; fi
+$(for step in "${POST[@]+"${POST[@]}"}"; do set -- $step; [ "$1" = train ] || continue
+  echo "  if ok $3; then echo \"$2: complete\""
+  echo "  else echo \"$2: not run or FAILED (log: \$L/finetune-$FT.out)\"; bad=1; fi"; done)
   [ \$bad = 0 ] && echo "pipeline: complete" || echo "pipeline: FAILED; fix the cause and submit the same command again (complete parts are skipped)"
 } | tee "\$L/report.txt"
 exit \$bad

@@ -44,12 +44,16 @@ def test_a_bad_launcher_option_is_one_error_line_and_exit_2_before_anything_star
     assert not (tmp_path / "run").exists() and p.stdout == ""
 
 
-def test_phase_sh_accepts_every_training_phase_of_the_cli():
-    from dsincubate.cli import TRAIN_PHASES
+def test_phase_sh_takes_its_phases_from_the_registry(tmp_path):
+    """phase.sh keeps no list of its own: its refusal names exactly the registry's phases."""
+    from dsincubate import registry
 
-    text = (LAUNCHERS / "phase.sh").read_text()
-    case_line = next(ln for ln in text.splitlines() if ln.strip().startswith("meta|"))
-    assert set(case_line.strip().split(")")[0].split("|")) == set(TRAIN_PHASES)
+    p = subprocess.run(["bash", str(LAUNCHERS / "phase.sh"), "bogus"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and p.stderr.strip() == (
+        f"phase.sh: error: first argument must be a training phase: {', '.join(registry.list_phases())} "
+        "(got 'bogus')")
+    assert "m2mkd_finetune|" not in (LAUNCHERS / "phase.sh").read_text()
 
 
 def test_the_gpu_map_cli_prints_an_empty_allocation_without_gpu_and_refuses_zero_jobs():
