@@ -5,7 +5,10 @@
     dsincubate incubate  --recipe vit_b16 --output runs/vitb --module 2
     dsincubate assemble  --recipe vit_b16 --output runs/vitb [--stages a.safetensors b.safetensors ...]
     dsincubate finetune / e2e / export / summary  (same options)
+    dsincubate config --plan --methods di,e2e --recipe vit_b16 --output runs/vitb   # check all, print the steps
     deepspeed --num_gpus 8 --module dsincubate incubate --module 0 ...    # the same, under the DeepSpeed launcher
+
+The phases, their subcommands and options and the methods' steps come from `dsincubate.registry`.
 
 Bad input (unknown model, missing data or checkpoint, K that does not fit, bad ds_config, ...) prints one line and
 exits with status 2 before any heavy work, leaving existing outputs untouched.
