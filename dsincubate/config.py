@@ -228,6 +228,24 @@ class TrainConfig(_Checked):
                             f"({where}.epochs={self.epochs})")
 
 
+@dataclass
+class InfoProLoss(_Checked):
+    """InfoPro's local loss weights (Wang et al., ICLR 2021; `dsincubate.decoupled`): auxiliary module k < K-1
+    minimises lambda_1 x reconstruction MSE + lambda_2 x cross-entropy, each lambda linear in k from its `_first`
+    value (module 0) to its `_last` value (module K-2), as in InfoPro's code (ixx_1/ixx_2, ixy_1/ixy_2). Defaults:
+    its ResNet-110 command for K = 4 local modules on CIFAR-10 (1, 0 -> 0, 1); its only K = 3 setting is InfoPro*'s
+    (5, 0 -> 5, 0.1). The last module is trained by the model's own head (cross-entropy)."""
+
+    recon_first: float = setting(1.0, lo=0.0)
+    """lambda_1 (reconstruction weight) of module 0 (InfoPro: ixx_1)."""
+    recon_last: float = setting(0.0, lo=0.0)
+    """lambda_1 of module K-2 (InfoPro: ixx_2)."""
+    ce_first: float = setting(0.0, lo=0.0)
+    """lambda_2 (cross-entropy weight) of module 0 (InfoPro: ixy_1)."""
+    ce_last: float = setting(1.0, lo=0.0)
+    """lambda_2 of module K-2 (InfoPro: ixy_2)."""
+
+
 def __getattr__(name: str):
     if name == "TRAIN_SECTIONS":  # the sections the registered phases read (dsincubate.registry), read when asked
         return registry.train_sections()
@@ -271,6 +289,14 @@ class RunConfig(_Checked):
     m2mkd_finetune: TrainConfig = field(default_factory=lambda: TrainConfig(warmup_epochs=0.0, clip_grad=1.0))
     """Training the assembled m2mKD students end to end (`dsincubate m2mkd_finetune`; the m2mKD recipe: no warmup,
     gradient clipping 1.0)."""
+    # ---- the decoupled baselines (dsincubate.decoupled; issue 24): recipes.get gives them e2e's settings
+    dgl: TrainConfig = field(default_factory=TrainConfig)
+    """DGL (decoupled greedy learning): the K modules trained at once, each on its auxiliary classifier's loss."""
+    infopro: TrainConfig = field(default_factory=TrainConfig)
+    """InfoPro: DGL's modules, each local loss with a reconstruction term (weights: infopro_loss)."""
+    infopro_loss: InfoProLoss = field(default_factory=InfoProLoss)
+    """InfoPro's per-module weights of reconstruction and cross-entropy."""
+    # ---- end of the decoupled baselines
     stop_after_epochs: Optional[int] = setting(None, lo=1)
     """Stop each phase after this many epochs in one invocation (None = run to the end); the next invocation
     resumes. For time-limited or preemptible jobs."""
@@ -293,7 +319,8 @@ class RunConfig(_Checked):
 
     def validate(self) -> "RunConfig":
         """Every field's domain and the relations between fields; raises UserError naming the field."""
-        for sub, where in ((self, "config"), (self.model, "model"), (self.data, "data")):
+        for sub, where in ((self, "config"), (self.model, "model"), (self.data, "data"),
+                           (self.infopro_loss, "infopro_loss")):
             _check_domains(sub, where)
         for name in registry.train_sections():
             self.train_config(name).validate(name)
@@ -356,4 +383,4 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
-ALL_SECTIONS = (RunConfig, ModelConfig, DataConfig, TrainConfig)
+ALL_SECTIONS = (RunConfig, ModelConfig, DataConfig, TrainConfig, InfoProLoss)

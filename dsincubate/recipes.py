@@ -180,9 +180,16 @@ RECIPES = {"debug": debug, "demo": demo, "vit_b16": vit_b16, "deit3_b16": deit3_
            "vit_h14": vit_h14, "resnet110_cifar": resnet110_cifar, "resnet_debug": resnet_debug}
 
 
+def decoupled_like_e2e(cfg: RunConfig) -> RunConfig:
+    """The decoupled baselines (dgl, infopro: `dsincubate.decoupled`) train with E2E's recipe, as the paper's Tab. 2
+    trains every baseline for E2E's epochs (400 on CIFAR, Sec. 4.2); `--set dgl.<field>=...` changes one."""
+    cfg.dgl, cfg.infopro = dataclasses.replace(cfg.e2e), dataclasses.replace(cfg.e2e)
+    return cfg
+
+
 def get(name: str) -> RunConfig:
     if name in RECIPES:
-        return RECIPES[name]()
+        return decoupled_like_e2e(RECIPES[name]())
     if parse_deit_t(name) is not None:
-        return deit_t(parse_deit_t(name))
+        return decoupled_like_e2e(deit_t(parse_deit_t(name)))
     raise UserError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)}, deit_t_<depth>)")

@@ -265,6 +265,18 @@ for _method in (
 ):
     register_method(_method)
 
+# the decoupled baselines of the paper's Tab. 2 (dsincubate.decoupled; issue 24): after the built-in methods
+register_phase(PhaseSpec("dgl", "dsincubate.decoupled:DGLPhase",
+                         "train the target's K modules at once, each on its own auxiliary classifier (DGL)",
+                         exports=True, summary="DGL"))
+register_phase(PhaseSpec("infopro", "dsincubate.decoupled:InfoProPhase",
+                         "train the target's K modules at once on InfoPro's local losses (reconstruction + CE)",
+                         exports=True, summary="InfoPro"))
+register_method(MethodSpec("dgl", "DGL: decoupled greedy learning, K gradient-isolated modules trained at once",
+                           (("train", "dgl"), ("export", "dgl"))))
+register_method(MethodSpec("infopro", "InfoPro: DGL's modules with InfoPro's local loss",
+                           (("train", "infopro"), ("export", "infopro"))))
+
 
 def main(argv=None) -> int:
     """`python -m dsincubate.registry phases|stage_phases|methods`: the names, one a line (for the launchers; needs

@@ -13,6 +13,7 @@ attribute of a particular architecture; it asks the spec's family (`family_of(sp
     fam.divide(model, depths)         K `staged.Stage`s (embedding in stage 0, final norm + head in stage K-1)
     fam.stage_only(spec, depths, i)   stage i without keeping the rest of a whole model (ZeRO-3 incubation)
     fam.boundary_width(spec, i)       the width of stage i's output (i < K-1): where stitches are needed
+    fam.boundary_shape(spec, i)       one sample's features there (`Boundary`): the decoupled baselines' heads
     fam.with_img_size(spec, size)     the spec at another resolution (a high-resolution fine-tune)
     fam.resample(tensors, spec, a, b) stage tensors moved from resolution a to b (position embeddings; else as is)
     fam.set_drop_path(blocks, rates)  stochastic depth per block; `drop_path_rates` gives the one schedule
@@ -61,6 +62,16 @@ class ModelSpec:
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """One sample's features at a stage boundary: a feature map `shape` = (channels, height, width), or tokens
+    `shape` = (count, width) of which the last grid[0] x grid[1] are the image's patches in row-major order (the
+    first ones: class/register tokens). Read by the decoupled baselines' auxiliary heads (`dsincubate.decoupled`)."""
+
+    shape: tuple
+    grid: tuple | None = None
 
 
 def same_architecture(a: ModelSpec, b: ModelSpec) -> bool:
@@ -137,6 +148,10 @@ class Family:
         raise NotImplementedError
 
     def boundary_width(self, spec: ModelSpec, i: int) -> int:
+        raise NotImplementedError
+
+    def boundary_shape(self, spec: ModelSpec, i: int) -> Boundary:
+        """One sample's features at stage i's output (i < K-1)."""
         raise NotImplementedError
 
     def with_img_size(self, spec: ModelSpec, size: int, where: str) -> ModelSpec:

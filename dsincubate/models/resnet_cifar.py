@@ -171,6 +171,10 @@ class ResNetCifarFamily(family.Family):
     def boundary_width(self, spec, i) -> int:
         return int(spec.kwargs["widths"][i])
 
+    def boundary_shape(self, spec, i) -> family.Boundary:
+        side = int(spec.kwargs["img_size"]) // 2 ** i  # every stage but the first halves the resolution
+        return family.Boundary((self.boundary_width(spec, i), side, side))
+
     def set_drop_path(self, blocks, rates):
         for block, p in zip(blocks, rates):
             block.drop_path = DropPath(p) if p > 0 else None

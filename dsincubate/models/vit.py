@@ -257,6 +257,12 @@ class ViTFamily(family.Family):
     def boundary_width(self, spec, i) -> int:
         return int(spec.kwargs["embed_dim"])  # every block keeps the width
 
+    def boundary_shape(self, spec, i) -> family.Boundary:
+        kw = spec.kwargs  # timm's token layout: [class token] [register tokens] patches, row-major
+        grid = int(kw["img_size"]) // int(kw["patch_size"])
+        prefix = int(kw.get("class_token", True)) + int(kw.get("reg_tokens") or 0)
+        return family.Boundary((prefix + grid * grid, self.boundary_width(spec, i)), (grid, grid))
+
     def with_img_size(self, spec, size, where) -> ModelSpec:
         if size % spec.kwargs["patch_size"]:
             raise UserError(f"{where}.img_size={size} is not a multiple of the patch size {spec.kwargs['patch_size']}")

@@ -116,7 +116,7 @@ def test_every_builtin_phase_class_carries_its_registered_name_and_layout():
     assert layout.model("m2mkd_assemble") == Path("/r/m2mkd/assemble/model.safetensors")
     assert layout.stage(2) == Path("/r/incubate/module_2/stage.safetensors")
     assert registry.named_models() == ("meta", "assemble", "m2mkd_assemble", "finetune", "e2e", "e2e_tune",
-                                       "m2mkd_finetune")
+                                       "m2mkd_finetune", "dgl", "infopro")
 
 
 def test_the_phases_module_no_longer_imports_m2mkd_and_the_registry_and_parser_need_no_torch():

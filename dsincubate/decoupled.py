@@ -1,0 +1,203 @@
+"""The paper's decoupled-training baselines (Tab. 2) as phases: DGL and InfoPro, methods `dgl` and `infopro`.
+
+Both divide the target into the K modules Deep Incubation uses (`model.num_stages`, `model.stage_depths`) and train
+them at once in one job, each on a local loss only: module k's input is module k-1's output *detached*, so no
+gradient crosses a module boundary; modules 0..K-2 each feed an auxiliary network, the last module's is the model's
+own head. What they export is the target alone (the auxiliary networks are dropped), read by eval and export like
+e2e's model.
+
+    dgl      DGL, Belilovsky, Eickenberg & Oyallon, "Decoupled Greedy Learning of CNNs", ICML 2020
+             (github.com/eugenium/DGL): module k minimises the cross-entropy of its auxiliary classifier. This is
+             the synchronous variant (all modules step together on the same batch); the paper's asynchronous,
+             replay-buffered variant is not implemented.                        -> dgl/model.safetensors
+    infopro  InfoPro, Wang, Ni, Song, Yang & Huang, "Revisiting Locally Supervised Learning: an Alternative to
+             End-to-end Training", ICLR 2021 (github.com/blackfeather-wang/InfoPro-Pytorch): module k < K-1
+             minimises lambda_1(k) * reconstruction + lambda_2(k) * cross-entropy, lambda interpolated linearly
+             from the first to the last auxiliary module as in its code (`infopro_loss`). -> infopro/model.safetensors
+
+    dsincubate pipeline --recipe debug --methods dgl,infopro --output runs/decoupled --set dgl.epochs=2
+
+Auxiliary networks, per the family's boundary (`family.Boundary`, from the model-family seam):
+- tokens (a ViT): mean over the tokens -> LayerNorm -> Linear (a DeiT head on pooled tokens); InfoPro's decoder is
+  a per-patch-token Linear back to that patch's pixels (MAE's decoder head without its transformer), because the
+  patch tokens are the spatial map a ViT has: it plays the role of InfoPro's conv decoder on a CNN's feature map.
+- a feature map (a CIFAR ResNet): InfoPro's "1c2f" classifier (3x3 conv, stride 2 and twice the channels below 64,
+  BN, ReLU, global pool, Linear 128, ReLU, Linear) for both methods (the DGL code's CIFAR nets use their own
+  pooled MLPs; the Deep Incubation paper ran both baselines in its own code, so one classifier keeps the comparison
+  about the loss) and InfoPro's decoder (bilinear upsampling to the image, 3x3 conv to 12 channels, BN, ReLU, 3x3
+  conv to 3).
+The reconstruction is the mean squared error to the model's input (the normalised image). InfoPro's code uses a
+sigmoid output and binary cross-entropy against the un-normalised image; both measure how much of x the features
+keep (its I(h, x) term), and the MSE needs no knowledge of the data's normalisation. InfoPro's CIFAR commands
+estimate I(h, y) with a supervised contrastive loss; this uses the cross-entropy form its code also offers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsincubate.models import family, staged
+from dsincubate.phases import Phase, persistent_buffers
+
+
+class TokenClassifier(nn.Module):
+    """Auxiliary classifier on tokens: mean over the tokens -> LayerNorm -> Linear."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(width), nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)  # timm's init of a ViT head
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(x.mean(dim=1)))
+
+
+class ConvClassifier(nn.Module):
+    """InfoPro's "1c2f" auxiliary classifier on a feature map (its auxiliary_nets.py, by rule instead of a table)."""
+
+    def __init__(self, channels: int, num_classes: int, hidden: int = 128):
+        super().__init__()
+        out, stride = (2 * channels, 2) if channels < 64 else (channels, 1)
+        self.net = nn.Sequential(nn.Conv2d(channels, out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out),
+                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(out, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TokenDecoder(nn.Module):
+    """Reconstructs the image from the patch tokens: each token -> Linear -> its patch's pixels; returns the MSE."""
+
+    def __init__(self, width: int, grid: tuple[int, int], img_size: int, channels: int = 3):
+        super().__init__()
+        self.grid, self.patch, self.channels = grid, img_size // grid[0], channels
+        self.proj = nn.Linear(width, self.patch * self.patch * channels)
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        (gh, gw), p, c = self.grid, self.patch, self.channels
+        patches = self.proj(x[:, x.shape[1] - gh * gw:])  # the patch tokens are the last gh x gw
+        recon = patches.reshape(-1, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(-1, c, gh * p, gw * p)
+        return F.mse_loss(recon.float(), image.float())
+
+
+class ConvDecoder(nn.Module):
+    """InfoPro's decoder: upsample to the image size, 3x3 conv (12 channels), BN, ReLU, 3x3 conv to the image;
+    returns the MSE."""
+
+    def __init__(self, channels: int, img_size: int, hidden: int = 12):
+        super().__init__()
+        self.img_size = img_size
+        self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
+                                 nn.Conv2d(hidden, 3, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=True)
+        return F.mse_loss(self.net(x).float(), image.float())
+
+
+def aux_classifier(boundary: family.Boundary, num_classes: int) -> nn.Module:
+    return TokenClassifier(boundary.shape[-1], num_classes) if boundary.grid else \
+        ConvClassifier(boundary.shape[0], num_classes)
+
+
+def decoder(boundary: family.Boundary, img_size: int) -> nn.Module:
+    return TokenDecoder(boundary.shape[-1], boundary.grid, img_size) if boundary.grid else \
+        ConvDecoder(boundary.shape[0], img_size)
+
+
+class Decoupled(staged.StagedModel):
+    """The target's K stages with an auxiliary classifier after each of stages 0..K-2 (`aux.k`) and, for InfoPro, a
+    decoder there too (`decoders.k`). Training forward: (logits of aux 0..K-2, the model's logits, then the decoders'
+    reconstruction losses), each stage run on its predecessor's output detached. Evaluation: the target's logits.
+    Its `stages.*` keys are the target's, so the target's state dict is its own without `aux.*` / `decoders.*`."""
+
+    def __init__(self, stages: list[staged.Stage], heads: list[nn.Module], decoders: list[nn.Module] | None = None):
+        super().__init__(stages)
+        if len(heads) != len(stages) - 1 or (decoders is not None and len(decoders) != len(heads)):
+            raise ValueError(f"{len(stages)} stages need {len(stages) - 1} auxiliary heads (and decoders)")
+        self.aux = nn.ModuleList(heads)
+        self.decoders = nn.ModuleList(decoders) if decoders is not None else None
+
+    def forward(self, x: torch.Tensor):
+        if not self.training:
+            return super().forward(x)
+        image, logits, recon = x, [], []
+        for k, stage in enumerate(self.stages):
+            x = stage(x.detach() if k else x)  # the gradient isolation: nothing flows back into module k-1
+            if k < len(self.aux):
+                logits.append(self.aux[k](x))
+                if self.decoders is not None:
+                    recon.append(self.decoders[k](x, image))
+        return tuple(logits + [x] + recon)
+
+    def target_names(self) -> list[str]:
+        """The target's parameters and persistent buffers (what the phase saves)."""
+        return [n for n, _ in self.named_parameters() if n.startswith("stages.")] + \
+            persistent_buffers(self, "stages.")
+
+
+def infopro_weights(k: int, num_stages: int, lam) -> tuple[float, float]:
+    """(lambda_1, lambda_2) of auxiliary module k < K-1: InfoPro's code interpolates linearly from the first
+    module's (`*_first`) to the last auxiliary module's (`*_last`), ratio k / (K-2) (0 when K = 2)."""
+    r = k / (num_stages - 2) if num_stages > 2 else 0.0
+    return (lam.recon_first * (1 - r) + lam.recon_last * r, lam.ce_first * (1 - r) + lam.ce_last * r)
+
+
+class DGLPhase(Phase):
+    """Decoupled Greedy Learning (Belilovsky et al., ICML 2020), synchronous: all K modules, each with its own
+    auxiliary classifier, trained at once on their local cross-entropies."""
+
+    name = "dgl"
+    reconstruct = False
+
+    def build_model(self, load: bool = True) -> nn.Module:
+        spec, target = self.target_spec(), self.target()
+        fam, K = family.family_of(spec), self.cfg.model.num_stages
+        bounds = [fam.boundary_shape(spec, k) for k in range(K - 1)]
+        heads = [aux_classifier(b, self.num_classes) for b in bounds]
+        decoders = [decoder(b, self.img_size) for b in bounds] if self.reconstruct else None
+        return Decoupled(list(target.stages), heads, decoders)
+
+    def local_weights(self, k: int) -> tuple[float, float]:
+        """(reconstruction weight, cross-entropy weight) of module k's local loss."""
+        return 0.0, 1.0
+
+    def loss(self, output, targets, criterion) -> dict[str, torch.Tensor]:
+        """"loss": the sum of the K local losses (each reaches only its own module's and auxiliary net's
+        parameters, so the sum trains every module on its own loss); per module k: local_k, ce_k (and recon_k)."""
+        if not isinstance(output, tuple):
+            return {"loss": criterion(output.float(), targets)}
+        K = self.cfg.model.num_stages
+        logits, recon = output[:K], output[K:]
+        total, terms = 0.0, {}
+        for k in range(K):
+            ce = criterion(logits[k].float(), targets)
+            local = ce  # the last module: the model's own head, plain cross-entropy (as in both papers' code)
+            if k < K - 1:
+                w_recon, w_ce = self.local_weights(k)
+                local = w_ce * ce + (w_recon * recon[k] if recon else 0.0)
+                if recon:
+                    terms[f"recon_{k}"] = recon[k].detach()
+            terms[f"ce_{k}"], terms[f"local_{k}"] = ce.detach(), local.detach()
+            total = total + local
+        return {"loss": total, **terms}
+
+    def output_names(self, model: nn.Module) -> list[str]:
+        return model.target_names()
+
+
+class InfoProPhase(DGLPhase):
+    """InfoPro (Wang et al., ICLR 2021): DGL's modules with a decoder each, local loss lambda_1 * reconstruction +
+    lambda_2 * cross-entropy (the `infopro_loss` config section)."""
+
+    name = "infopro"
+    reconstruct = True
+
+    def config_key(self) -> dict:
+        return dict(super().config_key(), infopro_loss=self.cfg.to_dict()["infopro_loss"])
+
+    def local_weights(self, k: int) -> tuple[float, float]:
+        return infopro_weights(k, self.cfg.model.num_stages, self.cfg.infopro_loss)
