@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsincubate.errors import UserError
 from dsincubate.models import family, staged
 from dsincubate.phases import Phase, persistent_buffers
 
@@ -153,10 +154,23 @@ class DGLPhase(Phase):
     name = "dgl"
     reconstruct = False
 
+    def boundaries(self) -> list[family.Boundary]:
+        """The features at the K-1 module boundaries, from the model-family seam (a family without
+        `boundary_shape`: UserError)."""
+        spec = self.target_spec()
+        fam = family.family_of(spec)
+        try:
+            return [fam.boundary_shape(spec, k) for k in range(self.cfg.model.num_stages - 1)]
+        except NotImplementedError:
+            raise UserError(f"{self.name}: the {fam.name} model family does not give its boundary shapes "
+                            "(Family.boundary_shape), which the auxiliary networks are built for") from None
+
+    def resolve_inputs(self) -> None:
+        super().resolve_inputs()
+        self.boundaries()  # refused before anything is built
+
     def build_model(self, load: bool = True) -> nn.Module:
-        spec, target = self.target_spec(), self.target()
-        fam, K = family.family_of(spec), self.cfg.model.num_stages
-        bounds = [fam.boundary_shape(spec, k) for k in range(K - 1)]
+        target, bounds = self.target(), self.boundaries()
         heads = [aux_classifier(b, self.num_classes) for b in bounds]
         decoders = [decoder(b, self.img_size) for b in bounds] if self.reconstruct else None
         return Decoupled(list(target.stages), heads, decoders)

@@ -141,6 +141,16 @@ def test_boundary_shapes_match_the_stages_outputs():
             assert tuple(h.shape[1:]) == tuple(family.family_of(spec).boundary_shape(spec, i).shape)
 
 
+def test_a_family_without_boundary_shapes_is_refused_when_the_phase_is_made(tmp_path, monkeypatch):
+    from dsincubate.errors import UserError
+    from dsincubate.models import family
+    from dsincubate.models.vit import ViTFamily
+
+    monkeypatch.setattr(ViTFamily, "boundary_shape", family.Family.boundary_shape)
+    with pytest.raises(UserError, match="boundary shapes"):
+        _phase("infopro", tmp_path)
+
+
 def test_pipeline_methods_dgl_trains_evaluates_and_exports_through_the_registry(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dsincubate", "pipeline", "--recipe", "debug", "--methods", "dgl", "--output",
