@@ -105,11 +105,11 @@ def export(root: Path, source: str = "finetune", dry_run: bool = False) -> Path:
     spec = ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))
     model = family.build_staged(spec, header["stage_depths"])
     model.load_state_dict(tensors, strict=True)
-    out = RunLayout(root).export_dir(source)
-    ckpt.save_tensors(out / MODEL_FILE, staged.timm_state_dict(model), {"kind": "timm", "spec": spec.to_json()})
+    out, fam = RunLayout(root).export_dir(source), family.family_of(spec)
+    ckpt.save_tensors(out / MODEL_FILE, staged.timm_state_dict(model, fam.block_prefix),
+                      {"kind": "timm", "spec": spec.to_json()})
     cfg = pretrained_cfg(spec)
     # timm cannot take a LayerNorm eps as an argument (the official ViT-H's 1e-5): config.json records it for the user
-    fam = family.family_of(spec)
     args = fam.create_args(spec)
     if not fam.timm_native(spec):  # its spec rebuilds it (a V-MoE: every expert in the file)
         extra = {"moe": spec.kwargs["moe"]} if spec.kwargs.get("moe") else {}
@@ -144,4 +144,4 @@ def pretrained_cfg(spec: ModelSpec) -> dict:
     return {"num_classes": int(spec.kwargs["num_classes"]), "input_size": [3, size, size], "fixed_input_size": True,
             "interpolation": "bicubic", "crop_pct": DEFAULT_CROP_PCT, "crop_mode": "center",
             "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD),
-            "first_conv": "patch_embed.proj", "classifier": "head"}
+            "first_conv": "patch_embed.proj", "classifier": family.family_of(spec).classifier_name}

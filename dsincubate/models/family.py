@@ -21,10 +21,14 @@ attribute of a particular architecture; it asks the spec's family (`family_of(sp
     fam.timm_native(spec)             whether timm.create_model(spec.timm_name) rebuilds it (else model.json does)
     fam.create_args(spec)             the builder's arguments an export records (timm.create_model's for a ViT)
     fam.input_size(model)             the image side a whole model was built for (a Stage: `input_size()`)
-    fam.classifier_name               the head's key prefix; default_num_stages / default_meta_depth: the paper's
+    fam.drop_path_units(block)        the modules with drop path in a block of division (a Swin stage: its blocks);
+    fam.units(spec, a, b)             how many of them blocks a..b of division hold
+    fam.classifier_name               the classifier's key prefix; block_prefix: the whole model's name of the
+                                      blocks of division (`blocks`; a Swin: `layers`);
+                                      default_num_stages / default_meta_depth: the paper's
 
-Whole-model key names are the stages' keys with block indices made global (`staged.stage_to_timm_keys`), the same
-for every family whose stage holds `blocks`. Adding a family: a module under `dsincubate/models/` with a Family
+Whole-model key names are the stages' keys with block indices made global and `blocks` named `fam.block_prefix`
+(`staged.stage_to_timm_keys`). Adding a family: a module under `dsincubate/models/` with a Family
 subclass registered in `_load()` below, and a recipe.
 """
 from __future__ import annotations
@@ -116,6 +120,7 @@ class Family:
     name = ""
     model_type: type = nn.Module  # the class `build` returns (how `family_of(model)` finds the family)
     classifier_name = "head"
+    block_prefix = "blocks"
     default_num_stages = 4
     default_meta_depth = 1
     fallback = False  # True: the family of whatever no other family claims (the ViT)
@@ -163,6 +168,12 @@ class Family:
     def set_drop_path(self, blocks, rates: list[float]) -> None:
         raise NotImplementedError
 
+    def drop_path_units(self, block: nn.Module) -> list:
+        return [block]
+
+    def units(self, spec: ModelSpec, start: int, stop: int) -> int:
+        return stop - start
+
     def init_weights_gathered(self, model: nn.Module) -> None:
         raise NotImplementedError
 
@@ -187,7 +198,7 @@ def register(family: Family) -> Family:
 
 
 def _load() -> list[Family]:
-    from dsincubate.models import resnet_cifar, vit  # noqa: F401  (each registers itself; they import this module)
+    from dsincubate.models import resnet_cifar, swin, vit  # noqa: F401  (each registers itself; they import this)
 
     return sorted(_FAMILIES, key=lambda f: f.fallback)
 
@@ -233,11 +244,12 @@ def stage_depths(cfg, spec: ModelSpec) -> list[int]:
     return depths
 
 
-def split_stages(model: nn.Module, depths: list[int], stage_cls) -> list:
-    """K stages `stage_cls(model, start, stop, first, last)` of `depths` blocks over `model.blocks` (a family's
-    `divide`)."""
-    if sum(depths) != len(model.blocks):
-        raise ValueError(f"stage depths {depths} do not sum to the model depth {len(model.blocks)}")
+def split_stages(model: nn.Module, depths: list[int], stage_cls, n_blocks: int | None = None) -> list:
+    """K stages `stage_cls(model, start, stop, first, last)` of `depths` blocks over the model's `n_blocks` blocks
+    of division (default: `model.blocks`) (a family's `divide`)."""
+    n = len(model.blocks) if n_blocks is None else n_blocks
+    if sum(depths) != n:
+        raise ValueError(f"stage depths {depths} do not sum to the model depth {n}")
     stages, start = [], 0
     for i, d in enumerate(depths):
         stages.append(stage_cls(model, start, start + d, first=i == 0, last=i == len(depths) - 1))
@@ -254,10 +266,13 @@ def build_staged(spec: ModelSpec, depths: list[int]):
 
 
 def apply_drop_path(spec: ModelSpec, stages, rate: float, mode: str, start: int = 0, total: int | None = None) -> None:
-    """Set stochastic depth on the blocks of `stages`, which start at block `start` of a model of `total` blocks."""
-    blocks = [b for s in stages for b in s.blocks]
-    rates = drop_path_rates(rate, mode, total if total is not None else len(blocks))
-    family_of(spec).set_drop_path(blocks, rates[start:start + len(blocks)])
+    """Set stochastic depth on the blocks of `stages`, which start at block `start` of a model of `total` blocks
+    (default: they are the whole model); the schedule runs over the family's drop-path units."""
+    fam = family_of(spec)
+    units = [u for s in stages for b in s.blocks for u in fam.drop_path_units(b)]
+    first = fam.units(spec, 0, start)
+    rates = drop_path_rates(rate, mode, fam.units(spec, 0, total) if total is not None else len(units))
+    fam.set_drop_path(units, rates[first:first + len(units)])
 
 
 def init_weights_gathered(model: nn.Module) -> None:

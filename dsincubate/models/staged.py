@@ -184,23 +184,24 @@ class Hybrid(nn.Module):
                 s.grad_checkpointing = enable
 
 
-def stage_to_timm_keys(state: dict[str, torch.Tensor], block_offset: int) -> dict[str, torch.Tensor]:
+def stage_to_timm_keys(state: dict[str, torch.Tensor], block_offset: int, prefix: str = "blocks") -> dict:
     """Stage-local keys -> whole-model keys: `blocks.<j>.` becomes `blocks.<offset + j>.`; the embedding's and the
     head's keys are already the whole model's."""
     out = {}
     for key, value in state.items():
         if key.startswith("blocks."):
             j, rest = key[len("blocks."):].split(".", 1)
-            key = f"blocks.{block_offset + int(j)}.{rest}"
+            key = f"{prefix}.{block_offset + int(j)}.{rest}"
         out[key] = value
     return out
 
 
-def timm_state_dict(model: StagedModel) -> dict[str, torch.Tensor]:
-    """The state dict of the equivalent whole model (for a ViT: timm's VisionTransformer)."""
+def timm_state_dict(model: StagedModel, prefix: str = "blocks") -> dict[str, torch.Tensor]:
+    """The state dict of the equivalent whole model (for a ViT: timm's VisionTransformer); `prefix` is the whole
+    model's name of the blocks of division (the family's `block_prefix`)."""
     out = {}
     for stage in model.stages:
-        out.update(stage_to_timm_keys(stage.state_dict(), stage.block_offset))
+        out.update(stage_to_timm_keys(stage.state_dict(), stage.block_offset, prefix))
     return out
 
 

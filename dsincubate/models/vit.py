@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from dsincubate.config import ModelConfig, parse_deit_t
 from dsincubate.errors import UserError
 from dsincubate.models import family, staged
-from dsincubate.models.family import ModelSpec, deferred_init, same_architecture  # noqa: F401 (API)
+from dsincubate.models.family import ModelSpec
 
 # name -> (timm architecture, overrides). Paper models: Tab. 1 (ViT-B/L/H), Tab. 6 (ViT-B-DN: depth 24, width 540,
 # FLOPs of ViT-B), Sec. 4.2 (DeiT-Tiny of depth N on CIFAR-size images).
@@ -140,14 +140,8 @@ def init_weights_gathered(model: VisionTransformer) -> None:
     unsharded build, each on one module's parameters gathered (and re-partitioned right after, rank 0's values
     kept), so no rank ever holds more than one module in full. Values are drawn in fp32 and then rounded to the
     parameters' dtype (bf16 under bf16 ZeRO-3), as an unsharded build followed by DeepSpeed's cast gives."""
-    import deepspeed
-    from timm.models._manipulate import named_apply
-    from timm.models.vision_transformer import init_weights_vit_timm
-
     if getattr(model, "fix_init", False) or getattr(model, "weight_init_mode", "reset") not in ("reset", ""):
         raise ValueError("init_weights_gathered replays timm's default init only (no fix_init, no jax/moco modes)")
-
-    in_fp32 = family.gathered_init
 
     def top():
         if model.pos_embed is not None:
@@ -157,7 +151,15 @@ def init_weights_gathered(model: VisionTransformer) -> None:
         if model.reg_token is not None:
             nn.init.normal_(model.reg_token, std=1e-6)
 
-    in_fp32([p for p in (model.pos_embed, model.cls_token, model.reg_token) if p is not None], top)
+    family.gathered_init([p for p in (model.pos_embed, model.cls_token, model.reg_token) if p is not None], top)
+    replay_timm_init(model)
+
+
+def replay_timm_init(model: nn.Module) -> None:
+    """timm's `init_weights_vit_timm` over the modules of `model` (named_apply order), each module's parameters
+    gathered under ZeRO-3 (`family.gathered_init`): the module part of a ViT's or a Swin's default init."""
+    from timm.models._manipulate import named_apply
+    from timm.models.vision_transformer import init_weights_vit_timm
 
     def each(module: nn.Module, name: str = "") -> None:
         # a module with its own init_weights (not a Linear) may set its children's parameters too
@@ -166,7 +168,7 @@ def init_weights_gathered(model: VisionTransformer) -> None:
         recurse = not isinstance(module, nn.Linear)
         params = list(module.parameters(recurse=recurse))
         if params:
-            in_fp32(params, lambda: init_weights_vit_timm(module, name, needs_reset=False))
+            family.gathered_init(params, lambda: init_weights_vit_timm(module, name, needs_reset=False))
 
     named_apply(each, model)
 
