@@ -47,9 +47,9 @@ class TokenClassifier(nn.Module):
 
     def __init__(self, width: int, num_classes: int):
         super().__init__()
+        # PyTorch's default init (as both papers' auxiliary nets), set inside each layer's constructor: the same
+        # values when built inside deepspeed.zero.Init, where a re-init after construction would write into shards
         self.norm, self.fc = nn.LayerNorm(width), nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.02)  # timm's init of a ViT head
-        nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.norm(x.mean(dim=1)))
