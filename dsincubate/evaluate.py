@@ -10,7 +10,7 @@
 
 Every rank holds the whole model and evaluates its share of the validation set (each sample once over all ranks);
 the counts are summed, so the result does not depend on the number of ranks. The numbers are computed exactly as
-the training loop's own evaluation (`dsincubate.trainer.evaluate`, the run's ds_config precision), so they agree with
+the training loop's own evaluation (`accuracy` below, the run's ds_config precision), so they agree with
 what each phase logged. The result is printed as one JSON line and written to `<model dir>/eval.json` (rank 0).
 """
 from __future__ import annotations
@@ -87,7 +87,6 @@ def run_eval(which: str, cfg, root: Path, ctx: dist.DistContext, info, num_class
              write: bool = True, resolved: tuple[torch.nn.Module, Path] | None = None) -> dict:
     """Evaluate one model; `resolved` is `resolve(which, ...)`'s result where the caller already has it."""
     from dsincubate.data import build_val_loader
-    from dsincubate.trainer import evaluate
 
     model, where = resolved or resolve(which, cfg, root, num_classes)
     head = family.classifier(model)
@@ -99,9 +98,28 @@ def run_eval(which: str, cfg, root: Path, ctx: dist.DistContext, info, num_class
     img = family.input_size(model)
     val = build_val_loader(cfg.data, info, batch_size=cfg.finetune.micro_batch, rank=ctx.rank,
                            world_size=ctx.world_size, img_size=img, device=ctx.device)
-    result = dict(evaluate(model, val, ctx, dtype), model=which, world_size=ctx.world_size)
+    result = dict(accuracy(model, val, ctx, dtype), model=which, world_size=ctx.world_size)
     if ctx.is_main:
         if write:
             ckpt.atomic_write_json(where / "eval.json", result)
         print(json.dumps(result))
     return result
+
+
+def accuracy(engine, loader, ctx, dtype) -> dict:
+    """top-1/top-5 and loss over the whole validation set (every sample once across ranks)."""
+    engine.eval()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    with torch.no_grad():
+        for images, targets, valid in loader:
+            logits = engine(images.to(ctx.device, dtype)).float().cpu()
+            targets, valid = targets.cpu(), valid.cpu().bool()
+            loss = torch.nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top5 == targets[:, None]
+            sums += torch.tensor([loss[valid].sum().item(), hit[valid, 0].sum().item(),
+                                  hit[valid].any(1).sum().item(), valid.sum().item()], dtype=torch.float64)
+    sums = dist.all_reduce_sum(sums.to(ctx.device)).cpu()
+    n = max(sums[3].item(), 1.0)
+    return {"val_loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
+            "val_samples": int(sums[3].item())}

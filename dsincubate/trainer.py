@@ -38,6 +38,7 @@ from dsincubate.checks import PhasePlan, check_output, check_plan, output_key
 from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
 from dsincubate.engine import Built, build_engine
 from dsincubate.errors import UserError
+from dsincubate.evaluate import accuracy
 from dsincubate.models import moe
 from dsincubate.phases import Phase
 
@@ -195,7 +196,7 @@ def train_epoch(run: Run) -> dict:
     engine.train()
     # a progress bar only on a terminal: in SLURM/pdsh logs its carriage-return frames are unreadable; there rank 0
     # prints one line every log_every steps instead (_report)
-    bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}", ctx.is_main and _on_terminal())
+    bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}", ctx.is_main and sys.stderr.isatty())
     log_every = phase.cfg.log_every
     # the loss stays on the device: reading it back every step would stall the host behind the accelerator, so the
     # finiteness check, progress bar and TensorBoard read it every SYNC_EVERY steps and at epoch end (before anything
@@ -258,7 +259,7 @@ def end_epoch(run: Run, metrics: dict) -> bool:
     if state.epoch % tc.eval_every == 0 or state.epoch == tc.epochs:
         val = build_val_loader(phase.cfg.data, run.info, batch_size=tc.micro_batch, rank=ctx.rank,
                                world_size=ctx.world_size, img_size=phase.img_size, device=ctx.device)
-        metrics.update(evaluate(run.built.engine, val, ctx, run.dtype))
+        metrics.update(accuracy(run.built.engine, val, ctx, run.dtype))
     state.history.append(metrics)
     run.logger.epoch(metrics, state.global_step)
     if ctx.is_main:
@@ -307,30 +308,7 @@ def finish(run: Run, frozen_before: str | None) -> dict:
     return record
 
 
-def evaluate(engine, loader, ctx, dtype) -> dict:
-    """top-1/top-5 and loss over the whole validation set (every sample once across ranks)."""
-    engine.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
-    with torch.no_grad():
-        for images, targets, valid in loader:
-            logits = engine(images.to(ctx.device, dtype)).float().cpu()
-            targets, valid = targets.cpu(), valid.cpu().bool()
-            loss = torch.nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top5 == targets[:, None]
-            sums += torch.tensor([loss[valid].sum().item(), hit[valid, 0].sum().item(),
-                                  hit[valid].any(1).sum().item(), valid.sum().item()], dtype=torch.float64)
-    sums = dist.all_reduce_sum(sums.to(ctx.device)).cpu()
-    n = max(sums[3].item(), 1.0)
-    return {"val_loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n, "top5": 100 * sums[2].item() / n,
-            "val_samples": int(sums[3].item())}
-
-
 # ---------------------------------------------------------------- helpers of the steps above
-
-def _on_terminal() -> bool:
-    return sys.stderr.isatty()
-
 
 def _gather_hosts(run: Run) -> list[dict]:
     """Every rank's host record (this invocation's), in rank order (a collective)."""
