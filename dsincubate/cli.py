@@ -302,7 +302,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command in ("shards", "tune", "ops"):
-        args.rest = list(args.rest) + extra  # argparse leaves leading options of a REMAINDER to parse_known_args
+        # their own parsers get the words after the command's name as given (argparse would have moved the options
+        # before the first positional word behind the others: `tune --recipe debug` lost --recipe's value)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args.rest = argv[argv.index(args.command) + 1:]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

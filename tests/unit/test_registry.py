@@ -132,3 +132,14 @@ def test_the_registry_lists_its_names_for_the_launchers():
     p = subprocess.run([sys.executable, "-m", "dsincubate.registry", "stage_phases"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.split() == ["incubate", "m2mkd"]
+
+
+def test_tune_through_the_cli_takes_every_registered_phase_and_its_options_in_order(capsys):
+    """`dsincubate tune --recipe debug --phase P`: the options reach tune's parser as given (on b0a3766 the leading
+    `--recipe` lost its value), and its --phase choices are the registry's."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["tune", "--recipe", "debug", "--phase", "bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'bogus'" in err and all(f"'{p}'" in err for p in registry.list_phases())
+
