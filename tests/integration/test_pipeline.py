@@ -17,6 +17,7 @@ from dsincubate.models import staged, vit
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+CROSS_WIDTH_TEST = "test_cross_width_meta_model_incubates_a_target_of_another_width_through_the_real_pipeline"
 
 
 def dsi(*args, cwd, demo_root, check=True):
@@ -27,13 +28,44 @@ def dsi(*args, cwd, demo_root, check=True):
     return p
 
 
-@pytest.fixture(scope="session")
-def demo_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo") / "data"
+def dsi_started(*args, cwd, demo_root, log: Path) -> subprocess.Popen:
+    """`dsi` without waiting, its output in `log`; `dsi_finished` waits. A single-process run uses one of the CI
+    machine's 2 cores (OMP_NUM_THREADS=1): a test's independent runs go side by side."""
+    cmd = [sys.executable, "-m", "dsincubate", *args, "--set", f"data.demo_root={demo_root}"]
+    with open(log, "wb") as f:
+        return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+
+
+def dsi_finished(p: subprocess.Popen, log: Path) -> None:
+    try:
+        rc = p.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        raise
+    assert rc == 0, f"{' '.join(p.args)} failed ({rc}):\n{log.read_text(errors='replace')[-3000:]}"
 
 
 @pytest.fixture(scope="session")
-def debug_run(tmp_path_factory, demo_root):
+def cross_width_launch(tmp_path_factory, demo_root):
+    """The cross-width pipeline (a meta model of width 32 for the width-48 debug target), started, not waited for:
+    its test waits. `debug_run` starts it first when that test is selected, so that the two single-process
+    pipelines (one core each) train side by side."""
+    root = tmp_path_factory.mktemp("cross") / "cross"
+    log = root.parent / "cross.log"
+    p = dsi_started("pipeline", "--recipe", "debug", "--methods", "di", "--output", str(root), "--set",
+                    "model.meta_embed_dim=32", "--set", "model.meta_num_heads=2", cwd=root.parent,
+                    demo_root=demo_root, log=log)
+    yield root, p, log
+    if p.poll() is None:  # the session ended before its test waited for it
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture(scope="session")
+def debug_run(request, tmp_path_factory, demo_root):
+    if any(getattr(item, "originalname", "") == CROSS_WIDTH_TEST for item in request.session.items):
+        request.getfixturevalue("cross_width_launch")
     root = tmp_path_factory.mktemp("run") / "debug"
     dsi("pipeline", "--recipe", "debug", "--methods", "di,e2e,e2e_tune", "--output", str(root), cwd=root.parent,
         demo_root=demo_root)
@@ -155,15 +187,19 @@ def test_export_loads_with_the_trained_head_every_way_timm_loads_local_weights(d
     import subprocess
     import sys
 
+    checks = {}
     for source in ("finetune", "e2e"):
         sm = _trained_model(debug_run / source / "model.safetensors")
         x = torch.randn(3, 3, 32, 32)
         with torch.no_grad():
-            torch.save({"x": x, "logits": sm(x)}, tmp_path / "ref.pt")
-        # a process that never imports dsincubate, started outside the checkout
-        r = subprocess.run([sys.executable, "-c", TIMM_LOADS, str(debug_run / "export" / source), str(tmp_path / "ref.pt")],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0 and r.stdout.strip() == "ok 4", r.stderr[-2000:]
+            torch.save({"x": x, "logits": sm(x)}, tmp_path / f"ref_{source}.pt")
+        # a process that never imports dsincubate, started outside the checkout; the two sources' side by side
+        checks[source] = subprocess.Popen(
+            [sys.executable, "-c", TIMM_LOADS, str(debug_run / "export" / source), str(tmp_path / f"ref_{source}.pt")],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for source, p in checks.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "ok 4", (source, err[-2000:])
 
 
 def test_rerun_skips_complete_phases_and_changes_nothing(debug_run, demo_root):
@@ -177,10 +213,18 @@ def test_rerun_skips_complete_phases_and_changes_nothing(debug_run, demo_root):
 
 def test_resume_after_stop_equals_uninterrupted_run(tmp_path, demo_root):
     common = ["--recipe", "debug", "--set", "e2e.epochs=3", "--set", "e2e.ckpt_every=1"]
-    dsi("e2e", "--output", str(tmp_path / "a"), *common, cwd=tmp_path, demo_root=demo_root)
-    for _ in range(3):  # stopped after every epoch, resumed by re-running the same command
-        dsi("e2e", "--output", str(tmp_path / "b"), *common, "--set", "stop_after_epochs=1", cwd=tmp_path,
-            demo_root=demo_root)
+    # the uninterrupted run beside the interrupted ones (independent processes, one core each)
+    a = dsi_started("e2e", "--output", str(tmp_path / "a"), *common, cwd=tmp_path, demo_root=demo_root,
+                    log=tmp_path / "a.log")
+    try:
+        for _ in range(3):  # stopped after every epoch, resumed by re-running the same command
+            dsi("e2e", "--output", str(tmp_path / "b"), *common, "--set", "stop_after_epochs=1", cwd=tmp_path,
+                demo_root=demo_root)
+    except BaseException:
+        a.kill()
+        a.wait()
+        raise
+    dsi_finished(a, tmp_path / "a.log")
     a, _ = ckpt.load_tensors(tmp_path / "a" / "e2e" / "model.safetensors")
     b, _ = ckpt.load_tensors(tmp_path / "b" / "e2e" / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -338,12 +382,11 @@ def test_meta_init_and_high_resolution_finetune_run_through_the_real_pipeline(de
     assert json.loads((root / "export" / "finetune" / "model.json").read_text())["img_size"] == 48
 
 
-def test_cross_width_meta_model_incubates_a_target_of_another_width_through_the_real_pipeline(tmp_path, demo_root):
+def test_cross_width_meta_model_incubates_a_target_of_another_width_through_the_real_pipeline(cross_width_launch):
     """A meta model of width 32 incubates the debug target (width 48) through stitch layers: every phase
     completes and the assembled and fine-tuned models have the target's width throughout."""
-    root = tmp_path / "cross"
-    dsi("pipeline", "--recipe", "debug", "--methods", "di", "--output", str(root), "--set", "model.meta_embed_dim=32",
-        "--set", "model.meta_num_heads=2", cwd=tmp_path, demo_root=demo_root)
+    root, started, log = cross_width_launch  # its own fresh run (started beside debug_run's when both are selected)
+    dsi_finished(started, log)
     meta, _ = ckpt.load_tensors(root / "meta" / "model.safetensors")
     assert meta["stages.0.cls_token"].shape[-1] == 32
     for name in ("assemble", "finetune"):

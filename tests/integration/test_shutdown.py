@@ -20,7 +20,6 @@ import pytest
 
 pytestmark = pytest.mark.integration
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-VMOE = ["model.moe_every=2", "model.moe_experts=4", "model.moe_ep_size=2"]
 
 # A rank of `dsincubate` whose peak RSS is written at exit (before the interpreter's finalization).
 RANK = r'''
@@ -39,25 +38,29 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def _launch(tmp_path, port, *args, sets=(), script=None, env=None):
+def _ended_cleanly(returncode: int, text: str) -> None:
+    """A 2-rank launch that exited 0 on both ranks, with no C++ abort on the way out."""
+    assert returncode == 0, text[-4000:]
+    assert "terminate called" not in text, text[-4000:]
+    assert text.count("exits successfully") == 2, text[-4000:]  # the launcher's line per rank that exited 0
+
+
+def _launch(tmp_path, demo_root, port, *args, sets=(), script=None, env=None):
     ds = Path(sys.executable).parent / "deepspeed"
     target = [str(script)] if script else ["--module", "dsincubate"]
     cmd = [str(ds), "--num_accelerators", "2", "--master_port", str(port), *target, *args, "--recipe", "debug",
-           "--set", f"data.demo_root={tmp_path / 'demo'}"]
+           "--set", f"data.demo_root={demo_root}"]
     for s in sets:
         cmd += ["--set", s]
     p = subprocess.run(cmd, cwd=tmp_path, env=env or ENV, capture_output=True, text=True, timeout=1200)
-    text = p.stdout + p.stderr
-    assert p.returncode == 0, text[-4000:]
-    assert "terminate called" not in text, text[-4000:]
-    assert text.count("exits successfully") == 2, text[-4000:]  # the launcher's line per rank that exited 0
-    return text
+    _ended_cleanly(p.returncode, p.stdout + p.stderr)
 
 
-def test_finished_two_rank_vmoe_phase_exits_zero_on_every_rank_with_its_process_groups_destroyed(tmp_path):
-    out = tmp_path / "vmoe"
-    _launch(tmp_path, 29611, "e2e", "--ds-config", "zero2_bf16", "--output", str(out),
-            sets=VMOE + ["e2e.epochs=1"])
+def test_finished_two_rank_vmoe_phase_exits_zero_on_every_rank_with_its_process_groups_destroyed(vmoe_run):
+    # the session's V-MoE run (tests/conftest.py: 2 epochs, ZeRO-2 bf16, experts over both ranks), launched fresh
+    # once and also inspected by test_vmoe_m2mkd_launch.py
+    _ended_cleanly(vmoe_run.returncode, vmoe_run.text)
+    out = vmoe_run.out
     records = [json.loads((out / "e2e" / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in records] == [0, 1]
     assert all(r.get("process_group_destroyed") is True for r in records), records
@@ -65,7 +68,8 @@ def test_finished_two_rank_vmoe_phase_exits_zero_on_every_rank_with_its_process_
     assert all(r["shutdown_at"] >= json.loads((out / "e2e" / "run.json").read_text())["finished_at"] for r in records)
 
 
-def test_pipeline_peak_rss_per_rank_stays_within_ten_percent_of_its_largest_single_phase_under_zero3(tmp_path):
+def test_pipeline_peak_rss_per_rank_stays_within_ten_percent_of_its_largest_single_phase_under_zero3(tmp_path,
+                                                                                                      demo_root):
     script = tmp_path / "rank.py"
     script.write_text(RANK)
     sets = ["model.num_classes=400000"]
@@ -73,7 +77,7 @@ def test_pipeline_peak_rss_per_rank_stays_within_ten_percent_of_its_largest_sing
     def peaks(name, port, *args):
         d = tmp_path / "rss" / name
         d.mkdir(parents=True)
-        _launch(tmp_path, port, *args, "--ds-config", "zero3_bf16", sets=sets, script=script,
+        _launch(tmp_path, demo_root, port, *args, "--ds-config", "zero3_bf16", sets=sets, script=script,
                 env=dict(ENV, PEAK_RSS_DIR=str(d)))
         return [json.loads((d / f"rank_{r}.json").read_text())["vmhwm"] for r in range(2)]
 
