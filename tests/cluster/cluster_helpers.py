@@ -1,9 +1,11 @@
 """Helpers of the cluster tier's tests and fixtures (conftest.py): ports, the environment of launcher commands,
-running a command with a bounded time, and finding the processes a test started (by its unique run directory)."""
+running a command with a bounded time, finding the processes a test started (by its unique run directory), and
+reusing the DeepSpeed ops the tier has already compiled."""
 from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,24 +35,78 @@ def job_env(cluster: Cluster | None, shared: Path, **extra) -> dict:
     return base
 
 
+def runner_env_file(shared: Path, dest: Path) -> Path:
+    """DS_ENV_FILE for a bare `deepspeed` runner over pdsh, which sends the other hosts only PYTHON* and the file's
+    lines (the launchers add what the ranks read, dsincubate/launch_env.py): the session's file plus this host's
+    TORCH_EXTENSIONS_DIR (tests/conftest.py), so that its ranks load the DeepSpeed op the session built."""
+    text = (shared / "ds_env").read_text()
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        text += f"TORCH_EXTENSIONS_DIR={os.environ['TORCH_EXTENSIONS_DIR']}\n"
+    dest.write_text(text)
+    return dest
+
+
+# DeepSpeed's CPU op every rank JIT-compiles at start-up (deepspeed.comm builds it in its TorchBackend)
+DEEPSPEED_JIT_OPS = ("deepspeed_shm_comm",)
+
+
+def reuse_built_ops(dest: Path) -> list[str]:
+    """Copy the DeepSpeed ops already built in the torch extension cache that the tier's other launches use (they run
+    with this process's environment) into `dest`, so that a launch with TORCH_EXTENSIONS_DIR=dest loads them instead
+    of compiling them again (about 30 s of the CI machine's 2 cores, every rank of every host waiting on it).
+
+    Copied under the build's own lock (never a half-written library) with the files' times and ninja's logs: ninja
+    then finds the copy up to date. A build for another environment (other compiler flags) is rebuilt, as before.
+    Returns the ops copied; none when the cache has no build yet (the launch then compiles them, as before)."""
+    from filelock import FileLock
+    from torch.utils.cpp_extension import _get_build_directory
+
+    copied = []
+    for name in DEEPSPEED_JIT_OPS:
+        src = Path(_get_build_directory(name, False))  # where the other launches (this environment) build it
+        if not list(src.glob("*.so")):
+            continue
+        with FileLock(str(src / "lock")):
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("lock"), dirs_exist_ok=True)
+        copied.append(name)
+    return copied
+
+
+class Started:
+    """A command started in its own process group with its output in `log`, waited for later (`wait`)."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict, cwd: Path):
+        self.cmd, self.log, self.t0 = cmd, log, time.time()
+        with open(log, "wb") as f:
+            self.p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                      start_new_session=True)
+
+    def wait(self, timeout: float) -> tuple[int, float]:
+        """(exit status, seconds since the start). On timeout: its whole process group ended."""
+        try:
+            rc = self.p.wait(timeout=max(1.0, self.t0 + timeout - time.time()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{' '.join(map(str, self.cmd))} did not finish in {timeout}s; log {self.log}:\n"
+                                 + tail(self.log))
+        return rc, time.time() - self.t0
+
+    def stop(self) -> None:
+        """End its process group (SIGTERM, then SIGKILL after 5 s) if it still runs."""
+        if self.p.poll() is not None:
+            return
+        try:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            time.sleep(5)
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.p.wait()
+
+
 def run_logged(cmd: list[str], log: Path, env: dict, cwd: Path, timeout: float) -> tuple[int, float]:
     """Run a command with its output in `log`; (exit status, seconds). On timeout: its whole process group ended."""
-    t0 = time.time()
-    with open(log, "wb") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGTERM)
-            time.sleep(5)
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
-            raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {timeout}s; log {log}:\n"
-                                 + tail(log))
-    return rc, time.time() - t0
+    return Started(cmd, log, env, cwd).wait(timeout)
 
 
 def tail(log: Path, n: int = 4000) -> str:

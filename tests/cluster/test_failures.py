@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_helpers import (DEEPSPEED, LAUNCHERS, demo_args, job_env, next_port, proc_env, procs_with, run_logged, tail,
-                      wait_for)
+from cluster_helpers import (DEEPSPEED, LAUNCHERS, demo_args, job_env, next_port, proc_env, procs_with, run_logged,
+                             runner_env_file, tail, wait_for)
 
 pytestmark = pytest.mark.cluster
 
@@ -122,6 +122,8 @@ def test_sigterm_to_a_launcher_ends_every_rank_on_every_host_within_10s(cluster,
     else:
         force = ["--force_multi"] if hosts else []
         cmd = [DEEPSPEED, *where, *force, "--master_port", port, "--module", "dsincubate", "meta", *dsi]
+        if hosts:  # the bare runner sends the other hosts only its env file's lines: the session's op cache too
+            env["DS_ENV_FILE"] = str(runner_env_file(shared, tmp_path / "ds_env"))
     p = start(cmd, log, env, tmp_path)
     try:
         wait_training(log, p)
