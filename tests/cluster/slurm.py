@@ -16,6 +16,7 @@ Two shapes:
     with Slurm(workdir, cluster=c) as s:
         env = s.env()                       # SLURM_CONF for sbatch/squeue/scontrol
         s.wait_idle(timeout=600)            # until no job is queued or running
+        s.wait_job(job_id, timeout=300)     # until that job ended: its final state
 
 Only the daemons it starts are stopped (by their ids), after cancelling the jobs still in its queue.
 """
@@ -184,6 +185,16 @@ KillWait=5
                 return time.time() - t0
             time.sleep(1)
         raise AssertionError(f"SLURM jobs still queued after {timeout}s: {self.queue()}")
+
+    def wait_job(self, job_id: str, timeout: float, poll: float = 0.5) -> str:
+        """Until the job has ended; its final state (COMPLETED, FAILED, CANCELLED, ...)."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            state = self.job_state(job_id)
+            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "UNKNOWN"):
+                return state
+            time.sleep(poll)
+        raise AssertionError(f"SLURM job {job_id} still {self.job_state(job_id)} after {timeout}s")
 
     def job_state(self, job_id: str) -> str:
         out = sh("scontrol", "show", "job", job_id, check=False, env=self.env()).stdout

@@ -114,14 +114,19 @@ def test_a_two_task_srun_of_a_phase_without_rank_variables_is_refused(slurm, sha
     py = py if py.exists() else Path(sys.executable)
     phase = " ".join(["srun", "--ntasks", "2", "--nodes", "1", str(py), "-m", "dsincubate", "meta", "--recipe",
                       "debug", "--output", str(out), *demo_args(shared)])
-    p = subprocess.run(["sbatch", "--wait", "--parsable", "--nodes", "1", "--ntasks", "2", "--mem", "400M",
+    # submitted and then polled: `sbatch --wait` polls at 2, 10, 42 s (x4 up to 32 s apart), so a job of ~5 s
+    # cost this test 10 s and, on a loaded machine, 42 s
+    p = subprocess.run(["sbatch", "--parsable", "--nodes", "1", "--ntasks", "2", "--mem", "400M",
                         "--output", str(tmp_path / "job.out"), "--chdir", str(REPO), "--wrap", phase],
-                       capture_output=True, text=True, timeout=300, env=slurm.env(OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, timeout=60, env=slurm.env(OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    job_id = p.stdout.strip().split(";")[0]
+    state = slurm.wait_job(job_id, timeout=300)
     log = (tmp_path / "job.out").read_text()
-    assert p.returncode != 0, log
+    assert state != "COMPLETED", (state, log)  # sbatch --wait's non-zero exit: the job did not succeed
     errors = [ln for ln in log.splitlines() if ln.startswith("dsincubate: error: no rank variables")]
     assert len(errors) == 2 and any("task 0 of 2" in e for e in errors) and any("task 1 of 2" in e for e in errors), log
-    assert "exit code 2" in log or _job(slurm, p.stdout.strip().split(";")[0])["ExitCode"].startswith("2:"), log
+    assert "exit code 2" in log or _job(slurm, job_id)["ExitCode"].startswith("2:"), log
     assert not (out / "meta/model.safetensors").exists()
 
 
