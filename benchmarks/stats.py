@@ -60,7 +60,12 @@ def t_cdf(t: float, df: float) -> float:
     """P(T <= t) of Student's t distribution with df > 0 degrees of freedom."""
     if math.isinf(t):
         return 1.0 if t > 0 else 0.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    t2 = t * t
+    if t2 < df:
+        # near 0, x = df / (df + t^2) rounds towards 1 and 1 - x cancels: take P(0 < T < |t|) from y = 1 - x directly
+        centre = 0.5 * betainc(0.5, df / 2.0, t2 / (df + t2))
+        return 0.5 + centre if t >= 0 else 0.5 - centre
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t2))  # P(T > |t|)
     return 1.0 - tail if t >= 0 else tail
 
 
