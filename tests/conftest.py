@@ -18,6 +18,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import settings
+
+# The property-based tests search a fixed, derandomized sequence of examples by default, the same in every run, so
+# that `make test` (CI) cannot pass on one run and fail on the next; `HYPOTHESIS_PROFILE=explore make test-fast`
+# searches afresh each run (a fresh search found stats.t_cdf's cancellation near t = 0 on 2026-12-06). A failure
+# either way is a real bug: pin its example with @example.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config):
