@@ -30,6 +30,8 @@ from dsincubate.data.sources import MANIFEST_NAME, split_member
 from dsincubate.data.writer import Sample, write_shards
 from dsincubate.errors import UserError
 
+from benchmarks.fashion_mnist import split_indices
+
 LRS = ("4e-3", "8e-3", "1.6e-2")        # per 512 images: half, the demo's, twice
 WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
 GRID = [(f"lr {lr} wu {wu}", [f"{ph}.lr={lr}" for ph in ("meta", "incubate", "finetune", "e2e")] +
@@ -74,14 +76,13 @@ def holdout(src: Path, out: Path, per_class: int, seed: int = 0) -> tuple[Path, 
     both written as shards; returns (train, tune). Keeps what a previous call with the same arguments wrote."""
     man, samples = _read_split(src)
     keys = sorted(samples)
-    labels = np.asarray([samples[k][0] for k in keys])
-    tune: set[str] = set()
-    for c in range(man["num_classes"]):
-        members = [k for k, lab in zip(keys, labels) if lab == c]
-        if len(members) <= per_class:
-            raise UserError(f"{src}: class {c} has {len(members)} images, too few to hold out {per_class}")
-        pick = np.random.default_rng([seed, c]).permutation(len(members))[:per_class]
-        tune.update(members[i] for i in pick)
+    members = [[k for k in keys if samples[k][0] == c] for c in range(man["num_classes"])]
+    for c, m in enumerate(members):
+        if len(m) <= per_class:
+            raise UserError(f"{src}: class {c} has {len(m)} images, too few to hold out {per_class}")
+    # the converter's class-balanced split with no val part: the same per-class draw
+    picks = split_indices([len(m) for m in members], val=0, tune=per_class, train=None, seed=seed)["tune"]
+    tune = {members[c][i] for c, pick in enumerate(picks) for i in pick}
     for split, chosen in (("train", [k for k in keys if k not in tune]), ("tune", sorted(tune))):
         write_shards([Sample(key=k, label=samples[k][0], ext=samples[k][2], size=len(samples[k][1]),
                              read=lambda b=samples[k][1]: b) for k in chosen], str(out / split),
