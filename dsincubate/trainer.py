@@ -4,18 +4,17 @@
     record = run_phase(checks.check_plan(phase, info, world_size, has_cuda), ctx, info)   # the CLI: a checked plan
 
 `run_phase` is an outline of named steps: `prepare` (the phase's plan, `dsincubate.checks.check_plan`: resolved
-ds_config, steps, output check; taken as given when the CLI made it; then skip a complete output),
-`build_engine` (dsincubate.engine), `resume`, then `train_epoch` /
-`train_step` per epoch and `end_epoch` (evaluate, log, checkpoint, stop), and `finish` (gather the trained weights,
-check the frozen ones did not move, save the output and, last, its MANIFEST.json). Every `ckpt_every` epochs a
-DeepSpeed checkpoint is saved that a re-run of the same command resumes from; the result equals an uninterrupted run
-(data order and augmentation are seeded per epoch; the `TrainState` travels in the checkpoint).
+ds_config, steps, output check; taken as given when the CLI made it; then skip a complete output), `build_engine`
+(dsincubate.engine), `resume`, then `train_epoch` / `train_step` per epoch and `end_epoch` (evaluate, log, checkpoint,
+stop), and `finish` (gather the trained weights, check the frozen ones did not move, save the output and, last, its
+MANIFEST.json). Every `ckpt_every` epochs a DeepSpeed checkpoint is saved that a re-run of the same command resumes
+from, equal to an uninterrupted run (seeded per-epoch data order and augmentation; the `TrainState` is saved).
 
 On clusters: every rank writes where it runs (`<phase>/ranks/rank_<r>.json`: host, address, pid, start time) before
-the process group exists, so a job that hangs can still be told apart from one on the wrong host, and run.json
-lists every rank's host with the phase's start and end times. When stderr is not a terminal (SLURM, pdsh, a log
-file), rank 0 prints one progress line every `log_every` steps (images/s, loss, lr, ETA) instead of progress-bar
-frames; every line this module prints starts with the rank's host and rank.
+the process group exists, so a job that hangs can still be told apart from one on the wrong host, and run.json lists
+every rank's host with the phase's start and end times and when its process began (`process_started_at`). When stderr
+is not a terminal (SLURM, pdsh, a log file), rank 0 prints one progress line every `log_every` steps (images/s, loss,
+lr, ETA) instead of progress-bar frames; every line this module prints starts with the rank's host and rank.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from dsincubate import accounting, checkpoint as ckpt, dist, dsconfig
+from dsincubate import PROCESS_STARTED_AT, accounting, checkpoint as ckpt, dist, dsconfig
 from dsincubate.checks import PhasePlan, check_output, check_plan, output_key
 from dsincubate.data import DataInfo, build_mixup, build_train_loader, build_val_loader
 from dsincubate.engine import Built, build_engine
@@ -297,7 +296,8 @@ def finish(run: Run, frozen_before: str | None) -> dict:
         phase=phase, ds_cfg=run.ds_cfg, ds_file=run.ds_file, ctx=ctx, wall_seconds=wall, state=run.state,
         flops=run.flops, kernels=run.built.kernels, trainable=trainable, engine_module=module, info=run.info,
         frozen=frozen)
-    record.update(started_at=run.t_start, finished_at=time.time(), ranks=_gather_hosts(run))
+    record.update(process_started_at=PROCESS_STARTED_AT, started_at=run.t_start, ranks=_gather_hosts(run))
+    record["finished_at"] = time.time()
     if ctx.is_main:
         files = phase.save_output(tensors)
         ckpt.atomic_write_json(phase.out_dir / "run.json", record)
