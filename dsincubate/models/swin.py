@@ -5,8 +5,11 @@ merging, which halves the resolution and doubles the width, and its blocks), sta
 with the final norm and the classifier. The unit of division is therefore the Swin stage (`fam.depth(spec)` = 4 and
 the only division is [1, 1, 1, 1]); the meta model is the same Swin with `meta_depth_per_stage` blocks in each stage
 (the paper's one layer per module), so its patch merging matches the target's width and resolution at every
-boundary. Stochastic depth is per Swin block (`drop_path_units`), with the linear schedule over all of them as timm's.
-Exports are timm's own: `timm.create_model(model_name, **args)` loads the weights (keys `layers.<i>.`).
+boundary. Between modules the features travel as tokens, (batch, H x W, width) in row-major order, as a ViT's (and
+timm's Swin before 0.9) do; each stage turns them back into timm's (batch, H, W, width) map (`boundary_shape`: the
+tokens' count and width and the grid (H, W); the decoupled baselines' auxiliary heads read it). Stochastic depth is per
+Swin block (`drop_path_units`), with the linear schedule over all of them as timm's. Exports are timm's own:
+`timm.create_model(model_name, **args)` loads the weights (keys `layers.<i>.`).
 
     dsincubate pipeline --recipe swin_b_deit3 --set data.train=/data/in1k/train --set data.val=/data/in1k/val
 """
@@ -41,6 +44,13 @@ class SwinStage(staged.Stage):
         embed = [("patch_embed", model.patch_embed)]
         head = [("norm", model.norm), ("head", model.head)]
         super().__init__(embed, [model.layers[j] for j in range(start, stop)], head, start, first, last)
+        self.grid = tuple(model.layers[start].input_resolution)  # the (H, W) this stage's input tokens lie on
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.first:  # tokens from the stage before -> timm's (batch, H, W, width) map
+            x = x.unflatten(1, self.grid)
+        x = super().forward(x)
+        return x if self.last else x.flatten(1, 2)  # views: the assembly's forward stays timm's to the bit
 
     def forward_embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x)
@@ -109,6 +119,11 @@ class SwinFamily(family.Family):
 
     def boundary_width(self, spec, i) -> int:
         return int(spec.kwargs["embed_dim"]) * 2 ** i  # every stage after the first doubles the width
+
+    def boundary_shape(self, spec, i) -> family.Boundary:
+        # patch embedding: img_size / 4 per side (timm's patch_size default); every stage after the first halves it
+        side = int(spec.kwargs["img_size"]) // int(spec.kwargs.get("patch_size", 4)) // 2 ** i
+        return family.Boundary((side * side, self.boundary_width(spec, i)), (side, side))
 
     def with_img_size(self, spec, size, where) -> ModelSpec:
         raise UserError(f"{where}.img_size={size}: a Swin's attention windows are laid out for its preset's "

@@ -1,6 +1,6 @@
-"""Unit tests of the CIFAR ResNet family through the model-family seam: the architecture of He et al., the meta
-model's fit at every stage boundary, incubation's trained set, assembly, export, and the refusal of ViT settings."""
-import copy
+"""Unit tests of the CIFAR ResNet family through the model-family seam: the architecture of He et al., export, and
+the refusal of ViT settings and of other divisions. The meta model's fit at every stage boundary, incubation's
+trained set and assembly are checked for this family and the Swin alike, in test_family_swin.py."""
 import json
 
 import pytest
@@ -10,7 +10,7 @@ from dsincubate import checkpoint as ckpt, phases, recipes
 from dsincubate.assemble import export
 from dsincubate.config import ModelConfig, apply_overrides
 from dsincubate.errors import UserError
-from dsincubate.models import family, resnet_cifar, staged
+from dsincubate.models import family, resnet_cifar
 
 
 def tiny_cfg(**kw):
@@ -40,60 +40,6 @@ def test_recipe_uses_the_familys_k_and_meta_depth():
     fam = family.family_of(cfg.model)
     assert (cfg.model.num_stages, cfg.model.meta_depth_per_stage) == (fam.default_num_stages, fam.default_meta_depth)
     assert phases.make("meta", cfg, "/x", 100, resolve=False).depths() == [18, 18, 18]
-
-
-def test_meta_model_matches_target_at_every_stage_boundary():
-    cfg = tiny_cfg()
-    torch.manual_seed(0)
-    target = phases.make("e2e", recipes.get("resnet_debug"), "/x", 10, resolve=False).target().eval()
-    meta = phases.build_meta_model(recipes.get("resnet_debug"), 10).eval()
-    assert [len(s.blocks) for s in meta.stages] == [cfg.meta_depth_per_stage] * 3
-    x_t = x_m = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        for t, m in zip(target.stages, meta.stages):
-            x_t, x_m = t(x_t), m(x_m)
-            assert x_t.shape == x_m.shape
-
-
-def test_incubation_trains_exactly_the_target_stage_and_its_batchnorm_statistics():
-    cfg = recipes.get("resnet_debug")
-    torch.manual_seed(0)
-    meta = phases.build_meta_model(cfg, 10)
-    target = phases.make("e2e", cfg, "/x", 10, resolve=False).target()
-    for i in range(3):
-        hybrid = staged.Hybrid(list(copy.deepcopy(meta).stages), copy.deepcopy(target.stages[i]), i).train()
-        before = {k: v.clone() for k, v in hybrid.state_dict().items()}
-        opt = torch.optim.SGD([p for p in hybrid.parameters() if p.requires_grad], lr=0.1)
-        loss = torch.nn.functional.cross_entropy(hybrid(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3]))
-        loss.backward()
-        opt.step()
-        after = hybrid.state_dict()
-        changed = {k for k in before if not torch.equal(before[k], after[k])}
-        prefix = f"stages.{i}."
-        assert changed and all(k.startswith(prefix) for k in changed), sorted(changed)[:5]
-        assert any("running_mean" in k for k in changed)  # the target stage's BN learns in train mode
-        names = phases.make("incubate", cfg, "/x", 10, i, resolve=False).output_names(hybrid)
-        assert set(names) == {k for k in after if k.startswith(prefix)}  # parameters and BN statistics
-
-
-def test_assembled_forward_equals_stages_applied_in_turn_and_the_whole_model():
-    cfg = recipes.get("resnet_debug")
-    spec = phases.make("e2e", cfg, "/x", 10, resolve=False).target_spec(0.0)
-    stages = []
-    for i in range(3):  # three independently initialised stages, as three incubation jobs give
-        torch.manual_seed(100 + i)
-        stages.append(family.family_of(spec).stage_only(spec, [2, 2, 2], i).eval())
-    assembled = family.build_staged(spec, [2, 2, 2]).eval()
-    for i, s in enumerate(stages):
-        assembled.stages[i].load_state_dict(s.state_dict(), strict=True)
-    whole = family.build(spec).eval()
-    whole.load_state_dict(staged.timm_state_dict(assembled), strict=True)
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        y = x
-        for s in stages:
-            y = s(y)
-        assert torch.equal(assembled(x), y) and torch.equal(whole(x), y)
 
 
 def test_export_rebuilds_from_model_json_with_identical_logits(tmp_path):
