@@ -31,9 +31,11 @@ def count_flops(build_model, img_size: int) -> dict:
     x = torch.randn(2, 3, img_size, img_size, device="meta")
     with FlopCounterMode(display=False) as fwd:
         out = model(x)
-    # a tuple: imitation's / m2mKD's (trained, frozen teacher) or the decoupled baselines' K modules' outputs; the
+    # imitation's / m2mKD's `Paired` (trained, frozen teacher) or the decoupled baselines' `PerModule` outputs: the
     # backward of the sum reaches every output with a graph (the elementwise terms count no FLOPs)
-    loss = sum(o.float().mean() for o in out) if isinstance(out, tuple) else out.float().mean()
+    from dsincubate.models.staged import output_tensors
+
+    loss = out.float().mean() if isinstance(out, torch.Tensor) else sum(o.float().mean() for o in output_tensors(out))
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
     model.eval()

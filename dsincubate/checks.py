@@ -17,7 +17,7 @@ from dsincubate.config import RunConfig
 from dsincubate.data import DataInfo, build_mixup, build_train_loader
 from dsincubate.engine import resolve_ds_config
 from dsincubate.errors import UserError
-from dsincubate.phases import Phase
+from dsincubate.phase_base import Phase
 
 
 @dataclass(frozen=True)

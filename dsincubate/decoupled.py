@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from dsincubate.errors import UserError
 from dsincubate.models import family, staged
-from dsincubate.phases import Phase, persistent_buffers
+from dsincubate.phase_base import Phase, persistent_buffers
 
 
 class TokenClassifier(nn.Module):
@@ -111,9 +111,9 @@ def decoder(boundary: family.Boundary, img_size: int) -> nn.Module:
 
 class Decoupled(staged.StagedModel):
     """The target's K stages with an auxiliary classifier after each of stages 0..K-2 (`aux.k`) and, for InfoPro, a
-    decoder there too (`decoders.k`). Training forward: (logits of aux 0..K-2, the model's logits, then the decoders'
-    reconstruction losses), each stage run on its predecessor's output detached. Evaluation: the target's logits.
-    Its `stages.*` keys are the target's, so the target's state dict is its own without `aux.*` / `decoders.*`."""
+    decoder there too (`decoders.k`). Training forward: `staged.PerModule(logits of aux 0..K-2 and the model's, the
+    decoders' reconstruction losses)`, each stage run on its predecessor's output detached. Evaluation: the target's
+    logits. Its `stages.*` keys are the target's, so the target's state dict is its own without `aux.*` / `decoders.*`."""
 
     def __init__(self, stages: list[staged.Stage], heads: list[nn.Module], decoders: list[nn.Module] | None = None):
         super().__init__(stages)
@@ -132,7 +132,7 @@ class Decoupled(staged.StagedModel):
                 logits.append(self.aux[k](x))
                 if self.decoders is not None:
                     recon.append(self.decoders[k](x, image))
-        return tuple(logits + [x] + recon)
+        return staged.PerModule(tuple(logits + [x]), tuple(recon))
 
     def target_names(self) -> list[str]:
         """The target's parameters and persistent buffers (what the phase saves)."""
@@ -182,10 +182,10 @@ class DGLPhase(Phase):
     def loss(self, output, targets, criterion) -> dict[str, torch.Tensor]:
         """"loss": the sum of the K local losses (each reaches only its own module's and auxiliary net's
         parameters, so the sum trains every module on its own loss); per module k: local_k, ce_k (and recon_k)."""
-        if not isinstance(output, tuple):
+        if not isinstance(output, staged.PerModule):
             return {"loss": criterion(output.float(), targets)}
         K = self.cfg.model.num_stages
-        logits, recon = output[:K], output[K:]
+        logits, recon = output.logits, output.recon
         total, terms = 0.0, {}
         for k in range(K):
             ce = criterion(logits[k].float(), targets)

@@ -157,7 +157,6 @@ def build_engine(phase, ctx: dist.DistContext, ds_cfg: dict, steps_per_epoch: in
             model = phase.build_model_zero3(ds_cfg, load=load)
         else:
             model = phase.build_model(load=load)
-    phase.model = model  # the phase adds its model's MoE load-balancing losses to its objective
     kernels = apply_kernels(model, cfg.model.kernel_backend)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

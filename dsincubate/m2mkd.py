@@ -18,7 +18,8 @@ from dsincubate import checkpoint as ckpt
 from dsincubate.errors import UserError
 from dsincubate.models import family, staged
 from dsincubate.models.family import ModelSpec
-from dsincubate.phases import IncubatePhase, _FromModel, meta_spec, persistent_buffers
+from dsincubate.phase_base import persistent_buffers
+from dsincubate.phases import IncubatePhase, _FromModel, meta_spec
 
 
 def teacher_spec(cfg, num_classes: int, path: Path) -> tuple[ModelSpec, list[int]]:
@@ -93,9 +94,9 @@ class M2mkdPhase(IncubatePhase):
         """(1 - alpha) CE(s, y) + alpha tau^2 KL(softmax(t/tau) || softmax(s/tau)); the KL is summed over batch and
         classes and divided by their product, as the m2mKD code does (so alpha weighs a per-logit mean)."""
         tc = self.train_cfg
-        if not isinstance(output, tuple):
+        if not isinstance(output, staged.Paired):
             return {"loss": criterion(output.float(), targets)}
-        s, t = output[0].float(), output[1].float()
+        s, t = output.trained.float(), output.reference.float()
         ce = criterion(s, targets)
         kl = F.kl_div(F.log_softmax(s / tc.kd_tau, -1), F.log_softmax(t / tc.kd_tau, -1), reduction="sum",
                       log_target=True) / s.numel()

@@ -39,7 +39,7 @@ from dsincubate.engine import Built, build_engine
 from dsincubate.errors import UserError
 from dsincubate.evaluate import accuracy
 from dsincubate.models import moe
-from dsincubate.phases import Phase
+from dsincubate.phase_base import Phase
 
 SYNC_EVERY = 20  # training steps between host reads of the loss
 
@@ -130,7 +130,6 @@ def _train(run: Run) -> dict:
     # on success only (a failing rank's error line comes first, then its process ends): the engine goes before the
     # next phase of this process builds one (dist.release_engine), its cycles once this frame is gone (run_phase)
     engine, run.built = run.built.engine, None
-    phase.model = None  # set by build_engine for the objective's MoE losses: it would keep the engine through hooks
     dist.release_engine(engine)
     return record
 
@@ -245,7 +244,7 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> dict[st
     images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
     if run.mixup is not None:
         images, targets = run.mixup(images, targets)
-    losses = run.phase.objective(engine(images.to(run.dtype)), targets, run.criterion)
+    losses = run.phase.objective(engine.module, engine(images.to(run.dtype)), targets, run.criterion)
     engine.backward(losses["loss"])
     engine.step()
     run.state.images += images.shape[0] * ctx.world_size

@@ -146,7 +146,7 @@ def run_trial(spec: dict) -> dict:
         engine.train()
         for k in range(spec["warmup"] + spec["steps"]):
             t0 = time.perf_counter()
-            loss = phase.objective(engine(x), y, crit)["loss"]
+            loss = phase.objective(engine.module, engine(x), y, crit)["loss"]
             engine.backward(loss)
             engine.step()
             if ctx.has_cuda:

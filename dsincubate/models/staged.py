@@ -8,10 +8,15 @@
 - `Hybrid` is the meta model with stage i replaced by target stage i (paper Eq. 3): meta stages frozen and in eval
   mode; stages before i run under `no_grad` (no graph, no activations kept); stages after i pass gradients to their
   input but, with `requires_grad=False`, compute no weight gradients.
+- A training forward that gives more than logits returns a named type, which the losses check by type: `Paired`
+  (Module Imitation's target and meta features, m2mKD's student and teacher logits) or `PerModule` (the decoupled
+  baselines' K modules' logits and reconstruction losses); `output_tensors` lists any output's tensors.
 - `stage_to_timm_keys` / `timm_state_dict` map stage-local keys (`blocks.<local>`) to the whole model's keys (timm's,
   for a timm family), for assembly and export.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -103,25 +108,54 @@ class Stitch(nn.Module):
         return self.proj(self.norm(x))
 
 
-class Hybrid(nn.Module):
-    """Meta model with stage `index` replaced by a target stage; everything but the target stage is frozen.
+class Paired(NamedTuple):
+    """A training forward's output and the frozen reference its loss compares it with: Module Imitation's (target
+    stage output, meta stage output on the same input) or m2mKD's (student logits, teacher logits). A NamedTuple, so
+    ZeRO-3's hooks on module outputs keep its type."""
 
-    With `imitation=True` the training forward returns (target stage output, meta stage output) on the same input, for
-    the Module Imitation ablation (paper Fig. 2b); the stages after `index` are then not run at all.
+    trained: torch.Tensor
+    reference: torch.Tensor
+
+
+class PerModule(NamedTuple):
+    """The decoupled baselines' training forward (`dsincubate.decoupled`): the logits of each of the K modules
+    (auxiliary classifiers 0..K-2, then the model's own head) and the K-1 decoders' reconstruction losses (InfoPro;
+    empty for DGL)."""
+
+    logits: tuple
+    recon: tuple = ()
+
+
+def output_tensors(output) -> list[torch.Tensor]:
+    """Every tensor of a forward's output (a tensor, `Paired` or `PerModule`), in a fixed order."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, Paired):
+        return [output.trained, output.reference]
+    if isinstance(output, PerModule):
+        return [*output.logits, *output.recon]
+    raise TypeError(f"a forward returned {type(output).__name__}: a tensor, staged.Paired or staged.PerModule expected")
+
+
+class Hybrid(nn.Module):
+    """Meta model with stage `stage_index` replaced by a target stage; everything but the target stage is frozen.
+
+    With `imitation=True` the training forward returns `Paired(target stage output, meta stage output)` on the same
+    input, for the Module Imitation ablation (paper Fig. 2b); the stages after `stage_index` are then not run at all.
     With `freeze_meta=False` (the paper's "tunable meta" ablations) the meta stages train with the target stage.
     With `stitch_in` / `stitch_out` (a meta model of another width) the target stage is entered and left through
     them; they train with it.
     """
 
-    def __init__(self, meta_stages: list[Stage], target_stage: Stage, index: int, imitation: bool = False,
+    def __init__(self, meta_stages: list[Stage], target_stage: Stage, stage_index: int, imitation: bool = False,
                  freeze_meta: bool = True, stitch_in: Stitch | None = None, stitch_out: Stitch | None = None):
         super().__init__()
-        self.index, self.imitation, self.freeze_meta = index, imitation, freeze_meta
+        self.stage_index, self.imitation, self.freeze_meta = stage_index, imitation, freeze_meta
         stages = list(meta_stages)
         self.meta_stage = None
         if imitation:
-            self.meta_stage = stages[index]  # the stage being imitated: frozen, kept as a teacher
-        stages[index] = target_stage
+            self.meta_stage = stages[stage_index]  # the stage being imitated: frozen, kept as a teacher
+        stages[stage_index] = target_stage
         self.stages = nn.ModuleList(stages)
         self.stitch_in, self.stitch_out = stitch_in, stitch_out
         for p in self.frozen_parameters():
@@ -134,7 +168,7 @@ class Hybrid(nn.Module):
 
     @property
     def target_stage(self) -> Stage:
-        return self.stages[self.index]
+        return self.stages[self.stage_index]
 
     def trained_modules(self) -> nn.ModuleList:
         """The target stage and its stitches: what incubation always trains."""
@@ -154,7 +188,7 @@ class Hybrid(nn.Module):
         super().train(mode)
         # Frozen meta stages stay deterministic (no drop path): the paper fixes the meta model.
         for i, s in enumerate(self.stages):
-            if i != self.index and self.freeze_meta:
+            if i != self.stage_index and self.freeze_meta:
                 s.eval()
         if self.meta_stage is not None:
             self.meta_stage.eval()
@@ -162,25 +196,25 @@ class Hybrid(nn.Module):
 
     def forward(self, x: torch.Tensor):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_meta):
-            for stage in self.stages[: self.index]:
+            for stage in self.stages[: self.stage_index]:
                 x = stage(x)
         if self.imitation and self.training:  # evaluation always measures the hybrid's task accuracy
             with torch.no_grad():
                 teacher = self.meta_stage(x)
-            return self._target(x), teacher
+            return Paired(self._target(x), teacher)
         x = self._target(x)
-        for stage in self.stages[self.index + 1:]:
+        for stage in self.stages[self.stage_index + 1:]:
             x = stage(x)
         return x
 
     def no_weight_decay(self) -> set[str]:
         if not self.freeze_meta:
             return {f"stages.{i}.{n}" for i, s in enumerate(self.stages) for n in s.no_weight_decay()}
-        return {f"stages.{self.index}.{n}" for n in self.target_stage.no_weight_decay()}
+        return {f"stages.{self.stage_index}.{n}" for n in self.target_stage.no_weight_decay()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for i, s in enumerate(self.stages):
-            if i == self.index or not self.freeze_meta:
+            if i == self.stage_index or not self.freeze_meta:
                 s.grad_checkpointing = enable
 
 
@@ -206,9 +240,9 @@ def timm_state_dict(model: StagedModel, prefix: str = "blocks") -> dict[str, tor
 
 
 class Distill(nn.Module):
-    """m2mKD's module distillation through the meta model: student stage `index` and teacher stage `index` (a trained
-    monolithic model's) each between the same frozen meta prefix and tail. Training forward: (student logits, teacher
-    logits), the prefix run once; evaluation: the student hybrid's logits. Only the student (and its stitches)
+    """m2mKD's module distillation through the meta model: student stage I and teacher stage I (a trained monolithic
+    model's) each between the same frozen meta prefix and tail. Training forward: `Paired(student logits, teacher
+    logits)`, the prefix run once; evaluation: the student hybrid's logits. Only the student (and its stitches)
     trains; meta and teacher are frozen and in eval mode."""
 
     def __init__(self, hybrid: Hybrid, teacher_stage: Stage):
@@ -224,7 +258,7 @@ class Distill(nn.Module):
         return self
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
-        for stage in self.hybrid.stages[self.hybrid.index + 1:]:
+        for stage in self.hybrid.stages[self.hybrid.stage_index + 1:]:
             x = stage(x)
         return x
 
@@ -233,10 +267,10 @@ class Distill(nn.Module):
         if not self.training:
             return h(x)
         with torch.no_grad():
-            for stage in h.stages[: h.index]:
+            for stage in h.stages[: h.stage_index]:
                 x = stage(x)
             teacher = self._tail(self.teacher_stage(x))
-        return self._tail(h._target(x)), teacher
+        return Paired(self._tail(h._target(x)), teacher)
 
     def no_weight_decay(self) -> set[str]:
         return {f"hybrid.{n}" for n in self.hybrid.no_weight_decay()}

@@ -44,7 +44,7 @@ def test_a_modules_local_loss_sends_no_gradient_into_earlier_modules(tmp_path, n
     out = model(x)
     K = len(model.stages)
     for k in range(1, K):
-        own = CE(out[k], y) + (out[K + k] if name == "infopro" and k < K - 1 else 0)  # module k's local terms
+        own = CE(out.logits[k], y) + (out.recon[k] if name == "infopro" and k < K - 1 else 0)  # module k's local terms
         for j in range(k):
             params = list(model.stages[j].parameters())
             grads = torch.autograd.grad(own, params, allow_unused=True, retain_graph=True)

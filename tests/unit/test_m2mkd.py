@@ -47,8 +47,9 @@ def test_loss_is_the_m2mkd_codes_on_a_fixed_batch(run, alpha, tau):
     phase = phases.make("m2mkd", _cfg(f"m2mkd.kd_alpha={alpha}", f"m2mkd.kd_tau={tau}"), run, 10, 0)
     model = phase.build_model().train()
     x, y = _batch()
-    s, t = model(x)
-    got = phase.loss((s, t), y, torch.nn.CrossEntropyLoss())
+    out = model(x)
+    s, t = out.trained, out.reference
+    got = phase.loss(out, y, torch.nn.CrossEntropyLoss())
     # by hand: KL(softmax(t/tau) || softmax(s/tau)) summed, / (batch x classes), x tau^2
     p_t, log_p_s = F.softmax(t / tau, -1), F.log_softmax(s / tau, -1)
     kl = (p_t * (torch.log(p_t) - log_p_s)).sum() / s.numel()

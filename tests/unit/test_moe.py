@@ -70,12 +70,12 @@ def test_objective_adds_the_weighted_load_balancing_loss_of_the_moe_layers_that_
     cfg = _cfg(*VMOE, "model.moe_aux_weight=0.05")
     phase = phases.make("e2e", cfg, "/nonexistent", 10, resolve=False)
     torch.manual_seed(0)
-    phase.model = model = phase.build_model(load=False)
+    model = phase.build_model(load=False)
     model.train()
     x, y = _batch()
     out = model(x)
     aux = [m.l_aux.detach().clone() for m in moe.layers(model)]
-    losses = phase.objective(out, y, torch.nn.CrossEntropyLoss())
+    losses = phase.objective(model, out, y, torch.nn.CrossEntropyLoss())
     want = F.cross_entropy(out, y) + 0.05 * (aux[0] + aux[1])
     assert torch.allclose(losses["loss"], want) and torch.allclose(losses["moe_aux"], aux[0] + aux[1])
     assert all(a > 0 for a in aux)
@@ -84,10 +84,10 @@ def test_objective_adds_the_weighted_load_balancing_loss_of_the_moe_layers_that_
         p.requires_grad_(False)
     out = model(x)
     second = moe.layers(model)[1].l_aux.detach().clone()
-    assert torch.allclose(phase.objective(out, y, torch.nn.CrossEntropyLoss())["moe_aux"], second)
+    assert torch.allclose(phase.objective(model, out, y, torch.nn.CrossEntropyLoss())["moe_aux"], second)
     dense = phases.make("e2e", _cfg(), "/nonexistent", 10, resolve=False)
-    dense.model = dense.build_model(load=False)
-    assert "moe_aux" not in dense.objective(dense.model(x), y, torch.nn.CrossEntropyLoss())
+    dense_model = dense.build_model(load=False)
+    assert "moe_aux" not in dense.objective(dense_model, dense_model(x), y, torch.nn.CrossEntropyLoss())
 
 
 def test_flops_of_a_vmoe_count_top_k_experts_per_token():
@@ -142,14 +142,14 @@ def test_m2mkd_student_alone_trains_and_the_students_assemble_into_the_compositi
     for i in range(2):
         phase = phases.make("m2mkd", _cfg(*sets), run, 10, i)
         torch.manual_seed(i)
-        phase.model = model = phase.build_model()
+        model = phase.build_model()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(trainable, lr=0.5)
         model.train()
         for _ in range(3):
             opt.zero_grad()
-            phase.objective(model(x), y, torch.nn.CrossEntropyLoss())["loss"].backward()
+            phase.objective(model, model(x), y, torch.nn.CrossEntropyLoss())["loss"].backward()
             opt.step()
         changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
         names = set(phase.output_names(model))

@@ -144,7 +144,7 @@ def test_phase_loss_is_a_dict_with_the_loss():
                                                   torch.nn.CrossEntropyLoss())
     assert set(out) >= {"loss"} and out["loss"].ndim == 0
     inc = phases.make("incubate", cfg, "/x", 10, 0, resolve=False)
-    out = inc.loss((torch.ones(2, 5, 24), torch.zeros(2, 5, 24)), None, None)
+    out = inc.loss(staged.Paired(torch.ones(2, 5, 24), torch.zeros(2, 5, 24)), None, None)
     assert out["loss"].item() == pytest.approx(1.0)  # Module Imitation: L1 to the meta stage's output
 
 
