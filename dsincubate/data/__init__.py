@@ -122,8 +122,11 @@ def build_train_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank
 
 
 def build_val_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: int, world_size: int,
-                     img_size: int, device="cpu") -> ValLoader:
-    """Loader over the whole val set: each sample valid exactly once across ranks, equal batch count per rank."""
+                     img_size: int, device="cpu", persistent: bool = True) -> ValLoader:
+    """Loader over the whole val set: each sample valid exactly once across ranks, equal batch count per rank.
+    torch backend: with `persistent` the DataLoader workers are started at the first evaluation and kept for the
+    next ones built with the same arguments (they read exactly what fresh workers would); False starts them per
+    evaluation. The DALI backend builds its pipeline (threads, no processes) per evaluation."""
     _check_cfg(cfg)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -133,8 +136,9 @@ def build_val_loader(cfg: DataConfig, info: DataInfo, *, batch_size: int, rank: 
         from dsincubate.data.dali_loader import dali_val_loader
         return dali_val_loader(cfg, index, tf.batch_prep, batch_size=batch_size, rank=rank, world_size=world_size,
                                img_size=img_size, device=device)
+    key = (repr(cfg), repr(info), batch_size, rank, world_size, img_size, str(device))
     return val_loader(cfg, index, tf, batch_size=batch_size, rank=rank, world_size=world_size, img_size=img_size,
-                      device=device)
+                      device=device, pool_key=key if persistent else None)
 
 
 def build_mixup(cfg: DataConfig, num_classes: int, *, seed: int = 0, rank: int = 0) -> SeededMixup | None:

@@ -11,9 +11,10 @@ Val: whole shards per rank (sample split when there are fewer shards than ranks)
     max_r ceil(n_r / batch_size) batches, padded with valid=False rows, so ZeRO-3 ranks run the same forwards.
 Repeated augmentation (resampled only): ranks in groups of about `repeated_aug` (subsets.repeat_group); a group
     draws from its own shards and its members keep their dealt copies, so reads stay ~one epoch over all ranks.
-Workers: a train loader built with a pool key (build_train_loader's default) runs on persistent DataLoader workers
-    that later epochs' loaders of the same key reuse (_Pool: the epoch travels in shared memory; bit-identical to
-    workers started for the epoch). Val loaders start theirs per evaluation.
+Workers: a loader built with a pool key (build_train_loader's and build_val_loader's default) runs on persistent
+    DataLoader workers that later loaders of the same key reuse: the next epochs' train loaders, the next
+    evaluations' val loaders (_Pool: the epoch travels in shared memory; bit-identical to workers started for the
+    epoch). One train pool and one val pool live at a time (a run trains one phase at a time).
 
 Called through dsincubate.data.build_train_loader / build_val_loader.
 """
@@ -34,6 +35,7 @@ from dsincubate.data.subsets import (Selection, group_shards, repeat_group, sele
 from dsincubate.errors import UserError
 
 _INDEX_CACHE: dict = {}
+INDEX_CACHE_SIZE = 4  # indexes kept by cached_index; memory stays bounded
 
 
 def cached_index(source: str, manifest: str = "") -> DatasetIndex:
@@ -43,7 +45,10 @@ def cached_index(source: str, manifest: str = "") -> DatasetIndex:
     mpath = manifest or (os.path.join(source, "manifest.json") if os.path.isdir(source) else source)
     key = (source, manifest, _mtime(mpath), _mtime(os.path.join(folder, CLASSES_NAME)))
     if key not in _INDEX_CACHE:
-        _INDEX_CACHE.clear()  # at most the train+val of one run matter; keep memory bounded
+        # the train and val index of one run (and of a second one) stay: evicting train's at each evaluation gave
+        # the next epoch a new index object, hence a new pool key, and restarted the persistent train workers
+        while len(_INDEX_CACHE) >= INDEX_CACHE_SIZE:
+            del _INDEX_CACHE[next(iter(_INDEX_CACHE))]  # the oldest (dicts keep insertion order)
         try:
             _INDEX_CACHE[key] = load_index(source, manifest)
         except OSError as e:  # permissions, a directory where a file should be, ...: the user's to fix
@@ -121,7 +126,7 @@ class _Pool:
         self.loader = _data_loader(stream, num_workers, device, persistent=True)
 
 
-_POOLS: dict = {}  # pool key -> _Pool; one at a time (a run trains one phase at a time), see _pool
+_POOLS: dict = {}  # pool key -> _Pool; one per split (key[0], "train" / "val") at a time, see _pool
 
 
 def _data_loader(stream: ShardStream, num_workers: int, device: torch.device, persistent: bool) -> DataLoader:
@@ -131,10 +136,11 @@ def _data_loader(stream: ShardStream, num_workers: int, device: torch.device, pe
 
 
 def _pool(key: tuple, make_stream, num_workers: int, device: torch.device) -> _Pool:
-    """The pool of `key`, started on first use; a pool of another key (the previous phase's) is closed first."""
+    """The pool of `key`, started on first use; a pool of another key of the same split (key[0]: the previous
+    phase's train or val loader) is closed first, so the train pool survives evaluations and the val pool epochs."""
     if key not in _POOLS:
-        for old in list(_POOLS.values()):
-            if not old.busy:
+        for old_key, old in list(_POOLS.items()):
+            if old_key[0] == key[0] and not old.busy:
                 close_pool(old)
         _POOLS[key] = _Pool(make_stream(), num_workers, device)
     return _POOLS[key]
@@ -349,11 +355,13 @@ def train_loader(cfg, index: DatasetIndex, sel: Selection, transform, *, batch_s
     return TrainLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                        expected=steps * batch_size, max_bad_fraction=cfg.max_bad_fraction, pad=False,
                        attempts=2, info=info, prep=transform.batch_prep, device=device, prep_key=tf_seed,
-                       pool_key=None if pool_key is None else (*pool_key, id(index), nw))  # nw: env-derived
+                       pool_key=None if pool_key is None else ("train", *pool_key, id(index), nw))  # nw: env-derived
 
 
 def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: int, world_size: int,
-               img_size: int, device="cpu") -> ValLoader:
+               img_size: int, device="cpu", pool_key: tuple | None = None) -> ValLoader:
+    """One evaluation's loader; with `pool_key` (everything it was built from) its DataLoader workers are started
+    once and reused by later evaluations' loaders of the same key (the val stream is the same every time)."""
     sel = select_subset(index)
     used = sum(1 for k in sel.keys if k)
     split = split_by_shard if used >= world_size else split_by_sample
@@ -371,4 +379,5 @@ def val_loader(cfg, index: DatasetIndex, transform, *, batch_size: int, rank: in
             "source": index.source}
     return ValLoader(make_stream, steps=steps, batch_size=batch_size, img_size=img_size, num_workers=nw,
                      expected=counts[rank], max_bad_fraction=cfg.max_bad_fraction, pad=True, attempts=1,
-                     info=info, prep=transform.batch_prep, device=device, prep_key=[0, 0, rank])
+                     info=info, prep=transform.batch_prep, device=device, prep_key=[0, 0, rank],
+                     pool_key=None if pool_key is None else ("val", *pool_key, id(index), nw))

@@ -309,3 +309,39 @@ def test_two_loaders_of_one_key_iterated_at_once_each_read_their_own_epoch(shard
     for e in (0, 1):
         ref = torch.cat([x for x, _ in build_train_loader(cfg, info, epoch=e, persistent=False, **kw)])
         assert torch.equal(torch.cat([p[e] for p in both]), ref)
+
+
+def _evaluate(cfg, info, persistent, stop_early=False):
+    """One evaluation as the trainer runs it: (images, targets, valid) of every batch, stats, worker pids."""
+    dl = build_val_loader(cfg, info, batch_size=16, rank=0, world_size=1, img_size=8, persistent=persistent)
+    batches = []
+    for x, y, valid in dl:
+        batches.append((x, y, valid))
+        if stop_early and len(batches) == 2:
+            break  # an evaluation cut short: its unread batches must not leak into the next one
+    cat = tuple(torch.cat([b[i] for b in batches]) for i in range(3))
+    return cat, dl.stats(), set(dl.worker_pids)
+
+
+def test_val_workers_persist_across_evaluations_and_read_what_fresh_workers_read(shards):
+    """The torch val loader's workers start at the first evaluation and serve the later ones, which deliver exactly
+    what workers started for that evaluation deliver; the train pool survives the evaluations between its epochs."""
+    cfg = cfg_for(shards, resampled=True, samples_per_epoch=200)
+    info = resolve_data(cfg)
+    fresh, fresh_stats, fresh_pids = _evaluate(cfg, info, persistent=False)
+    evals, train_pids = [], []
+    for e, stop_early in zip(range(3), (False, True, False)):
+        train = build_train_loader(cfg, info, batch_size=10, rank=0, world_size=1, epoch=e, seed=4, img_size=8)
+        assert len([b for b in train]) == len(train)
+        train_pids.append(frozenset(train.worker_pids))
+        evals.append(_evaluate(cfg, info, persistent=True, stop_early=stop_early))
+    assert len(set(train_pids)) == 1 and len(train_pids[0]) == 2            # the same 2 train workers throughout
+    val_pids = {frozenset(p) for _, _, p in evals}
+    assert len(val_pids) == 1 and len(fresh_pids) == 2                        # the same val workers every time
+    assert not val_pids.pop() & (train_pids[0] | fresh_pids)
+    for i in (0, 2):
+        got, stats, _ = evals[i]
+        assert all(torch.equal(a, b) for a, b in zip(got, fresh))
+        assert {k: v for k, v in stats.items() if k != "bad_examples"} == \
+            {k: v for k, v in fresh_stats.items() if k != "bad_examples"}
+    assert torch.equal(evals[1][0][0], fresh[0][:32])                         # the cut evaluation's 2 batches
