@@ -98,10 +98,7 @@ def run_trial(spec: dict) -> dict:
     """One trial in this process (rank of a launcher job or a single process); returns the result on rank 0."""
     import resource
 
-    import torch
-
-    from dsincubate import dist, dsconfig, phases, recipes
-    from dsincubate.config import RunConfig, apply_overrides
+    from dsincubate import dist, dsconfig
     from dsincubate.engine import build_engine, resolve_ds_config
 
     ctx = dist.init()
@@ -113,62 +110,15 @@ def run_trial(spec: dict) -> dict:
                                                 min(base + cap, hard), hard))
     result = {"ok": False}
     try:
-        cfg = RunConfig.from_dict(spec["config"]) if spec.get("config") else recipes.get(spec["recipe"])
-        phase_name = spec["phase"]
-        section = registry.phase(phase_name).config_section
-        sets = list(spec.get("overrides", [])) + [
-            f"ds_config={spec['ds_config']}", f"{section}.micro_batch={spec['micro_batch']}",
-            f"model.grad_checkpointing={str(spec['grad_checkpointing']).lower()}"]
-        cfg = apply_overrides(cfg, sets)
-        n_cls = _num_classes(cfg)
-        # The real phase's architecture, trainable part, kernels, optimizer and lr (weights not loaded).
-        phase = phases.make(phase_name, cfg, Path("/nonexistent-tune-root"), n_cls,
-                            spec.get("module") if registry.phase(phase_name).per_stage else None, resolve=False)
-        if phase_name == "m2mkd":  # its teacher stage's architecture comes from the teacher file
-            from dsincubate.m2mkd import teacher_spec
-
-            if not Path(cfg.m2mkd.teacher).is_file():
-                raise UserError(f"tune m2mkd: m2mkd.teacher={cfg.m2mkd.teacher} must be a model file")
-            phase.teacher_spec, phase.teacher_depths = teacher_spec(cfg, n_cls, Path(cfg.m2mkd.teacher))
-        tc = phase.train_cfg
+        phase, n_cls = _trial_phase(spec)
         ds_file, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
-        dtype = dsconfig.precision(ds_cfg)
         built = build_engine(phase, ctx, ds_cfg, load=False)
-        engine = built.engine
-        img = phase.img_size
-        x = torch.randn(tc.micro_batch, 3, img, img, device=ctx.device).to(dtype)
-        y = torch.randint(0, n_cls, (tc.micro_batch,), device=ctx.device)
-        crit = torch.nn.CrossEntropyLoss()
-        if ctx.has_cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        engine.train()
-        for k in range(spec["warmup"] + spec["steps"]):
-            t0 = time.perf_counter()
-            loss = phase.objective(engine.module, engine(x), y, crit)["loss"]
-            engine.backward(loss)
-            engine.step()
-            if ctx.has_cuda:
-                torch.cuda.synchronize()
-            if k >= spec["warmup"]:
-                times.append(time.perf_counter() - t0)
-        step = statistics.median(times)
-        if ctx.has_cuda:
-            peak = torch.cuda.max_memory_allocated()
-            kind = "torch.cuda.max_memory_allocated"
-        else:
-            peak = procutil.status_bytes("VmHWM")
-            kind = "process RSS high-water (VmHWM)"
-        t = torch.tensor([float(peak), step], dtype=torch.float64, device=ctx.device)
-        if ctx.world_size > 1:
-            import torch.distributed as tdist
-
-            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        peak, step = int(t[0].item()), float(t[1].item())
-        result = {"ok": True, "step_seconds": step, "images_per_second": tc.micro_batch * ctx.world_size / step,
+        step, loss = _time_steps(phase, built.engine, ctx, spec, n_cls, dsconfig.precision(ds_cfg))
+        peak, step, kind = _peak_memory(ctx, step)
+        mb = phase.train_cfg.micro_batch
+        result = {"ok": True, "step_seconds": step, "images_per_second": mb * ctx.world_size / step,
                   "peak_bytes_per_rank": peak, "memory_kind": kind, "world_size": ctx.world_size,
-                  "device_name": ctx.device_name, "loss": float(loss), "ds_config_file": str(ds_file),
+                  "device_name": ctx.device_name, "loss": loss, "ds_config_file": str(ds_file),
                   "ds_config_engine": dsconfig.load(ds_file), "kernels": built.kernels}
     except BaseException as e:  # noqa: BLE001  (any failure is a row of the table)
         oom = isinstance(e, MemoryError) or procutil.is_out_of_memory(f"{type(e).__name__}: {e}")
@@ -177,6 +127,72 @@ def run_trial(spec: dict) -> dict:
         if cap:
             resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
     return result if ctx.is_main else {}
+
+
+def _trial_phase(spec: dict):
+    """(the trial's phase, the class count): the recipe or config with the trial's settings applied, the real phase's
+    architecture, trainable part, kernels, optimizer and lr (`resolve=False`: no earlier phase's weights needed)."""
+    from dsincubate import phases, recipes
+    from dsincubate.config import RunConfig, apply_overrides
+
+    cfg = RunConfig.from_dict(spec["config"]) if spec.get("config") else recipes.get(spec["recipe"])
+    phase_name = spec["phase"]
+    section = registry.phase(phase_name).config_section
+    sets = list(spec.get("overrides", [])) + [
+        f"ds_config={spec['ds_config']}", f"{section}.micro_batch={spec['micro_batch']}",
+        f"model.grad_checkpointing={str(spec['grad_checkpointing']).lower()}"]
+    cfg = apply_overrides(cfg, sets)
+    n_cls = _num_classes(cfg)
+    phase = phases.make(phase_name, cfg, Path("/nonexistent-tune-root"), n_cls,
+                        spec.get("module") if registry.phase(phase_name).per_stage else None, resolve=False)
+    if phase_name == "m2mkd":  # its teacher stage's architecture comes from the teacher file
+        from dsincubate.m2mkd import teacher_spec
+
+        if not Path(cfg.m2mkd.teacher).is_file():
+            raise UserError(f"tune m2mkd: m2mkd.teacher={cfg.m2mkd.teacher} must be a model file")
+        phase.teacher_spec, phase.teacher_depths = teacher_spec(cfg, n_cls, Path(cfg.m2mkd.teacher))
+    return phase, n_cls
+
+
+def _time_steps(phase, engine, ctx, spec: dict, n_cls: int, dtype) -> tuple[float, float]:
+    """(median seconds of the timed steps, the last loss): `warmup` + `steps` training steps on one random batch."""
+    import torch
+
+    mb, img = phase.train_cfg.micro_batch, phase.img_size
+    x = torch.randn(mb, 3, img, img, device=ctx.device).to(dtype)
+    y = torch.randint(0, n_cls, (mb,), device=ctx.device)
+    crit = torch.nn.CrossEntropyLoss()
+    if ctx.has_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    engine.train()
+    for k in range(spec["warmup"] + spec["steps"]):
+        t0 = time.perf_counter()
+        loss = phase.objective(engine.module, engine(x), y, crit)["loss"]
+        engine.backward(loss)
+        engine.step()
+        if ctx.has_cuda:
+            torch.cuda.synchronize()
+        if k >= spec["warmup"]:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), float(loss)
+
+
+def _peak_memory(ctx, step: float) -> tuple[int, float, str]:
+    """(peak bytes, step seconds, what was measured), each the largest over the ranks (a collective)."""
+    import torch
+
+    if ctx.has_cuda:
+        peak, kind = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        peak, kind = procutil.status_bytes("VmHWM"), "process RSS high-water (VmHWM)"
+    t = torch.tensor([float(peak), step], dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return int(t[0].item()), float(t[1].item()), kind
 
 
 # ---------------------------------------------------------------- parent: the sweep
@@ -232,11 +248,44 @@ def format_table(rows: list[dict]) -> str:
 
 
 def sweep(args) -> int:
+    """Every trial of the sweep `args` asks for, the table, the best configuration's ds_config and the trials' record;
+    exit status 0 when one fitted, 1 when none did."""
     import torch
 
-    from dsincubate import dsconfig
-
     has_cuda = torch.cuda.is_available()
+    grid = _grid(args, has_cuda)
+    print(f"[tune] {args.recipe if not grid['config'] else args.config} phase {args.phase}"
+          f"{f' module {args.module}' if registry.phase(args.phase).per_stage else ''}: {len(grid['names'])} "
+          f"ds_config(s) x {len(grid['gcs'])} checkpointing x {len(grid['mbs'])} micro-batch(es), {args.ranks} "
+          f"rank(s) per trial{f', memory cap {args.memory_cap}' if grid['cap'] else ''}", flush=True)
+    rows = _run_trials(args, grid, has_cuda)
+    ok = [r for r in rows if r.get("ok")]
+    best = max(ok, key=lambda r: r["images_per_second"]) if ok else None
+    if best:
+        best["best"] = True
+    print("\n" + format_table(rows), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    use = _write_best(args, best, out, has_cuda) if best else None
+    if not best:
+        print("\nno configuration fitted; nothing written (try smaller micro-batches, ZeRO-3 or offload)")
+    trials = out.with_name(out.stem + ".trials.json")
+    trials.write_text(json.dumps({
+        "recipe": args.recipe, "config": args.config, "phase": args.phase, "module": args.module,
+        "overrides": args.overrides, "ranks": args.ranks, "memory_cap_bytes": grid["cap"], "steps": args.steps,
+        "warmup": args.warmup, "device": "cuda" if has_cuda else f"cpu ({os.cpu_count()} cores)",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": _command(),
+        "best": best and {k: best[k] for k in ("ds_config", "micro_batch", "grad_checkpointing",
+                                               "images_per_second", "peak_bytes_per_rank")},
+        "best_ds_config_file": str(out) if best else None, "use": use,
+        "table": format_table(rows).splitlines(), "trials": rows}, indent=2) + "\n")
+    print(f"wrote {trials}")
+    return 0 if best else 1
+
+
+def _grid(args, has_cuda: bool) -> dict:
+    """The sweep's axes from the command line, every ds_config validated and described before any trial: names,
+    gcs (checkpointing off/on), mbs (micro-batches), descr, cap (bytes), config (a saved config.json's dict)."""
     mbs = sorted({int(m) for m in str(args.micro_batches).split(",") if m.strip()})
     if not mbs or min(mbs) < 1:
         raise UserError("--micro-batches: give positive integers, e.g. 8,16,32")
@@ -247,30 +296,30 @@ def sweep(args) -> int:
         if g not in ("off", "on", "false", "true", "0", "1"):
             raise UserError(f"--grad-checkpointing {args.grad_checkpointing!r}: use off, on or off,on")
         gcs.append(g in ("on", "true", "1"))
-    descr = {n: _describe(n, has_cuda) for n in names}  # validates every ds_config before any trial
-    cap = parse_size(args.memory_cap)
     config = None
     if args.config:
         if not Path(args.config).is_file():
             raise UserError(f"--config {args.config}: no such file")
         config = json.loads(Path(args.config).read_text())
+    return {"mbs": mbs, "names": names, "gcs": gcs, "descr": {n: _describe(n, has_cuda) for n in names},
+            "cap": parse_size(args.memory_cap), "config": config}
+
+
+def _run_trials(args, grid: dict, has_cuda: bool) -> list[dict]:
+    """One row per (ds_config, checkpointing, micro-batch); once one runs out of memory (or is killed), the larger
+    micro-batches of the same ds_config and checkpointing are skipped."""
     rows = []
-    print(f"[tune] {args.recipe if not config else args.config} phase {args.phase}"
-          f"{f' module {args.module}' if registry.phase(args.phase).per_stage else ''}: {len(names)} ds_config(s) "
-          f"x "
-          f"{len(gcs)} checkpointing x {len(mbs)} micro-batch(es), {args.ranks} rank(s) per trial"
-          f"{f', memory cap {args.memory_cap}' if cap else ''}", flush=True)
-    for name in names:
-        for gc in gcs:
+    for name in grid["names"]:
+        for gc in grid["gcs"]:
             failed_oom = None
-            for mb in mbs:
-                row = dict(ds_config=name, grad_checkpointing=gc, micro_batch=mb, **descr[name])
+            for mb in grid["mbs"]:
+                row = dict(ds_config=name, grad_checkpointing=gc, micro_batch=mb, **grid["descr"][name])
                 if failed_oom is not None:
                     row.update(ok=False, error=f"skipped: micro-batch {failed_oom} ran out of memory")
                 else:
-                    spec = dict(recipe=args.recipe, config=config, overrides=args.overrides, phase=args.phase,
+                    spec = dict(recipe=args.recipe, config=grid["config"], overrides=args.overrides, phase=args.phase,
                                 module=args.module, ds_config=name, micro_batch=mb, grad_checkpointing=gc,
-                                steps=args.steps, warmup=args.warmup, memory_cap=cap)
+                                steps=args.steps, warmup=args.warmup, memory_cap=grid["cap"])
                     row.update(launch_trial(spec, args, has_cuda))
                     if not row.get("ok") and ("memory" in row.get("error", "") or "killed" in row.get("error", "")):
                         failed_oom = mb
@@ -278,40 +327,25 @@ def sweep(args) -> int:
                 status = (f"{row['images_per_second']:.1f} img/s, peak {row['peak_bytes_per_rank'] / 2**20:.0f} "
                           f"MiB/rank" if row.get("ok") else row.get("error"))
                 print(f"[tune]   {name:<16} ckpt {'on ' if gc else 'off'} micro-batch {mb:<5} {status}", flush=True)
-    ok = [r for r in rows if r.get("ok")]
-    best = max(ok, key=lambda r: r["images_per_second"]) if ok else None
-    if best:
-        best["best"] = True
-    print("\n" + format_table(rows), flush=True)
-    out = Path(args.out)
-    trials = out.with_name(out.stem + ".trials.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    use = None
-    if best:
-        engine_cfg = dsconfig.load(dsconfig.find(best["ds_config"], has_cuda))  # engine keys only, as shipped
-        dsconfig.validate(engine_cfg, str(out))
-        out.write_text(json.dumps(engine_cfg, indent=2) + "\n")
-        section = registry.phase(args.phase).config_section
-        use = (f"--ds-config {out} --set {section}.micro_batch={best['micro_batch']} --set "
-               f"model.grad_checkpointing={'true' if best['grad_checkpointing'] else 'false'}")
-        print(f"\nbest: {best['ds_config']} (ZeRO {best['zero_stage']}, {best['precision']}, offload "
-              f"{best['offload']}), micro-batch {best['micro_batch']}, activation checkpointing "
-              f"{'on' if best['grad_checkpointing'] else 'off'}: {best['images_per_second']:.1f} img/s, "
-              f"peak {best['peak_bytes_per_rank'] / 2**20:.0f} MiB/rank")
-        print(f"wrote {out}; use: {use}")
-    else:
-        print("\nno configuration fitted; nothing written (try smaller micro-batches, ZeRO-3 or offload)")
-    trials.write_text(json.dumps({
-        "recipe": args.recipe, "config": args.config, "phase": args.phase, "module": args.module,
-        "overrides": args.overrides, "ranks": args.ranks, "memory_cap_bytes": cap, "steps": args.steps,
-        "warmup": args.warmup, "device": "cuda" if has_cuda else f"cpu ({os.cpu_count()} cores)",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": _command(),
-        "best": best and {k: best[k] for k in ("ds_config", "micro_batch", "grad_checkpointing",
-                                               "images_per_second", "peak_bytes_per_rank")},
-        "best_ds_config_file": str(out) if best else None, "use": use,
-        "table": format_table(rows).splitlines(), "trials": rows}, indent=2) + "\n")
-    print(f"wrote {trials}")
-    return 0 if best else 1
+    return rows
+
+
+def _write_best(args, best: dict, out: Path, has_cuda: bool) -> str:
+    """Write the best trial's ds_config (engine keys only, as shipped) to `out`; the options that use it."""
+    from dsincubate import dsconfig
+
+    engine_cfg = dsconfig.load(dsconfig.find(best["ds_config"], has_cuda))
+    dsconfig.validate(engine_cfg, str(out))
+    out.write_text(json.dumps(engine_cfg, indent=2) + "\n")
+    section = registry.phase(args.phase).config_section
+    use = (f"--ds-config {out} --set {section}.micro_batch={best['micro_batch']} --set "
+           f"model.grad_checkpointing={'true' if best['grad_checkpointing'] else 'false'}")
+    print(f"\nbest: {best['ds_config']} (ZeRO {best['zero_stage']}, {best['precision']}, offload "
+          f"{best['offload']}), micro-batch {best['micro_batch']}, activation checkpointing "
+          f"{'on' if best['grad_checkpointing'] else 'off'}: {best['images_per_second']:.1f} img/s, "
+          f"peak {best['peak_bytes_per_rank'] / 2**20:.0f} MiB/rank")
+    print(f"wrote {out}; use: {use}")
+    return use
 
 
 def _command() -> str:
