@@ -5,7 +5,9 @@ the same day gets `_2`, `_3`, ..., so a rerun never overwrites an earlier result
 exact command, the git commit, the date and the load average at the start (`header`; the numbers are only comparable
 between runs on the same kind of device with a quiet machine), plus the printed table as text next to it (`.txt`).
 Child processes, their results and the process's memory are `dsincubate.procutil`'s. Import from a benchmark script
-as `from benchmarks import common` (the scripts put the repository root on sys.path).
+as `from benchmarks import common` (the scripts put the repository root on sys.path). Which phases a benchmark trains
+or reads, in which order, and where their outputs are come from `dsincubate.registry` (`train_dirs`, `step_kinds`,
+`split_kind`; `registry.trained_phases`): no benchmark lists phases itself (tests/unit/test_benchmarks_registry.py).
 
 Honest rows: every throughput/step-cost row names the model's parameter count, and `check_params` refuses a ViT-B/L/H
 preset whose count is not the real model's (a recipe's depth/width override kept under `model.preset=` once turned
@@ -23,6 +25,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from dsincubate.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,6 +92,38 @@ def model_params(cfg, num_classes: int | None = None) -> dict:
     kw = spec.kwargs
     return {"params": sum(p.numel() for p in model.parameters()), "depth": kw["depth"], "embed_dim": kw["embed_dim"],
             "num_heads": kw["num_heads"], "num_classes": kw.get("num_classes", 0)}
+
+
+# ---------------------------------------------------------------- phases and their outputs: the registry's
+
+def train_dirs(method: str, num_stages: int) -> list[str]:
+    """The output directories (relative to a run's root) of the training steps of a method, in its order, a
+    per-stage phase's K jobs each: where a benchmark reads the run.json of each phase it counts."""
+    from dsincubate import registry
+
+    return [registry.phase(s.name).output_dir(s.stage_index) for s in registry.method_steps(method, num_stages)
+            if s.kind == "train"]
+
+
+def split_kind(kind: str) -> tuple[str, int | None]:
+    """A step kind as the benchmarks name it, `<phase>` or `<per-stage phase><I>` (incubate2), as (phase, I)."""
+    from dsincubate import registry
+
+    if kind in registry.list_phases() and not registry.phase(kind).per_stage:
+        return kind, None
+    for name in registry.stage_phases():
+        if kind.startswith(name) and kind[len(name):].isdigit():
+            return name, int(kind[len(name):])
+    raise UserError(f"unknown step {kind!r}: a phase of {', '.join(registry.list_phases())}, a per-stage one "
+                    "followed by its stage index")
+
+
+def step_kinds(methods, num_stages: int) -> list[str]:
+    """The training steps of methods in order, each once, as step kinds (`meta`, `incubate0`, ...)."""
+    from dsincubate import registry
+
+    return list(dict.fromkeys(f"{s.name}{'' if s.stage_index is None else s.stage_index}" for m in methods
+                              for s in registry.method_steps(m, num_stages) if s.kind == "train"))
 
 
 def set_threads(n: int | None = None) -> int:

@@ -22,18 +22,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common, paper_claims as pc  # noqa: E402
+from dsincubate import registry  # noqa: E402
 
-VARIANTS = {"clip": ["e2e.clip_grad=1.0"], "lr_half": ["e2e.lr=4e-3"], "warmup_x2": ["e2e.warmup_epochs=2.0"]}
+E2E = "e2e"  # the re-trained phase: its config section and output directory are the registry's
+_SEC = registry.phase(E2E).config_section
+VARIANTS = {"clip": [f"{_SEC}.clip_grad=1.0"], "lr_half": [f"{_SEC}.lr=4e-3"],
+            "warmup_x2": [f"{_SEC}.warmup_epochs=2.0"]}
+
+
+def finished(run: Path) -> bool:
+    """Whether a run directory holds a finished E2E model."""
+    return (run / registry.phase(E2E).output_dir() / "MANIFEST.json").is_file()
 
 
 def run_variant(cell: Path, name: str, recipe: str, sets: list[str], seed: int, epochs: int, timeout: int,
                 collect_only: bool):
     """The cell's E2E of this seed again with the variant's settings and its `epochs`; its summary or None."""
     out = cell / "e2e_controls" / name
-    if not (out / "e2e" / "MANIFEST.json").is_file():
+    if not finished(out):
         if collect_only:
             return None
-        full = sets + [f"seed={seed}", f"e2e.epochs={epochs}"] + VARIANTS[name]
+        full = sets + [f"seed={seed}", f"{_SEC}.epochs={epochs}"] + VARIANTS[name]
         if not pc._pipeline(out, "e2e", recipe, full, [], timeout):
             raise SystemExit(f"e2e_controls: E2E {name} failed, see {out / 'log_e2e.txt'}")
     s = json.loads((out / "summary.json").read_text())["e2e"]
@@ -56,7 +65,7 @@ def main(argv=None) -> int:
     recipe, _, sets = pc.cells("depth", "cpu", [args.depth])[0]
     work = Path(args.workdir) / "cpu" / pc.cell_key(recipe, sets)
     seeds = [int(s) for s in args.seeds.split(",")]
-    missing = [s for s in seeds if not (work / f"seed{s}" / "e2e" / "MANIFEST.json").is_file()]
+    missing = [s for s in seeds if not finished(work / f"seed{s}")]
     if missing:
         p.error(f"no finished paper_claims depth-{args.depth} cell for seed(s) {missing} under {work}; run "
                 f"paper_claims.py --experiments depth --depths {args.depth} --workdir {args.workdir} first")

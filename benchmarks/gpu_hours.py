@@ -40,8 +40,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
+from dsincubate import registry  # noqa: E402
 
-PHASES = ("meta", "incubate", "finetune", "e2e")
+# The methods compared (the pipeline's default --methods), each by its name in the results; the phases a budget
+# trains and scales, where their outputs are and which phase's top-1 a method reports are the registry's.
+METHODS = {"e2e": "e2e", "di": "deep_incubation"}
 # The CPU default: the demo recipe (depth 16, width 64, 8x8 patches, K=4; meta 20, incubate 8, finetune 6, E2E 24
 # epochs) on the built-in demo data (3000 images/epoch), at budgets 0.2, 0.4, 0.8 of its epochs. The committed
 # gpu_hours_cpu2.* results predate this demo (they used depth 8, width 96, 4x4 patches).
@@ -49,6 +52,13 @@ CPU_DEFAULT_SETS: list[str] = []
 
 
 # ---------------------------------------------------------------- the math (unit-tested)
+
+def sweep_phases() -> tuple[str, ...]:
+    """The phases one budget trains (meta, incubate, finetune, e2e): the trained phases of `METHODS` in the order the
+    pipeline runs them, each once."""
+    methods = registry.parse_methods(",".join(METHODS))
+    return tuple(dict.fromkeys(p for m in methods for p in registry.trained_phases(m)))
+
 
 def scaled_epochs(base: dict, factor: float) -> dict:
     """Epochs of each phase at a budget factor: ceil(base x factor), at least 1."""
@@ -128,8 +138,8 @@ def budget_dir(workdir: Path, factor: float) -> Path:
 
 def command_for(args, out: Path, epochs: dict, extra: list[str]) -> list[str]:
     sets = []
-    for ph in PHASES:
-        sets += ["--set", f"{ph}.epochs={epochs[ph]}"]
+    for ph in sweep_phases():
+        sets += ["--set", f"{registry.phase(ph).config_section}.epochs={epochs[ph]}"]
     base = ["--output", str(out)] + (["--config", args.pinned_config] if getattr(args, "pinned_config", None) else
                                      ["--recipe", args.recipe] if args.recipe else [])
     if args.ds_config:
@@ -150,52 +160,71 @@ def command_for(args, out: Path, epochs: dict, extra: list[str]) -> list[str]:
 
 
 def collect(out: Path, num_stages: int) -> dict | None:
-    """Top-1 and device-hours of one budget's run, from the phases' run.json files."""
-    from dsincubate.checkpoint import complete
-
-    def load(p: Path):
-        return json.loads((p / "run.json").read_text()) if complete(p) else None
-
-    runs = {"meta": load(out / "meta"), "finetune": load(out / "finetune"), "e2e": load(out / "e2e")}
-    inc = [load(out / "incubate" / f"module_{i}") for i in range(num_stages)]
+    """Top-1 and device-hours of each method of one budget's run, from its phases' run.json files (a method is
+    absent until every phase it trains has finished)."""
     row = {"dir": str(out)}
-    if runs["e2e"]:
-        r = runs["e2e"]
-        row["e2e"] = {"top1": r["final"].get("top1"), "device_hours": device_hours(r), "epochs": r["epochs"],
-                      "device_name": r.get("device_name"), "world_size": r.get("world_size"),
-                      "device_type": r.get("device_type")}
-    if runs["meta"] and runs["finetune"] and all(inc):
-        phases = {"meta": device_hours(runs["meta"]), "incubate": [device_hours(r) for r in inc],
-                  "finetune": device_hours(runs["finetune"])}
-        r = runs["finetune"]
-        row["di"] = {"top1": r["final"].get("top1"), "meta_top1": runs["meta"]["final"].get("top1"),
-                     "device_hours": phases["meta"] + sum(phases["incubate"]) + phases["finetune"],
-                     "phases_hours": phases, "epochs": {"meta": runs["meta"]["epochs"], "incubate": inc[0]["epochs"],
-                                                        "finetune": r["epochs"]},
-                     "device_name": r.get("device_name"), "world_size": r.get("world_size"),
-                     "device_type": r.get("device_type")}
+    for method in METHODS:
+        got = method_result(out, method, num_stages)
+        if got:
+            row[method] = got
     return row
 
 
+def method_result(out: Path, method: str, num_stages: int) -> dict | None:
+    """One method's top-1 (its last phase's), device-hours (every phase's, meta pre-training included) and epochs;
+    for a method of several phases also the first phase's top-1 and each phase's hours (a per-stage phase's K)."""
+    from dsincubate.checkpoint import complete
+
+    trained = registry.trained_phases(method)
+    runs = {p: [] for p in trained}
+    for s in registry.method_steps(method, num_stages):
+        if s.kind == "train":
+            d = out / registry.phase(s.name).output_dir(s.stage_index)
+            if not complete(d):
+                return None
+            runs[s.name].append(json.loads((d / "run.json").read_text()))
+    last = runs[trained[-1]][-1]
+    hours = {p: [device_hours(r) for r in rs] if registry.phase(p).per_stage else device_hours(rs[0])
+             for p, rs in runs.items()}
+    res = {"top1": last["final"].get("top1")}
+    if len(trained) == 1:
+        res.update(device_hours=hours[trained[0]], epochs=last["epochs"])
+    else:
+        first = runs[trained[0]][0]
+        res.update({f"{trained[0]}_top1": first["final"].get("top1"),
+                    "device_hours": sum(sum(h) if isinstance(h, list) else h for h in hours.values()),
+                    "phases_hours": hours, "epochs": {p: rs[0]["epochs"] for p, rs in runs.items()}})
+    res.update(device_name=last.get("device_name"), world_size=last.get("world_size"),
+               device_type=last.get("device_type"))
+    return res
+
+
 def write_outputs(rows: list[dict], args, dev: dict, cmp: dict, stem: Path) -> None:
+    phased = [m for m in METHODS if len(registry.trained_phases(m)) > 1]  # the methods with a column per phase
+    columns = list(dict.fromkeys(p for m in phased for p in registry.trained_phases(m)))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["method", "budget_factor", "epochs", "top1", "device_hours", "meta_hours", "incubate_hours",
-                    "finetune_hours", "device_name", "world_size", "run_dir"])
+        w.writerow(["method", "budget_factor", "epochs", "top1", "device_hours", *(f"{p}_hours" for p in columns),
+                    "device_name", "world_size", "run_dir"])
         for r in rows:
-            if "e2e" in r:
-                e = r["e2e"]
-                w.writerow(["e2e", r["budget"], f"e2e={e['epochs']}", e["top1"], f"{e['device_hours']:.6f}", "", "",
-                            "", e["device_name"], e["world_size"], r["dir"]])
-            if "di" in r:
-                d = r["di"]
-                ep = d["epochs"]
-                w.writerow(["deep_incubation", r["budget"],
-                            f"meta={ep['meta']};incubate={ep['incubate']};finetune={ep['finetune']}", d["top1"],
-                            f"{d['device_hours']:.6f}", f"{d['phases_hours']['meta']:.6f}",
-                            ";".join(f"{h:.6f}" for h in d["phases_hours"]["incubate"]),
-                            f"{d['phases_hours']['finetune']:.6f}", d["device_name"], d["world_size"], r["dir"]])
+            for method, name in METHODS.items():
+                if method not in r:
+                    continue
+                d = r[method]
+                ep, hours = d["epochs"], d.get("phases_hours", {})
+                epochs = ";".join(f"{p}={ep[p]}" for p in ep) if isinstance(ep, dict) else f"{registry.trained_phases(method)[0]}={ep}"
+                w.writerow([name, r["budget"], epochs, d["top1"], f"{d['device_hours']:.6f}",
+                            *(_hours_cell(hours.get(p)) for p in columns), d["device_name"], d["world_size"],
+                            r["dir"]])
     plot(rows, dev, cmp, stem.with_suffix(".png"), args)
+
+
+def _hours_cell(hours) -> str:
+    """A phase's device-hours in the CSV: empty where a method has no such phase, `;` between a per-stage
+    phase's K."""
+    if hours is None:
+        return ""
+    return ";".join(f"{h:.6f}" for h in hours) if isinstance(hours, list) else f"{hours:.6f}"
 
 
 def plot(rows, dev, cmp, path: Path, args) -> None:
@@ -211,8 +240,8 @@ def plot(rows, dev, cmp, path: Path, args) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
             for h, a, b in pts:
                 ax.annotate(f"x{b:g}", (h, a), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    names = {r[k]["device_name"] for r in rows for k in ("e2e", "di") if k in r} or {dev["name"]}
-    ws = {r[k]["world_size"] for r in rows for k in ("e2e", "di") if k in r}
+    names = {r[k]["device_name"] for r in rows for k in METHODS if k in r} or {dev["name"]}
+    ws = {r[k]["world_size"] for r in rows for k in METHODS if k in r}
     ax.set_xlabel(f"device-hours ({', '.join(sorted(names))}; {'/'.join(map(str, sorted(ws)))} device(s) per job)")
     ax.set_ylabel("top-1 accuracy (%)")
     h = cmp.get("headline") or {}
@@ -261,7 +290,7 @@ def main(argv=None) -> int:
         cfg = apply_overrides(cfg, [o for o in over if not o.split("=")[0].endswith(".epochs")])
     except Exception:  # noqa: BLE001  (an override for another recipe field; only K and epochs matter here)
         pass
-    base = {ph: cfg.train_config(ph).epochs for ph in PHASES}
+    base = {ph: cfg.train_config(ph).epochs for ph in sweep_phases()}
     # Pin the recipe: every budget runs from the same saved config (a recipe edited while the sweep runs, or a
     # resumed sweep, cannot mix settings across budgets); --set overrides still apply on top (epochs per budget).
     pinned = workdir / "sweep_config.json"
@@ -303,7 +332,7 @@ def main(argv=None) -> int:
                    command=" ".join(shlex.quote(c) for c in cmd))
         rows.append(row)
         print(f"[gpu_hours] budget x{b:g}: {status}; " + "; ".join(
-            f"{k} top1 {row[k]['top1']:.2f} in {row[k]['device_hours']:.4f} device-h" for k in ("e2e", "di")
+            f"{k} top1 {row[k]['top1']:.2f} in {row[k]['device_hours']:.4f} device-h" for k in METHODS
             if k in row), flush=True)
     e2e_pts = [(r["e2e"]["device_hours"], r["e2e"]["top1"]) for r in rows if "e2e" in r]
     di_pts = [(r["di"]["device_hours"], r["di"]["top1"]) for r in rows if "di" in r]

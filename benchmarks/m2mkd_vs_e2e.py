@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common, paper_claims as pc  # noqa: E402
+from dsincubate import registry  # noqa: E402
 
 VMOE = ["model.moe_every=2", "model.moe_experts=4", "model.moe_top_k=2"]
 # m2mKD's phases get what Deep Incubation's get in the default cell (incubate 6, finetune 4 epochs, same lr/clip)
@@ -41,7 +42,7 @@ def _runs(out: Path, names: list[str]) -> list[dict]:
 
 def e2e_epochs(out: Path, K: int) -> tuple[int, dict]:
     """Student E2E epochs with at least m2mKD's measured training FLOPs and device-seconds (meta included)."""
-    runs = _runs(out, ["meta"] + [f"m2mkd/module_{i}" for i in range(K)] + ["m2mkd/finetune"])
+    runs = _runs(out, common.train_dirs("m2mkd", K))  # meta, the K students, the assembled students
     flops = sum(r["flops"]["train_step_per_image"] * r["images_processed"] for r in runs)
     ft = runs[-1]  # the assembled student: the same model as the student E2E
     per_epoch_flops = ft["flops"]["train_step_per_image"] * ft["images_processed"] / ft["epochs"]
@@ -52,30 +53,36 @@ def e2e_epochs(out: Path, K: int) -> tuple[int, dict]:
     return max(1, math.ceil(flops / per_epoch_flops - 1e-9), math.ceil(seconds / per_epoch_s)), plan
 
 
+def _finished(run: Path, method: str) -> bool:
+    """Whether a run directory holds the finished model of a method (its last trained phase's output)."""
+    return (run / common.train_dirs(method, 1)[-1] / "MANIFEST.json").is_file()
+
+
 def run_seed(work: Path, seed: int, extra: list[str], timeout: int, collect_only: bool) -> dict:
     base_recipe, _, base_sets = pc.cells("meta", "cpu")[0]  # the default cell: teacher and meta model
     teacher_run = work / pc.cell_key(base_recipe, base_sets) / f"seed{seed}"
     sets = pc.CPU_BASE + VMOE + KD
     out = work / pc.cell_key("demo", sets + ["m2mkd.teacher=<default cell E2E>"]) / f"seed{seed}"
     if not collect_only:
-        if not (teacher_run / "e2e" / "MANIFEST.json").is_file():
+        if not _finished(teacher_run, "e2e"):
             pc.run_cell(teacher_run, base_recipe, base_sets, seed, extra, timeout)
-        teacher = teacher_run / "e2e" / "model.safetensors"
+        teacher = teacher_run / common.train_dirs("e2e", 1)[-1] / registry.phase("e2e").output_file
         kd_sets = sets + [f"m2mkd.teacher={teacher}", f"seed={seed}"]
-        if not (out / "m2mkd" / "finetune" / "MANIFEST.json").is_file():
+        if not _finished(out, "m2mkd"):
             pc.reuse_phases(teacher_run, out, "demo", kd_sets, extra, modules=False)
             if not pc._pipeline(out, "m2mkd", "demo", kd_sets, extra, timeout):
                 return {"ok": False, "seed": seed, "error": f"m2mKD failed, see {out / 'log_m2mkd.txt'}"}
-        if not (out / "e2e" / "MANIFEST.json").is_file():
+        if not _finished(out, "e2e"):
             epochs, _ = e2e_epochs(out, 4)
-            if not pc._pipeline(out, "e2e", "demo", kd_sets + [f"e2e.epochs={epochs}"], extra, timeout):
+            e2e_set = f"{registry.phase('e2e').config_section}.epochs={epochs}"
+            if not pc._pipeline(out, "e2e", "demo", kd_sets + [e2e_set], extra, timeout):
                 return {"ok": False, "seed": seed, "error": f"student E2E failed, see {out / 'log_e2e.txt'}"}
-    if not (out / "e2e" / "MANIFEST.json").is_file():
+    if not _finished(out, "e2e"):
         return {"ok": False, "seed": seed, "error": "not run"}
     s = json.loads((out / "summary.json").read_text())
     teacher_summary = json.loads((teacher_run / "summary.json").read_text())
     epochs, plan = e2e_epochs(out, 4)
-    e2e_run = _runs(out, ["e2e"])[0]
+    e2e_run = _runs(out, common.train_dirs("e2e", 1))[-1]
     return {"ok": True, "seed": seed, "teacher": teacher_summary["e2e"]["top1"],
             "meta": s["deep_incubation"]["meta_top1"], "assembled": s["m2mkd"]["assembled_top1"],
             "kd": s["m2mkd"]["top1"], "e2e": s["e2e"]["top1"], "kd_hours": s["m2mkd"]["device_hours"],

@@ -50,6 +50,7 @@ from dsincubate import procutil  # noqa: E402
 from dsincubate.errors import UserError  # noqa: E402
 
 TOLERANCE = 0.15
+METHODS = ("e2e", "di")  # whose training steps are measured (the registry's); E2E's is the reference
 
 
 # ---------------------------------------------------------------- model construction (child and parent)
@@ -63,7 +64,7 @@ def run_config(preset: str, stages: int, grad_ckpt: bool, ds_config: str = "auto
                                       grad_checkpointing=grad_ckpt,
                                       num_classes=1000 if preset in common.EXPECTED_PARAMS else None))
     cfg.ds_config = ds_config
-    for name in ("meta", "incubate", "finetune", "e2e"):
+    for name in dict.fromkeys(common.split_kind(k)[0] for k in kinds(stages)):
         cfg.train_config(name).drop_path = 0.0
         if batch:
             cfg.train_config(name).micro_batch = batch
@@ -79,13 +80,13 @@ def check_preset(preset: str, stages: int) -> dict:
 
 def make_phase(kind: str, preset: str, stages: int, grad_ckpt: bool = False, ds_config: str = "auto",
                batch: int | None = None):
-    """The phase of a step kind (e2e, finetune, meta or incubate<I>), as the training loop makes it (no inputs)."""
+    """The phase of a step kind (`kinds`), as the training loop makes it (no inputs)."""
     from dsincubate import phases
     from dsincubate.models import vit
 
     cfg = run_config(preset, stages, grad_ckpt, ds_config, batch)
     n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"]) or 1000
-    name, index = ("incubate", int(kind[len("incubate"):])) if kind.startswith("incubate") else (kind, None)
+    name, index = common.split_kind(kind)
     return phases.make(name, cfg, Path("/nonexistent-step-cost-root"), n_cls, index, resolve=False)
 
 
@@ -125,11 +126,18 @@ def build(kind: str, preset: str, stages: int, grad_ckpt: bool = False, device="
 
 
 def kinds(stages: int) -> list[str]:
-    return ["e2e", "meta"] + [f"incubate{i}" for i in range(stages)] + ["finetune"]
+    """The measured steps: the training steps of `METHODS` in the registry's order (e2e, meta, incubate0, ...);
+    the per-stage ones (incubate<I>) are what the targets judge."""
+    return common.step_kinds(METHODS, stages)
+
+
+def reference_kind() -> str:
+    return common.step_kinds(METHODS[:1], 1)[0]  # E2E's training step: what the others are compared with
 
 
 def label(kind: str) -> str:
-    return f"incubate[{kind[8:]}]" if kind.startswith("incubate") else kind
+    name, index = common.split_kind(kind)
+    return kind if index is None else f"{name}[{index}]"
 
 
 def count_flops(kind: str, preset: str, stages: int, img_size: int) -> dict:
@@ -139,7 +147,7 @@ def count_flops(kind: str, preset: str, stages: int, img_size: int) -> dict:
 
 
 def img_size_of(preset: str, stages: int) -> tuple[int, int, int]:
-    phase = make_phase("e2e", preset, stages)
+    phase = make_phase(reference_kind(), preset, stages)
     return phase.img_size, phase.num_classes, phase.target_spec().depth
 
 
@@ -288,7 +296,7 @@ def measure_preset(preset: str, batch: int, args, dev: dict, model: dict | None 
 
 
 def analyse(preset, batch, img, depth, dtype, rows, args) -> dict:
-    e2e = next(r for r in rows if r["kind"] == "e2e")
+    e2e = next(r for r in rows if r["kind"] == reference_kind())
     checks = {"incubate_time_within_15pct_of_flop_ideal": True, "incubate_peak_memory_below_e2e": True}
     for r in rows:
         r["ideal_ratio"] = r["flops"]["train_step_per_image"] / e2e["flops"]["train_step_per_image"]
@@ -296,12 +304,12 @@ def analyse(preset, batch, img, depth, dtype, rows, args) -> dict:
             r["time_ratio"] = r["step_seconds_median"] / e2e["step_seconds_median"]
             r["time_vs_ideal"] = r["time_ratio"] / r["ideal_ratio"]
             r["achieved_tflops"] = r["flops"]["train_step_per_image"] * batch / r["step_seconds_median"] / 1e12
-            if r["kind"].startswith("incubate"):
+            if common.split_kind(r["kind"])[1] is not None:  # a per-stage step (incubate<I>)
                 r["time_within_15pct"] = abs(r["time_vs_ideal"] - 1) <= TOLERANCE
                 r["peak_below_e2e"] = r["peak_bytes"] < e2e["peak_bytes"]
                 checks["incubate_time_within_15pct_of_flop_ideal"] &= r["time_within_15pct"]
                 checks["incubate_peak_memory_below_e2e"] &= r["peak_below_e2e"]
-        elif r["kind"].startswith("incubate"):
+        elif common.split_kind(r["kind"])[1] is not None:
             checks = {k: False for k in checks}
     return {"preset": preset, "batch": batch, "img_size": img, "depth": depth, "stages": args.stages,
             "dtype": dtype, "grad_checkpointing": args.grad_checkpointing, "warmup": args.warmup,

@@ -29,7 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import common  # noqa: E402
+from dsincubate import registry  # noqa: E402
 
+# the phase each run trains (its subcommand, config section and output directory: the registry's)
+STRESSED = "e2e"
 PHASES = {
     "vmoe_ep2_zero2": ["--ds-config", "zero2_bf16", "--set", "model.moe_every=2", "--set", "model.moe_experts=4",
                        "--set", "model.moe_ep_size=2"],
@@ -42,9 +45,10 @@ def run_once(kind: str, code: Path, work: Path, port: int, timeout: float) -> di
     """One 2-rank phase from scratch; what its exit looked like."""
     out = work / f"{kind}_{port}"
     ds = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(ds), "--num_accelerators", "2", "--master_port", str(port), "--module", "dsincubate", "e2e",
+    spec = registry.phase(STRESSED)
+    cmd = [str(ds), "--num_accelerators", "2", "--master_port", str(port), "--module", "dsincubate", spec.name,
            "--recipe", "debug", "--output", str(out), "--set", f"data.demo_root={work / 'demo'}",
-           "--set", "e2e.epochs=1", *PHASES[kind]]
+           "--set", f"{spec.config_section}.epochs=1", *PHASES[kind]]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(code))
     t0 = time.time()
     try:
@@ -53,7 +57,7 @@ def run_once(kind: str, code: Path, work: Path, port: int, timeout: float) -> di
     except subprocess.TimeoutExpired as e:
         rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
     ranks = [m.group(3) or "0" for m in _RANK_EXIT.finditer(text)]
-    records = [json.loads(p.read_text()) for p in sorted((out / "e2e" / "ranks").glob("rank_*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((out / spec.output_dir() / "ranks").glob("rank_*.json"))]
     recorded = [r.get("process_group_destroyed") for r in records]
     res = {"kind": kind, "rc": rc, "rank_exits": ranks, "seconds": round(time.time() - t0, 1),
            "terminate_called": "terminate called" in text, "done_logged": ": done in" in text,

@@ -48,7 +48,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from dsincubate import procutil  # noqa: E402
+from dsincubate import procutil, registry  # noqa: E402
+
+# the phase the loop-overhead runs train (its subcommand, section and output directory: the registry's)
+LOOP_PHASE = "e2e"
 
 
 # ---------------------------------------------------------------- 1. peak matmul rate
@@ -117,7 +120,7 @@ def flops_per_image(recipe: str, sets: list[str], phase: str, module: int) -> fl
 
     cfg = apply_overrides(recipes.get(recipe), sets)
     n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"]) or 1000
-    ph = phases.make(phase, cfg, Path("/nonexistent"), n_cls, module if phase == "incubate" else None, resolve=False)
+    ph = phases.make(phase, cfg, Path("/nonexistent"), n_cls, module if registry.phase(phase).per_stage else None, resolve=False)
     return accounting.count_flops(lambda: ph.build_model(load=False), ph.img_size)["train_step_per_image"]
 
 
@@ -178,7 +181,7 @@ def minimal_loop(spec: dict) -> dict:
     cfg = apply_overrides(recipes.get(spec["recipe"]), spec["sets"])
     info = resolve_data(cfg.data)
     ctx = dist.init()
-    phase = phases.make("e2e", cfg, Path(spec["out"]), cfg.model.num_classes or info.num_classes, resolve=False)
+    phase = phases.make(LOOP_PHASE, cfg, Path(spec["out"]), cfg.model.num_classes or info.num_classes, resolve=False)
     tc = phase.train_cfg
     _, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     dtype = dsconfig.precision(ds_cfg)
@@ -205,8 +208,9 @@ def minimal_loop(spec: dict) -> dict:
 
 
 def loop_overhead(args) -> dict:
-    sets = [f"e2e.epochs={args.loop_epochs}", f"e2e.eval_every={args.loop_epochs}",
-            f"e2e.ckpt_every={args.loop_epochs}", f"e2e.micro_batch={args.loop_batch}"] + list(args.loop_set)
+    sec = registry.phase(LOOP_PHASE).config_section
+    sets = [f"{sec}.epochs={args.loop_epochs}", f"{sec}.eval_every={args.loop_epochs}",
+            f"{sec}.ckpt_every={args.loop_epochs}", f"{sec}.micro_batch={args.loop_batch}"] + list(args.loop_set)
     if args.loop_ds_config:
         sets.append(f"ds_config={args.loop_ds_config}")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -224,7 +228,7 @@ def loop_overhead(args) -> dict:
         for kind in (("minimal", "ours") if rep % 2 == 0 else ("ours", "minimal")):
             with tempfile.TemporaryDirectory(prefix="dsinc_loop_") as tmp:
                 if kind == "ours":
-                    cmd = pre + ["dsincubate", "e2e", "--recipe", args.loop_recipe, "--output", tmp]
+                    cmd = pre + ["dsincubate", LOOP_PHASE, "--recipe", args.loop_recipe, "--output", tmp]
                     for s in sets:
                         cmd += ["--set", s]
                 else:
@@ -239,7 +243,8 @@ def loop_overhead(args) -> dict:
                                                                                       p.stdout + p.stderr)})
                     continue
                 if kind == "ours":
-                    lines = [json.loads(ln) for ln in (Path(tmp) / "e2e" / "metrics.jsonl").read_text().splitlines()]
+                    metrics = Path(tmp) / registry.phase(LOOP_PHASE).output_dir() / "metrics.jsonl"
+                    lines = [json.loads(ln) for ln in metrics.read_text().splitlines()]
                     rates = [ln["images_per_second"] for ln in lines]
                 else:
                     rates = procutil.parse_result(p.stdout)["images_per_second_per_epoch"]
@@ -307,6 +312,7 @@ def main(argv=None) -> int:
         from dsincubate.errors import UserError
 
         try:
+            registry.phase(args.phase)  # an unknown --phase: one error line before anything runs
             for preset in args.preset_list:
                 models[preset] = preset_model(*preset_setup(args.recipe, preset), preset)
         except UserError as e:

@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
-from dsincubate import procutil  # noqa: E402
+from dsincubate import procutil, registry  # noqa: E402
 
 
 def state_bytes(engine) -> dict:
@@ -99,10 +99,12 @@ def child(spec: dict) -> dict:
                                         "rss": procutil.current_rss_bytes() - rss0,
                                         "hwm": procutil.status_bytes("VmHWM") - rss0}))
     name = spec["phase"]
+    entry = registry.phase(name)
     cfg = apply_overrides(recipes.get("vit_h14"), [
         f"model.preset={spec['preset']}", "model.grad_checkpointing=true", "model.kernel_backend=torch",
-        f"ds_config={spec['ds_config']}", f"{name}.micro_batch={spec['batch']}", f"{name}.optimizer=adamw"])
-    phase = phases.make(name, cfg, Path("/nonexistent-vith-root"), 1000, spec["module"] if name == "incubate" else None,
+        f"ds_config={spec['ds_config']}", f"{entry.config_section}.micro_batch={spec['batch']}",
+        f"{entry.config_section}.optimizer=adamw"])
+    phase = phases.make(name, cfg, Path("/nonexistent-vith-root"), 1000, spec["module"] if entry.per_stage else None,
                         resolve=False)
     tc = phase.train_cfg
     _, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
@@ -241,13 +243,14 @@ def summarize(results: dict, phases_, args) -> tuple[str, dict]:
     return t + "".join("\n" + n for n in notes), ratios
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="vit_h14")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--module", type=int, default=1, help="incubated module I (default 1)")
-    ap.add_argument("--phases", default="meta,incubate,finetune")
+    ap.add_argument("--phases", default=",".join(registry.trained_phases("di")),
+                    help="comma list of phases (default: Deep Incubation's, from the registry)")
     ap.add_argument("--zero-config", default="zero3_bf16")
     ap.add_argument("--base-config", default="same",
                     help="the unsharded 1-rank config; 'same' (default) = the ZeRO config with ZeRO stage 0, so only "
@@ -257,7 +260,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
         res = child(spec)  # ranks' stdout lines interleave: each rank writes its own file
@@ -267,6 +274,11 @@ def main(argv=None) -> int:
     record = common.header("vith_memory", dev)
     record["settings"] = {k: v for k, v in vars(args).items() if k not in ("child", "local_rank")}
     phases_ = [p.strip() for p in args.phases.split(",") if p.strip()]
+    unknown = [p for p in phases_ if p not in registry.list_phases()]
+    if unknown or not phases_:
+        print(f"vith_memory: error: --phases {args.phases!r}: use phases of {', '.join(registry.list_phases())}",
+              file=sys.stderr)
+        return 2
     if args.base_config == "same":
         import tempfile
 

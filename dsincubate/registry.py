@@ -184,6 +184,14 @@ def method_steps(method: str, num_stages: int) -> list[Step]:
     return steps
 
 
+def trained_phases(method: str) -> tuple[str, ...]:
+    """The phases a method trains, in its order, each once (a per-stage phase stands for its K jobs); what the
+    benchmarks run, time and read the outputs of."""
+    if method not in _METHODS:
+        raise UserError(f"unknown method {method!r} (one of {', '.join(_METHODS)})")
+    return tuple(dict.fromkeys(name for kind, name in _METHODS[method].steps if kind == "train"))
+
+
 def parse_methods(text: str) -> list[str]:
     """A --methods comma list, checked, in the registry's order (the order the pipeline runs them)."""
     given = {m.strip() for m in text.split(",") if m.strip()}

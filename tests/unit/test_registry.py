@@ -143,3 +143,11 @@ def test_tune_through_the_cli_takes_every_registered_phase_and_its_options_in_or
     err = capsys.readouterr().err
     assert "invalid choice: 'bogus'" in err and all(f"'{p}'" in err for p in registry.list_phases())
 
+
+
+def test_trained_phases_are_a_methods_train_steps_in_order_each_once(toy):
+    assert registry.trained_phases("di") == ("meta", "incubate", "finetune")
+    assert registry.trained_phases("e2e_tune") == ("e2e", "e2e_tune")
+    assert registry.trained_phases("toy_method") == ("toy",)  # a per-stage phase once, not once per stage index
+    with pytest.raises(UserError):
+        registry.trained_phases("nonesuch")
