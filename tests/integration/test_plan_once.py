@@ -1,7 +1,8 @@
 """Plan once: a phase's run is planned (ds_config resolved, output checked, steps counted) once, by the CLI's checks,
 and the run executes that plan (on b0a3766 each ran four times: the CLI's check_plan and preflight, the trainer's
 prepare and its check_plan). A tiny E2E phase is trained in a child process (its own process group) that counts the
-calls. Integration tier (it trains).
+calls, and that building the engine sets nothing on the phase (the objective gets the model as an argument).
+Integration tier (it trains).
 
     pytest tests/integration/test_plan_once.py -q
 """
@@ -31,8 +32,17 @@ for module in (checks, trainer):  # wherever a name is looked up (trainer import
     for name in calls:
         if hasattr(module, name):
             setattr(module, name, counted(module, name))
+set_by_engine = []  # attributes of the phase that building its engine added or replaced
+real_build = trainer.build_engine
+def build_engine(phase, *a, **k):
+    before = dict(vars(phase))
+    built = real_build(phase, *a, **k)
+    after = vars(phase)
+    set_by_engine.extend(sorted(n for n in after if n not in before or after[n] is not before[n]))
+    return built
+trainer.build_engine = build_engine
 rc = cli.main(sys.argv[1:])
-print(json.dumps(dict(calls, rc=rc)))
+print(json.dumps(dict(calls, rc=rc, set_by_engine=set_by_engine)))
 """
 
 
@@ -48,6 +58,7 @@ def _count(tmp_path, *extra):
 
 def test_a_phase_run_resolves_its_ds_config_and_checks_its_output_once(tmp_path):
     got = _count(tmp_path)
-    assert got == {"resolve_ds_config": 1, "check_output": 1, "rc": 0}
+    # and the engine leaves nothing on the phase (on 2fa0a8a it set phase.model, which `objective` read)
+    assert got == {"resolve_ds_config": 1, "check_output": 1, "rc": 0, "set_by_engine": []}
     assert json.loads((tmp_path / "run" / "e2e" / "run.json").read_text())["final"]["top1"] is not None
 

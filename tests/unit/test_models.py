@@ -170,3 +170,47 @@ def test_export_state_dict_loads_into_fresh_timm_model():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(x), sm(x))
+
+
+def test_objective_reads_the_model_it_is_given_and_no_state_left_on_the_phase():
+    """`Phase.objective(model, output, ...)` takes the V-MoE's load-balancing loss from the model passed in: two
+    models give their own terms through one phase object, and the phase holds no model of its own (on 2fa0a8a the
+    engine builder set `phase.model` and `objective(output, targets, criterion)` read it)."""
+    import inspect
+
+    import torch.nn.functional as F
+
+    from dsincubate import phases, recipes
+    from dsincubate.config import apply_overrides
+    from dsincubate.models import moe
+
+    cfg = apply_overrides(recipes.get("debug"), [
+        "model.depth=4", "model.embed_dim=24", "model.num_heads=2", "model.num_stages=2", "model.img_size=16",
+        "model.patch_size=8", "model.kernel_backend=torch", "model.num_classes=10", "model.moe_every=2",
+        "model.moe_experts=4", "model.moe_top_k=2", "model.moe_aux_weight=0.05"])
+    phase = phases.make("e2e", cfg, "/nonexistent", 10, resolve=False)
+    assert list(inspect.signature(phase.objective).parameters)[:2] == ["model", "output"]
+    x, y = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 3, 5, 7])
+    got = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = phase.build_model(load=False).train()
+        out = model(x)
+        aux = sum(m.l_aux.detach().clone() for m in moe.layers(model))
+        losses = phase.objective(model, out, y, torch.nn.CrossEntropyLoss())
+        assert torch.allclose(losses["moe_aux"], aux)
+        assert torch.allclose(losses["loss"], F.cross_entropy(out, y) + 0.05 * aux)
+        got.append(losses["moe_aux"])
+    assert not torch.allclose(got[0], got[1])  # each model's own routing, not one remembered model's
+    assert "model" not in vars(phase) and not hasattr(type(phase), "model")
+
+
+def test_training_forwards_with_more_than_logits_return_named_types():
+    """Imitation's hybrid and m2mKD's distillation return `staged.Paired`; the losses check the type, so a plain
+    tuple is not silently taken for one."""
+    hybrid = make_hybrid(1, imitation=True).train()
+    out = hybrid(torch.randn(2, 3, 32, 32))
+    assert isinstance(out, staged.Paired) and out.trained.shape == out.reference.shape
+    assert [id(t) for t in staged.output_tensors(out)] == [id(out.trained), id(out.reference)]
+    with pytest.raises(TypeError, match="staged.Paired"):
+        staged.output_tensors((out.trained, out.reference))
