@@ -368,7 +368,9 @@ def merged(experiment: str, rows: list[dict], path: str, old_rows: list[dict]) -
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiments", default="depth,data", help=f"comma list of {', '.join(EXPERIMENTS)}")
+    p.add_argument("--experiments", default="depth,data", help=f"comma list of {', '.join(EXPERIMENTS)}, decoupled "
+                   "(Tab. 2: E2E, DGL, InfoPro, DI), split (DI's FLOPs divided between its phases): see "
+                   "benchmarks/paper_claims_decoupled.py")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--scale", choices=("cpu", "paper"), default="cpu")
     p.add_argument("--depths", default="", help="depths of the depth experiment (default 8,16,32; paper: 32,128)")
@@ -456,9 +458,12 @@ def main(argv=None) -> int:
             print(f"{f} ->\n{path.with_suffix('.txt').read_text()}-> {path} (+ .txt)\n", flush=True)
         return 0
     exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
-    bad = [e for e in exps if e not in EXPERIMENTS]
+    from benchmarks import paper_claims_decoupled as decoupled
+
+    bad = [e for e in exps if e not in EXPERIMENTS and e not in decoupled.EXPERIMENTS]
     if bad:
-        print(f"error: unknown experiment(s) {bad}; use {', '.join(EXPERIMENTS)}", file=sys.stderr)
+        print(f"error: unknown experiment(s) {bad}; use {', '.join([*EXPERIMENTS, *decoupled.EXPERIMENTS])}",
+              file=sys.stderr)
         return 2
     problem = commit_problem(start_commit)
     if problem and not args.allow_dirty and not args.collect_only:
@@ -477,6 +482,9 @@ def main(argv=None) -> int:
             return 2
     common.set_threads()
     for exp in exps:
+        if exp in decoupled.EXPERIMENTS:  # Tab. 2's baselines, the budget split: their own cells and tables
+            decoupled.run(exp, args, extra, start_commit, problem)
+            continue
         rows = run_experiment(exp, args, extra)
         rows = merged(exp, rows, *earlier.get(exp, ("", [])))
         table, rows = summarise(exp, rows)

@@ -1,0 +1,286 @@
+"""Deep Incubation against the paper's decoupled baselines (Tab. 2), and the budget-split sweep: the `decoupled` and
+`split` experiments of benchmarks/paper_claims.py (its command line, work directory and result files).
+
+decoupled  E2E, DGL and InfoPro (`dsincubate.decoupled`) against Deep Incubation, each baseline given Deep
+           Incubation's planned training FLOPs (meta included): its epochs are ceil(DI FLOPs / its own FLOPs per
+           epoch, auxiliary networks included), so all four methods train on the same budget, stated in the table
+           (planned and measured TFLOP per method). Cells (CPU scale):
+             DeiT-T-32   the depth experiment's depth-32 cell (`paper_claims.CPU_BASE`: width 64, 2 heads, 8x8
+                         patches on the 32 px demo images, K = 4; DI = meta 16 + 6 per module + fine-tune 4 epochs)
+             ResNet-20   `resnet110_cifar` (K = 3, one block per stage in the meta model) with 9 blocks (ResNet-20)
+                         instead of 54 (3 per stage: ResNet-110's 18 cost 6x more, beyond this machine), DI = meta 8 +
+                         4 per module + fine-tune 4 epochs, 1 warm-up epoch in every phase (the recipe's 5 exceed
+                         these runs)
+           Every seed's record is written to the result file as soon as it finishes. The table gives each method's
+           mean ± std and, per baseline, the paired DI - baseline difference with its 95% t interval and p.
+split      Deep Incubation alone at the default cell's total planned FLOPs (depth 8; `--set model.depth=16` for
+           another), the total divided differently between meta pre-training, incubation and fine-tuning (`SPLITS`:
+           shares of the FLOPs, rounded to whole epochs; the table gives each cell's planned FLOPs). Accuracy
+           against the split, paired against the default split, and a plot.
+
+    python benchmarks/paper_claims.py --experiments decoupled --seeds 0,1,2 --only DeiT-T-32
+    python benchmarks/paper_claims.py --experiments split --seeds 0,1
+    python benchmarks/paper_claims.py --experiments decoupled,split --collect-only
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from benchmarks import common, paper_claims as pc, stats
+
+BASELINES = ("e2e", "dgl", "infopro")
+NAMES = {"di": "DI", "e2e": "E2E", "dgl": "DGL", "infopro": "InfoPro"}
+# the baselines' own evaluation settings: like E2E's in CPU_BASE, only the last epoch is evaluated
+_DECOUPLED_EVAL = ["dgl.eval_every=100", "infopro.eval_every=100"]
+_RESNET = ["model.depth=9", "model.kernel_backend=torch", "meta.epochs=8", "incubate.epochs=4", "finetune.epochs=4"] + \
+    [f"{p}.{k}" for p in ("meta", "incubate", "e2e", "dgl", "infopro") for k in ("warmup_epochs=1.0", "eval_every=100")] + \
+    ["finetune.eval_every=100", "data.num_workers=1"]
+DECOUPLED_CELLS = [("demo", "DeiT-T-32", pc.CPU_BASE + ["model.depth=32"]), ("resnet110_cifar", "ResNet-20", _RESNET)]
+# (label, (meta, incubate, fine-tune) shares of the total FLOPs); "default" keeps CPU_BASE's epochs
+SPLITS = [("default", None), ("meta 40 / inc 40 / ft 20", (0.4, 0.4, 0.2)),
+          ("meta 30 / inc 30 / ft 40", (0.3, 0.3, 0.4)), ("meta 20 / inc 20 / ft 60", (0.2, 0.2, 0.6))]
+EXPERIMENTS = {"decoupled": "method (at DI's planned FLOPs)", "split": "meta / incubate / fine-tune share of FLOPs"}
+
+
+def per_image_flops(recipe: str, sets: list[str], extra: list[str], phase: str) -> float:
+    """Training FLOPs per image of `phase`'s model (a decoupled baseline: its target and auxiliary networks)."""
+    from dsincubate import accounting, phases, recipes
+    from dsincubate.cli import _preflight
+    from dsincubate.config import apply_overrides
+
+    extra_sets = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    cfg = apply_overrides(recipes.get(recipe), sets + extra_sets)
+    info = _preflight(cfg, False)
+    ph = phases.make(phase, cfg, "/nonexistent", cfg.model.num_classes or info.num_classes, None, resolve=False)
+    return accounting.count_flops(lambda: ph.build_model(load=False), ph.img_size)["train_step_per_image"]
+
+
+def baseline_epochs(recipe: str, sets: list[str], extra: list[str]) -> tuple[dict, dict]:
+    """Each baseline's epochs at DI's planned training FLOPs, and the plan (DI's phases; each baseline's FLOPs per
+    epoch)."""
+    _, plan = pc.e2e_epochs_for(recipe, sets, extra)
+    epochs = {}
+    for m in BASELINES:
+        plan[f"{m}_per_epoch"] = plan["samples_per_epoch"] * per_image_flops(recipe, sets, extra, m)
+        epochs[m] = max(1, math.ceil(plan["di_total"] / plan[f"{m}_per_epoch"] - 1e-9))
+    return epochs, plan
+
+
+def _measured(run: dict) -> float:
+    return run["flops"]["train_step_per_image"] * run["images_processed"]
+
+
+def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict) -> dict | None:
+    """One seed's record: top-1, measured training FLOPs, device-hours and epochs per method (None if unfinished)."""
+    runs = {m: out / m / "run.json" for m in BASELINES}
+    if not (out / "summary.json").is_file() or not all(p.is_file() for p in runs.values()):
+        return None
+    s = json.loads((out / "summary.json").read_text())["deep_incubation"]
+    di_runs = [json.loads(p.read_text()) for p in [out / "meta" / "run.json", out / "finetune" / "run.json",
+                                                    *sorted(out.glob("incubate/*/run.json"))]]
+    rec = {"ok": s["top1"] is not None, "seed": seed, "meta": s["meta_top1"], "assembled": s.get("assembled_top1"),
+           "di": s["top1"], "di_hours": s["device_hours"], "di_flops": sum(_measured(r) for r in di_runs),
+           "planned": plan, "epochs_flop_match": epochs}
+    for m, p in runs.items():
+        r = json.loads(p.read_text())
+        rec.update({m: r["final"].get("top1"), f"{m}_hours": r["device_seconds"] / 3600, f"{m}_flops": _measured(r),
+                    f"{m}_epochs": r["epochs"]})
+    return rec
+
+
+def run_decoupled_seed(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], args) -> dict:
+    """DI, then E2E, DGL and InfoPro each at DI's planned FLOPs (finished methods are kept on a re-run)."""
+    epochs, plan = baseline_epochs(recipe, sets, extra)
+    sets, t0 = sets + [f"seed={seed}"], time.time()
+    if not (out / "finetune" / "MANIFEST.json").is_file() and \
+            not pc._pipeline(out, "di", recipe, sets, extra, args.timeout):
+        return {"ok": False, "seed": seed, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}"}
+    for m in BASELINES:
+        if (out / m / "MANIFEST.json").is_file():
+            continue
+        own = [f"{m}.epochs={epochs[m]}"] + (_DECOUPLED_EVAL if m != "e2e" else [])
+        if not pc._pipeline(out, m, recipe, sets + own, extra, args.timeout):
+            return {"ok": False, "seed": seed, "error": f"{m} failed, see {out / f'log_{m}.txt'}"}
+    print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
+    return collect_decoupled(out, seed, epochs, plan) or {"ok": False, "seed": seed, "error": "unfinished"}
+
+
+def split_sets(recipe: str, sets: list[str], extra: list[str], shares) -> tuple[list[str], dict]:
+    """The overrides that divide the default cell's planned DI FLOPs by `shares` (meta, incubate, fine-tune), each
+    rounded to whole epochs (at least 1), and the plan of the result."""
+    _, plan = pc.e2e_epochs_for(recipe, sets, extra)
+    if shares is None:
+        return [], plan
+    from dsincubate import recipes
+    from dsincubate.config import apply_overrides
+
+    cfg = apply_overrides(recipes.get(recipe), sets)
+    per_epoch = {"meta": plan["meta"] / cfg.meta.epochs, "incubate": plan["incubate"] / cfg.incubate.epochs,
+                 "finetune": plan["finetune"] / cfg.finetune.epochs}
+    own = [f"{p}.epochs={max(1, round(share * plan['di_total'] / per_epoch[p]))}"
+           for p, share in zip(("meta", "incubate", "finetune"), shares)]
+    return own, pc.e2e_epochs_for(recipe, sets + own, extra)[1]
+
+
+def run_split_seed(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], args) -> dict | None:
+    """One seed of one split: Deep Incubation only. None where --collect-only finds it unfinished."""
+    if not args.collect_only and not (out / "finetune" / "MANIFEST.json").is_file():
+        if not pc._pipeline(out, "di", recipe, sets + [f"seed={seed}"], extra, args.timeout):
+            return {"ok": False, "seed": seed, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}"}
+    if not (out / "summary.json").is_file():
+        return None
+    s = json.loads((out / "summary.json").read_text())["deep_incubation"]
+    if s["top1"] is None:
+        return None
+    return {"ok": True, "seed": seed, "meta": s["meta_top1"], "assembled": s.get("assembled_top1"), "di": s["top1"],
+            "di_hours": s["device_hours"]}
+
+
+def cells(exp: str, args, extra: list[str]) -> list[tuple[str, str, list[str], dict]]:
+    """(recipe, label, overrides, what the row records beside its seeds) of every cell of `exp`."""
+    if exp == "decoupled":
+        return [(recipe, label, sets + args.set, {}) for recipe, label, sets in DECOUPLED_CELLS]
+    base = pc.CPU_BASE + args.set
+    out = []
+    for label, shares in SPLITS:
+        own, plan = split_sets("demo", base, extra, shares)
+        out.append(("demo", label, base + own, {"shares": shares, "planned": plan,
+                                                 "epochs": {p: s.split("=")[1] for p, s in zip(("meta", "incubate",
+                                                                                                  "finetune"), own)}}))
+    return out
+
+
+def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
+    """Run (or collect) every selected cell of `exp` over the seeds, calling `write(rows)` after every seed."""
+    work = Path(args.workdir) / args.scale
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [{"label": label, "recipe": recipe, "overrides": sets, "seeds": [], **info}
+            for recipe, label, sets, info in cells(exp, args, extra) if not only or label in only]
+    for row in rows:
+        for seed in seeds:
+            out = work / pc.cell_key(row["recipe"], row["overrides"]) / f"seed{seed}"
+            print(f"[paper_claims] {exp} {row['label']} seed {seed}", flush=True)
+            if exp == "split":
+                rec = run_split_seed(out, row["recipe"], row["overrides"], seed, extra, args)
+            elif args.collect_only:
+                epochs, plan = baseline_epochs(row["recipe"], row["overrides"], extra)
+                rec = collect_decoupled(out, seed, epochs, plan)
+            else:
+                rec = run_decoupled_seed(out, row["recipe"], row["overrides"], seed, extra, args)
+            if rec is not None:
+                row["seeds"].append(rec)
+                write(rows)
+    return rows
+
+
+def _pm(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{sum(values) / len(values):.1f} ± {(pc.statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"
+
+
+def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Per cell: each method's mean ± std, the paired DI - baseline 95% interval and p per baseline, mean TFLOP
+    (measured) and device-hours per method."""
+    table_rows, out = [], []
+    for row in rows:
+        ok = [r for r in row["seeds"] if r.get("ok")]
+        paired = {m: stats.paired([r["di"] for r in ok if r.get(m) is not None],
+                                  [r[m] for r in ok if r.get(m) is not None]) for m in BASELINES}
+        out.append(dict(row, paired=paired, n_seeds=len(ok)))
+        tf = lambda m: None if not ok else sum(r[f"{m}_flops"] for r in ok) / len(ok) / 1e12  # noqa: E731
+        table_rows.append([row["label"], len(ok), _pm([r["meta"] for r in ok])] +
+                          [_pm([r[m] for r in ok]) for m in ("di",) + BASELINES] +
+                          [stats.fmt_interval(paired[m]) for m in BASELINES] +
+                          ["/".join("-" if tf(m) is None else f"{tf(m):.2f}" for m in ("di",) + BASELINES)])
+    heads = ["cell", "seeds", "meta top-1", "DI", "E2E", "DGL", "InfoPro"] + \
+        [f"DI-{NAMES[m]} [95% CI] p" for m in BASELINES] + ["TFLOP DI/E2E/DGL/InfoPro"]
+    table = common.table(heads, table_rows)
+    for row in out:
+        for r in row["seeds"]:
+            if r.get("ok"):
+                table += f"\n{row['label']} seed {r['seed']}: " + ", ".join(
+                    f"{NAMES[m]} {r[m]:.1f}" for m in ("di",) + BASELINES) + f" (meta {r['meta']:.1f}); epochs " + \
+                    ", ".join(f"{NAMES[m]} {r[f'{m}_epochs']}" for m in BASELINES) + "; device-h " + \
+                    ", ".join(f"{NAMES[m]} {r[f'{m}_hours']:.4f}" for m in ("di",) + BASELINES)
+            else:
+                table += f"\n{row['label']} seed {r['seed']}: FAILED ({r.get('error')})"
+    return table, out
+
+
+def summarise_split(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Per split: its epochs, planned TFLOP, DI mean ± std, and DI(split) - DI(default split) paired over seeds."""
+    default = {r["seed"]: r["di"] for r in rows[0]["seeds"] if r.get("ok")} if rows else {}
+    table_rows, out = [], []
+    for row in rows:
+        ok = [r for r in row["seeds"] if r.get("ok")]
+        both = [r for r in ok if r["seed"] in default]
+        paired = stats.paired([r["di"] for r in both], [default[r["seed"]] for r in both])
+        out.append(dict(row, paired=paired, n_seeds=len(ok)))
+        ep = row.get("epochs") or {}
+        table_rows.append([row["label"], "/".join(ep.get(p, "=") for p in ("meta", "incubate", "finetune")),
+                           row["planned"]["di_total"] / 1e12, len(ok), _pm([r["meta"] for r in ok]),
+                           _pm([r["assembled"] for r in ok]), _pm([r["di"] for r in ok]),
+                           "-" if row is rows[0] else stats.fmt_interval(paired)])
+    table = common.table(["split (FLOP shares)", "epochs m/i/f", "planned TFLOP", "seeds", "meta top-1", "assembled",
+                          "DI top-1", "vs default [95% CI] p"], table_rows, ["", "", ".2f", "", "", "", "", ""])
+    return table + "\n(= : the default cell's epochs)", out
+
+
+def plot_split(rows: list[dict], path: Path) -> bool:
+    """DI top-1 against the fine-tune share of the FLOPs (False where matplotlib is missing: the table stands)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = []
+    for row in rows:
+        plan, vals = row["planned"], [r["di"] for r in row["seeds"] if r.get("ok")]
+        if vals:
+            pts.append((plan["finetune"] / plan["di_total"], vals, row["label"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for share, vals, label in sorted(pts):
+        ax.scatter([share] * len(vals), vals, alpha=0.5)
+        ax.annotate(label, (share, sum(vals) / len(vals)), fontsize=7)
+    ax.set_xlabel("fine-tune share of DI's training FLOPs")
+    ax.set_ylabel("DI top-1 % (each seed)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(exp: str, args, extra: list[str], start_commit: str, problem: str | None) -> Path:
+    """Run or collect `exp`, rewriting its result file (json, txt; the split's png) after every finished seed."""
+    dev = common.device()
+    name = f"paper_claims_{exp}" + (f"_{args.name}" if args.name else "")
+    path = common.result_path(name, dev)
+
+    def write(rows):
+        table, rows = (summarise_decoupled if exp == "decoupled" else summarise_split)(rows)
+        end_commit = pc.code_commit()
+        if problem or end_commit != start_commit:
+            table += f"\nWARNING: the code changed or was not committed: git_commit {start_commit!r} at the start, " \
+                     f"{end_commit!r} at the end"
+        note = ("every baseline's epochs = ceil(DI planned training FLOPs / its FLOPs per epoch)" if exp == "decoupled"
+                else "DI only; each split's epochs = round(share x the default split's planned FLOPs / FLOPs per epoch)")
+        record = dict(common.header(name, dev), git_commit=end_commit, git_commit_at_start=start_commit,
+                      scale=args.scale, experiment=exp, seeds=[int(s) for s in args.seeds.split(",")], rows=rows,
+                      extra_args=extra, cell_settings=args.set, note=note + "; mean ± std over seeds; paired 95% t")
+        common.write_result(name, record, table, out=path)
+        if exp == "split":
+            plot_split(rows, path.with_suffix(".png"))
+        return table
+
+    rows = run_experiment(exp, args, extra, write)
+    print(f"\n{exp}:\n{write(rows)}\n-> {path} (+ .txt)\n", flush=True)
+    return path
