@@ -26,7 +26,7 @@ import random
 import tarfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -110,77 +110,92 @@ class ShardStream(IterableDataset):
     def _read(self, item: PlanItem):
         """Yield (key, shard name, image bytes, label) of the selected samples of one plan item."""
         self.stats["shards_read"] += 1
-        seen = 0
         if item.files is not None:
-            for path, label in item.files:
-                if item.keys is not None and path not in item.keys:
-                    continue
-                seen += 1
-                try:
-                    with open(path, "rb") as f:
-                        data = f.read()
-                except OSError as e:
-                    self._bad("unreadable_file", item.name, path, e)
-                    continue
-                if not 0 <= label < self.num_classes:
-                    self._bad("bad_label", item.name, path, label)
-                    continue
-                yield path, item.name, data, label
+            yield from self._read_files(item)
             return
-        stream = None
-        error = None
+        seen, error = yield from self._read_tar(item)
+        self._account_shard(item, seen, error)
+
+    def _read_files(self, item: PlanItem):
+        """The samples of an ImageFolder / list-file chunk: one file each, unreadable files and bad labels counted."""
+        for path, label in item.files:
+            if item.keys is not None and path not in item.keys:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                self._bad("unreadable_file", item.name, path, e)
+                continue
+            if not 0 <= label < self.num_classes:
+                self._bad("bad_label", item.name, path, label)
+                continue
+            yield path, item.name, data, label
+
+    def _read_tar(self, item: PlanItem):
+        """Yield the selected samples of one tar shard; return (selected samples seen, (bad-shard kind, error) or
+        None). Any failure to open, read or close the stream is the shard's error, never a crash."""
         try:
             stream = gopen(item.url, "rb")
         except Exception as e:  # noqa: BLE001 - any failure to open is a bad shard, never a crash
-            error = ("unopenable_shard", e)
-        if stream is not None:
-            key, group, wanted = None, {}, False
+            return 0, ("unopenable_shard", e)
+        st, error = _TarState(), None
+        try:
+            yield from self._members(item, stream, st)
+        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+            error = yield from self._cut(item, st, e)
+        finally:
             try:
-                if item.url.endswith((".gz", ".tgz")):
-                    stream_in = gzip.GzipFile(fileobj=stream)
-                else:
-                    stream_in = stream
-                for mname, mdata in iter_tar(stream_in):
-                    k, ext = split_member(mname)
-                    if k is None:
-                        continue
-                    if k != key:
-                        if key is not None and wanted:
-                            seen += 1
-                            yield from self._finish(item.name, key, group)
-                        key, group = k, {}
-                        wanted = item.keys is None or k in item.keys
-                    if wanted:
-                        group[ext] = mdata
-                if key is not None and wanted:
-                    seen += 1
-                    yield from self._finish(item.name, key, group)
-                key = None
-            except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
-                cut = split_member(e.name)[0] if isinstance(e, MemberCut) else None
-                if key is not None and wanted:
-                    # the sample being read when the stream broke: whole if its image and label members were read
-                    # (or the cut is inside the next sample's member, so its own members had ended); else lost
-                    seen += 1
-                    if _complete(group) or (cut is not None and cut != key):
-                        yield from self._finish(item.name, key, group)
-                    else:
-                        self._bad("incomplete_sample", item.name, key, "stream ended inside this sample")
-                if cut is not None and cut != key and (item.keys is None or cut in item.keys):
-                    seen += 1  # a sample whose first member was cut
-                    self._bad("incomplete_sample", item.name, cut, "stream ended inside this sample")
-                if seen == 0:  # nothing usable: an empty file, or not a tar at all
-                    error = ("empty_shard" if "empty" in str(e) else "unopenable_shard", e)
-                else:
+                stream.close()  # a failed pipe: command reports its exit status here
+            except Exception as e:  # noqa: BLE001
+                if st.seen == 0:  # the command failed before giving anything: it could not open the shard
+                    error = ("unopenable_shard", e)
+                elif error is None:
                     error = ("truncated_shard", e)
-            finally:
-                try:
-                    stream.close()  # a failed pipe: command reports its exit status here
-                except Exception as e:  # noqa: BLE001
-                    if seen == 0:  # the command failed before giving anything: it could not open the shard
-                        error = ("unopenable_shard", e)
-                    elif error is None:
-                        error = ("truncated_shard", e)
+        return st.seen, error
+
+    def _members(self, item: PlanItem, stream, st: "_TarState"):
+        """Group an open tar stream's members by key (the WebDataset way) and yield the selected samples; `st`
+        holds the sample being read, which _cut needs when the stream breaks."""
+        stream_in = gzip.GzipFile(fileobj=stream) if item.url.endswith((".gz", ".tgz")) else stream
+        for mname, mdata in iter_tar(stream_in):
+            k, ext = split_member(mname)
+            if k is None:
+                continue
+            if k != st.key:
+                if st.key is not None and st.wanted:
+                    st.seen += 1
+                    yield from self._finish(item.name, st.key, st.group)
+                st.key, st.group = k, {}
+                st.wanted = item.keys is None or k in item.keys
+            if st.wanted:
+                st.group[ext] = mdata
+        if st.key is not None and st.wanted:
+            st.seen += 1
+            yield from self._finish(item.name, st.key, st.group)
+        st.key = None
+
+    def _cut(self, item: PlanItem, st: "_TarState", e: Exception):
+        """The stream broke: keep the sample being read when it is whole, count the samples it cut; return the
+        shard's error (empty / unopenable when nothing usable came, else truncated)."""
+        cut = split_member(e.name)[0] if isinstance(e, MemberCut) else None
+        if st.key is not None and st.wanted:
+            # the sample being read when the stream broke: whole if its image and label members were read
+            # (or the cut is inside the next sample's member, so its own members had ended); else lost
+            st.seen += 1
+            if _complete(st.group) or (cut is not None and cut != st.key):
+                yield from self._finish(item.name, st.key, st.group)
+            else:
+                self._bad("incomplete_sample", item.name, st.key, "stream ended inside this sample")
+        if cut is not None and cut != st.key and (item.keys is None or cut in item.keys):
+            st.seen += 1  # a sample whose first member was cut
+            self._bad("incomplete_sample", item.name, cut, "stream ended inside this sample")
+        if st.seen == 0:  # nothing usable: an empty file, or not a tar at all
+            return ("empty_shard" if "empty" in str(e) else "unopenable_shard", e)
+        return ("truncated_shard", e)
+
+    def _account_shard(self, item: PlanItem, seen: int, error) -> None:
+        """Count a shard's error once, and the samples its manifest promised that never arrived."""
         if error is None and seen == 0:
             error = ("empty_shard", "no samples")
         elif error is None and seen < item.expected:
@@ -311,6 +326,16 @@ class ShardStream(IterableDataset):
         bad, self.bad_new = self.bad_new, []  # only what is new since the last item: cheap per batch
         return {"x": x, "y": y, "n": n, "wid": wid, "pid": os.getpid(), "stats": stats, "examples": list(self.examples),
                 "bad": bad}
+
+
+@dataclass
+class _TarState:
+    """The sample a tar stream is in the middle of (key, its members so far, selected?) and the selected samples
+    seen so far in the shard."""
+    key: str | None = None
+    group: dict = field(default_factory=dict)
+    wanted: bool = False
+    seen: int = 0
 
 
 def _complete(group: dict) -> bool:

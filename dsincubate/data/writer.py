@@ -70,13 +70,7 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
     order = np.random.default_rng(seed).permutation(len(samples))
     planned = plan_shards([samples[i] for i in order], maxcount, maxsize)
     mpath = os.path.join(out_dir, MANIFEST_NAME)
-    old: dict = {}
-    if os.path.isfile(mpath):
-        try:
-            with open(mpath, encoding="utf-8") as f:
-                old = {s["name"]: s for s in json.load(f).get("shards", [])}
-        except (OSError, ValueError, KeyError, TypeError):
-            old = {}  # unreadable manifest: rewrite everything
+    old = _old_shards(mpath)
     num_classes = len(class_names)
     counts = np.bincount([s.label for s in samples], minlength=num_classes)
     manifest = {"format": MANIFEST_FORMAT, "num_samples": len(samples), "num_classes": num_classes,
@@ -86,43 +80,71 @@ def write_shards(samples: list[Sample], out_dir: str, class_names: list[str], *,
     bar = tqdm(total=len(samples), desc=f"shards {out_dir}", unit="img", disable=not progress)
     for i, shard in enumerate(planned):
         name = f"{prefix}-{i:06d}.tar"
-        path = os.path.join(out_dir, name)
-        keys, labels = [s.key for s in shard], [int(s.label) for s in shard]
-        prev = old.get(name)
-        if (prev and prev.get("keys") == keys and prev.get("labels") == labels and os.path.isfile(path)
-                and os.path.getsize(path) == prev.get("size") and sha256_file(path) == prev.get("sha256")):
-            manifest["shards"].append(prev)
-            if not os.path.isfile(index_path(path)):  # shards written before indexes were
-                write_index(path)
+        entry = _kept_shard(old.get(name), os.path.join(out_dir, name), shard)
+        if entry is not None:
             kept += 1
         else:
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                # mtime fixed and encoder off: identical input gives byte-identical shards; an int mtime keeps
-                # tarfile from adding a PAX header per member (a float one does), which halves header parsing
-                tw = wds.TarWriter(f, encoder=False, mtime=0)
-                for s in shard:
-                    tw.write({"__key__": s.key, s.ext: s.read(), "cls": str(int(s.label)).encode()})
-                tw.close()
-            os.replace(tmp, path)
-            write_index(path)  # DALI's webdataset reader needs it (data.backend=dali); cheap: headers only
-            manifest["shards"].append({"name": name, "samples": len(shard), "size": os.path.getsize(path),
-                                       "sha256": sha256_file(path), "keys": keys, "labels": labels})
+            entry = _write_shard(os.path.join(out_dir, name), shard)
             written += 1
+        manifest["shards"].append(entry)
         bar.update(len(shard))
-        atomic_write_json(mpath, manifest)
+        atomic_write_json(mpath, manifest)  # after every shard: an interrupted run resumes from here
     bar.close()
-    # Shards of an earlier, larger plan are no longer described by the manifest: remove them (only our own names).
-    for name in set(old) - {s["name"] for s in manifest["shards"]}:
+    _remove_stale(out_dir, prefix, set(old) - {s["name"] for s in manifest["shards"]})
+    manifest["complete"] = True
+    atomic_write_json(mpath, manifest)
+    return {**manifest, "written": written, "kept": kept}
+
+
+def _old_shards(mpath: str) -> dict:
+    """name -> shard entry of an existing manifest ({} when there is none or it is unreadable: rewrite all)."""
+    if not os.path.isfile(mpath):
+        return {}
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            return {s["name"]: s for s in json.load(f).get("shards", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _kept_shard(prev: dict | None, path: str, shard: list[Sample]) -> dict | None:
+    """The manifest entry `prev` when the shard on disk is complete and matches it (keys, labels, size, sha256),
+    with DALI's index written if it lacks one; None when the shard must be (re)written."""
+    keys, labels = [s.key for s in shard], [int(s.label) for s in shard]
+    if not (prev and prev.get("keys") == keys and prev.get("labels") == labels and os.path.isfile(path)
+            and os.path.getsize(path) == prev.get("size") and sha256_file(path) == prev.get("sha256")):
+        return None
+    if not os.path.isfile(index_path(path)):  # shards written before indexes were
+        write_index(path)
+    return prev
+
+
+def _write_shard(path: str, shard: list[Sample]) -> dict:
+    """Write one shard (temp file + rename) and its DALI index; its manifest entry."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        # mtime fixed and encoder off: identical input gives byte-identical shards; an int mtime keeps
+        # tarfile from adding a PAX header per member (a float one does), which halves header parsing
+        tw = wds.TarWriter(f, encoder=False, mtime=0)
+        for s in shard:
+            tw.write({"__key__": s.key, s.ext: s.read(), "cls": str(int(s.label)).encode()})
+        tw.close()
+    os.replace(tmp, path)
+    write_index(path)  # DALI's webdataset reader needs it (data.backend=dali); cheap: headers only
+    return {"name": os.path.basename(path), "samples": len(shard), "size": os.path.getsize(path),
+            "sha256": sha256_file(path), "keys": [s.key for s in shard], "labels": [int(s.label) for s in shard]}
+
+
+def _remove_stale(out_dir: str, prefix: str, names: set) -> None:
+    """Shards of an earlier, larger plan are no longer described by the manifest: remove them and their indexes
+    (only our own names)."""
+    for name in names:
         if name.startswith(prefix + "-") and name.endswith(".tar") and "/" not in name:
             for stale in (os.path.join(out_dir, name), index_path(os.path.join(out_dir, name))):
                 try:
                     os.remove(stale)
                 except FileNotFoundError:
                     pass
-    manifest["complete"] = True
-    atomic_write_json(mpath, manifest)
-    return {**manifest, "written": written, "kept": kept}
 
 
 def _file_sample(i: int, path: str, label: int) -> Sample:
