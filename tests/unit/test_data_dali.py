@@ -344,3 +344,22 @@ def test_image_that_only_fails_in_dalis_decoder_costs_its_batch_counted_never_a_
     st = dl.stats()
     assert len(got) == len(dl) * 10 == 60 and set(got) <= set(range(59))   # topped up from the next pass
     assert st["dali_batch_errors"] >= 1 and st["bad_by_kind"]["decode_error"] >= 10
+
+
+@needs_dali
+def test_resampled_deit_epoch_rebuilt_for_a_resume_is_bit_identical(shards):
+    """A resumed run builds the DALI loader of its next epoch in a new pipeline: that epoch's images (DeiT
+    augmentation and random erasing included) and labels are bit-identical to the epoch the uninterrupted run
+    read after its earlier epochs, and differ from the previous epoch's."""
+    cfg = cfg_for(shards, recipe="deit", resampled=True, samples_per_epoch=80, reprob=0.25)
+    info = resolve_data(cfg)
+    kw = dict(batch_size=20, rank=1, world_size=2, seed=3, img_size=16)
+
+    def epoch(e):
+        batches = list(build_train_loader(cfg, info, epoch=e, **kw))
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    uninterrupted = [epoch(0), epoch(1)]
+    resumed = epoch(1)
+    assert torch.equal(resumed[0], uninterrupted[1][0]) and torch.equal(resumed[1], uninterrupted[1][1])
+    assert not torch.equal(uninterrupted[0][0], uninterrupted[1][0])
