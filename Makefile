@@ -12,7 +12,7 @@ $(BIN)/dsincubate: setup.py
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-.PHONY: install demo test test-fast test-build test-gpu test-harness test-cluster clean-demo
+.PHONY: install demo test test-fast test-build test-gpu test-harness test-cluster lint clean-demo
 install: $(BIN)/dsincubate
 
 demo: install
@@ -42,6 +42,11 @@ test-harness: install
 # SLURM, built by the tests themselves (root; Debian's openssh-server, pdsh, slurm-wlm, munge via apt-get).
 test-cluster: install
 	$(BIN)/python -m pytest -q tests/cluster -m cluster --durations=0
+
+# Line length: ruff's E501 at 120 characters over the package (ruff comes with the test extra). The unit test
+# tests/unit/test_code_structure.py checks the same limit, with the 400-line module and 60-line function limits.
+lint: install
+	$(BIN)/ruff check --select E501 --line-length 120 dsincubate
 
 clean-demo:
 	rm -rf runs/demo

@@ -1,10 +1,10 @@
 """Checkpoint files: atomic writes, model-only safetensors hand-offs with provenance, manifests, resume points.
 
-Rules (see design notes): every write goes to a temporary file in the same directory and is renamed into place, so a
-crash never leaves a half-written file under the final name; a phase's output counts only once its `MANIFEST.json`
-exists (written last, listing each file's sha256); hand-offs between phases are safetensors (no pickle), with the
-provenance (model spec, K, stage index, meta hash) in the safetensors metadata; anything loaded with `torch.load`
-uses `weights_only=True`.
+Rules (the README's "Outputs and resuming"): every write goes to a temporary file in the same directory and is
+renamed into place, so a crash never leaves a half-written file under the final name; a phase's output counts only
+once its `MANIFEST.json` exists (written last, listing each file's sha256); hand-offs between phases are safetensors
+(no pickle), with the provenance (model spec, K, stage index, meta hash) in the safetensors metadata; anything
+loaded with `torch.load` uses `weights_only=True`.
 
 Resumable training state is DeepSpeed's own checkpoint (`engine.save_checkpoint`) under `<phase>/checkpoints/<tag>`;
 a tag counts only when our `MANIFEST.json` is in it, and the latest is chosen by the epoch number, not by name.

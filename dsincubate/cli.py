@@ -222,7 +222,8 @@ def _train_or_eval(args, cfg, root: Path, info, n_cls: int) -> int:
 
     planned = None  # the phase command's checks.PhasePlan: checked here, executed by the run
     world_size = _world_size()
-    if args.command in registry.list_phases():  # its inputs checked and its run planned before any process group or engine exists
+    # its inputs checked and its run planned before any process group or engine exists
+    if args.command in registry.list_phases():
         planned = checks.check_plan(phases.make(args.command, cfg, root, n_cls, getattr(args, "stage_index", None)),
                                     info, world_size, torch.cuda.is_available())
     if args.command == "pipeline":

@@ -113,7 +113,8 @@ class Decoupled(staged.StagedModel):
     """The target's K stages with an auxiliary classifier after each of stages 0..K-2 (`aux.k`) and, for InfoPro, a
     decoder there too (`decoders.k`). Training forward: `staged.PerModule(logits of aux 0..K-2 and the model's, the
     decoders' reconstruction losses)`, each stage run on its predecessor's output detached. Evaluation: the target's
-    logits. Its `stages.*` keys are the target's, so the target's state dict is its own without `aux.*` / `decoders.*`."""
+    logits. Its `stages.*` keys are the target's, so the target's state dict is its own without `aux.*` /
+    `decoders.*`."""
 
     def __init__(self, stages: list[staged.Stage], heads: list[nn.Module], decoders: list[nn.Module] | None = None):
         super().__init__(stages)

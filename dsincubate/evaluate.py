@@ -61,14 +61,14 @@ def resolve(which: str, cfg, root: Path, num_classes: int) -> tuple[torch.nn.Mod
         if not which.startswith(prefix):
             continue
         try:
-            index = int(which.split(":", 1)[1])
+            stage_index = int(which.split(":", 1)[1])
         except ValueError:
             raise UserError(f"eval: --model {which!r}: use {prefix}<stage index>") from None
         # an m2mKD student sits in the meta model exactly as an incubated module does: the same hybrid, another file
-        phase = phases.make("incubate", cfg, root, num_classes, index)
-        stage_dir = layout.phase_dir(method, index)
+        phase = phases.make("incubate", cfg, root, num_classes, stage_index)
+        stage_dir = layout.phase_dir(method, stage_index)
         if not ckpt.complete(stage_dir):
-            raise UserError(f"eval: {'incubated module' if method == 'incubate' else 'm2mKD student'} {index} "
+            raise UserError(f"eval: {'incubated module' if method == 'incubate' else 'm2mKD student'} {stage_index} "
                             f"missing: {stage_dir / STAGE_FILE}")
         model = phase.build_model(load=True)
         tensors, _ = ckpt.load_tensors(stage_dir / STAGE_FILE)

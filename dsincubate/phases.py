@@ -5,13 +5,14 @@ are checked and resolved once, so the one training loop (`dsincubate.trainer.run
 asks it what `dsincubate.phase_base.Phase` declares (build its model, name its trainable part, compute its loss, save
 its result).
 
-    meta       pre-train the meta model (K stages of `meta_depth_per_stage` blocks)    -> meta/model.safetensors
-    incubate   train target stage I inside the meta model (fixed; or tunable/random)    -> incubate/module_I/stage.safetensors
-    finetune   fine-tune the assembled target (see dsincubate.assemble)                -> finetune/model.safetensors
-    e2e        train the same target whole, from scratch, same loop and recipe         -> e2e/model.safetensors
-    e2e_tune   train the E2E model further with the fine-tune recipe (paper's control) -> e2e_tune/model.safetensors
-    m2mkd      distil teacher module I into student module I (m2mKD; dsincubate.m2mkd) -> m2mkd/module_I/stage.safetensors
-    m2mkd_finetune  train the assembled students end to end                              -> m2mkd/finetune/model.safetensors
+    phase           what it trains                                               its output (under the run root)
+    meta            the meta model (K stages of `meta_depth_per_stage` blocks)   meta/model.safetensors
+    incubate        target stage I inside the meta model (fixed; tunable/random)  incubate/module_I/stage.safetensors
+    finetune        the assembled target (see dsincubate.assemble)               finetune/model.safetensors
+    e2e             the same target whole, from scratch, same loop and recipe    e2e/model.safetensors
+    e2e_tune        the E2E model further with the fine-tune recipe (control)    e2e_tune/model.safetensors
+    m2mkd           teacher module I distilled into student module I (m2mkd.py)  m2mkd/module_I/stage.safetensors
+    m2mkd_finetune  the assembled students end to end                            m2mkd/finetune/model.safetensors
 
 Under ZeRO-3 (`Phase.build_model_zero3`) incubation builds the meta model and target stage I only
 (`family.stage_only`; a ViT's from a model of stage I's depth: same architecture, the target's drop-path rates for
@@ -87,7 +88,8 @@ def meta_checkpoint(cfg: RunConfig, root: Path, num_classes: int) -> tuple[Path,
     """The meta model file this run's incubation uses, checked against the run's model; returns (path, sha256)."""
     path = RunLayout(root).meta
     if not ckpt.complete(path.parent):
-        raise UserError(f"meta checkpoint missing: {path} (run `dsincubate meta` first, or point --output at a run that has one)")
+        raise UserError(f"meta checkpoint missing: {path} (run `dsincubate meta` first, or point --output at a run "
+                        "that has one)")
     header = ckpt.read_meta(path)
     if header.get("kind") != "meta":
         raise UserError(f"{path} is not a meta-model checkpoint")

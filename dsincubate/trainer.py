@@ -177,7 +177,8 @@ def resume(run: Run) -> None:
             raise damaged
         run.state.load_state_dict(client)
         if run.ctx.is_main:
-            print(f"{dist.log_prefix()} [dsincubate] {run.phase.label}: resumed from {run.ckpt_dir / tag} (epoch {run.state.epoch})")
+            print(f"{dist.log_prefix()} [dsincubate] {run.phase.label}: resumed from {run.ckpt_dir / tag} "
+                  f"(epoch {run.state.epoch})")
     if run.ctx.is_main:  # epochs logged after the last checkpoint (a kill before it was saved) are trained again
         run.logger.truncate_after(run.state.epoch)
     run.prior_wall = run.state.wall_seconds  # earlier invocations' wall time: device-hours count every attempt
@@ -194,7 +195,8 @@ def train_epoch(run: Run) -> dict:
     engine.train()
     # a progress bar only on a terminal: in SLURM/pdsh logs its carriage-return frames are unreadable; there rank 0
     # prints one line every log_every steps instead (_report)
-    bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}", ctx.is_main and sys.stderr.isatty())
+    bar = accounting.progress(len(loader), f"{phase.label} {epoch + 1}/{tc.epochs}",
+                              ctx.is_main and sys.stderr.isatty())
     log_every = phase.cfg.log_every
     # the loss stays on the device: reading it back every step would stall the host behind the accelerator, so the
     # finiteness check, progress bar and TensorBoard read it every SYNC_EVERY steps and at epoch end (before anything
@@ -271,8 +273,8 @@ def end_epoch(run: Run, metrics: dict) -> bool:
         _save_resume(run)
     if stopping:
         if ctx.is_main:
-            print(f"{dist.log_prefix()} [dsincubate] {phase.label}: stopping after {run.epochs_this_run} epoch(s) as asked; "
-                  f"run the same command again to resume")
+            print(f"{dist.log_prefix()} [dsincubate] {phase.label}: stopping after {run.epochs_this_run} epoch(s) "
+                  f"as asked; run the same command again to resume")
         run.logger.close()
     return stopping
 
@@ -298,10 +300,11 @@ def finish(run: Run, frozen_before: str | None) -> dict:
     record.update(process_started_at=PROCESS_STARTED_AT, started_at=run.t_start, ranks=_gather_hosts(run))
     record["finished_at"] = time.time()
     if ctx.is_main:
-        files = phase.save_output(tensors)
+        files = phase.save_output(tensors) + ["run.json"]
         ckpt.atomic_write_json(phase.out_dir / "run.json", record)
-        ckpt.write_manifest(phase.out_dir, files + ["run.json"], {"phase": phase.name, "stage_index": phase.stage_index})
-        print(f"{dist.log_prefix()} [dsincubate] {phase.label}: done in {wall:.1f}s; top1 {record['final'].get('top1', float('nan')):.2f}")
+        ckpt.write_manifest(phase.out_dir, files, {"phase": phase.name, "stage_index": phase.stage_index})
+        top1 = record["final"].get("top1", float("nan"))
+        print(f"{dist.log_prefix()} [dsincubate] {phase.label}: done in {wall:.1f}s; top1 {top1:.2f}")
     dist.barrier()
     run.logger.close()
     return record
@@ -359,9 +362,7 @@ def _check_finite(run: Run, loss: torch.Tensor, loss_sum: torch.Tensor) -> float
 def _criterion(mixup, smoothing: float):
     if mixup is not None:
         return SoftTargetCrossEntropy()
-    if smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing)
-    return torch.nn.CrossEntropyLoss()
+    return LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else torch.nn.CrossEntropyLoss()
 
 
 def frozen_digest(module: torch.nn.Module) -> str | None:

@@ -1,0 +1,82 @@
+"""The code-structure limits of the package (issue 23; the style of the developers' guide): no module of
+`dsincubate/` over 400 lines, no function over 60, no line over 120 characters (`make lint` checks the last with
+ruff's E501 at the same length; a trailing `# noqa`/`# type:` pragma does not count, as in ruff). Each test reads
+the source as text, so it costs well under a second.
+
+Places other engineers are still splitting or rewrapping are listed in PENDING_* with the reason; a listed place
+that is already within the limit passes too, so fixing one never breaks this test, and any place not listed fails.
+
+    pytest tests/unit/test_code_structure.py -q
+"""
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "dsincubate"
+MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_LINE = 400, 60, 120
+PRAGMA = re.compile(r"\s*#\s*(noqa|type:)[^#]*$")
+
+# (file relative to dsincubate/, function name): why it is still longer
+PENDING_FUNCTIONS = {
+    ("data/pipeline.py", "_read"): "data/ is being reworked by its owner (issue 23: split into named steps)",
+}
+# file relative to dsincubate/: why it still has longer lines
+PENDING_LINES = {
+    "data/dali.py": "data/ is being reworked by its owner",
+    "data/dali_loader.py": "data/ is being reworked by its owner",
+    "recipes.py": "being edited by its owner",
+    "dist.py": "not yet rewrapped (outside issue 23's files of this change)",
+    "dsconfig.py": "not yet rewrapped (outside issue 23's files of this change)",
+    "models/vit.py": "not yet rewrapped (outside issue 23's files of this change)",
+}
+
+
+def _modules():
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _name(path: Path) -> str:
+    return path.relative_to(PACKAGE).as_posix()
+
+
+def long_functions(source: str) -> list[tuple[str, int]]:
+    """(name, lines from `def` to its last line) of every function or method over MAX_FUNCTION_LINES."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            n = node.end_lineno - node.lineno + 1
+            if n > MAX_FUNCTION_LINES:
+                out.append((node.name, n))
+    return out
+
+
+def long_lines(source: str) -> list[tuple[int, int]]:
+    """(line number, length) of every line over MAX_LINE characters, a trailing pragma comment not counted."""
+    return [(i, len(line)) for i, line in enumerate(source.splitlines(), 1) if len(PRAGMA.sub("", line)) > MAX_LINE]
+
+
+def test_no_module_of_the_package_is_over_400_lines():
+    over = {_name(p): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
+    assert not over, f"split these modules (lines): {over}"
+
+
+def test_no_function_of_the_package_is_over_60_lines_but_the_pending_ones():
+    over = {(_name(p), f): n for p in _modules() for f, n in long_functions(p.read_text())}
+    assert not {k: n for k, n in over.items() if k not in PENDING_FUNCTIONS}, "split these functions into named steps"
+
+
+def test_no_line_of_the_package_is_over_120_characters_but_in_the_pending_files():
+    over = {_name(p): lines for p in _modules() if (lines := long_lines(p.read_text()))}
+    assert not {k: v for k, v in over.items() if k not in PENDING_LINES}, "wrap these lines (file: [(line, length)])"
+
+
+def test_the_checks_find_what_they_look_for():
+    """The checkers themselves: a 61-line function and a 121-character line are caught; 60 and 120 pass, and so does
+    a line that fits once its trailing noqa pragma is left out (ruff's rule)."""
+    def function(lines):
+        return "def f():\n" + "    x = 1\n" * (lines - 1)
+
+    assert long_functions(function(61)) == [("f", 61)] and long_functions(function(60)) == []
+    assert long_functions("class A:\n    " + function(61).replace("\n", "\n    ")) == [("f", 61)]
+    assert long_lines("x" * 121) == [(1, 121)] and long_lines("x" * 120) == []
+    assert long_lines("x" * 118 + "  # noqa: E731") == [] and long_lines("x" * 121 + "  # noqa") == [(1, 129)]
