@@ -289,6 +289,10 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
     """The table of an experiment's rows (each with its seeds' records) and the rows with their statistics: mean ±
     std per method, the paired DI - E2E difference with its 95% interval and p (`stats.paired`), the verdict that
     follows the interval, and per-seed flags (`stats.seed_flags`)."""
+    if experiment in ("decoupled", "split"):  # tables of their own (--from recomputes them too)
+        from benchmarks import paper_claims_decoupled
+
+        return paper_claims_decoupled.summarise(experiment, rows)
     title = EXPERIMENTS[experiment][0] if experiment in EXPERIMENTS else experiment
     # --tune rows: the default recipe's E2E of the same seeds beside the tuned one
     default = any(r.get("e2e_default") is not None for row in rows for r in row["seeds"])

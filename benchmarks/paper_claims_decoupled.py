@@ -7,6 +7,9 @@ decoupled  E2E, DGL and InfoPro (`dsincubate.decoupled`) against Deep Incubation
            (planned and measured TFLOP per method). Cells (CPU scale):
              DeiT-T-32   the depth experiment's depth-32 cell (`paper_claims.CPU_BASE`: width 64, 2 heads, 8x8
                          patches on the 32 px demo images, K = 4; DI = meta 16 + 6 per module + fine-tune 4 epochs)
+             DeiT-T-32-s1000  the same with every epoch of every method 1,000 images drawn from the 3,000 (a third
+                         of the budget, for a loaded machine: on 2026-12-06 the 4-block meta model's epoch took 41 s
+                         against 2 s on a quiet one)
              ResNet-20   `resnet110_cifar` (K = 3, one block per stage in the meta model) with 9 blocks (ResNet-20)
                          instead of 54 (3 per stage: ResNet-110's 18 cost 6x more, beyond this machine), DI = meta 8 +
                          4 per module + fine-tune 4 epochs, 1 warm-up epoch in every phase (the recipe's 5 exceed
@@ -21,6 +24,8 @@ split      Deep Incubation alone at the default cell's total planned FLOPs (dept
     python benchmarks/paper_claims.py --experiments decoupled --seeds 0,1,2 --only DeiT-T-32
     python benchmarks/paper_claims.py --experiments split --seeds 0,1
     python benchmarks/paper_claims.py --experiments decoupled,split --collect-only
+
+Results: benchmarks/results/paper_claims_decoupled/paper_claims_<exp>_<device>_<date>.{json,txt} (split: + .png).
 """
 from __future__ import annotations
 
@@ -38,10 +43,13 @@ _DECOUPLED_EVAL = ["dgl.eval_every=100", "infopro.eval_every=100"]
 _RESNET = ["model.depth=9", "model.kernel_backend=torch", "meta.epochs=8", "incubate.epochs=4", "finetune.epochs=4"] + \
     [f"{p}.{k}" for p in ("meta", "incubate", "e2e", "dgl", "infopro") for k in ("warmup_epochs=1.0", "eval_every=100")] + \
     ["finetune.eval_every=100", "data.num_workers=1"]
-DECOUPLED_CELLS = [("demo", "DeiT-T-32", pc.CPU_BASE + ["model.depth=32"]), ("resnet110_cifar", "ResNet-20", _RESNET)]
+DECOUPLED_CELLS = [("demo", "DeiT-T-32", pc.CPU_BASE + ["model.depth=32"]),
+                   ("demo", "DeiT-T-32-s1000", pc.CPU_BASE + ["model.depth=32", "data.samples_per_epoch=1000"]),
+                   ("resnet110_cifar", "ResNet-20", _RESNET)]
 # (label, (meta, incubate, fine-tune) shares of the total FLOPs); "default" keeps CPU_BASE's epochs
 SPLITS = [("default", None), ("meta 40 / inc 40 / ft 20", (0.4, 0.4, 0.2)),
           ("meta 30 / inc 30 / ft 40", (0.3, 0.3, 0.4)), ("meta 20 / inc 20 / ft 60", (0.2, 0.2, 0.6))]
+RESULTS = common.RESULTS / "paper_claims_decoupled"
 EXPERIMENTS = {"decoupled": "method (at DI's planned FLOPs)", "split": "meta / incubate / fine-tune share of FLOPs"}
 
 
@@ -259,14 +267,29 @@ def plot_split(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def result_file(name: str, dev: dict) -> Path:
+    """RESULTS/<name>_<device>_<date>.json, `_2`, `_3`, ... where taken: a folder of its own, since every
+    benchmarks/results/paper_claims_*.json is an E2E-vs-DI table (`paper_claims.summarise`)."""
+    stem = f"{name}_{common.device_kind(dev)}_{common.now()[:10]}"
+    n = 1
+    while any((RESULTS / f"{stem}{'' if n == 1 else f'_{n}'}{s}").exists() for s in (".json", ".txt")):
+        n += 1
+    return RESULTS / f"{stem}{'' if n == 1 else f'_{n}'}.json"
+
+
+def summarise(exp: str, rows: list[dict]) -> tuple[str, list[dict]]:
+    """The table of a `decoupled` or `split` result and its rows with their statistics."""
+    return (summarise_decoupled if exp == "decoupled" else summarise_split)(rows)
+
+
 def run(exp: str, args, extra: list[str], start_commit: str, problem: str | None) -> Path:
     """Run or collect `exp`, rewriting its result file (json, txt; the split's png) after every finished seed."""
     dev = common.device()
     name = f"paper_claims_{exp}" + (f"_{args.name}" if args.name else "")
-    path = common.result_path(name, dev)
+    path = result_file(name, dev)
 
     def write(rows):
-        table, rows = (summarise_decoupled if exp == "decoupled" else summarise_split)(rows)
+        table, rows = summarise(exp, rows)
         end_commit = pc.code_commit()
         if problem or end_commit != start_commit:
             table += f"\nWARNING: the code changed or was not committed: git_commit {start_commit!r} at the start, " \
