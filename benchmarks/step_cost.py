@@ -126,8 +126,7 @@ def build(kind: str, preset: str, stages: int, grad_ckpt: bool = False, device="
 
 
 def kinds(stages: int) -> list[str]:
-    """The measured steps: the training steps of `METHODS` in the registry's order (e2e, meta, incubate0, ...);
-    the per-stage ones (incubate<I>) are what the targets judge."""
+    """The training steps of `METHODS` in the registry's order (e2e, meta, incubate0, ...); targets judge incubate<I>"""
     return common.step_kinds(METHODS, stages)
 
 
