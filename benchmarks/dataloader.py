@@ -166,7 +166,7 @@ def imagefolder(folder: str, recipe: str, args) -> int:
     return n
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=224, help="training image size (and JPEG side by default)")
@@ -183,7 +183,97 @@ def main() -> int:
     ap.add_argument("--workdir", default="/tmp/dsinc_bench")
     ap.add_argument("--host-kind", default=None, help="name of the machine in the result file (default cpu<cores>)")
     ap.add_argument("--out", default="")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def recipe_rows(args, backends, dali_cpu: bool, paths, folder: str, shards: str, rows: dict, configs: dict) -> None:
+    """Per recipe of LOADER_ROWS: the work floor, ours, DALI cpu (build cost apart) and ImageFolder rows."""
+    for name, recipe, extra in LOADER_ROWS:
+        if "torch" in backends and name != "decode+crop+flip":
+            rows[f"decode+transform [{name}]"] = measure(lambda r=recipe: work_floor(paths, r, args))
+        for backend in backends:
+            if backend == "dali" and not dali_cpu:
+                continue
+            cfg = loader_config(shards, backend, recipe, extra, args.workers)
+            row = f"{'ours webdataset' if backend == 'torch' else 'DALI cpu'} [{name}]"
+            configs[row] = cfg
+            rows[row] = {**measure(lambda c=cfg: ours(c, args)), "backend": backend, "recipe_row": name}
+            if backend == "dali":
+                build = dali_build_cost(cfg, shards, args)
+                rows[row].update(build_cpu_s=round(build, 3), img_per_cpu_s_with_build=rows[row]["img_per_cpu_s"],
+                                 img_per_cpu_s=round(rows[row]["images"] / max(1e-6, rows[row]["cpu_s"] - build), 1))
+        if "torch" in backends and name != "decode+crop+flip":
+            rows[f"ImageFolder+PIL [{name}]"] = measure(lambda r=recipe: imagefolder(folder, r, args))
+
+
+def epoch_rows(args, shards: str, rows: dict, configs: dict) -> None:
+    """Persistent workers (today's default) against workers started per epoch (the loader before them), over
+    several epochs with each worker start-up inside the measurement."""
+    for persistent in (False, True):
+        cfg = loader_config(shards, "torch", EPOCH_ROW[1], EPOCH_ROW[2], args.workers)
+        kind = "persistent workers" if persistent else "workers per epoch"
+        row = f"ours [{EPOCH_ROW[0]}] {args.epochs} epochs, {kind}"
+        configs[row] = cfg
+        rows[row] = {**measure(lambda c=cfg, p=persistent: ours(c, args, epochs=args.epochs, persistent=p)),
+                     "backend": "torch", "recipe_row": EPOCH_ROW[0], "epochs": args.epochs,
+                     "persistent_workers": persistent}
+
+
+def gpu_rows(args, shards: str, rows: dict, configs: dict) -> None:
+    """The mixed pipeline: nvJPEG / hardware decode and GPU augmentation into this GPU's memory; CPU-seconds per
+    wall second = the host cores it kept busy."""
+    for name, recipe, extra in LOADER_ROWS:
+        cfg = loader_config(shards, "dali", recipe, extra, args.workers)
+        row = f"DALI gpu [{name}]"
+        configs[row] = cfg
+        r = measure(lambda c=cfg: ours(c, args, device="cuda"))
+        rows[row] = {**r, "backend": "dali", "recipe_row": name, "device": torch.cuda.get_device_name(),
+                     "host_cores_used": round(r["cpu_s"] / r["wall_s"], 2)}
+
+
+def torch_targets(rows: dict) -> tuple[dict, list[str]]:
+    """Ours against raw decode, the work floor and ImageFolder, per recipe (torch rows)."""
+    targets, lines = {}, []
+    for recipe in ("none", "deit"):
+        o, f = rows[f"ours webdataset [{recipe}]"], rows[f"ImageFolder+PIL [{recipe}]"]
+        floor = rows[f"decode+transform [{recipe}]"]
+        targets[recipe] = {"ours_vs_raw_decode_per_core": o["vs_raw_decode"],
+                           "ours_vs_work_floor_per_core": round(o["img_per_cpu_s"] / floor["img_per_cpu_s"], 3),
+                           "work_floor_vs_raw_decode_per_core": floor["vs_raw_decode"],
+                           "meets_80pct_of_raw_decode": o["vs_raw_decode"] >= 0.8,
+                           "ours_vs_imagefolder_per_core": round(o["img_per_cpu_s"] / f["img_per_cpu_s"], 3),
+                           "ahead_of_imagefolder": o["img_per_cpu_s"] > 1.1 * f["img_per_cpu_s"]}
+        lines.append(f"[{recipe}] ours/raw decode = {o['vs_raw_decode']:.2f} (target 0.80: "
+                     f"{'met' if targets[recipe]['meets_80pct_of_raw_decode'] else 'NOT met'}); ours/ImageFolder = "
+                     f"{targets[recipe]['ours_vs_imagefolder_per_core']:.2f}; ours/work floor = "
+                     f"{targets[recipe]['ours_vs_work_floor_per_core']:.2f} (the recipe's own work alone reaches "
+                     f"{floor['vs_raw_decode']:.2f} of raw decode)")
+    return targets, lines
+
+
+def backend_targets(rows: dict, args) -> tuple[dict, list[str]]:
+    """DALI cpu against torch per core (per recipe), and persistent against per-epoch workers, where measured."""
+    targets, lines = {}, []
+    for name, _, _ in LOADER_ROWS:
+        t, d = rows.get(f"ours webdataset [{name}]"), rows.get(f"DALI cpu [{name}]")
+        if t and d:
+            ratio = round(d["img_per_cpu_s"] / t["img_per_cpu_s"], 2)
+            targets[f"dali_vs_torch_per_core [{name}]"] = ratio
+            lines.append(f"[{name}] DALI cpu / torch per core = {ratio:.2f} (issue 22 target for deit: >= 2)")
+    epoch = [r for r in rows.values() if "persistent_workers" in r]
+    if len(epoch) == 2:
+        before, after = epoch
+        targets["persistent_vs_per_epoch_workers"] = {
+            "wall": round(after["img_per_s"] / before["img_per_s"], 3),
+            "per_core": round(after["img_per_cpu_s"] / before["img_per_cpu_s"], 3)}
+        lines.append(f"[{EPOCH_ROW[0]}] {args.epochs} epochs, persistent / per-epoch workers: wall "
+                     f"{targets['persistent_vs_per_epoch_workers']['wall']:.2f}, per core "
+                     f"{targets['persistent_vs_per_epoch_workers']['per_core']:.2f}")
+    return targets, lines
+
+
+def main() -> int:
+    args = parse_args()
     machine = common.device(accelerator=False)  # the CPU, and the load average at the start (skews wall rates)
     backends = ("torch", "dali") if args.backend == "all" else (args.backend,)
     if "dali" in backends:
@@ -206,43 +296,11 @@ def main() -> int:
     configs = {}
     if "torch" in backends:
         rows["raw decode (PIL)"] = measure(lambda: raw_decode_pil(paths))
-    for name, recipe, extra in LOADER_ROWS:
-        if "torch" in backends and name != "decode+crop+flip":
-            rows[f"decode+transform [{name}]"] = measure(lambda r=recipe: work_floor(paths, r, args))
-        for backend in backends:
-            if backend == "dali" and not dali_cpu:
-                continue
-            cfg = loader_config(shards, backend, recipe, extra, args.workers)
-            row = f"{'ours webdataset' if backend == 'torch' else 'DALI cpu'} [{name}]"
-            configs[row] = cfg
-            rows[row] = {**measure(lambda c=cfg: ours(c, args)), "backend": backend, "recipe_row": name}
-            if backend == "dali":
-                build = dali_build_cost(cfg, shards, args)
-                rows[row].update(build_cpu_s=round(build, 3), img_per_cpu_s_with_build=rows[row]["img_per_cpu_s"],
-                                 img_per_cpu_s=round(rows[row]["images"] / max(1e-6, rows[row]["cpu_s"] - build), 1))
-        if "torch" in backends and name != "decode+crop+flip":
-            rows[f"ImageFolder+PIL [{name}]"] = measure(lambda r=recipe: imagefolder(folder, r, args))
+    recipe_rows(args, backends, dali_cpu, paths, folder, shards, rows, configs)
     if "torch" in backends and args.epochs > 1:
-        # persistent workers (today's default) against workers started per epoch (the loader before them), over
-        # several epochs with each worker start-up inside the measurement
-        for persistent in (False, True):
-            cfg = loader_config(shards, "torch", EPOCH_ROW[1], EPOCH_ROW[2], args.workers)
-            kind = "persistent workers" if persistent else "workers per epoch"
-            row = f"ours [{EPOCH_ROW[0]}] {args.epochs} epochs, {kind}"
-            configs[row] = cfg
-            rows[row] = {**measure(lambda c=cfg, p=persistent: ours(c, args, epochs=args.epochs, persistent=p)),
-                         "backend": "torch", "recipe_row": EPOCH_ROW[0], "epochs": args.epochs,
-                         "persistent_workers": persistent}
+        epoch_rows(args, shards, rows, configs)
     if "dali" in backends and torch.cuda.is_available():
-        # the mixed pipeline: nvJPEG / hardware decode and GPU augmentation into this GPU's memory; CPU-seconds per
-        # wall second = the host cores it kept busy
-        for name, recipe, extra in LOADER_ROWS:
-            cfg = loader_config(shards, "dali", recipe, extra, args.workers)
-            row = f"DALI gpu [{name}]"
-            configs[row] = cfg
-            r = measure(lambda c=cfg: ours(c, args, device="cuda"))
-            rows[row] = {**r, "backend": "dali", "recipe_row": name, "device": torch.cuda.get_device_name(),
-                         "host_cores_used": round(r["cpu_s"] / r["wall_s"], 2)}
+        gpu_rows(args, shards, rows, configs)
     ceiling = rows["raw decode (torchvision)"]["img_per_cpu_s"]
     for r in rows.values():
         r["vs_raw_decode"] = round(r["img_per_cpu_s"] / ceiling, 3)
@@ -254,39 +312,10 @@ def main() -> int:
                           [[name, r["img_per_s"], r["img_per_cpu_s"], r["vs_raw_decode"], r["cores_per_h100"]]
                            for name, r in rows.items()],
                           ["", ".1f", ".1f", ".2f", ".1f"])]
-    targets = {}
-    for recipe in ("none", "deit"):
-        if "torch" not in backends:
-            break
-        o, f = rows[f"ours webdataset [{recipe}]"], rows[f"ImageFolder+PIL [{recipe}]"]
-        floor = rows[f"decode+transform [{recipe}]"]
-        targets[recipe] = {"ours_vs_raw_decode_per_core": o["vs_raw_decode"],
-                           "ours_vs_work_floor_per_core": round(o["img_per_cpu_s"] / floor["img_per_cpu_s"], 3),
-                           "work_floor_vs_raw_decode_per_core": floor["vs_raw_decode"],
-                           "meets_80pct_of_raw_decode": o["vs_raw_decode"] >= 0.8,
-                           "ours_vs_imagefolder_per_core": round(o["img_per_cpu_s"] / f["img_per_cpu_s"], 3),
-                           "ahead_of_imagefolder": o["img_per_cpu_s"] > 1.1 * f["img_per_cpu_s"]}
-        lines.append(f"[{recipe}] ours/raw decode = {o['vs_raw_decode']:.2f} (target 0.80: "
-                     f"{'met' if targets[recipe]['meets_80pct_of_raw_decode'] else 'NOT met'}); ours/ImageFolder = "
-                     f"{targets[recipe]['ours_vs_imagefolder_per_core']:.2f}; ours/work floor = "
-                     f"{targets[recipe]['ours_vs_work_floor_per_core']:.2f} (the recipe's own work alone reaches "
-                     f"{floor['vs_raw_decode']:.2f} of raw decode)")
-    if set(backends) == {"torch", "dali"} and dali_cpu:
-        for name, _, _ in LOADER_ROWS:
-            t, d = rows[f"ours webdataset [{name}]"], rows[f"DALI cpu [{name}]"]
-            ratio = round(d["img_per_cpu_s"] / t["img_per_cpu_s"], 2)
-            targets[f"dali_vs_torch_per_core [{name}]"] = ratio
-            lines.append(f"[{name}] DALI cpu / torch per core = {ratio:.2f} (issue 22 target for deit: >= 2)")
-    epoch_rows = [r for r in rows.values() if "persistent_workers" in r]
-    if len(epoch_rows) == 2:
-        before, after = epoch_rows
-        targets["persistent_vs_per_epoch_workers"] = {
-            "wall": round(after["img_per_s"] / before["img_per_s"], 3),
-            "per_core": round(after["img_per_cpu_s"] / before["img_per_cpu_s"], 3)}
-        lines.append(f"[{EPOCH_ROW[0]}] {args.epochs} epochs, persistent / per-epoch workers: wall "
-                     f"{targets['persistent_vs_per_epoch_workers']['wall']:.2f}, per core "
-                     f"{targets['persistent_vs_per_epoch_workers']['per_core']:.2f}")
-    text = "\n".join(lines)
+    targets, more = torch_targets(rows) if "torch" in backends else ({}, [])
+    both, more2 = backend_targets(rows, args)
+    targets.update(both)
+    text = "\n".join(lines + more + more2)
     print(text)
     record = common.header("dataloader", machine)
     record.update(settings=vars(args), results=rows, targets=targets,
