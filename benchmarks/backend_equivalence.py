@@ -11,6 +11,7 @@ phases end there, which is why the default is E2E on the demo recipe, shortened 
 
     nice -n 19 python benchmarks/backend_equivalence.py                       # demo, e2e, 3 seeds, both backends
     nice -n 19 python benchmarks/backend_equivalence.py --set e2e.epochs=6 --workdir runs/backend_eq
+    nice -n 19 python benchmarks/backend_equivalence.py --seeds 1 --backends dali ...   # one share of the runs
     python benchmarks/backend_equivalence.py --collect-only --set e2e.epochs=6   # table of the finished runs
 
 Finished runs (a summary.json in their folder) are kept on a re-run. Writes
@@ -124,12 +125,18 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], dest="sets", help="extra config override for every run")
     p.add_argument("--workdir", default="runs/backend_eq")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per run")
+    p.add_argument("--backends", default="torch,dali",
+                   help="the backends this invocation runs (e.g. one each in two processes sharing --workdir); "
+                        "the table and result file hold every finished run of both")
     p.add_argument("--collect-only", action="store_true")
     args = p.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         p.error(f"--seeds must be a comma list of integers, got {args.seeds!r}")
+    run_backends = [b for b in args.backends.split(",") if b]
+    if not run_backends or not set(run_backends) <= set(BACKENDS):
+        p.error(f"--backends must be a comma list of {', '.join(BACKENDS)}; got {args.backends!r}")
     if args.recipe not in ("debug", "demo"):
         p.error("--recipe must be debug or demo (recipes that train on the built-in demo data)")
     record = common.header("backend_equivalence")
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
         for backend in BACKENDS:
             out = work / f"{backend}_seed{seed}"
             t0 = time.time()
-            if read_summary(out) is None and not args.collect_only:
+            if read_summary(out) is None and not args.collect_only and backend in run_backends:
                 ok = run_one(out, args.recipe, args.methods, backend, seed, args.sets, args.timeout)
                 print(f"[backend_equivalence] {backend} seed {seed}: {'done' if ok else 'FAILED'} in "
                       f"{time.time() - t0:.0f}s ({out})", flush=True)
