@@ -116,21 +116,26 @@ def run_decoupled_seed(out: Path, recipe: str, sets: list[str], seed: int, extra
     return collect_decoupled(out, seed, epochs, plan) or {"ok": False, "seed": seed, "error": "unfinished"}
 
 
-def split_sets(recipe: str, sets: list[str], extra: list[str], shares) -> tuple[list[str], dict]:
-    """The overrides that divide the default cell's planned DI FLOPs by `shares` (meta, incubate, fine-tune), each
-    rounded to whole epochs (at least 1), and the plan of the result."""
-    _, plan = pc.e2e_epochs_for(recipe, sets, extra)
-    if shares is None:
-        return [], plan
+def split_plan(recipe: str, sets: list[str], extra: list[str]) -> tuple[dict, dict]:
+    """The default cell's DI FLOP plan and each phase's planned FLOPs per epoch (incubation: all K modules)."""
     from dsincubate import recipes
     from dsincubate.config import apply_overrides
 
+    _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     cfg = apply_overrides(recipes.get(recipe), sets)
-    per_epoch = {"meta": plan["meta"] / cfg.meta.epochs, "incubate": plan["incubate"] / cfg.incubate.epochs,
-                 "finetune": plan["finetune"] / cfg.finetune.epochs}
-    own = [f"{p}.epochs={max(1, round(share * plan['di_total'] / per_epoch[p]))}"
-           for p, share in zip(("meta", "incubate", "finetune"), shares)]
-    return own, pc.e2e_epochs_for(recipe, sets + own, extra)[1]
+    return plan, {p: plan[p] / getattr(cfg, p).epochs for p in ("meta", "incubate", "finetune")}
+
+
+def split_sets(plan: dict, per_epoch: dict, shares) -> tuple[list[str], dict]:
+    """The overrides that divide the default plan's DI FLOPs by `shares` (meta, incubate, fine-tune), each rounded
+    to whole epochs (at least 1), and the plan they give (`shares` None: the default's own)."""
+    if shares is None:
+        return [], plan
+    epochs = {p: max(1, round(share * plan["di_total"] / per_epoch[p]))
+              for p, share in zip(("meta", "incubate", "finetune"), shares)}
+    out = dict(plan, **{p: n * per_epoch[p] for p, n in epochs.items()})
+    out["di_total"] = out["meta"] + out["incubate"] + out["finetune"]
+    return [f"{p}.epochs={n}" for p, n in epochs.items()], out
 
 
 def run_split_seed(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], args) -> dict | None:
@@ -152,9 +157,9 @@ def cells(exp: str, args, extra: list[str]) -> list[tuple[str, str, list[str], d
     if exp == "decoupled":
         return [(recipe, label, sets + args.set, {}) for recipe, label, sets in DECOUPLED_CELLS]
     base = pc.CPU_BASE + args.set
-    out = []
+    out, (default, per_epoch) = [], split_plan("demo", base, extra)
     for label, shares in SPLITS:
-        own, plan = split_sets("demo", base, extra, shares)
+        own, plan = split_sets(default, per_epoch, shares)
         out.append(("demo", label, base + own, {"shares": shares, "planned": plan,
                                                  "epochs": {p: s.split("=")[1] for p, s in zip(("meta", "incubate",
                                                                                                   "finetune"), own)}}))

@@ -1,0 +1,98 @@
+"""benchmarks/paper_claims_decoupled.py: the decoupled baselines' FLOP budgets (each at least Deep Incubation's,
+within one epoch), the budget-split cells (the same total, the shares moved), and the tables built from the per-seed
+records of finished run directories (paired DI - baseline per seed). FLOPs are counted on the meta device; no
+training runs here."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import paper_claims as pc, paper_claims_decoupled as pcd  # noqa: E402
+
+
+def test_each_decoupled_baseline_gets_at_least_di_planned_flops_within_one_epoch(tmp_path):
+    extra = ["--set", f"data.demo_root={tmp_path / 'demo'}"]
+    epochs, plan = pcd.baseline_epochs("debug", ["model.kernel_backend=torch"], extra)
+    assert set(epochs) == {"e2e", "dgl", "infopro"}
+    for m, n in epochs.items():
+        per_epoch = plan[f"{m}_per_epoch"]
+        assert n * per_epoch >= plan["di_total"] > (n - 1) * per_epoch, m
+    # the auxiliary classifiers cost FLOPs, InfoPro's decoders more: counted, not assumed equal to E2E's
+    assert plan["infopro_per_epoch"] > plan["dgl_per_epoch"] > plan["e2e_per_epoch"]
+
+
+def test_split_cells_keep_the_default_total_and_move_the_shares(tmp_path):
+    extra = ["--set", f"data.demo_root={tmp_path / 'demo'}"]
+    base = ["model.kernel_backend=torch", "meta.epochs=8", "incubate.epochs=4", "finetune.epochs=4"]
+    default, per_epoch = pcd.split_plan("debug", base, extra)
+    assert pcd.split_sets(default, per_epoch, None) == ([], default)
+    ft_shares = []
+    for label, shares in pcd.SPLITS[1:]:
+        own, plan = pcd.split_sets(default, per_epoch, shares)
+        assert [s.split("=")[0] for s in own] == ["meta.epochs", "incubate.epochs", "finetune.epochs"]
+        # whole epochs: each phase within half an epoch of its share of the default total
+        for p, share, s in zip(("meta", "incubate", "finetune"), shares, own):
+            assert abs(plan[p] - share * default["di_total"]) <= per_epoch[p] / 2 + 1e-6 * plan[p], (label, p)
+        ft_shares.append(plan["finetune"] / plan["di_total"])
+    # the plan by arithmetic is the one the cell's own settings give
+    assert pc.e2e_epochs_for("debug", base + own, extra)[1]["di_total"] == pytest.approx(plan["di_total"])
+    assert ft_shares == sorted(ft_shares) and ft_shares[-1] > 0.5 > ft_shares[0]
+
+
+def _run(d: Path, top1: float, epochs: int, images: int, flops: float = 1e6, seconds: float = 36.0) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "run.json").write_text(json.dumps({"final": {"top1": top1}, "device_seconds": seconds, "epochs": epochs,
+                                            "images_processed": images,
+                                            "flops": {"train_step_per_image": flops}}))
+
+
+def _seed_dir(root: Path, di: float, e2e: float, dgl: float, infopro: float) -> Path:
+    for rel in ["meta", "finetune"] + [f"incubate/module_{i}" for i in range(4)]:
+        _run(root / rel, 0.0, 1, 100)
+    for m, v in (("e2e", e2e), ("dgl", dgl), ("infopro", infopro)):
+        _run(root / m, v, 3, 300)
+    (root / "summary.json").write_text(json.dumps({"deep_incubation": {
+        "top1": di, "meta_top1": 20.0, "assembled_top1": 11.0, "device_hours": 0.06}}))
+    return root
+
+
+def test_decoupled_table_pairs_di_with_each_baseline_seed_by_seed(tmp_path):
+    values = [(30.0, 25.0, 20.0, 21.0), (32.0, 26.0, 22.0, 20.0), (35.0, 27.5, 21.0, 25.0)]
+    seeds = [pcd.collect_decoupled(_seed_dir(tmp_path / f"seed{i}", *v), i, {"e2e": 3}, {"di_total": 1.0})
+             for i, v in enumerate(values)]
+    assert seeds[0]["di_flops"] == 6 * 100 * 1e6 and seeds[0]["e2e_flops"] == 300 * 1e6
+    assert seeds[0]["dgl_epochs"] == 3 and seeds[0]["infopro_hours"] == pytest.approx(0.01)
+    failed = {"ok": False, "seed": 3, "error": "dgl failed, see log_dgl.txt"}
+    table, rows = pcd.summarise("decoupled", [{"label": "DeiT-T-32", "seeds": seeds + [failed]}])
+    paired = rows[0]["paired"]
+    assert rows[0]["n_seeds"] == 3
+    for k, m in enumerate(("e2e", "dgl", "infopro"), start=1):
+        assert paired[m]["n"] == 3
+        assert paired[m]["mean"] == pytest.approx(sum(v[0] - v[k] for v in values) / 3)
+        assert paired[m]["lo"] < paired[m]["mean"] < paired[m]["hi"]
+    assert "DeiT-T-32 seed 3: FAILED (dgl failed" in table
+    assert "DeiT-T-32 seed 1: DI 32.0, E2E 26.0, DGL 22.0, InfoPro 20.0" in table
+    # paper_claims' summarise (the one --from uses) gives the same table for a decoupled result
+    assert pc.summarise("decoupled", [{"label": "DeiT-T-32", "seeds": seeds}])[0] == \
+        pcd.summarise("decoupled", [{"label": "DeiT-T-32", "seeds": seeds}])[0]
+    assert pcd.collect_decoupled(tmp_path / "nothing", 0, {}, {}) is None  # unfinished: not a record
+
+
+def test_split_table_pairs_each_split_with_the_default_split_of_the_same_seed():
+    def row(label, di):
+        return {"label": label, "planned": {"di_total": 3e12, "finetune": 1e12},
+                "epochs": {} if label == "default" else {"meta": "9", "incubate": "3", "finetune": "14"},
+                "seeds": [{"ok": True, "seed": s, "meta": 20.0, "assembled": 10.0, "di": v} for s, v in enumerate(di)]}
+
+    table, rows = pcd.summarise("split", [row("default", [30.0, 31.0, 35.0]), row("ft heavy", [33.0, 35.0, 36.0])])
+    assert rows[1]["paired"]["mean"] == pytest.approx(8.0 / 3)
+    assert "9/3/14" in table and "=/=/=" in table
+
+
+def test_unknown_experiment_is_refused_naming_the_decoupled_ones(capsys):
+    assert pc.main(["--experiments", "tab2", "--workdir", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "decoupled" in err and "split" in err
