@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def _pm(values: list) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
-    return f"{sum(values) / len(values):.1f} ± {(pc.statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"
+    return f"{sum(values) / len(values):.1f} ± {(statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"
 
 
 def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
