@@ -81,7 +81,7 @@ def test_decoupled_table_pairs_di_with_each_baseline_seed_by_seed(tmp_path):
     assert pcd.collect_decoupled(tmp_path / "nothing", 0, {}, {}) is None  # unfinished: not a record
 
 
-def test_split_table_pairs_each_split_with_the_default_split_of_the_same_seed():
+def test_split_table_pairs_each_split_with_the_default_split_of_the_same_seed(tmp_path):
     def row(label, di):
         return {"label": label, "planned": {"di_total": 3e12, "finetune": 1e12},
                 "epochs": {} if label == "default" else {"meta": "9", "incubate": "3", "finetune": "14"},
@@ -90,6 +90,8 @@ def test_split_table_pairs_each_split_with_the_default_split_of_the_same_seed():
     table, rows = pcd.summarise("split", [row("default", [30.0, 31.0, 35.0]), row("ft heavy", [33.0, 35.0, 36.0])])
     assert rows[1]["paired"]["mean"] == pytest.approx(8.0 / 3)
     assert "9/3/14" in table and "=/=/=" in table
+    if pcd.plot_split(rows, tmp_path / "split.png"):  # accuracy against the fine-tune share, where matplotlib is
+        assert (tmp_path / "split.png").stat().st_size > 1000
 
 
 def test_unknown_experiment_is_refused_naming_the_decoupled_ones(capsys):
