@@ -1,6 +1,8 @@
 """Integration test of the CIFAR ResNet family: the real `dsincubate` command on the `resnet_debug` recipe (3 stages of
 2 basic blocks, K = 3) and the built-in demo data, every phase through DeepSpeed engines: meta, incubation (one job
-per module), assembly, fine-tuning, E2E, eval, export and resume. Slow tier (`-m integration`)."""
+per module), assembly, fine-tuning, E2E, eval, export and resume; its 2-rank ZeRO-3 build is test_family_zero3.py.
+Slow tier (`-m integration`); the demo data is the session's (conftest.py). The helpers here (`family_run`, `dsi`,
+`staged_model`, `resumed_e2e_equals_the_pipelines`) serve test_swin_pipeline.py too."""
 import json
 import os
 import subprocess
@@ -16,27 +18,69 @@ pytestmark = pytest.mark.integration
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 
+# E2E trains 2 epochs with a checkpoint after each: the resume test restarts a run stopped after epoch 1 and
+# compares it with the pipeline's E2E, so no third, uninterrupted run is needed
+E2E_SETS = ("--set", "e2e.epochs=2", "--set", "e2e.ckpt_every=1")
+
+
+def dsi_cmd(*args, demo_root):
+    return [sys.executable, "-m", "dsincubate", *args, "--set", f"data.demo_root={demo_root}"]
+
+
 def dsi(*args, cwd, demo_root):
-    cmd = [sys.executable, "-m", "dsincubate", *args, "--set", f"data.demo_root={demo_root}"]
+    cmd = dsi_cmd(*args, demo_root=demo_root)
     p = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("demo") / "data"
+def stopped_e2e(recipe, out) -> tuple:
+    """The arguments of `dsincubate e2e` of `recipe` with E2E_SETS into `out`, stopped after one epoch (run again:
+    resumed)."""
+    return "e2e", "--recipe", recipe, "--output", str(out), *E2E_SETS, "--set", "stop_after_epochs=1"
+
+
+def family_run(tmp_path_factory, demo_root, recipe):
+    """`dsincubate pipeline --methods di,e2e` of `recipe` (E2E_SETS) in <tmp>/run and, side by side with it (each
+    process uses one of the CI machine's 2 cores), the first half of the resume test: `stopped_e2e` in
+    <tmp>/stopped. Returns <tmp>/run."""
+    root = tmp_path_factory.mktemp(recipe) / "run"
+    log = root.parent / "stopped.log"
+    with open(log, "wb") as f:
+        stopped = subprocess.Popen(dsi_cmd(*stopped_e2e(recipe, root.parent / "stopped"), demo_root=demo_root),
+                                   cwd=root.parent, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        dsi("pipeline", "--recipe", recipe, "--methods", "di,e2e", "--output", str(root), *E2E_SETS,
+            cwd=root.parent, demo_root=demo_root)
+    finally:
+        if stopped.poll() is None and not root.exists():  # the pipeline failed to start: do not wait for it
+            stopped.kill()
+        rc = stopped.wait(timeout=900)
+    assert rc == 0, f"{' '.join(stopped.args)} failed ({rc}):\n{log.read_text(errors='replace')[-3000:]}"
+    return root
+
+
+def resumed_e2e_equals_the_pipelines(run, recipe, demo_root) -> dict:
+    """Resume `family_run`'s stopped E2E to its end; assert it equals the pipeline's uninterrupted E2E bit for bit
+    (weights, persistent buffers, accuracy, images seen); return its tensors."""
+    out = run.parent / "stopped"
+    dsi(*stopped_e2e(recipe, out), cwd=run.parent, demo_root=demo_root)
+    a, _ = ckpt.load_tensors(run / "e2e" / "model.safetensors")
+    b, _ = ckpt.load_tensors(out / "e2e" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((run / "e2e" / "run.json").read_text())
+    rb = json.loads((out / "e2e" / "run.json").read_text())
+    assert ra["final"]["top1"] == rb["final"]["top1"] and ra["images_processed"] == rb["images_processed"]
+    return b
 
 
 @pytest.fixture(scope="module")
 def resnet_run(tmp_path_factory, demo_root):
-    root = tmp_path_factory.mktemp("resnet") / "run"
-    dsi("pipeline", "--recipe", "resnet_debug", "--methods", "di,e2e", "--output", str(root), cwd=root.parent,
-        demo_root=demo_root)
-    return root
+    return family_run(tmp_path_factory, demo_root, "resnet_debug")
 
 
-def _model(path):
+def staged_model(path):
+    """The staged model a phase saved at `path` (its header names the spec and the division), in eval mode."""
     tensors, header = ckpt.load_tensors(path)
     model = family.build_staged(family.ModelSpec.from_json(header["spec"]), header["stage_depths"]).eval()
     model.load_state_dict(tensors, strict=True)
@@ -78,80 +122,9 @@ def test_resnet_export_rebuilds_from_its_model_json_with_identical_logits(resnet
         rebuilt.load_state_dict(tensors, strict=True)
         x = torch.randn(4, 3, 32, 32)
         with torch.no_grad():
-            assert torch.equal(rebuilt(x), _model(resnet_run / source / "model.safetensors")(x))
+            assert torch.equal(rebuilt(x), staged_model(resnet_run / source / "model.safetensors")(x))
 
 
-def test_resnet_resume_after_stop_equals_uninterrupted_run(tmp_path, demo_root):
-    common = ["--recipe", "resnet_debug", "--set", "e2e.epochs=2", "--set", "e2e.ckpt_every=1"]
-    dsi("e2e", "--output", str(tmp_path / "a"), *common, cwd=tmp_path, demo_root=demo_root)
-    for _ in range(2):  # stopped after every epoch, resumed by re-running the same command
-        dsi("e2e", "--output", str(tmp_path / "b"), *common, "--set", "stop_after_epochs=1", cwd=tmp_path,
-            demo_root=demo_root)
-    a, _ = ckpt.load_tensors(tmp_path / "a" / "e2e" / "model.safetensors")
-    b, _ = ckpt.load_tensors(tmp_path / "b" / "e2e" / "model.safetensors")
-    assert set(a) == set(b) and any("running_var" in k for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-ZERO3_CHILD = r'''
-import contextlib, json, math, sys, torch, deepspeed
-from pathlib import Path
-from dsincubate import dist, phases, recipes, checkpoint as ckpt
-from dsincubate.config import apply_overrides
-from dsincubate.engine import resolve_ds_config
-ctx = dist.init()
-out = Path(sys.argv[-1])
-cfg = apply_overrides(recipes.get("resnet_debug"), ["ds_config=zero3_bf16"])
-res = {}
-for name in ("e2e", "finetune", "incubate"):
-    phase = phases.make(name, cfg, out, 10, 1 if name == "incubate" else None, resolve=False)
-    if name == "finetune":  # a trained model to load: random values with non-default BN statistics
-        phase.source_path = out / "src.safetensors"
-        if ctx.rank == 0:
-            src = phases.make("e2e", cfg, out, 10, resolve=False).build_model(load=False)
-            src.train()(torch.randn(8, 3, 32, 32))
-            ckpt.save_tensors(phase.source_path, {k: v.detach().clone() for k, v in src.state_dict().items()}, {})
-    if name == "incubate":
-        phase.meta_path = out / "meta.safetensors"
-        if ctx.rank == 0:
-            meta = phases.build_meta_model(cfg, 10)
-            ckpt.save_tensors(phase.meta_path, {k: (v + 1).clone() for k, v in meta.state_dict().items()}, {})
-    dist.barrier()
-    _, ds_cfg = resolve_ds_config(phase, False, ctx.world_size)
-    model = phase.build_model_zero3(ds_cfg, load=name != "e2e")
-    params = dict(model.named_parameters())
-    want = ckpt.load_tensors(phase.source_path if name == "finetune" else out / "meta.safetensors")[0] \
-        if name != "e2e" else {}
-    same = True
-    for k, t in list(params.items()) + list(model.named_buffers()):
-        if k in want and not (name == "incubate" and k.startswith("stages.1.")):
-            with deepspeed.zero.GatheredParameters([t]) if k in params else contextlib.nullcontext():
-                same &= torch.equal(t.data.float(), want[k].to(t.dtype).float())
-    conv = [p for k, p in params.items() if k.endswith("conv2.weight")]
-    with deepspeed.zero.GatheredParameters(conv):
-        ratio = [float(p.data.float().std()) / math.sqrt(2 / (9 * p.shape[0])) for p in conv]
-    res[name] = {"same": bool(same), "held": sum(p.ds_tensor.numel() for p in params.values()),
-                 "total": sum(p.ds_numel for p in params.values()), "conv_std_ratio": ratio,
-                 "blocks": [len(s.blocks) for s in model.stages]}
-if ctx.rank == 0:
-    (out / "result.json").write_text(json.dumps(res))
-dist.shutdown()
-'''
-
-
-def test_resnet_zero3_build_on_two_ranks_is_partitioned_initialised_like_he_and_holds_the_files_weights(tmp_path):
-    from pathlib import Path
-
-    script = tmp_path / "child.py"
-    script.write_text(ZERO3_CHILD)
-    ds = Path(sys.executable).parent / "deepspeed"
-    p = subprocess.run([str(ds), "--num_accelerators", "2", "--master_port", "29549", str(script), str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((tmp_path / "result.json").read_text())
-    for name in ("e2e", "finetune", "incubate"):
-        assert res[name]["same"], (name, res[name])
-        assert res[name]["held"] <= res[name]["total"] / 2 + 1000, (name, res[name])  # this rank's half only
-        # N(0, 2 / (9 out)) reached the partitioned convolutions (PyTorch's default would give a ratio of ~0.4)
-        assert all(0.8 < r < 1.2 for r in res[name]["conv_std_ratio"]), (name, res[name])
-    assert res["incubate"]["blocks"] == [1, 2, 1]  # the meta model (1 block per stage) with target stage 1
+def test_resnet_resume_after_stop_equals_uninterrupted_run(resnet_run, demo_root):
+    tensors = resumed_e2e_equals_the_pipelines(resnet_run, "resnet_debug", demo_root)
+    assert any("running_var" in k for k in tensors)  # BN statistics resumed too
