@@ -178,7 +178,9 @@ def load_gathered(module: nn.Module, path: Path | dict) -> None:
     from safetensors import safe_open
 
     names = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
+    # a state dict leaves non-persistent buffers out (a Swin's relative_position_index): the build made them
+    persistent = set(persistent_buffers(module))
+    buffers = {n: b for n, b in module.named_buffers() if n in persistent}
     with (_Tensors(path) if isinstance(path, dict) else safe_open(str(path), framework="pt")) as f:
         keys = set(f.keys())
         missing, unexpected = (set(names) | set(buffers)) - keys, keys - set(names) - set(buffers)

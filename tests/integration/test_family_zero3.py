@@ -122,9 +122,6 @@ def test_resnet_zero3_builds_on_two_ranks_are_partitioned_initialised_like_he_an
     check_family(zero3_results, "resnet_debug", [1, 2, 1], [2, 2, 2])
 
 
-@pytest.mark.xfail(strict=True, reason="phase_base.load_gathered expects every buffer in the file, also the "
-                   "non-persistent ones a state dict leaves out (a Swin's relative_position_index): reported to HA "
-                   "with a two-line fix; remove this mark with that fix")
 def test_swin_zero3_builds_on_two_ranks_are_partitioned_initialised_like_timm_and_hold_the_files_weights(
         zero3_results):
     check_family(zero3_results, "swin_debug", [1, 1, 2, 1], [1, 1, 2, 1])
