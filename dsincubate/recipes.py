@@ -18,8 +18,11 @@ from dsincubate.errors import UserError
 
 def paper(preset: str, drop_path: float = 0.1, warmup: float = 5.0, e2e_optimizer: str = "adamw",
           batch: int = 128, e2e_drop_path_mode: str = "linear") -> RunConfig:
-    """The paper's setting; where it is silent, the official code's: meta without drop path,
-    incubation at drop path 0.1 for every size, fine-tuning with gradient clipping 1.0."""
+    """The paper's setting; where it is silent, the official code's (github.com/LeapLabTHU/Deep-Incubation at
+    9a7061b, TRAINING.md): meta pre-training with `--drop-path 0`, incubation (its "MT") at `--drop-path 0.1` for
+    every size, fine-tuning with `--clip-grad 1` and `--warmup-epochs 0`; repeated augmentation is main.py's
+    default. K = 4 and one meta block per module are TRAINING.md's `--divided_depths 1 1 1 1` (meta) and
+    `--divided_depths $((DEPTH/4)) 1 1 1` etc. (module 0's incubation)."""
     deit = TrainConfig(epochs=300, micro_batch=batch, lr=5e-4, warmup_epochs=warmup, drop_path=drop_path)
     finetune = dataclasses.replace(deit, epochs=100, warmup_epochs=0.0, clip_grad=1.0)
     return RunConfig(
@@ -146,7 +149,11 @@ def resnet110_cifar() -> RunConfig:
     """ResNet-110 on CIFAR-100-size images (32 px) with K = 3 (paper Tab. 2, "comparison with decoupled training":
     E2E 71.1 -> Deep Incubation 73.0). K = 3 modules at the three stage boundaries and a meta model of one block
     per stage (the paper's one layer per module, Sec. 3; `dsincubate.models.resnet_cifar`), so the meta model
-    matches the target's width and resolution at each boundary. Epochs as the paper's CIFAR models: 200 modular +
+    matches the target's width and resolution at each boundary. The official repository (LeapLabTHU/Deep-Incubation
+    at 9a7061b) has no ResNet settings to follow: its only divided model is the ViT of timm/models/
+    vision_transformer.py (`divided_depths`), its CIFAR support is datasets.py's CIFAR-100 loader, and its
+    TRAINING.md gives ViT-B/L/H only; so K = 3 is Tab. 2's and the meta depth of 1 per module is the rule its
+    TRAINING.md applies to every ViT (meta `--divided_depths 1 1 1 1`). Epochs as the paper's CIFAR models: 200 modular +
     100 fine-tuning, baselines 400 (Sec. 4.2); the meta model 300 as elsewhere. The CNN recipe is InfoPro's
     (its CIFAR train.py, whose ResNet-110 Tab. 2 compares with): no drop path, no mixup, weight decay 1e-4, batch
     128. InfoPro trains with SGD (lr 0.1 at batch 128, Nesterov momentum 0.9, steps at 50%/75%); `TrainConfig.optimizer`
@@ -181,7 +188,10 @@ def swin_b_deit3() -> RunConfig:
     (LAMB at 3e-3 per 2048 images, 3-Augment, Mixup 0.8 / CutMix 1.0, drop path 0.1, 400 E2E epochs) on timm's Swin-B
     (224 px, window 7). K = 4: one module per Swin stage, the only division at which a shallow meta model matches the
     target's width and resolution (each Swin stage starts with a patch merging); the meta model has one Swin block per
-    stage, the paper's one layer per module (Sec. 3). The official repository's Swin settings were not read here."""
+    stage, the paper's one layer per module (Sec. 3). The official repository (LeapLabTHU/Deep-Incubation at 9a7061b)
+    has no Swin code or settings: its only divided model is the ViT of timm/models/vision_transformer.py
+    (`divided_depths`) and its TRAINING.md gives ViT-B/L/H only, where K = 4 and the meta model has one block per
+    module (`--divided_depths 1 1 1 1`); this recipe applies that rule to Swin's four stages."""
     cfg = deit3_b16()
     cfg.name = "swin_b_deit3"
     cfg.model = ModelConfig(preset="swin_b", num_stages=4, meta_depth_per_stage=1)

@@ -2,7 +2,8 @@
 2 basic blocks, K = 3) and the built-in demo data, every phase through DeepSpeed engines: meta, incubation (one job
 per module), assembly, fine-tuning, E2E, eval, export and resume; its 2-rank ZeRO-3 build is test_family_zero3.py.
 Slow tier (`-m integration`); the demo data is the session's (conftest.py). The helpers here (`family_run`, `dsi`,
-`staged_model`, `resumed_e2e_equals_the_pipelines`) serve test_swin_pipeline.py too."""
+`staged_model`, `incubated_stages`, `eval_agrees_with_the_logs`, `resumed_e2e_equals_the_pipelines`) serve
+test_swin_pipeline.py too."""
 import json
 import os
 import subprocess
@@ -87,30 +88,46 @@ def staged_model(path):
     return model
 
 
-def test_every_phase_of_a_resnet_runs_with_meta_frozen_and_batchnorm_statistics_saved(resnet_run):
-    meta_sha = ckpt.read_manifest(resnet_run / "meta")["files"]["model.safetensors"]["sha256"]
-    for d in ["meta", "assemble", "finetune", "e2e"] + [f"incubate/module_{i}" for i in range(3)]:
-        assert ckpt.complete(resnet_run / d), d
-    for i in range(3):
-        d = resnet_run / "incubate" / f"module_{i}"
-        run = json.loads((d / "run.json").read_text())
-        assert run["frozen_params"]["sha256_before"] == run["frozen_params"]["sha256_after"] is not None
+def incubated_stages(run, depths: list) -> list[dict]:
+    """Assert every phase of `run` completed and each incubation job kept the meta model frozen and saved its stage
+    of the division `depths` against this meta model; return the K stage files' tensors."""
+    meta_sha = ckpt.read_manifest(run / "meta")["files"]["model.safetensors"]["sha256"]
+    for d in ["meta", "assemble", "finetune", "e2e"] + [f"incubate/module_{i}" for i in range(len(depths))]:
+        assert ckpt.complete(run / d), d
+    stages = []
+    for i in range(len(depths)):
+        d = run / "incubate" / f"module_{i}"
+        record = json.loads((d / "run.json").read_text())
+        assert record["frozen_params"]["sha256_before"] == record["frozen_params"]["sha256_after"] is not None
         tensors, header = ckpt.load_tensors(d / "stage.safetensors")
-        assert header["index"] == i and header["meta_sha256"] == meta_sha and header["stage_depths"] == [2, 2, 2]
+        assert header["index"] == i and header["meta_sha256"] == meta_sha and header["stage_depths"] == depths
+        stages.append(tensors)
+    return stages
+
+
+def eval_agrees_with_the_logs(run, demo_root, cwd, stage_index: int) -> None:
+    """`dsincubate eval` of every kind of model of `run` (hybrid: module `stage_index`'s) gives the top-1 its phase
+    logged."""
+    exported = str(run / "export" / "finetune" / "model.safetensors")
+    hybrid = f"hybrid:{stage_index}"
+    kinds = ["meta", hybrid, "assemble", "finetune", "e2e", exported]
+    p = dsi("eval", "--output", str(run), "--model", ",".join(kinds), cwd=cwd, demo_root=demo_root)
+    got = {r["model"]: r for r in (json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{"))}
+    assert set(got) == set(kinds)
+    logged = lambda d: json.loads((run / d / "run.json").read_text())["final"]  # noqa: E731
+    for kind, d in (("meta", "meta"), (hybrid, f"incubate/module_{stage_index}"), ("finetune", "finetune"),
+                    ("e2e", "e2e"), (exported, "finetune")):
+        assert got[kind]["top1"] == pytest.approx(logged(d)["top1"]), kind
+
+
+def test_every_phase_of_a_resnet_runs_with_meta_frozen_and_batchnorm_statistics_saved(resnet_run):
+    for i, tensors in enumerate(incubated_stages(resnet_run, [2, 2, 2])):
         assert any(k.endswith("running_mean") for k in tensors)  # a BN's statistics travel with its stage
         assert ("conv1.weight" in tensors) == (i == 0) and ("fc.weight" in tensors) == (i == 2)
 
 
 def test_eval_of_a_resnets_models_agrees_with_what_its_phases_logged(resnet_run, demo_root, tmp_path):
-    exported = str(resnet_run / "export" / "finetune" / "model.safetensors")
-    kinds = ["meta", "hybrid:1", "assemble", "finetune", "e2e", exported]
-    p = dsi("eval", "--output", str(resnet_run), "--model", ",".join(kinds), cwd=tmp_path, demo_root=demo_root)
-    got = {r["model"]: r for r in (json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{"))}
-    assert set(got) == set(kinds)
-    logged = lambda d: json.loads((resnet_run / d / "run.json").read_text())["final"]  # noqa: E731
-    for kind, d in (("meta", "meta"), ("hybrid:1", "incubate/module_1"), ("finetune", "finetune"),
-                    ("e2e", "e2e"), (exported, "finetune")):
-        assert got[kind]["top1"] == pytest.approx(logged(d)["top1"]), kind
+    eval_agrees_with_the_logs(resnet_run, demo_root, tmp_path, 1)
 
 
 def test_resnet_export_rebuilds_from_its_model_json_with_identical_logits(resnet_run):
