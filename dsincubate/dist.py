@@ -92,7 +92,8 @@ def init() -> DistContext:
         device = torch.device(device_type)
         device_name = f"{device_type} ({os.cpu_count()} cores)"
         if "OMP_NUM_THREADS" not in os.environ:
-            # Ranks sharing a CPU must split its cores: oversubscribed OpenMP threads make every op several times slower.
+            # Ranks sharing a CPU must split its cores: oversubscribed OpenMP threads make every op several times
+            # slower.
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 0)) or
                               min(dist.get_world_size(), os.cpu_count() or 1))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

@@ -43,9 +43,10 @@ if not CONFIG_DIR.is_dir():
 RECIPE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "optimizer", "scheduler")
 _KNOWN_TOP = {
     "gradient_accumulation_steps", "gradient_clipping", "bf16", "fp16", "zero_optimization", "activation_checkpointing",
-    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "steps_per_print", "wall_clock_breakdown",
-    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "flops_profiler", "comms_logger", "seq_parallel_communication_data_type",
-    "data_types", "dump_state", "memory_breakdown", "tensorboard", "checkpoint", "aio", "torch_autocast", "autotuning",
+    "communication_data_type", "prescale_gradients", "gradient_predivide_factor", "steps_per_print",
+    "wall_clock_breakdown", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "flops_profiler",
+    "comms_logger", "seq_parallel_communication_data_type", "data_types", "dump_state", "memory_breakdown",
+    "tensorboard", "checkpoint", "aio", "torch_autocast", "autotuning",
     "sparse_gradients", "amp", "elasticity", "compile",
 }
 
@@ -78,7 +79,8 @@ def validate(cfg: dict, where: str) -> None:
         raise UserError(f"ds_config {where}: expected a JSON object")
     for key in RECIPE_KEYS:
         if key in cfg:
-            raise UserError(f"ds_config {where}: {key!r} belongs to the recipe (set it in the run config), not the ds_config")
+            raise UserError(f"ds_config {where}: {key!r} belongs to the recipe (set it in the run config), not the "
+                            "ds_config")
     unknown = set(cfg) - _KNOWN_TOP
     if unknown:
         raise UserError(f"ds_config {where}: unknown key(s) {sorted(unknown)}")
@@ -135,9 +137,10 @@ def resolve(base: dict, micro_batch: int, grad_accum: int | None, world_size: in
     return cfg
 
 
-_SECTION_OF_MODEL = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadParamConfig":
-                     "zero_optimization.offload_param", "DeepSpeedZeroOffloadOptimizerConfig":
-                     "zero_optimization.offload_optimizer", "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16"}
+_SECTION_OF_MODEL = {"DeepSpeedZeroConfig": "zero_optimization",
+                     "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+                     "DeepSpeedZeroOffloadOptimizerConfig": "zero_optimization.offload_optimizer",
+                     "DeepSpeedBF16Config": "bf16", "DeepSpeedFP16Config": "fp16"}
 
 
 def check_with_deepspeed(cfg: dict, where: str) -> None:
@@ -166,7 +169,8 @@ def check_with_deepspeed(cfg: dict, where: str) -> None:
         key = ".".join([_SECTION_OF_MODEL.get(e.title, e.title)] + [str(x) for x in err["loc"]])
         raise UserError(f"ds_config {where}: {key}: {err['msg']} (got {err.get('input')!r})") from None
     except (DeepSpeedConfigError, AssertionError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"ds_config {where}: DeepSpeed refuses it: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"ds_config {where}: DeepSpeed refuses it: {why}") from None
     finally:
         log.setLevel(level)
 

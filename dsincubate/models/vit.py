@@ -23,7 +23,8 @@ from dsincubate.models.family import ModelSpec
 # name -> (timm architecture, overrides). Paper models: Tab. 1 (ViT-B/L/H), Tab. 6 (ViT-B-DN: depth 24, width 540,
 # FLOPs of ViT-B), Sec. 4.2 (DeiT-Tiny of depth N on CIFAR-size images).
 PRESETS: dict[str, tuple[str, dict]] = {
-    "tiny": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, embed_dim=96, depth=8, num_heads=3, num_classes=10)),
+    "tiny": ("vit_tiny_patch16_224",
+             dict(img_size=32, patch_size=4, embed_dim=96, depth=8, num_heads=3, num_classes=10)),
     "vit_b16": ("vit_base_patch16_224", {}),
     "vit_l16": ("vit_large_patch16_224", {}),
     "vit_h14": ("vit_huge_patch14_224", {}),
@@ -90,7 +91,8 @@ def target_spec(cfg: ModelConfig, num_classes: int | None = None, drop_path: flo
     full["drop_path_rate"] = float(drop_path)
     if cfg.moe_every:
         if cfg.moe_every > full["depth"]:
-            raise UserError(f"model.moe_every={cfg.moe_every} is above the depth {full['depth']}: no block would be MoE")
+            raise UserError(f"model.moe_every={cfg.moe_every} is above the depth {full['depth']}: no block would be "
+                            "MoE")
         full["moe"] = {"every": cfg.moe_every, "experts": cfg.moe_experts, "top_k": cfg.moe_top_k,
                        "capacity_factor": cfg.moe_capacity_factor,
                        "eval_capacity_factor": cfg.moe_eval_capacity_factor, "min_capacity": cfg.moe_min_capacity}

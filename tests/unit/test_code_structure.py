@@ -3,8 +3,8 @@
 ruff's E501 at the same length; a trailing `# noqa`/`# type:` pragma does not count, as in ruff). Each test reads
 the source as text, so it costs well under a second.
 
-Places other engineers are still splitting or rewrapping are listed in PENDING_* with the reason; a listed place
-that is already within the limit passes too, so fixing one never breaks this test, and any place not listed fails.
+Files other engineers are still rewrapping are listed in PENDING_LINES with the reason; a listed file that is
+already within the limit passes too, so fixing one never breaks this test, and any file not listed fails.
 
     pytest tests/unit/test_code_structure.py -q
 """
@@ -16,18 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "dsincubate"
 MAX_FILE_LINES, MAX_FUNCTION_LINES, MAX_LINE = 400, 60, 120
 PRAGMA = re.compile(r"\s*#\s*(noqa|type:)[^#]*$")
 
-# (file relative to dsincubate/, function name): why it is still longer
-PENDING_FUNCTIONS = {
-    ("data/pipeline.py", "_read"): "data/ is being reworked by its owner (issue 23: split into named steps)",
-}
 # file relative to dsincubate/: why it still has longer lines
 PENDING_LINES = {
     "data/dali.py": "data/ is being reworked by its owner",
     "data/dali_loader.py": "data/ is being reworked by its owner",
     "recipes.py": "being edited by its owner",
-    "dist.py": "not yet rewrapped (outside issue 23's files of this change)",
-    "dsconfig.py": "not yet rewrapped (outside issue 23's files of this change)",
-    "models/vit.py": "not yet rewrapped (outside issue 23's files of this change)",
 }
 
 
@@ -60,9 +53,9 @@ def test_no_module_of_the_package_is_over_400_lines():
     assert not over, f"split these modules (lines): {over}"
 
 
-def test_no_function_of_the_package_is_over_60_lines_but_the_pending_ones():
+def test_no_function_of_the_package_is_over_60_lines():
     over = {(_name(p), f): n for p in _modules() for f, n in long_functions(p.read_text())}
-    assert not {k: n for k, n in over.items() if k not in PENDING_FUNCTIONS}, "split these functions into named steps"
+    assert not over, "split these functions into named steps"
 
 
 def test_no_line_of_the_package_is_over_120_characters_but_in_the_pending_files():
