@@ -82,21 +82,25 @@ def _measured(run: dict) -> float:
     return run["flops"]["train_step_per_image"] * run["images_processed"]
 
 
-def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict) -> dict | None:
-    """One seed's record: top-1, measured training FLOPs, device-hours and epochs per method (None if unfinished)."""
+def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict, partial: bool = False) -> dict | None:
+    """One seed's record: top-1, measured training FLOPs, device-hours and epochs per method. None while DI or
+    (unless `partial`: --collect-only, whose table then shows what finished) a baseline has not finished; a
+    partial record's unfinished baselines have None values and are listed under "unfinished"."""
     runs = {m: out / m / "run.json" for m in BASELINES}
-    if not (out / "summary.json").is_file() or not all(p.is_file() for p in runs.values()):
+    if not (out / "summary.json").is_file() or not (partial or all(p.is_file() for p in runs.values())):
         return None
     s = json.loads((out / "summary.json").read_text())["deep_incubation"]
+    if s["top1"] is None:
+        return None
     di_runs = [json.loads(p.read_text()) for p in [out / "meta" / "run.json", out / "finetune" / "run.json",
                                                     *sorted(out.glob("incubate/*/run.json"))]]
-    rec = {"ok": s["top1"] is not None, "seed": seed, "meta": s["meta_top1"], "assembled": s.get("assembled_top1"),
+    rec = {"ok": True, "seed": seed, "meta": s["meta_top1"], "assembled": s.get("assembled_top1"),
            "di": s["top1"], "di_hours": s["device_hours"], "di_flops": sum(_measured(r) for r in di_runs),
-           "planned": plan, "epochs_flop_match": epochs}
+           "planned": plan, "epochs_flop_match": epochs, "unfinished": [m for m, p in runs.items() if not p.is_file()]}
     for m, p in runs.items():
-        r = json.loads(p.read_text())
-        rec.update({m: r["final"].get("top1"), f"{m}_hours": r["device_seconds"] / 3600, f"{m}_flops": _measured(r),
-                    f"{m}_epochs": r["epochs"]})
+        r = json.loads(p.read_text()) if p.is_file() else None
+        rec.update({m: r and r["final"].get("top1"), f"{m}_hours": r and r["device_seconds"] / 3600,
+                    f"{m}_flops": r and _measured(r), f"{m}_epochs": r and r["epochs"]})
     return rec
 
 
@@ -182,7 +186,7 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
                 rec = run_split_seed(out, row["recipe"], row["overrides"], seed, extra, args)
             elif args.collect_only:
                 epochs, plan = baseline_epochs(row["recipe"], row["overrides"], extra)
-                rec = collect_decoupled(out, seed, epochs, plan)
+                rec = collect_decoupled(out, seed, epochs, plan, partial=True)
             else:
                 rec = run_decoupled_seed(out, row["recipe"], row["overrides"], seed, extra, args)
             if rec is not None:
@@ -207,7 +211,8 @@ def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
         paired = {m: stats.paired([r["di"] for r in ok if r.get(m) is not None],
                                   [r[m] for r in ok if r.get(m) is not None]) for m in BASELINES}
         out.append(dict(row, paired=paired, n_seeds=len(ok)))
-        tf = lambda m: None if not ok else sum(r[f"{m}_flops"] for r in ok) / len(ok) / 1e12  # noqa: E731
+        done = lambda m: [r for r in ok if r.get(m) is not None]  # noqa: E731
+        tf = lambda m: sum(r[f"{m}_flops"] for r in done(m)) / len(done(m)) / 1e12 if done(m) else None  # noqa: E731
         table_rows.append([row["label"], len(ok), _pm([r["meta"] for r in ok])] +
                           [_pm([r[m] for r in ok]) for m in ("di",) + BASELINES] +
                           [stats.fmt_interval(paired[m]) for m in BASELINES] +
@@ -218,10 +223,12 @@ def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
     for row in out:
         for r in row["seeds"]:
             if r.get("ok"):
+                have = [m for m in ("di",) + BASELINES if r.get(m) is not None]
                 table += f"\n{row['label']} seed {r['seed']}: " + ", ".join(
-                    f"{NAMES[m]} {r[m]:.1f}" for m in ("di",) + BASELINES) + f" (meta {r['meta']:.1f}); epochs " + \
-                    ", ".join(f"{NAMES[m]} {r[f'{m}_epochs']}" for m in BASELINES) + "; device-h " + \
-                    ", ".join(f"{NAMES[m]} {r[f'{m}_hours']:.4f}" for m in ("di",) + BASELINES)
+                    f"{NAMES[m]} {r[m]:.1f}" for m in have) + f" (meta {r['meta']:.1f}); epochs " + \
+                    ", ".join(f"{NAMES[m]} {r[f'{m}_epochs']}" for m in have[1:]) + "; device-h " + \
+                    ", ".join(f"{NAMES[m]} {r[f'{m}_hours']:.4f}" for m in have) + \
+                    ("; unfinished: " + ", ".join(NAMES[m] for m in r["unfinished"]) if r.get("unfinished") else "")
             else:
                 table += f"\n{row['label']} seed {r['seed']}: FAILED ({r.get('error')})"
     return table, out

@@ -81,6 +81,18 @@ def test_decoupled_table_pairs_di_with_each_baseline_seed_by_seed(tmp_path):
     assert pcd.collect_decoupled(tmp_path / "nothing", 0, {}, {}) is None  # unfinished: not a record
 
 
+def test_decoupled_collect_only_shows_the_baselines_that_finished(tmp_path):
+    d = _seed_dir(tmp_path / "seed0", 30.0, 25.0, 20.0, 21.0)
+    (d / "infopro" / "run.json").unlink()  # InfoPro still training
+    assert pcd.collect_decoupled(d, 0, {}, {}) is None  # a run's own record waits for every method
+    rec = pcd.collect_decoupled(d, 0, {}, {}, partial=True)
+    assert rec["unfinished"] == ["infopro"] and rec["infopro"] is None and rec["dgl"] == 20.0
+    full = pcd.collect_decoupled(_seed_dir(tmp_path / "seed1", 31.0, 24.0, 22.0, 23.0), 1, {}, {}, partial=True)
+    table, rows = pcd.summarise("decoupled", [{"label": "c", "seeds": [rec, full]}])
+    assert rows[0]["paired"]["dgl"]["n"] == 2 and rows[0]["paired"]["infopro"]["n"] == 1
+    assert "c seed 0: DI 30.0, E2E 25.0, DGL 20.0 (meta 20.0)" in table and "unfinished: InfoPro" in table
+
+
 def test_split_table_pairs_each_split_with_the_default_split_of_the_same_seed(tmp_path):
     def row(label, di):
         return {"label": label, "planned": {"di_total": 3e12, "finetune": 1e12},
