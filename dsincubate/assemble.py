@@ -52,7 +52,7 @@ def check_stage_set(files: list[Path]) -> list[tuple[Path, dict]]:
                           ("meta_sha256", "meta model")):
             if h.get(key) != ref.get(key):
                 raise UserError(f"assemble: {f} has another {what} than {ref_file} ({h.get(key)} vs {ref.get(key)})")
-        i = h["index"]
+        i = h["stage_index"]
         if i in by_index:
             raise UserError(f"assemble: {f} and {by_index[i]} are both module {i}")
         if not 0 <= i < K:

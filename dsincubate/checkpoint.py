@@ -81,16 +81,25 @@ def load_tensors(path) -> tuple[dict[str, torch.Tensor], dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{path}: not a readable safetensors checkpoint ({e})") from None
-    return tensors, meta
+    return tensors, _current_names(meta)
+
+
+def _current_names(meta: dict) -> dict:
+    """A stage file's stage index is "stage_index"; files written before that name (2026-12-06) say "index", which
+    reads as "stage_index", so they still assemble and evaluate."""
+    if meta.get("kind") == "stage" and "index" in meta and "stage_index" not in meta:
+        meta["stage_index"] = meta.pop("index")
+    return meta
 
 
 def read_meta(path) -> dict:
+    """The provenance header `save_tensors` wrote (old key names read as the current ones)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("dsincubate", "{}"))
+            return _current_names(json.loads((f.metadata() or {}).get("dsincubate", "{}")))
     except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{path}: not a readable safetensors checkpoint ({e})") from None
 

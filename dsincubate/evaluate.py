@@ -41,7 +41,8 @@ def model_from_file(path: Path) -> torch.nn.Module:
         spec = ModelSpec.from_json(header["spec"])
         depths = header.get("stage_depths")
     elif kind == "stage":
-        raise UserError(f"eval: {path} is one incubated stage, not a model; use --model hybrid:{header.get('index')}")
+        raise UserError(f"eval: {path} is one incubated stage, not a model; use --model "
+                        f"hybrid:{header.get('stage_index')}")
     else:
         raise UserError(f"eval: {path} is not a model file of dsincubate (kind={kind!r})")
     spec = ModelSpec(spec.timm_name, dict(spec.kwargs, drop_path_rate=0.0))

@@ -171,7 +171,7 @@ class IncubatePhase(Phase):
         local = {n[len(prefix):]: t for n, t in tensors.items()}
         objective = "m2mkd" if self.name == "m2mkd" else "imitation" if self.train_cfg.imitation else "incubation"
         meta = {"kind": "stage", "spec": self.target_spec(0.0).to_json(), "num_stages": self.cfg.model.num_stages,
-                "index": self.stage_index, "stage_depths": self.depths(), "meta_sha256": self.meta_sha,
+                "stage_index": self.stage_index, "stage_depths": self.depths(), "meta_sha256": self.meta_sha,
                 "objective": objective, "meta_model": self.train_cfg.meta_model}
         ckpt.save_tensors(self.out_dir / STAGE_FILE, local, meta)
         return [STAGE_FILE]

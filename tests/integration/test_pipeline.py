@@ -97,7 +97,7 @@ def test_pipeline_outputs_and_accounting(debug_run):
         assert run["frozen_params"]["sha256_before"] == run["frozen_params"]["sha256_after"] is not None
         assert run["params_trainable"] < run["params_total"]
         header = ckpt.read_meta(d / "stage.safetensors")
-        assert header["index"] == i and header["meta_sha256"] == meta_sha and header["num_stages"] == 4
+        assert header["stage_index"] == i and header["meta_sha256"] == meta_sha and header["num_stages"] == 4
     # an incubation step costs less than an E2E step (stages before I run forward only)
     e2e = json.loads((debug_run / "e2e" / "run.json").read_text())["flops"]["train_step_per_image"]
     inc0 = json.loads((debug_run / "incubate/module_0/run.json").read_text())["flops"]["train_step_per_image"]
@@ -409,4 +409,4 @@ def test_m2mkd_module_trains_through_the_engine_with_meta_and_teacher_frozen(deb
     run = json.loads((root / "m2mkd" / "module_1" / "run.json").read_text())
     assert run["frozen_params"]["sha256_before"] == run["frozen_params"]["sha256_after"] is not None
     header = ckpt.read_meta(root / "m2mkd" / "module_1" / "stage.safetensors")
-    assert header["objective"] == "m2mkd" and header["index"] == 1
+    assert header["objective"] == "m2mkd" and header["stage_index"] == 1

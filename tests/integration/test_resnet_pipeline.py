@@ -100,7 +100,7 @@ def incubated_stages(run, depths: list) -> list[dict]:
         record = json.loads((d / "run.json").read_text())
         assert record["frozen_params"]["sha256_before"] == record["frozen_params"]["sha256_after"] is not None
         tensors, header = ckpt.load_tensors(d / "stage.safetensors")
-        assert header["index"] == i and header["meta_sha256"] == meta_sha and header["stage_depths"] == depths
+        assert header["stage_index"] == i and header["meta_sha256"] == meta_sha and header["stage_depths"] == depths
         stages.append(tensors)
     return stages
 

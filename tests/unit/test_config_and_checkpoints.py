@@ -54,12 +54,12 @@ def test_ds_config_rules(tmp_path):
 
 def test_safetensors_handoff_and_manifest(tmp_path):
     t = {"a": torch.randn(3, 4), "b": torch.arange(5)}
-    ckpt.save_tensors(tmp_path / "m.safetensors", t, {"kind": "stage", "index": 2})
+    ckpt.save_tensors(tmp_path / "m.safetensors", t, {"kind": "stage", "stage_index": 2})
     assert not ckpt.complete(tmp_path)  # no manifest yet: does not count
     ckpt.write_manifest(tmp_path, ["m.safetensors"])
     assert ckpt.complete(tmp_path)
     back, meta = ckpt.load_tensors(tmp_path / "m.safetensors")
-    assert meta == {"kind": "stage", "index": 2} and all(torch.equal(back[k], t[k]) for k in t)
+    assert meta == {"kind": "stage", "stage_index": 2} and all(torch.equal(back[k], t[k]) for k in t)
     assert list(tmp_path.glob("*.tmp")) == []  # atomic writes leave no temp files
     with pytest.raises(UserError, match="not found"):
         ckpt.load_tensors(tmp_path / "missing.safetensors")
@@ -167,3 +167,18 @@ def test_clip_grad_none_is_no_clipping_in_deepspeed():
         assert DeepSpeedConfig(r).gradient_clipping == 0.0
         r = dsconfig.resolve(dsconfig.load(dsconfig.find(name, False)), 8, None, 1, "x", clip_grad=1.0)
         assert DeepSpeedConfig(r).gradient_clipping == 1.0
+
+
+def test_stage_files_name_their_stage_index_and_old_ones_saying_index_still_assemble(tmp_path):
+    """A stage file's header names its stage `stage_index`; one written before (header key "index") reads the same,
+    so a set of old and new stage files still checks and orders for assembly. Only a stage file's key is renamed."""
+    from dsincubate.assemble import check_stage_set
+
+    common = {"kind": "stage", "num_stages": 2, "spec": "{}", "stage_depths": [1, 1], "meta_sha256": "x"}
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    ckpt.save_tensors(old, {"a": torch.zeros(1)}, dict(common, index=1))
+    ckpt.save_tensors(new, {"a": torch.zeros(1)}, dict(common, stage_index=0))
+    assert ckpt.read_meta(old) == dict(common, stage_index=1) == ckpt.load_tensors(old)[1]
+    assert [f for f, _ in check_stage_set([old, new])] == [new, old]
+    ckpt.save_tensors(tmp_path / "m.safetensors", {"a": torch.zeros(1)}, {"kind": "meta", "index": 3})
+    assert ckpt.read_meta(tmp_path / "m.safetensors") == {"kind": "meta", "index": 3}

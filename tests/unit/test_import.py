@@ -72,7 +72,7 @@ def test_official_meta_and_incubated_files_feed_incubation_and_assembly(tmp_path
         _official(tmp_path / f"inc{i}.pth", stages)
         assert _import(tmp_path / f"inc{i}.pth", root) == 0
         header = ckpt.read_meta(RunLayout(root).stage(i))
-        assert header["index"] == i and header["meta_sha256"] == phases.meta_checkpoint(CFG, root, 10)[1]
+        assert header["stage_index"] == i and header["meta_sha256"] == phases.meta_checkpoint(CFG, root, 10)[1]
     assembled, _ = ckpt.load_tensors(assemble(root, None, 2))
     assert all(torch.equal(assembled[k], v) for k, v in target.state_dict().items())
 
