@@ -45,10 +45,11 @@ def vit_b16() -> RunConfig:
 
 def deit3_b16() -> RunConfig:
     """ViT-B/16 with the DeiT-III recipe as the supplementary's "Ours + DeiT III*" (Tab. 1): LAMB in every phase at
-    DeiT-III's 3e-3 per 2048 images, 3-Augment (colour jitter 0.3, no random erasing), Mixup 0.8 / CutMix 1.0, DeiT-III's
-    drop path 0.1 for ViT-B and its 400 epochs for E2E; cross-entropy with label smoothing instead of DeiT-III's binary
-    cross-entropy, which the supplementary found not to help Deep Incubation. With ds_config=auto every phase runs ZeRO-0
-    on a GPU (LAMB needs the original tensors; ViT-B: 16 bytes x 86.6 M = 1.4 GB of model states per GPU)."""
+    DeiT-III's 3e-3 per 2048 images, 3-Augment (colour jitter 0.3, no random erasing), Mixup 0.8 / CutMix 1.0,
+    DeiT-III's drop path 0.1 for ViT-B and its 400 epochs for E2E; cross-entropy with label smoothing instead of
+    DeiT-III's binary cross-entropy, which the supplementary found not to help Deep Incubation. With ds_config=auto
+    every phase runs ZeRO-0 on a GPU (LAMB needs the original tensors; ViT-B: 16 bytes x 86.6 M = 1.4 GB of model
+    states per GPU)."""
     cfg = paper("vit_b16", drop_path=0.1)
     cfg.name = "deit3_b16"
     cfg.data = dataclasses.replace(cfg.data, recipe="3aug", color_jitter=0.3, reprob=0.0)
@@ -153,8 +154,8 @@ def resnet110_cifar() -> RunConfig:
     at 9a7061b) has no ResNet settings to follow: its only divided model is the ViT of timm/models/
     vision_transformer.py (`divided_depths`), its CIFAR support is datasets.py's CIFAR-100 loader, and its
     TRAINING.md gives ViT-B/L/H only; so K = 3 is Tab. 2's and the meta depth of 1 per module is the rule its
-    TRAINING.md applies to every ViT (meta `--divided_depths 1 1 1 1`). Epochs as the paper's CIFAR models: 200 modular +
-    100 fine-tuning, baselines 400 (Sec. 4.2); the meta model 300 as elsewhere. The CNN recipe is InfoPro's
+    TRAINING.md applies to every ViT (meta `--divided_depths 1 1 1 1`). Epochs as the paper's CIFAR models: 200
+    modular + 100 fine-tuning, baselines 400 (Sec. 4.2); the meta model 300 as elsewhere. The CNN recipe is InfoPro's
     (its CIFAR train.py, whose ResNet-110 Tab. 2 compares with): no drop path, no mixup, weight decay 1e-4, batch
     128. InfoPro trains with SGD (lr 0.1 at batch 128, Nesterov momentum 0.9, steps at 50%/75%); `TrainConfig.optimizer`
     offers adamw and lamb only, so this uses AdamW at 1e-3 per batch of 128 (DeiT's linear scaling: 4e-3 per 512)
@@ -206,9 +207,9 @@ def swin_debug() -> RunConfig:
     return cfg
 
 
-RECIPES = {"debug": debug, "demo": demo, "vit_b16": vit_b16, "deit3_b16": deit3_b16, "vit_b_dn": vit_b_dn, "vit_l16": vit_l16,
-           "vit_h14": vit_h14, "resnet110_cifar": resnet110_cifar, "resnet_debug": resnet_debug, "swin_b_deit3": swin_b_deit3,
-           "swin_debug": swin_debug}
+RECIPES = {"debug": debug, "demo": demo, "vit_b16": vit_b16, "deit3_b16": deit3_b16, "vit_b_dn": vit_b_dn,
+           "vit_l16": vit_l16, "vit_h14": vit_h14, "resnet110_cifar": resnet110_cifar, "resnet_debug": resnet_debug,
+           "swin_b_deit3": swin_b_deit3, "swin_debug": swin_debug}
 
 
 def decoupled_like_e2e(cfg: RunConfig) -> RunConfig:
