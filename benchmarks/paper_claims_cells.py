@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from benchmarks import common
+from dsincubate import registry
 
 
 def cell_key(recipe: str, sets: list[str]) -> str:
@@ -158,9 +159,9 @@ def collect_cell(out: Path, seed: int, plan: dict, flop_epochs: int, e2e_from: P
         s["e2e"] = json.loads((e2e_from / "summary.json").read_text())["e2e"]
     measured = {"di": 0.0, "e2e": 0.0}
     for r in runs:
-        if r.get("phase") in ("meta", "incubate", "finetune", "e2e"):
-            key = "e2e" if r["phase"] == "e2e" else "di"
-            measured[key] += r["flops"]["train_step_per_image"] * r["images_processed"]
+        for key in measured:  # each method's training phases, as the registry lists them
+            if r.get("phase") in registry.trained_phases(key):
+                measured[key] += r["flops"]["train_step_per_image"] * r["images_processed"]
     di = s["deep_incubation"]
     return {"ok": True, "seed": seed, "meta": di["meta_top1"], "di": di["top1"], "e2e": s["e2e"]["top1"],
             "assembled": di.get("assembled_top1"), "hybrids": di["incubate_top1"],
