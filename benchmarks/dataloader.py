@@ -127,9 +127,10 @@ def dali_build_cost(cfg: DataConfig, shards: str, args) -> float:
     from dsincubate.data.dali_loader import build_pipeline, parse_randaugment
     tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
     c0 = cpu_seconds()
-    build_pipeline(train=True, recipe=cfg.recipe, randaug=parse_randaugment(cfg.auto_augment) if cfg.recipe == "deit"
-                   else None, jitter=cfg.color_jitter if cfg.recipe == "deit" else 0.0, paths=tars, idxs=[t[:-4] + ".idx" for t in tars], batch_size=args.batch,
-                   img_size=args.size, threads=max(1, args.workers), device_id=None, seed=1)
+    deit = cfg.recipe == "deit"
+    build_pipeline(train=True, recipe=cfg.recipe, randaug=parse_randaugment(cfg.auto_augment) if deit else None,
+                   jitter=cfg.color_jitter if deit else 0.0, paths=tars, idxs=[t[:-4] + ".idx" for t in tars],
+                   batch_size=args.batch, img_size=args.size, threads=max(1, args.workers), device_id=None, seed=1)
     return cpu_seconds() - c0
 
 

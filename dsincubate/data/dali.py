@@ -175,8 +175,8 @@ def ensure_indexes(out_dir: str) -> int:
 
 # ---- per-sample checks -------------------------------------------------------------------------------------------
 def check_sample(f, comps: list[tuple], num_classes: int) -> tuple[str | None, tuple | None, int]:
-    """(bad kind or None, (image component, label component), label) for one sample, reading only its label and the image's first
-    bytes from the open shard file `f`."""
+    """(bad kind or None, (image component, label component), label) for one sample, reading only its label and the
+    image's first bytes from the open shard file `f`."""
     by_ext = {c[0]: c for c in comps}
     img = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
     if img is None:
@@ -226,8 +226,8 @@ class BadLog:
 
 
 def checked_plan(index, keys_per_shard: list[list[str]], num_classes: int, bad: BadLog) -> list[tuple]:
-    """[(tar path, shard name, [(key, (image, label) components, label), ...])] of the good selected samples per shard, in
-    selection order; every bad one recorded in `bad`."""
+    """[(tar path, shard name, [(key, (image, label) components, label), ...])] of the good selected samples per
+    shard, in selection order; every bad one recorded in `bad`."""
     out = []
     for entry, keys in zip(index.shards, keys_per_shard):
         if not keys:

@@ -258,7 +258,8 @@ def dali_train_loader(cfg, index, sel, prep, *, batch_size: int, rank: int, worl
             "mode": "resampled" if cfg.resampled else "one_pass", "repeated_aug": K, "num_workers": threads,
             "repeat_group": list(repeat_group(rank, W, K)) if K > 1 and cfg.resampled else None,
             "samples_per_epoch": steps * batch_size * W, "samples_planned": good, "recipe": cfg.recipe,
-            "subset": sel.info, "source": index.source, "dali_device": "gpu" if torch.device(device).type == "cuda" else "cpu"}
+            "subset": sel.info, "source": index.source,
+            "dali_device": "gpu" if torch.device(device).type == "cuda" else "cpu"}
     return DaliLoader(chunks=chunks, good=good, steps=steps, batch_size=batch_size, img_size=img_size, train=True,
                       recipe=cfg.recipe, randaug=parse_randaugment(cfg.auto_augment) if cfg.recipe == "deit"
                       else None, threads=threads, device=device, seed=_seed(seed, epoch, rank), bad=bad,
