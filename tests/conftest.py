@@ -7,10 +7,13 @@ Session fixtures shared by the integration tier's modules (each made once per se
 `demo_root`, one directory for the built-in demo data, and `vmoe_run`, one 2-rank V-MoE training run through the
 real launcher that test_shutdown.py (how its ranks end) and test_vmoe_m2mkd_launch.py (what it trained and saved)
 both inspect: a launch of 2 ranks costs the 2-core CI machine about 20 s, so a run that several tests only read is
-trained once. A test that needs a fresh run of its own (a resume, a kill, other settings) still starts one."""
+trained once. A test that needs a fresh run of its own (a resume, a kill, other settings) still starts one.
+`two_rank_script` runs a test's child script on 2 CPU ranks through the real `deepspeed` launcher and returns the
+`result.json` its rank 0 wrote."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +66,20 @@ def vmoe_run(tmp_path_factory, demo_root) -> SimpleNamespace:
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=900)
     return SimpleNamespace(out=out, returncode=p.returncode, text=p.stdout + p.stderr)
+
+
+@pytest.fixture(scope="session")
+def two_rank_script():
+    """run(text, out, port, *args) -> dict: write `text` to out/child.py, launch it on 2 ranks with `deepspeed
+    --num_accelerators 2` (one thread each), require exit 0 (showing the output's tails otherwise) and return the
+    JSON the child wrote to out/result.json."""
+    def run(text: str, out: Path, port: int, *args: str) -> dict:
+        script = out / "child.py"
+        script.write_text(text)
+        ds = Path(sys.executable).parent / "deepspeed"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        p = subprocess.run([str(ds), "--num_accelerators", "2", "--master_port", str(port), str(script), *args],
+                           capture_output=True, text=True, timeout=600, env=env, cwd=out)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return json.loads((out / "result.json").read_text())
+    return run

@@ -5,11 +5,6 @@ fine-tuning from a file, incubation from the meta model's file with a fresh targ
 partitioned from the start (a rank holds half), the family's initialisation reached the partitioned parameters,
 and every tensor of the loaded file, parameters and persistent buffers (BN statistics), arrived exactly. Both families
 in one launch: a launch of 2 ranks costs the 2-core CI machine about 20 s. Integration tier."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -89,17 +84,10 @@ dist.shutdown()
 
 
 @pytest.fixture(scope="module")
-def zero3_results(tmp_path_factory) -> dict:
+def zero3_results(tmp_path_factory, two_rank_script) -> dict:
     """The child's records, "<recipe>/<phase>" -> its checks' values (or {"error": ...}), from one 2-rank launch."""
     out = tmp_path_factory.mktemp("family_zero3")
-    script = out / "child.py"
-    script.write_text(CHILD)
-    ds = Path(sys.executable).parent / "deepspeed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([str(ds), "--num_accelerators", "2", "--master_port", "29549", str(script), str(out)],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=out)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return json.loads((out / "result.json").read_text())
+    return two_rank_script(CHILD, out, 29549, str(out))
 
 
 def check_family(res: dict, recipe: str, incubate_units: list, e2e_units: list) -> None:

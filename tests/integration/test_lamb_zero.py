@@ -124,15 +124,8 @@ dist.shutdown()  # groups left to interpreter finalisation abort gloo at exit no
 '''
 
 
-def test_recipe_lamb_phase_on_two_ranks_equals_single_process_timm_lamb_step_for_step(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    ds = Path(sys.executable).parent / "deepspeed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([str(ds), "--num_accelerators", "2", "--master_port", "29561", str(script), json.dumps(SHRINK),
-                        str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((tmp_path / "result.json").read_text())
+def test_recipe_lamb_phase_on_two_ranks_equals_single_process_timm_lamb_step_for_step(tmp_path, two_rank_script):
+    res = two_rank_script(CHILD, tmp_path, 29561, json.dumps(SHRINK), str(tmp_path))
     # a GPU run of the ViT-H recipe runs its LAMB phase under ZeRO-0, fp32 weights, bf16 autocast
     assert (res["ds_config"], res["zero_stage"], res["autocast"]) == ("zero0_autocast_bf16", 0, True), res
     assert res["start"] == 0.0, res

@@ -3,11 +3,6 @@
 start (a rank holds half), timm's initialisation reached the partitioned parameters (trunc-normal std 0.02 Linear
 weights, not PyTorch's default), earlier phases' weights load exactly, incubation constructs target stage I
 only, and m2mKD adds teacher stage I alone with the teacher's weights. Integration tier."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -87,15 +82,8 @@ dist.shutdown()  # groups left to interpreter finalisation abort gloo at exit no
 '''
 
 
-def test_zero3_build_is_partitioned_from_the_start_initialised_like_timm_and_loads_exactly(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    ds = Path(sys.executable).parent / "deepspeed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([str(ds), "--num_accelerators", "2", "--master_port", "29547", str(script), str(tmp_path)],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((tmp_path / "result.json").read_text())
+def test_zero3_build_is_partitioned_from_the_start_initialised_like_timm_and_loads_exactly(tmp_path, two_rank_script):
+    res = two_rank_script(CHILD, tmp_path, 29547, str(tmp_path))
     assert res["m2mkd_teacher_blocks"] == 1  # teacher stage 2 alone, not the whole teacher
     for name in ("meta", "e2e", "finetune", "incubate", "m2mkd"):
         assert res[name]["same"], (name, res)
