@@ -178,8 +178,9 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = [{"label": label, "recipe": recipe, "overrides": sets, "seeds": [], **info}
             for recipe, label, sets, info in cells(exp, args, extra) if not only or label in only]
-    for row in rows:
-        for seed in seeds:
+    # seeds outer: an interrupted run leaves whole seeds (every cell paired), not whole cells
+    for seed in seeds:
+        for row in rows:
             out = work / pc.cell_key(row["recipe"], row["overrides"]) / f"seed{seed}"
             print(f"[paper_claims] {exp} {row['label']} seed {seed}", flush=True)
             if exp == "split":
