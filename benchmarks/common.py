@@ -126,6 +126,26 @@ def step_kinds(methods, num_stages: int) -> list[str]:
                               for s in registry.method_steps(m, num_stages) if s.kind == "train"))
 
 
+def cold_phases(method: str) -> tuple[str, ...]:
+    """The phases a method trains from a cold start, in its order, each once: those before its first assembly (DI's
+    meta model and incubation, not its fine-tune, which starts from the assembled model; every phase of E2E). What
+    gets a warm-up of its own in tuning.py's grid and the decoupled ResNet cell."""
+    from dsincubate import registry
+
+    steps = registry.method_steps(method, 1)
+    kinds = [s.kind for s in steps]
+    cold = steps[:kinds.index("assemble")] if "assemble" in kinds else steps
+    return tuple(dict.fromkeys(s.name for s in cold if s.kind == "train"))
+
+
+def sections(phases) -> tuple[str, ...]:
+    """The config sections of phases (the KEY of an override `KEY.lr=...`), each once, in the phases' order: a phase
+    reading another's recipe (PhaseSpec.section) is set through that one's section."""
+    from dsincubate import registry
+
+    return tuple(dict.fromkeys(registry.phase(p).config_section for p in phases))
+
+
 def set_threads(n: int | None = None) -> int:
     """Use every core once (or `n`): an oversubscribed CPU makes torch many times slower."""
     import torch

@@ -36,14 +36,34 @@ import time
 from pathlib import Path
 
 from benchmarks import common, paper_claims as pc, stats
+from dsincubate import registry
+from dsincubate.errors import UserError
 
-BASELINES = ("e2e", "dgl", "infopro")
+
+def baselines() -> tuple[str, ...]:
+    """Tab. 2's baselines: every registered method that trains the whole target in one phase of its own (E2E, DGL,
+    InfoPro), in the registry's order; not DI, m2mKD or E2E trained further (e2e_tune)."""
+    return tuple(m for m in registry.list_methods()
+                 if len(registry.trained_phases(m)) == 1 and registry.phase(registry.trained_phases(m)[0]).exports)
+
+
+def _phase(method: str) -> str:
+    """A baseline's one training phase."""
+    return registry.trained_phases(method)[0]
+
+
+def _run_json(out: Path, method: str) -> Path:
+    return out / registry.phase(_phase(method)).output_dir() / "run.json"
+
+
+BASELINES = baselines()
 NAMES = {"di": "DI", "e2e": "E2E", "dgl": "DGL", "infopro": "InfoPro"}
 # the baselines' own evaluation settings: like E2E's in CPU_BASE, only the last epoch is evaluated
-_DECOUPLED_EVAL = ["dgl.eval_every=100", "infopro.eval_every=100"]
+_DECOUPLED_EVAL = [f"{s}.eval_every=100" for s in common.sections(_phase(m) for m in BASELINES if m != "e2e")]
+# ResNet-20: every phase that starts cold (DI's before its assembly, each baseline's) gets 1 warm-up epoch
 _RESNET = ["model.depth=9", "model.kernel_backend=torch", "meta.epochs=8", "incubate.epochs=4", "finetune.epochs=4"] + \
-    [f"{p}.{k}" for p in ("meta", "incubate", "e2e", "dgl", "infopro") for k in ("warmup_epochs=1.0", "eval_every=100")] + \
-    ["finetune.eval_every=100", "data.num_workers=1"]
+    [f"{p}.{k}" for p in common.sections([*common.cold_phases("di"), *map(_phase, BASELINES)])
+     for k in ("warmup_epochs=1.0", "eval_every=100")] + ["finetune.eval_every=100", "data.num_workers=1"]
 DECOUPLED_CELLS = [("demo", "DeiT-T-32", pc.CPU_BASE + ["model.depth=32"]),
                    ("demo", "DeiT-T-32-s1000", pc.CPU_BASE + ["model.depth=32", "data.samples_per_epoch=1000"]),
                    ("resnet110_cifar", "ResNet-20", _RESNET)]
@@ -52,6 +72,22 @@ SPLITS = [("default", None), ("meta 40 / inc 40 / ft 20", (0.4, 0.4, 0.2)),
           ("meta 30 / inc 30 / ft 40", (0.3, 0.3, 0.4)), ("meta 20 / inc 20 / ft 60", (0.2, 0.2, 0.6))]
 RESULTS = common.RESULTS / "paper_claims_decoupled"
 EXPERIMENTS = {"decoupled": "method (at DI's planned FLOPs)", "split": "meta / incubate / fine-tune share of FLOPs"}
+
+
+def _name(method: str) -> str:
+    return NAMES.get(method, method)
+
+
+def split_phases() -> tuple[str, ...]:
+    """The phases the split divides DI's FLOPs between, in order: DI's trained phases (meta, incubate, finetune),
+    one share each in every SPLITS entry. A phase the registry adds to DI leaves it without a share: refused, never
+    dropped (zip would silently leave it at its recipe's epochs)."""
+    phases = registry.trained_phases("di")
+    bad = [label for label, shares in SPLITS if shares is not None and len(shares) != len(phases)]
+    if bad:
+        raise UserError(f"split: DI trains {len(phases)} phases ({', '.join(phases)}), but SPLITS {bad} give "
+                        "another number of shares: give every phase its share")
+    return phases
 
 
 def per_image_flops(recipe: str, sets: list[str], extra: list[str], phase: str) -> float:
@@ -73,7 +109,7 @@ def baseline_epochs(recipe: str, sets: list[str], extra: list[str]) -> tuple[dic
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     epochs = {}
     for m in BASELINES:
-        plan[f"{m}_per_epoch"] = plan["samples_per_epoch"] * per_image_flops(recipe, sets, extra, m)
+        plan[f"{m}_per_epoch"] = plan["samples_per_epoch"] * per_image_flops(recipe, sets, extra, _phase(m))
         epochs[m] = max(1, math.ceil(plan["di_total"] / plan[f"{m}_per_epoch"] - 1e-9))
     return epochs, plan
 
@@ -86,7 +122,7 @@ def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict, partial: b
     """One seed's record: top-1, measured training FLOPs, device-hours and epochs per method. None while DI or
     (unless `partial`: --collect-only, whose table then shows what finished) a baseline has not finished; a
     partial record's unfinished baselines have None values and are listed under "unfinished"."""
-    runs = {m: out / m / "run.json" for m in BASELINES}
+    runs = {m: _run_json(out, m) for m in BASELINES}
     if not (out / "summary.json").is_file() or not (partial or all(p.is_file() for p in runs.values())):
         return None
     s = json.loads((out / "summary.json").read_text())["deep_incubation"]
@@ -112,9 +148,9 @@ def run_decoupled_seed(out: Path, recipe: str, sets: list[str], seed: int, extra
             not pc._pipeline(out, "di", recipe, sets, extra, args.timeout):
         return {"ok": False, "seed": seed, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}"}
     for m in BASELINES:
-        if (out / m / "MANIFEST.json").is_file():
+        if (_run_json(out, m).parent / "MANIFEST.json").is_file():
             continue
-        own = [f"{m}.epochs={epochs[m]}"] + (_DECOUPLED_EVAL if m != "e2e" else [])
+        own = [f"{registry.phase(_phase(m)).config_section}.epochs={epochs[m]}"] + (_DECOUPLED_EVAL if m != "e2e" else [])
         if not pc._pipeline(out, m, recipe, sets + own, extra, args.timeout):
             return {"ok": False, "seed": seed, "error": f"{m} failed, see {out / f'log_{m}.txt'}"}
     print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
@@ -128,7 +164,7 @@ def split_plan(recipe: str, sets: list[str], extra: list[str]) -> tuple[dict, di
 
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     cfg = apply_overrides(recipes.get(recipe), sets)
-    return plan, {p: plan[p] / getattr(cfg, p).epochs for p in ("meta", "incubate", "finetune")}
+    return plan, {p: plan[p] / getattr(cfg, registry.phase(p).config_section).epochs for p in split_phases()}
 
 
 def split_sets(plan: dict, per_epoch: dict, shares) -> tuple[list[str], dict]:
@@ -137,10 +173,10 @@ def split_sets(plan: dict, per_epoch: dict, shares) -> tuple[list[str], dict]:
     if shares is None:
         return [], plan
     epochs = {p: max(1, round(share * plan["di_total"] / per_epoch[p]))
-              for p, share in zip(("meta", "incubate", "finetune"), shares)}
+              for p, share in zip(split_phases(), shares)}
     out = dict(plan, **{p: n * per_epoch[p] for p, n in epochs.items()})
-    out["di_total"] = out["meta"] + out["incubate"] + out["finetune"]
-    return [f"{p}.epochs={n}" for p, n in epochs.items()], out
+    out["di_total"] = sum(out[p] for p in split_phases())
+    return [f"{registry.phase(p).config_section}.epochs={n}" for p, n in epochs.items()], out
 
 
 def run_split_seed(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], args) -> dict | None:
@@ -165,9 +201,8 @@ def cells(exp: str, args, extra: list[str]) -> list[tuple[str, str, list[str], d
     out, (default, per_epoch) = [], split_plan("demo", base, extra)
     for label, shares in SPLITS:
         own, plan = split_sets(default, per_epoch, shares)
-        out.append(("demo", label, base + own, {"shares": shares, "planned": plan,
-                                                 "epochs": {p: s.split("=")[1] for p, s in zip(("meta", "incubate",
-                                                                                                  "finetune"), own)}}))
+        epochs = {p: s.split("=")[1] for p, s in zip(split_phases(), own)}
+        out.append(("demo", label, base + own, {"shares": shares, "planned": plan, "epochs": epochs}))
     return out
 
 
@@ -218,18 +253,19 @@ def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
                           [_pm([r[m] for r in ok]) for m in ("di",) + BASELINES] +
                           [stats.fmt_interval(paired[m]) for m in BASELINES] +
                           ["/".join("-" if tf(m) is None else f"{tf(m):.2f}" for m in ("di",) + BASELINES)])
-    heads = ["cell", "seeds", "meta top-1", "DI", "E2E", "DGL", "InfoPro"] + \
-        [f"DI-{NAMES[m]} [95% CI] p" for m in BASELINES] + ["TFLOP DI/E2E/DGL/InfoPro"]
+    methods = ("di",) + BASELINES
+    heads = ["cell", "seeds", "meta top-1", *map(_name, methods)] + \
+        [f"DI-{_name(m)} [95% CI] p" for m in BASELINES] + ["TFLOP " + "/".join(map(_name, methods))]
     table = common.table(heads, table_rows)
     for row in out:
         for r in row["seeds"]:
             if r.get("ok"):
                 have = [m for m in ("di",) + BASELINES if r.get(m) is not None]
                 table += f"\n{row['label']} seed {r['seed']}: " + ", ".join(
-                    f"{NAMES[m]} {r[m]:.1f}" for m in have) + f" (meta {r['meta']:.1f}); epochs " + \
-                    ", ".join(f"{NAMES[m]} {r[f'{m}_epochs']}" for m in have[1:]) + "; device-h " + \
-                    ", ".join(f"{NAMES[m]} {r[f'{m}_hours']:.4f}" for m in have) + \
-                    ("; unfinished: " + ", ".join(NAMES[m] for m in r["unfinished"]) if r.get("unfinished") else "")
+                    f"{_name(m)} {r[m]:.1f}" for m in have) + f" (meta {r['meta']:.1f}); epochs " + \
+                    ", ".join(f"{_name(m)} {r[f'{m}_epochs']}" for m in have[1:]) + "; device-h " + \
+                    ", ".join(f"{_name(m)} {r[f'{m}_hours']:.4f}" for m in have) + \
+                    ("; unfinished: " + ", ".join(_name(m) for m in r["unfinished"]) if r.get("unfinished") else "")
             else:
                 table += f"\n{row['label']} seed {r['seed']}: FAILED ({r.get('error')})"
     return table, out
@@ -245,7 +281,7 @@ def summarise_split(rows: list[dict]) -> tuple[str, list[dict]]:
         paired = stats.paired([r["di"] for r in both], [default[r["seed"]] for r in both])
         out.append(dict(row, paired=paired, n_seeds=len(ok)))
         ep = row.get("epochs") or {}
-        table_rows.append([row["label"], "/".join(ep.get(p, "=") for p in ("meta", "incubate", "finetune")),
+        table_rows.append([row["label"], "/".join(ep.get(p, "=") for p in split_phases()),
                            row["planned"]["di_total"] / 1e12, len(ok), _pm([r["meta"] for r in ok]),
                            _pm([r["assembled"] for r in ok]), _pm([r["di"] for r in ok]),
                            "-" if row is rows[0] else stats.fmt_interval(paired)])

@@ -23,20 +23,47 @@ import json
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
+from dsincubate import registry
 from dsincubate.checkpoint import atomic_write_json
 from dsincubate.data.sources import MANIFEST_NAME, split_member
 from dsincubate.data.writer import Sample, write_shards
 from dsincubate.errors import UserError
 
+from benchmarks import common
 from benchmarks.fashion_mnist import split_indices
 
+METHODS = ("di", "e2e")                 # the two methods tuned alike
 LRS = ("4e-3", "8e-3", "1.6e-2")        # per 512 images: half, the demo's, twice
 WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
-GRID = [(f"lr {lr} wu {wu}", [f"{ph}.lr={lr}" for ph in ("meta", "incubate", "finetune", "e2e")] +
-         [f"{ph}.warmup_epochs={wu}" for ph in ("meta", "incubate", "e2e")]) for lr in LRS for wu in WARMUPS]
-EQUAL = [f"{ph}.clip_grad=1.0" for ph in ("meta", "incubate", "finetune", "e2e")]
+
+
+def lr_sections() -> tuple[str, ...]:
+    """The config sections of every phase the tuned methods train, in the registry's order (DI's, then E2E's):
+    each gets the grid point's learning rate and the clipping of `equal`."""
+    return common.sections(p for m in METHODS for p in registry.trained_phases(m))
+
+
+def warmup_sections() -> tuple[str, ...]:
+    """The sections of the phases that start cold (`common.cold_phases`: not DI's fine-tune, which keeps its own
+    warm-up): each gets the grid point's warm-up."""
+    return common.sections(p for m in METHODS for p in common.cold_phases(m))
+
+
+def grid() -> list[tuple[str, list[str]]]:
+    """(label, overrides) of every grid point, learning rate outer. Its override strings are part of the tuning
+    runs' cell keys (paper_claims_cells.cell_key): the same registry gives the same strings, so finished runs are
+    found again."""
+    return [(f"lr {lr} wu {wu}", [f"{s}.lr={lr}" for s in lr_sections()] +
+             [f"{s}.warmup_epochs={wu}" for s in warmup_sections()]) for lr in LRS for wu in WARMUPS]
+
+
+def equal() -> list[str]:
+    """What both methods get at every grid point: gradient clipping at 1.0 in every phase."""
+    return [f"{s}.clip_grad=1.0" for s in lr_sections()]
+
+
+GRID = grid()
+EQUAL = equal()
 
 
 def grid_sets(label: str) -> list[str]:
@@ -50,7 +77,7 @@ def grid_sets(label: str) -> list[str]:
 def select(scores: dict[str, dict]) -> dict:
     """Each method's best grid point by its top-1 on the tune split (ties: the first in grid order)."""
     choice = {}
-    for method in ("di", "e2e"):
+    for method in METHODS:
         done = [(lb, s[method]) for lb, _ in GRID for s in [scores.get(lb)] if s and s.get(method) is not None]
         if len(done) < len(GRID):
             raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(GRID)} grid points finished")
@@ -105,7 +132,6 @@ def tune_extra(tune_data: str, extra: list[str], work: Path, per_class: int) -> 
         raise UserError("--tune with your own --train/--val needs --tune-data TRAIN,TUNE: a split held out from "
                         "the training data (benchmarks/fashion_mnist.py writes one)")
     else:
-        from benchmarks import common
         from dsincubate.data.demo import ensure_demo
 
         src = Path(ensure_demo(str(common.ROOT / "demo_data"))) / "train"
