@@ -212,7 +212,8 @@ def write_outputs(rows: list[dict], args, dev: dict, cmp: dict, stem: Path) -> N
                     continue
                 d = r[method]
                 ep, hours = d["epochs"], d.get("phases_hours", {})
-                epochs = ";".join(f"{p}={ep[p]}" for p in ep) if isinstance(ep, dict) else f"{registry.trained_phases(method)[0]}={ep}"
+                epochs = (";".join(f"{p}={ep[p]}" for p in ep) if isinstance(ep, dict)
+                          else f"{registry.trained_phases(method)[0]}={ep}")
                 w.writerow([name, r["budget"], epochs, d["top1"], f"{d['device_hours']:.6f}",
                             *(_hours_cell(hours.get(p)) for p in columns), d["device_name"], d["world_size"],
                             r["dir"]])
@@ -256,12 +257,7 @@ def plot(rows, dev, cmp, path: Path, args) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="demo", help="recipe whose epochs are scaled (default demo)")
     ap.add_argument("--budgets", default="0.2,0.4,0.8", help="comma list of epoch factors (default 0.2,0.4,0.8)")
@@ -273,13 +269,15 @@ def main(argv=None) -> int:
     ap.add_argument("--collect-only", action="store_true", help="do not run; rebuild outputs from --workdir")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per budget (0 = none)")
     ap.add_argument("--out", default=None, help="output stem (default benchmarks/results/gpu_hours_<device>_<date>)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def sweep_config(args, extra: list[str], dev: dict):
+    """The recipe with the sweep's overrides (but epochs, which each budget sets) and the dsincubate arguments every
+    budget passes: (config, arguments)."""
     from dsincubate import recipes
     from dsincubate.config import apply_overrides
 
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    workdir = Path(args.workdir).resolve()
-    dev = common.device()
     sets = [] if extra else list(CPU_DEFAULT_SETS) if dev["type"] == "cpu" and args.recipe == "demo" else []
     if args.demo_root:
         sets.append(f"data.demo_root={Path(args.demo_root).resolve()}")
@@ -290,9 +288,13 @@ def main(argv=None) -> int:
         cfg = apply_overrides(cfg, [o for o in over if not o.split("=")[0].endswith(".epochs")])
     except Exception:  # noqa: BLE001  (an override for another recipe field; only K and epochs matter here)
         pass
-    base = {ph: cfg.train_config(ph).epochs for ph in sweep_phases()}
-    # Pin the recipe: every budget runs from the same saved config (a recipe edited while the sweep runs, or a
-    # resumed sweep, cannot mix settings across budgets); --set overrides still apply on top (epochs per budget).
+    return cfg, extra
+
+
+def pin_config(args, cfg, workdir: Path) -> None:
+    """Pin the recipe: every budget runs from the same saved config (a recipe edited while the sweep runs, or a
+    resumed sweep, cannot mix settings across budgets); --set overrides still apply on top (epochs per budget).
+    Sets args.pinned_config (None where nothing is pinned: --collect-only of a sweep that never started)."""
     pinned = workdir / "sweep_config.json"
     if not args.collect_only:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -302,43 +304,41 @@ def main(argv=None) -> int:
             print(f"[gpu_hours] note: {pinned} (from an earlier start of this sweep) differs from the recipe now; "
                   f"keeping the pinned one so that all budgets match", flush=True)
     args.pinned_config = str(pinned) if pinned.is_file() else None
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    record = common.header("gpu_hours", dev)
-    record.update(settings={"recipe": args.recipe, "budgets": budgets, "base_epochs": base, "via": args.via,
-                            "launcher_args": args.launcher_args, "dsincubate_args": extra,
-                            "workdir": str(workdir),
-                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}, runs=[])
-    rows = []
-    for b in budgets:
-        out = budget_dir(workdir, b)
-        epochs = scaled_epochs(base, b)
-        cmd = command_for(args, out, epochs, extra)
-        t0 = time.time()
-        status = "collected"
-        if not args.collect_only:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            log = workdir / f"budget_{b:g}.log"
-            print(f"[gpu_hours] budget x{b:g} epochs {epochs}: {' '.join(shlex.quote(c) for c in cmd)}  (log {log})",
-                  flush=True)
-            with open(log, "a") as f:
-                try:
-                    p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=common.ROOT,
-                                       timeout=args.timeout or None)
-                    status = "ok" if p.returncode == 0 else f"exit {p.returncode} (see {log})"
-                except subprocess.TimeoutExpired:
-                    status = f"timeout after {args.timeout:.0f}s (see {log})"
-        row = collect(out, cfg.model.num_stages)
-        row.update(budget=b, epochs=epochs, status=status, wall_seconds_of_sweep_step=round(time.time() - t0, 1),
-                   command=" ".join(shlex.quote(c) for c in cmd))
-        rows.append(row)
-        print(f"[gpu_hours] budget x{b:g}: {status}; " + "; ".join(
-            f"{k} top1 {row[k]['top1']:.2f} in {row[k]['device_hours']:.4f} device-h" for k in METHODS
-            if k in row), flush=True)
+
+
+def run_budget(args, b: float, base: dict, extra: list[str], workdir: Path, num_stages: int) -> dict:
+    """Train one budget (unless --collect-only) and collect its row."""
+    out = budget_dir(workdir, b)
+    epochs = scaled_epochs(base, b)
+    cmd = command_for(args, out, epochs, extra)
+    t0 = time.time()
+    status = "collected"
+    if not args.collect_only:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = workdir / f"budget_{b:g}.log"
+        print(f"[gpu_hours] budget x{b:g} epochs {epochs}: {' '.join(shlex.quote(c) for c in cmd)}  (log {log})",
+              flush=True)
+        with open(log, "a") as f:
+            try:
+                p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=common.ROOT,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=args.timeout or None)
+                status = "ok" if p.returncode == 0 else f"exit {p.returncode} (see {log})"
+            except subprocess.TimeoutExpired:
+                status = f"timeout after {args.timeout:.0f}s (see {log})"
+    row = collect(out, num_stages)
+    row.update(budget=b, epochs=epochs, status=status, wall_seconds_of_sweep_step=round(time.time() - t0, 1),
+               command=" ".join(shlex.quote(c) for c in cmd))
+    print(f"[gpu_hours] budget x{b:g}: {status}; " + "; ".join(
+        f"{k} top1 {row[k]['top1']:.2f} in {row[k]['device_hours']:.4f} device-h" for k in METHODS
+        if k in row), flush=True)
+    return row
+
+
+def report(rows: list[dict], dev: dict) -> tuple[dict, str]:
+    """The E2E/DI comparison over the budgets' rows and the printed text (table and saving factors)."""
     e2e_pts = [(r["e2e"]["device_hours"], r["e2e"]["top1"]) for r in rows if "e2e" in r]
     di_pts = [(r["di"]["device_hours"], r["di"]["top1"]) for r in rows if "di" in r]
     cmp = compare(e2e_pts, di_pts)
-    record["runs"] = rows
-    record["comparison"] = cmp
     lines = [common.table(["budget", "method", "epochs", "top-1 %", "device-hours"],
                           [[f"x{r['budget']:g}", name, json.dumps(r[k]["epochs"]).replace('"', ""), r[k]["top1"],
                             r[k]["device_hours"]] for r in rows for k, name in (("e2e", "E2E"), ("di", "DI total"))
@@ -352,7 +352,31 @@ def main(argv=None) -> int:
     for lv in cmp.get("levels", []):
         if lv.get("factor"):
             lines.append(f"  at {lv['accuracy']:.2f}%: {lv['factor']:.2f}x ({lv['kind']})")
-    text = f"device: {dev['name']}  ({common.now()})\n" + "\n".join(lines)
+    return cmp, f"device: {dev['name']}  ({common.now()})\n" + "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    args = build_parser().parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    workdir = Path(args.workdir).resolve()
+    dev = common.device()
+    cfg, extra = sweep_config(args, extra, dev)
+    base = {ph: cfg.train_config(ph).epochs for ph in sweep_phases()}
+    pin_config(args, cfg, workdir)
+    record = common.header("gpu_hours", dev)
+    record.update(settings={"recipe": args.recipe, "budgets": budgets, "base_epochs": base, "via": args.via,
+                            "launcher_args": args.launcher_args, "dsincubate_args": extra,
+                            "workdir": str(workdir),
+                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}, runs=[])
+    rows = [run_budget(args, b, base, extra, workdir, cfg.model.num_stages) for b in budgets]
+    cmp, text = report(rows, dev)
+    record["runs"] = rows
+    record["comparison"] = cmp
     print(text)
     stem = Path(args.out) if args.out else common.result_path(
         "gpu_hours", dev, record["date"], suffixes=(".json", ".txt", ".csv", ".png")).with_suffix("")
@@ -361,7 +385,6 @@ def main(argv=None) -> int:
     write_outputs(rows, args, dev, cmp, stem)
     print(f"wrote {stem}.json/.csv/.png/.txt")
     return 0 if all(r["status"] in ("ok", "collected") for r in rows) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
