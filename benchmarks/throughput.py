@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
 from dsincubate import procutil, registry  # noqa: E402
+from dsincubate.errors import UserError  # noqa: E402
 
 # the phase the loop-overhead runs train (its subcommand, section and output directory: the registry's)
 LOOP_PHASE = "e2e"
@@ -120,7 +121,8 @@ def flops_per_image(recipe: str, sets: list[str], phase: str, module: int) -> fl
 
     cfg = apply_overrides(recipes.get(recipe), sets)
     n_cls = int(vit.target_spec(cfg.model).kwargs["num_classes"]) or 1000
-    ph = phases.make(phase, cfg, Path("/nonexistent"), n_cls, module if registry.phase(phase).per_stage else None, resolve=False)
+    ph = phases.make(phase, cfg, Path("/nonexistent"), n_cls, module if registry.phase(phase).per_stage else None,
+                     resolve=False)
     return accounting.count_flops(lambda: ph.build_model(load=False), ph.img_size)["train_step_per_image"]
 
 
@@ -263,7 +265,7 @@ def loop_overhead(args) -> dict:
     return res
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="", help="recipe the grid trials start from (default: each preset's own "
                     "recipe where there is one, else debug); the model is always the preset's real one")
@@ -293,14 +295,57 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--minimal-loop", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def check_models(args) -> dict:
+    """Every preset's model, checked before anything heavy starts (UserError: an unknown --phase or preset, or a
+    model that is not the preset's real one)."""
+    registry.phase(args.phase)  # an unknown --phase: one error line before anything runs
+    models = {preset: preset_model(*preset_setup(args.recipe, preset), preset) for preset in args.preset_list}
+    for m in models.values():
+        if m["error"]:
+            raise UserError(m["error"])
+    for preset, m in models.items():
+        print(f"[throughput] {preset}: {m['params'] / 1e6:.1f} M parameters (depth {m['depth']}, width "
+              f"{m['embed_dim']}, {m['num_classes']} classes), recipe {m['recipe']}", flush=True)
+    return models
+
+
+def matmul_peaks(args) -> dict:
+    """The measured matmul rate in bf16 (and fp32 on the CPU), every core used."""
+    import torch
+
+    n = args.matmul_n or (8192 if torch.cuda.is_available() else 2048)
+    common.set_threads()
+    peak = {"bf16": matmul_rate("bfloat16", n, args.matmul_seconds)}
+    if not torch.cuda.is_available():
+        peak["fp32"] = matmul_rate("float32", n, args.matmul_seconds)
+    print("[throughput] matmul: " + ", ".join(f"{k} {v['tflops'] * 1e3:.1f} GFLOP/s" for k, v in peak.items()))
+    return peak
+
+
+def grid_table(rows: list[dict]) -> str:
+    return common.table(
+        ["preset", "params M", "mb", "ds_config", "ckpt", "kernels", "img/s", "GFLOP/s/dev", "MFU %",
+         "% of matmul", "peak MiB/rank", "status"],
+        [[r["preset"], r["params"] / 1e6, r["micro_batch"], r["ds_config"], r["grad_checkpointing"],
+          r["kernel_backend"], r.get("images_per_second"), r["tflops_per_device"] * 1e3 if r.get("ok") else None,
+          r["mfu"] * 100 if r.get("mfu") is not None else None,
+          r["of_matmul"] * 100 if r.get("ok") else None,
+          r["peak_bytes_per_rank"] / 2**20 if r.get("ok") else None,
+          "ok" if r.get("ok") else r.get("error", "failed")[:50]] for r in rows],
+        ["", ".1f", "", "", "", "", ".1f", ".1f", ".1f", ".1f", ".0f", ""])
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.minimal_loop:
         res = minimal_loop(json.loads(args.minimal_loop))
         if int(os.environ.get("RANK", "0")) == 0:
             procutil.emit_result(res)
         return 0
-    import torch
-
     args.preset_list = [p.strip() for p in args.presets.split(",")]
     args.batch_list = [int(b) for b in args.batch.split(",")]
     if len(args.batch_list) == 1:
@@ -308,22 +353,12 @@ def main(argv=None) -> int:
     if len(args.batch_list) != len(args.preset_list):
         ap.error("--batch: give one batch size or one per preset")
     models = {}
-    if not args.skip_grid:  # every preset's model checked before anything heavy starts
-        from dsincubate.errors import UserError
-
+    if not args.skip_grid:
         try:
-            registry.phase(args.phase)  # an unknown --phase: one error line before anything runs
-            for preset in args.preset_list:
-                models[preset] = preset_model(*preset_setup(args.recipe, preset), preset)
+            models = check_models(args)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        for preset, m in models.items():
-            if m["error"]:
-                print(f"error: {m['error']}", file=sys.stderr)
-                return 2
-            print(f"[throughput] {preset}: {m['params'] / 1e6:.1f} M parameters (depth {m['depth']}, width "
-                  f"{m['embed_dim']}, {m['num_classes']} classes), recipe {m['recipe']}", flush=True)
     dev = common.device()
     record = common.header("throughput", dev)
     record["settings"] = {k: v for k, v in vars(args).items() if k not in ("minimal_loop", "local_rank")}
@@ -334,12 +369,7 @@ def main(argv=None) -> int:
                  f"no bf16 peak known for {dev['name']}: MFU left empty (give --peak-tflops)")
     peak_tflops = args.peak_tflops or (known[1] if known else None)
     record["peak_bf16_tflops"] = {"tflops": peak_tflops, "source": peak_note}
-    n = args.matmul_n or (8192 if torch.cuda.is_available() else 2048)
-    common.set_threads()
-    peak = {"bf16": matmul_rate("bfloat16", n, args.matmul_seconds)}
-    if not torch.cuda.is_available():
-        peak["fp32"] = matmul_rate("float32", n, args.matmul_seconds)
-    print("[throughput] matmul: " + ", ".join(f"{k} {v['tflops'] * 1e3:.1f} GFLOP/s" for k, v in peak.items()))
+    peak = matmul_peaks(args)
     record["peak_matmul"] = peak
     lines = [f"device: {dev['name']}  ({common.now()})", f"MFU: model FLOP/s per device / {peak_note}",
              "measured matmul rate: " + ", ".join(f"{k} {v['tflops'] * 1e3:.1f} GFLOP/s (n={v['n']})"
@@ -347,33 +377,21 @@ def main(argv=None) -> int:
     if not args.skip_grid:
         rows = grid(args, models, peak_tflops, peak["bf16"]["tflops"])
         record["grid"] = rows
-        lines.append(common.table(
-            ["preset", "params M", "mb", "ds_config", "ckpt", "kernels", "img/s", "GFLOP/s/dev", "MFU %",
-             "% of matmul", "peak MiB/rank", "status"],
-            [[r["preset"], r["params"] / 1e6, r["micro_batch"], r["ds_config"], r["grad_checkpointing"],
-              r["kernel_backend"], r.get("images_per_second"), r["tflops_per_device"] * 1e3 if r.get("ok") else None,
-              r["mfu"] * 100 if r.get("mfu") is not None else None,
-              r["of_matmul"] * 100 if r.get("ok") else None,
-              r["peak_bytes_per_rank"] / 2**20 if r.get("ok") else None,
-              "ok" if r.get("ok") else r.get("error", "failed")[:50]] for r in rows],
-            ["", ".1f", "", "", "", "", ".1f", ".1f", ".1f", ".1f", ".0f", ""]))
+        lines.append(grid_table(rows))
     if not args.skip_loop:
         lo = loop_overhead(args)
         record["loop_overhead"] = lo
-        if "ours_over_minimal" in lo:
-            lines.append(f"loop overhead ({args.loop_recipe}, micro-batch {args.loop_batch}, epochs 2..{args.loop_epochs}"
-                         f" of {args.loop_repeats} ABBA-ordered runs each): dsincubate {lo['ours_median']:.1f} img/s "
-                         f"vs minimal DeepSpeed loop {lo['minimal_median']:.1f} img/s (medians); ours/minimal per "
-                         f"repeat {', '.join(f'{r:.3f}' for r in lo.get('pair_ratios', []))} -> median "
-                         f"{lo['ours_over_minimal']:.3f} (target >= 0.95: {'yes' if lo['within_5pct'] else 'NO'})")
-        else:
-            lines.append("loop overhead: a run failed; see the JSON")
+        lines.append("loop overhead: a run failed; see the JSON" if "ours_over_minimal" not in lo else
+                     f"loop overhead ({args.loop_recipe}, micro-batch {args.loop_batch}, epochs 2..{args.loop_epochs}"
+                     f" of {args.loop_repeats} ABBA-ordered runs each): dsincubate {lo['ours_median']:.1f} img/s "
+                     f"vs minimal DeepSpeed loop {lo['minimal_median']:.1f} img/s (medians); ours/minimal per "
+                     f"repeat {', '.join(f'{r:.3f}' for r in lo.get('pair_ratios', []))} -> median "
+                     f"{lo['ours_over_minimal']:.3f} (target >= 0.95: {'yes' if lo['within_5pct'] else 'NO'})")
     text = "\n".join(lines)
     print("\n" + text)
     path = common.write_result("throughput", record, text, args.out)
     print(f"wrote {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
