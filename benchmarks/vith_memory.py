@@ -83,11 +83,42 @@ def state_bytes(engine) -> dict:
     return {"params": params, "master": master, "optimizer_state": moments, "total": params + master + moments}
 
 
+def vith_phase(spec: dict):
+    """The phase a child measures: the vit_h14 recipe at spec's preset, ds_config and micro-batch, with activation
+    checkpointing, torch kernels and AdamW; no weights loaded."""
+    from dsincubate import phases, recipes
+    from dsincubate.config import apply_overrides
+
+    entry = registry.phase(spec["phase"])
+    cfg = apply_overrides(recipes.get("vit_h14"), [
+        f"model.preset={spec['preset']}", "model.grad_checkpointing=true", "model.kernel_backend=torch",
+        f"ds_config={spec['ds_config']}", f"{entry.config_section}.micro_batch={spec['batch']}",
+        f"{entry.config_section}.optimizer=adamw"])
+    return phases.make(spec["phase"], cfg, Path("/nonexistent-vith-root"), 1000,
+                       spec["module"] if entry.per_stage else None, resolve=False)
+
+
+def train_step(engine, phase, ctx, x, y, mark):
+    """One training step (forward, loss, backward, optimizer step), each part marked as done: (loss, seconds)."""
+    import torch
+
+    engine.train()
+    t1 = time.time()
+    loss = phase.loss(engine(x), y, torch.nn.CrossEntropyLoss())["loss"]
+    mark("forward done")
+    engine.backward(loss)
+    mark("backward done")
+    engine.step()
+    mark("optimizer step done")
+    if ctx.has_cuda:
+        torch.cuda.synchronize()
+    return loss, time.time() - t1
+
+
 def child(spec: dict) -> dict:
     import torch
 
-    from dsincubate import dist, dsconfig, phases, recipes
-    from dsincubate.config import apply_overrides
+    from dsincubate import dist, dsconfig
     from dsincubate.engine import build_engine, resolve_ds_config
 
     ctx = dist.init()
@@ -99,13 +130,7 @@ def child(spec: dict) -> dict:
                                         "rss": procutil.current_rss_bytes() - rss0,
                                         "hwm": procutil.status_bytes("VmHWM") - rss0}))
     name = spec["phase"]
-    entry = registry.phase(name)
-    cfg = apply_overrides(recipes.get("vit_h14"), [
-        f"model.preset={spec['preset']}", "model.grad_checkpointing=true", "model.kernel_backend=torch",
-        f"ds_config={spec['ds_config']}", f"{entry.config_section}.micro_batch={spec['batch']}",
-        f"{entry.config_section}.optimizer=adamw"])
-    phase = phases.make(name, cfg, Path("/nonexistent-vith-root"), 1000, spec["module"] if entry.per_stage else None,
-                        resolve=False)
+    phase = vith_phase(spec)
     tc = phase.train_cfg
     _, ds_cfg = resolve_ds_config(phase, ctx.has_cuda, ctx.world_size)
     t0 = time.time()
@@ -135,17 +160,7 @@ def child(spec: dict) -> dict:
     g = torch.Generator().manual_seed(ctx.rank)
     x = torch.randn(tc.micro_batch, 3, img, img, generator=g).to(ctx.device, dtype)
     y = torch.randint(0, 1000, (tc.micro_batch,), generator=g).to(ctx.device)
-    engine.train()
-    t1 = time.time()
-    loss = phase.loss(engine(x), y, torch.nn.CrossEntropyLoss())["loss"]
-    mark("forward done")
-    engine.backward(loss)
-    mark("backward done")
-    engine.step()
-    mark("optimizer step done")
-    if ctx.has_cuda:
-        torch.cuda.synchronize()
-    t_step = time.time() - t1
+    loss, t_step = train_step(engine, phase, ctx, x, y, mark)
     gc.collect()
     res = {"rank": ctx.rank, "world_size": ctx.world_size, "device_name": ctx.device_name, "phase": name,
            "ds_config": spec["ds_config"], "zero_stage": dsconfig.zero_stage(ds_cfg),
@@ -193,6 +208,11 @@ def launch(spec: dict, ranks: int, args) -> list[dict]:
     return sorted(rows, key=lambda r: r["rank"])
 
 
+def _params(r: dict) -> str:
+    """A rank's trainable / total parameters, in millions."""
+    return f"{r['params_trainable'] / 1e6:.0f}M/{r['params_total'] / 1e6:.0f}M"
+
+
 def summarize_build(results: dict, phases_, args) -> tuple[str, dict]:
     """The build peaks only (`--build-only`)."""
     rows, ratios = [], {}
@@ -204,9 +224,8 @@ def summarize_build(results: dict, phases_, args) -> tuple[str, dict]:
                 if not r.get("ok", True):
                     rows.append([ph, label, "-", r.get("error", "failed")[:40], None, None, None])
                     continue
-                rows.append([ph, label, str(r["rank"]), f"{r['params_trainable'] / 1e6:.0f}M/{r['params_total'] / 1e6:.0f}M",
-                             r["state"]["total"] / 2**20, r["peak_build"] / 2**20,
-                             (r["peak_build"] / b["peak_build"]) if b else None])
+                rows.append([ph, label, str(r["rank"]), _params(r), r["state"]["total"] / 2**20,
+                             r["peak_build"] / 2**20, (r["peak_build"] / b["peak_build"]) if b else None])
         if b and zero and all(r.get("ok", True) for r in zero):
             ratios[ph] = {"peak_build_per_rank_over_unsharded": max(r["peak_build"] for r in zero) / b["peak_build"],
                           "state_per_rank_over_unsharded": max(r["state"]["total"] for r in zero) / b["state"]["total"]}
@@ -228,10 +247,9 @@ def summarize(results: dict, phases_, args) -> tuple[str, dict]:
                     notes.append(f"{ph} {label}: {r.get('error')}")
                     continue
                 st = r["state"]["total"]
-                rows.append([ph, label, str(r["rank"]), f"{r['params_trainable'] / 1e6:.0f}M/{r['params_total'] / 1e6:.0f}M",
-                             mib(st), (st / b["state"]["total"]) if b else None, mib(r["rss_step"]),
-                             mib(r["peak_step"]), (r["peak_step"] / b["peak_step"]) if b and r["peak_step"] else None,
-                             mib(r["peak_all"])])
+                rows.append([ph, label, str(r["rank"]), _params(r), mib(st), (st / b["state"]["total"]) if b else None,
+                             mib(r["rss_step"]), mib(r["peak_step"]),
+                             (r["peak_step"] / b["peak_step"]) if b and r["peak_step"] else None, mib(r["peak_all"])])
         if b and zero and all(r.get("ok", True) for r in zero):
             ratios[ph] = {"peak_build_per_rank_over_unsharded": max(r["peak_build"] for r in zero) / b["peak_build"],
                           "state_per_rank_over_unsharded": max(r["state"]["total"] for r in zero) / b["state"]["total"],
@@ -301,7 +319,8 @@ def main(argv=None) -> int:
                 f"deepspeed.initialize; ZeRO-3 inside deepspeed.zero.Init), {args.zero_config} on {args.ranks} ranks "
                 f"vs {Path(args.base_config).stem} on 1 rank\n{table}\n"
                 + "\n".join(f"{ph}: ZeRO-3 build peak per rank / unsharded = "
-                            f"{r['peak_build_per_rank_over_unsharded']:.3f} (target <= 0.55)" for ph, r in ratios.items()))
+                            f"{r['peak_build_per_rank_over_unsharded']:.3f} (target <= 0.55)"
+                            for ph, r in ratios.items()))
         print("\n" + text)
         record["results"] = [{"phase": ph, "setting": s, "ranks": v} for (ph, s), v in results.items()]
         record["ratios"] = ratios
