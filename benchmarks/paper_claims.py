@@ -99,6 +99,7 @@ EXPERIMENTS = {
 # the default cell's DI; the table's TFLOP columns show where an ablation's DI used more.
 DI_ONLY = {"meta", "kd", "k", "reuse", "width", "ft", "ft_lr"}
 PAPER_DEPTHS = (32, 128)
+DERIVED = ("stats", "paired", "means", "verdict", "flags", "n_seeds")  # a row's statistics, recomputed by summarise
 
 
 def cells(experiment: str, scale: str, depths: list[int] | None = None) -> list[tuple[str, str, list[str]]]:
@@ -188,7 +189,8 @@ def plot(experiment: str, rows: list[dict], path: Path, device: str) -> None:
 
     x = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label, style in (("e2e", "E2E", "o-"), ("di", "Deep Incubation", "s-"), ("meta", "meta model alone", "^--")):
+    for key, label, style in (("e2e", "E2E", "o-"), ("di", "Deep Incubation", "s-"),
+                              ("meta", "meta model alone", "^--")):
         m = [r["stats"][key][0] for r in rows]
         s = [r["stats"][key][1] for r in rows]
         if all(v is None for v in m):
@@ -211,8 +213,8 @@ def merged(experiment: str, rows: list[dict], path: str, old_rows: list[dict]) -
     """This run's rows and the rows of an earlier result whose labels it did not run (each keeps its seeds'
     records and names its file), ordered as the experiment lists them (depths numerically)."""
     have = {r["label"] for r in rows}
-    rows = rows + [{k: v for k, v in dict(r, merged_from=r.get("merged_from") or path).items()
-                    if k not in ("stats", "paired", "means", "verdict", "flags", "n_seeds")} for r in old_rows if r["label"] not in have]
+    rows = rows + [{k: v for k, v in dict(r, merged_from=r.get("merged_from") or path).items() if k not in DERIVED}
+                   for r in old_rows if r["label"] not in have]
     order = [label for label, _ in EXPERIMENTS[experiment][1]]
     if all(r["label"].isdigit() for r in rows):
         return sorted(rows, key=lambda r: int(r["label"]))
@@ -238,7 +240,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--e2e-budget", choices=("max", "flops"), default="max",
                    help="E2E's epochs: 'max' = at least DI's FLOPs and its device-seconds (the committed results); "
                         "'flops' = DI's FLOPs alone (reproducible on a loaded machine; device-hours reported beside)")
-    p.add_argument("--name", default="", help="a tag in the result file names: paper_claims_<exp>_<name>_<device>_<date>")
+    p.add_argument("--name", default="",
+                   help="a tag in the result file names: paper_claims_<exp>_<name>_<device>_<date>")
     p.add_argument("--allow-dirty", action="store_true", help="run although the code is not committed (the result "
                    "file then says so in its table); by default a '+dirty' or unknown commit is refused")
     p.add_argument("--tune", action="store_true", help="equal tuning (benchmarks/tuning.py): the same lr x warm-up "
@@ -257,17 +260,15 @@ def recompute(path: Path, commit: str) -> Path:
     """The table of a committed result recomputed from its per-seed records with this code's statistics; written
     beside it as <stem>_stats.{json,txt} (the record names its source and the source's commit)."""
     rec = json.loads(path.read_text())
-    rows = [{k: v for k, v in r.items() if k not in ("stats", "paired", "means", "verdict", "flags", "n_seeds")}
-            for r in rec["rows"]]
+    rows = [{k: v for k, v in r.items() if k not in DERIVED} for r in rec["rows"]]
     table, rows = summarise(rec["experiment"], rows)
     if not rec.get("git_commit") or rec["git_commit"].endswith("+dirty"):
         table += f"\nWARNING: the source result records git_commit {rec.get('git_commit')!r}: not a clean commit"
     if commit_problem(commit):
         table += f"\nWARNING: recomputed by code at git_commit {commit!r}: not a clean commit"
     out = dict(common.header(f"paper_claims_{rec['experiment']}_stats", rec.get("device")), git_commit=commit,
-               recomputed_from=str(path),
-               source_git_commit=rec.get("git_commit"), source_date=rec.get("date"), experiment=rec["experiment"],
-               scale=rec.get("scale", "cpu"), seeds=rec.get("seeds"), rows=rows)
+               recomputed_from=str(path), source_git_commit=rec.get("git_commit"), source_date=rec.get("date"),
+               experiment=rec["experiment"], scale=rec.get("scale", "cpu"), seeds=rec.get("seeds"), rows=rows)
     return common.write_result("", out, table, out=path.with_name(path.stem + "_stats.json"))
 
 
@@ -331,9 +332,8 @@ def main(argv=None) -> int:
         dev = common.device()
         name = f"paper_claims_{exp}" + ("_tuned" if args.tune else "") + (f"_{args.name}" if args.name else "")
         record = dict(common.header(name, dev), git_commit=end_commit, git_commit_at_start=start_commit,
-                      scale=args.scale, experiment=exp,
-                      seeds=[int(s) for s in args.seeds.split(",")], rows=rows, extra_args=extra,
-                      cell_settings=args.set, e2e_budget=args.e2e_budget,
+                      scale=args.scale, experiment=exp, seeds=[int(s) for s in args.seeds.split(",")], rows=rows,
+                      extra_args=extra, cell_settings=args.set, e2e_budget=args.e2e_budget,
                       note="E2E epochs = " + ("ceil(DI training FLOPs / E2E FLOPs per epoch)" if args.e2e_budget ==
                                               "flops" else "max(ceil(DI training FLOPs / E2E FLOPs per epoch), "
                                               "ceil(DI device-seconds / fine-tune seconds per epoch))") +

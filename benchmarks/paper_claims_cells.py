@@ -110,7 +110,8 @@ def _pipeline(out: Path, methods: str, recipe: str, sets: list[str], extra: list
     cmd += extra
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"log_{methods}.txt", "a") as log:
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT, timeout=timeout).returncode == 0
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT, timeout=timeout)
+    return proc.returncode == 0
 
 
 def e2e_epochs_for_hours(out: Path) -> int:
@@ -141,7 +142,8 @@ def run_cell(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str
             print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
         return collect_cell(out, seed, plan, flop_epochs, e2e_from)
     if not (out / "e2e" / "MANIFEST.json").is_file():
-        if not (out / "finetune" / "MANIFEST.json").is_file() and not _pipeline(out, "di", recipe, sets, extra, timeout):
+        if not (out / "finetune" / "MANIFEST.json").is_file() and \
+                not _pipeline(out, "di", recipe, sets, extra, timeout):
             return {"ok": False, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}", "seed": seed}
         epochs = flop_epochs if budget == "flops" else max(flop_epochs, e2e_epochs_for_hours(out))
         if not _pipeline(out, "e2e", recipe, sets + [f"e2e.epochs={epochs}"], extra, timeout):

@@ -150,7 +150,8 @@ def run_decoupled_seed(out: Path, recipe: str, sets: list[str], seed: int, extra
     for m in BASELINES:
         if (_run_json(out, m).parent / "MANIFEST.json").is_file():
             continue
-        own = [f"{registry.phase(_phase(m)).config_section}.epochs={epochs[m]}"] + (_DECOUPLED_EVAL if m != "e2e" else [])
+        own = [f"{registry.phase(_phase(m)).config_section}.epochs={epochs[m]}"] + \
+            (_DECOUPLED_EVAL if m != "e2e" else [])
         if not pc._pipeline(out, m, recipe, sets + own, extra, args.timeout):
             return {"ok": False, "seed": seed, "error": f"{m} failed, see {out / f'log_{m}.txt'}"}
     print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
@@ -345,7 +346,8 @@ def run(exp: str, args, extra: list[str], start_commit: str, problem: str | None
             table += f"\nWARNING: the code changed or was not committed: git_commit {start_commit!r} at the start, " \
                      f"{end_commit!r} at the end"
         note = ("every baseline's epochs = ceil(DI planned training FLOPs / its FLOPs per epoch)" if exp == "decoupled"
-                else "DI only; each split's epochs = round(share x the default split's planned FLOPs / FLOPs per epoch)")
+                else "DI only; each split's epochs = round(share x the default split's planned FLOPs / FLOPs per "
+                "epoch)")
         record = dict(common.header(name, dev), git_commit=end_commit, git_commit_at_start=start_commit,
                       scale=args.scale, experiment=exp, seeds=[int(s) for s in args.seeds.split(",")], rows=rows,
                       extra_args=extra, cell_settings=args.set, note=note + "; mean ± std over seeds; paired 95% t")

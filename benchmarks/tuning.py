@@ -165,7 +165,8 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) 
     return choice
 
 
-def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str], args) -> dict | None:
+def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str],
+                   args) -> dict | None:
     """One seed at the tuned settings: DI at its grid point, E2E at its own (in DI's run directory when both chose
     the same), E2E's epochs from DI's FLOPs; beside it the default cell's E2E top-1 of this seed where that run
     exists. None where --collect-only finds the seed unfinished."""
@@ -180,8 +181,9 @@ def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed:
         if not (d_out / "finetune" / "MANIFEST.json").is_file() and \
                 not pc._pipeline(d_out, "di", recipe, di_sets + s, extra, args.timeout):
             return {"ok": False, "error": f"Deep Incubation failed, see {d_out / 'log_di.txt'}", "seed": seed}
+        e2e_run = e2e_sets + s + [f"e2e.epochs={flop_epochs}"]
         if not (e_out / "e2e" / "MANIFEST.json").is_file() and \
-                not pc._pipeline(e_out, "e2e", recipe, e2e_sets + s + [f"e2e.epochs={flop_epochs}"], extra, args.timeout):
+                not pc._pipeline(e_out, "e2e", recipe, e2e_run, extra, args.timeout):
             return {"ok": False, "error": f"E2E failed, see {e_out / 'log_e2e.txt'}", "seed": seed}
     if not (d_out / "summary.json").is_file() or not (e_out / "e2e" / "MANIFEST.json").is_file():
         return None
