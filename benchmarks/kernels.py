@@ -8,7 +8,8 @@ Measures, each as forward + backward:
   * a timm vit_huge_patch14_224 bf16 training step (fwd + bwd + SGD) with kernels off / 'cuda' / 'auto'.
 Before timing, each op's kernels are self-checked against the float64 PyTorch reference at its probe shape in bf16
 and fp16 (dsincubate.ops.dispatch.self_check; attention also at ViT-H's head dim 80, the kernel's padded path); a
-pass is recorded as GPU evidence for `dsincubate ops` (dsincubate/ops/verification.py), a failure is printed and ends the run with status 1 after the timings.
+pass is recorded as GPU evidence for `dsincubate ops` (dsincubate/ops/verification.py), a failure is printed and ends
+the run with status 1 after the timings.
 Prints a table and writes benchmarks/results/kernels_<device>_<date>.json (+ .txt with the table) with the device,
 command, git commit and date (`benchmarks.common`). Without a GPU it prints one line and exits with status 1.
 

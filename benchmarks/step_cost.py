@@ -12,16 +12,16 @@ Each step is the training's own: the phase (`dsincubate.phases.make(..., resolve
 not loaded) inside the DeepSpeed engine training builds (`dsincubate.engine.resolve_ds_config` + `build_engine`: the
 phase's ds_config, by default `auto` as the recipes set it, so bf16 weights and ZeRO on a GPU; its optimizer over the
 trainable parameters at the scaled lr), one rank: forward on the batch in the engine's precision, the phase's loss
-(cross-entropy), `engine.backward`, `engine.step`, on one fixed random batch (data loading is not part of it); not
-autocast over fp32 weights, which costs more than the engine's bf16 step. ViT-B/L/H presets get a 1000-class head and
-are refused when their parameter count is not the real model's (`common.check_params`). Time is the median
-of `--steps` timed steps after `--warmup` steps; by default the reported times come from one extra process that
-builds every configuration and times them round-robin (a step of each per round), so a background load that varies
-over time affects them alike (the per-process times are kept in the JSON as `isolated_step_seconds_median`). FLOPs per image are counted with torch.utils.flop_counter on the
-meta device (`dsincubate.accounting.count_flops`: forward + backward as they run, so frozen stages before I count
-forward only). Peak memory: `torch.cuda.max_memory_allocated` on a GPU; on the CPU the process's resident-set high
-water mark (VmHWM, reset after the model is built, so it is the peak of the training steps: weights, gradients,
-optimizer state, activations and the interpreter's baseline); "delta" subtracts the RSS before the model was built.
+(cross-entropy), `engine.backward`, `engine.step`, on one fixed random batch (no data loading); not autocast over fp32
+weights, which costs more than the engine's bf16 step. ViT-B/L/H presets get a 1000-class head and are refused when
+their parameter count is not the real model's (`common.check_params`). Time is the median of `--steps` timed steps after
+`--warmup` steps; by default the reported times come from one extra process that builds every configuration and times
+them round-robin (a step of each per round), so a background load varying over time affects them alike (the per-process
+times are kept in the JSON as `isolated_step_seconds_median`). FLOPs per image are counted with torch.utils.flop_counter
+on the meta device (`dsincubate.accounting.count_flops`: forward + backward as they run, so frozen stages before I count
+forward only). Peak memory: `torch.cuda.max_memory_allocated` on a GPU; on the CPU the process's resident-set high water
+mark (VmHWM, reset after the model is built, so it is the peak of the training steps: weights, gradients, optimizer
+state, activations and the interpreter's baseline); "delta" subtracts the RSS before the model was built.
 
 Targets, reported as measured ratios (never asserted): each incubation step's time / E2E step time within 15% of the
 ideal ratio from FLOP counts; each incubation step's peak memory below the E2E step's.
