@@ -196,11 +196,14 @@ def device_kind(d: dict | None = None) -> str:
     return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "_", d["name"].lower())).lower()
 
 
-def git_commit() -> str:
+def git_commit(root: Path = ROOT) -> str:
+    """HEAD, '+dirty' where the code (dsincubate/, benchmarks/, ds_configs/) differs from it. benchmarks/results/ is
+    not code: a worktree that other runs are writing results into still ran clean code."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dsincubate", "benchmarks", "ds_configs"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "dsincubate", "benchmarks", "ds_configs",
+                                ":(exclude)benchmarks/results"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"

@@ -520,3 +520,21 @@ def test_mfu_is_model_flops_per_device_over_the_peak():
     assert common.mfu(52.8e9, 8000.0, 4, 989.0) == pytest.approx(52.8e9 * 2000 / 989e12)
     assert common.mfu(52.8e9, 8000.0, 4, 989.0) == pytest.approx(0.10677, rel=1e-4)
     assert common.mfu(52.8e9, 8000.0, 4, None) is None  # unknown device: no MFU, not a made-up one
+
+
+def test_git_commit_is_dirty_for_changed_code_but_not_for_result_files_beside_it(tmp_path):
+    """A worktree that other runs are writing results into still ran clean code; a changed code file is +dirty."""
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "dsincubate").mkdir()
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "dsincubate" / "m.py").write_text("x = 1\n")
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    (tmp_path / "benchmarks" / "results" / "r.json").write_text("{}\n")
+    sha = common.git_commit(tmp_path)
+    assert len(sha) == 40 and not sha.endswith("+dirty")
+    (tmp_path / "dsincubate" / "m.py").write_text("x = 2\n")
+    assert common.git_commit(tmp_path) == sha + "+dirty"
