@@ -335,7 +335,8 @@ def _columns(line: str) -> list[str]:
 
 def test_paper_claims_committed_tables_are_reproduced_with_intervals_and_seed_flags():
     """Every committed paper_claims table, recomputed from the per-seed records its file holds: the columns it had
-    come out the same, and each row gains the paired 95% interval with p and the per-seed flags (issue 24)."""
+    come out the same, and each row gains the paired 95% interval with p and the per-seed flags (issue 24); a table
+    that has the interval already comes out identical."""
     import re
 
     from benchmarks import paper_claims as pc
@@ -347,6 +348,9 @@ def test_paper_claims_committed_tables_are_reproduced_with_intervals_and_seed_fl
         rec = json.loads(f.read_text())
         table, rows = pc.summarise(rec["experiment"], rec["rows"])
         old, new = rec["table"], table.splitlines()
+        if "[95% CI]" in old[0]:  # written with the interval already (2026-12-06 on): recomputed to the character
+            assert old == new, f.name
+            continue
         assert len(old) == len(new), f.name
         for o, n in zip(old[2:], new[2:]):
             if o.startswith("*"):
