@@ -204,7 +204,7 @@ def git_commit(root: Path = ROOT) -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "dsincubate", "benchmarks", "ds_configs",
                                 ":(exclude)benchmarks/results"],
                                cwd=root, capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
+        return sha + ("+dirty" if sha and dirty else "")
     except OSError:
         return "unknown"
 

@@ -173,16 +173,9 @@ def collect_cell(out: Path, seed: int, plan: dict, flop_epochs: int, e2e_from: P
 
 
 def code_commit() -> str:
-    """The commit of the code, '+dirty' where dsincubate/, benchmarks/ (but for benchmarks/results/, where this
-    script's own output lands mid-run) or ds_configs/ differ from it; '' where git cannot say."""
-    git = ["git", "-C", str(common.ROOT)]
-    try:
-        sha = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(git + ["status", "--porcelain", "--", "dsincubate", "benchmarks", "ds_configs",
-                                      ":(exclude)benchmarks/results"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-    return sha + ("+dirty" if sha and dirty else "")
+    """The commit of the code: `common.git_commit` ('+dirty' where dsincubate/, benchmarks/ but for its results/,
+    or ds_configs/ differ from it; 'unknown' where git cannot say)."""
+    return common.git_commit()
 
 
 def commit_problem(sha: str) -> str | None:

@@ -173,10 +173,10 @@ def split_sets(plan: dict, per_epoch: dict, shares) -> tuple[list[str], dict]:
     to whole epochs (at least 1), and the plan they give (`shares` None: the default's own)."""
     if shares is None:
         return [], plan
-    epochs = {p: max(1, round(share * plan["di_total"] / per_epoch[p]))
-              for p, share in zip(split_phases(), shares)}
+    phases = split_phases()
+    epochs = {p: max(1, round(share * plan["di_total"] / per_epoch[p])) for p, share in zip(phases, shares)}
     out = dict(plan, **{p: n * per_epoch[p] for p, n in epochs.items()})
-    out["di_total"] = sum(out[p] for p in split_phases())
+    out["di_total"] = sum(out[p] for p in phases)
     return [f"{registry.phase(p).config_section}.epochs={n}" for p, n in epochs.items()], out
 
 
