@@ -51,7 +51,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, stats  # noqa: E402
+from benchmarks import common, stats, tuning  # noqa: E402
 # the cells' runs and records live in paper_claims_cells.py; their names stay importable from here
 from benchmarks.paper_claims_cells import (_pipeline, cell_key, code_commit, collect_cell, commit_problem,  # noqa: E402,F401
                                            e2e_epochs_for, e2e_epochs_for_hours, reuse_phases, run_cell)
@@ -175,9 +175,7 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
         table += f"\n* measured earlier: {', '.join(sources)}"
     for r in rows:
         if r.get("tuning"):
-            t = r["tuning"]
-            table += f"\n{r['label']}: DI at {t['di']}, E2E at {t['e2e']} (each its best of the same grid on the " \
-                     f"held-out split, seed {t['seed']}; clipping 1.0 in every phase of both)"
+            table += "\n" + tuning.describe(r["label"], r["tuning"])
     return table, out
 
 
@@ -244,13 +242,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="a tag in the result file names: paper_claims_<exp>_<name>_<device>_<date>")
     p.add_argument("--allow-dirty", action="store_true", help="run although the code is not committed (the result "
                    "file then says so in its table); by default a '+dirty' or unknown commit is refused")
-    p.add_argument("--tune", action="store_true", help="equal tuning (benchmarks/tuning.py): the same lr x warm-up "
-                   "grid for E2E and DI on a held-out split at --tune-seed, then the seeds at each method's choice")
-    p.add_argument("--tune-data", default="", help="TRAIN,TUNE shard directories for --tune (the tune split held "
-                   "out from the training data); default: a hold-out of the built-in training shards")
-    p.add_argument("--tune-per-class", type=int, default=50, help="images per class held out of the built-in "
-                   "training data for --tune (default 50 of 300)")
-    p.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs (default 0)")
+    tuning.add_args(p)
     p.add_argument("--from", dest="from_files", default="", help="comma list of result .json files: recompute their "
                    "tables from the per-seed records they hold (no runs), written as <file>_stats.{json,txt}")
     return p.parse_args(argv)
@@ -387,8 +379,6 @@ def seed_record(work: Path, recipe: str, sets: list[str], seed: int, extra: list
 
 def tuned_row(work: Path, recipe: str, label: str, sets: list[str], extra: list[str], args) -> dict:
     """A cell under --tune: the grid on the held-out split, then every seed at each method's choice."""
-    from benchmarks import tuning
-
     choice = tuning.tune_cell(work, recipe, sets, extra, args)
     seeds = [] if choice is None else [
         r for seed in [int(s) for s in args.seeds.split(",")]

@@ -2,7 +2,9 @@
 
 Both methods get the same search: learning rate x warm-up, 3 x 2 (`GRID`), run at one seed on data held out from
 the training set (never on the validation set the tables report); each method then runs its seeds at the grid point
-that scored best for it. DI's grid point sets the settings its phases share: the learning rate of meta pre-training,
+that scored best for it. Where either method's best learning rate is the lowest or highest one searched, the grid
+grows one factor-2 step in that direction for both (`extension`, at most `--tune-extend` steps); a choice still at
+an end is named in the table. DI's grid point sets the settings its phases share: the learning rate of meta pre-training,
 incubation and fine-tuning (all at the same rate in the demo recipe) and the warm-up of meta pre-training and
 incubation; E2E gets the same learning rate and warm-up. Fine-tuning keeps its half epoch of warm-up (it starts from
 an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to every phase of both methods
@@ -33,7 +35,10 @@ from benchmarks import common
 from benchmarks.fashion_mnist import split_indices
 
 METHODS = ("di", "e2e")                 # the two methods tuned alike
-LRS = ("4e-3", "8e-3", "1.6e-2")        # per 512 images: half, the demo's, twice
+# learning rates per 512 images, a factor 2 apart: the grid starts at the demo's rate and its two neighbours, and
+# walks along the ladder where a method's choice sits at an end of what was searched (`extension`)
+LADDER = ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2", "6.4e-2")
+LRS = LADDER[2:5]                       # half the demo's, the demo's, twice
 WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
 
 
@@ -49,12 +54,12 @@ def warmup_sections() -> tuple[str, ...]:
     return common.sections(p for m in METHODS for p in common.cold_phases(m))
 
 
-def grid() -> list[tuple[str, list[str]]]:
-    """(label, overrides) of every grid point, learning rate outer. Its override strings are part of the tuning
-    runs' cell keys (paper_claims_cells.cell_key): the same registry gives the same strings, so finished runs are
-    found again."""
+def grid(lrs: tuple[str, ...] | list[str] = LRS) -> list[tuple[str, list[str]]]:
+    """(label, overrides) of every grid point over `lrs`, learning rate outer. Its override strings are part of the
+    tuning runs' cell keys (paper_claims_cells.cell_key): the same registry gives the same strings, so finished runs
+    are found again."""
     return [(f"lr {lr} wu {wu}", [f"{s}.lr={lr}" for s in lr_sections()] +
-             [f"{s}.warmup_epochs={wu}" for s in warmup_sections()]) for lr in LRS for wu in WARMUPS]
+             [f"{s}.warmup_epochs={wu}" for s in warmup_sections()]) for lr in lrs for wu in WARMUPS]
 
 
 def equal() -> list[str]:
@@ -67,22 +72,72 @@ EQUAL = equal()
 
 
 def grid_sets(label: str) -> list[str]:
-    """The overrides of one grid point (with the clipping both methods get)."""
-    for lb, sets in GRID:
+    """The overrides of one grid point anywhere on the ladder (with the clipping both methods get)."""
+    for lb, sets in grid(LADDER):
         if lb == label:
             return EQUAL + sets
     raise UserError(f"unknown grid point {label!r}")
 
 
-def select(scores: dict[str, dict]) -> dict:
-    """Each method's best grid point by its top-1 on the tune split (ties: the first in grid order)."""
+def point_lr(label: str) -> str:
+    """The learning rate of a grid point's label ("lr 8e-3 wu 1" -> "8e-3")."""
+    return label.split()[1]
+
+
+def searched(scores: dict[str, dict]) -> list[str]:
+    """The learning rates a saved search covered, in ladder order (a choice saved before the grid could extend
+    covers LRS)."""
+    return sorted({point_lr(lb) for lb in scores} | set(LRS), key=LADDER.index)
+
+
+def select(scores: dict[str, dict], lrs: tuple[str, ...] | list[str] = LRS) -> dict:
+    """Each method's best point of the grid over `lrs` by its top-1 on the tune split (ties: the first in grid
+    order)."""
+    labels = [lb for lb, _ in grid(lrs)]
     choice = {}
     for method in METHODS:
-        done = [(lb, s[method]) for lb, _ in GRID for s in [scores.get(lb)] if s and s.get(method) is not None]
-        if len(done) < len(GRID):
-            raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(GRID)} grid points finished")
+        done = [(lb, s[method]) for lb in labels for s in [scores.get(lb)] if s and s.get(method) is not None]
+        if len(done) < len(labels):
+            raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(labels)} grid points finished")
         choice[method] = max(done, key=lambda x: x[1])[0]
     return choice
+
+
+def at_edge(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
+    """The methods whose chosen learning rate is the lowest or highest one searched: their optimum may lie beyond."""
+    return [m for m in METHODS if point_lr(choice[m]) in (lrs[0], lrs[-1])]
+
+
+def extension(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
+    """The learning rates one ladder step past each end of `lrs` where a method's choice sits at that end (the
+    same new points for both methods, so the search stays equal); empty where no choice is at an end, or the ladder
+    ends there."""
+    lo, hi = LADDER.index(lrs[0]), LADDER.index(lrs[-1])
+    chosen = {point_lr(choice[m]) for m in METHODS}
+    return ([LADDER[lo - 1]] if lrs[0] in chosen and lo > 0 else []) + \
+        ([LADDER[hi + 1]] if lrs[-1] in chosen and hi + 1 < len(LADDER) else [])
+
+
+def describe(label: str, t: dict) -> str:
+    """The table's line on a tuned cell's choice."""
+    edge = f"; at the end of the searched learning rates ({' to '.join(t['lrs'][::len(t['lrs']) - 1])}): " \
+           f"{', '.join({'di': 'DI', 'e2e': 'E2E'}[m] for m in t['edge'])}" if t.get("edge") else ""
+    return f"{label}: DI at {t['di']}, E2E at {t['e2e']} (each its best of the same grid on the held-out split, " \
+           f"seed {t['seed']}; clipping 1.0 in every phase of both{edge})"
+
+
+def add_args(p) -> None:
+    """paper_claims.py's --tune options."""
+    p.add_argument("--tune", action="store_true", help="equal tuning (benchmarks/tuning.py): the same lr x warm-up "
+                   "grid for E2E and DI on a held-out split at --tune-seed, then the seeds at each method's choice")
+    p.add_argument("--tune-data", default="", help="TRAIN,TUNE shard directories for --tune (the tune split held "
+                   "out from the training data); default: a hold-out of the built-in training shards")
+    p.add_argument("--tune-per-class", type=int, default=50, help="images per class held out of the built-in "
+                   "training data for --tune (default 50 of 300)")
+    p.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs (default 0)")
+    p.add_argument("--tune-extend", type=int, default=2, help="at most this many learning rates added past the "
+                   "grid's ends (a factor 2 each, the same points for both methods) while a method's choice sits at "
+                   "an end (default 2; 0: the 3 x 2 grid only); a saved search is extended by a later --tune run")
 
 
 def _read_split(src: Path) -> tuple[dict, dict[str, tuple[int, bytes, str]]]:
@@ -141,26 +196,42 @@ def tune_extra(tune_data: str, extra: list[str], work: Path, per_class: int) -> 
 
 def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) -> dict | None:
     """Run (or collect) the grid of one cell at `args.tune_seed` on the held-out split and return each method's
-    choice with every grid point's tune top-1; saved as work/tune/choice_<cell>.json. None where --collect-only
-    finds no saved choice."""
+    choice with every grid point's tune top-1; saved as work/tune/choice_<cell>.json. While a method's choice sits
+    at an end of the searched learning rates, the grid extends one ladder step there (at most `args.tune_extend`
+    rates past LRS in all); a saved choice is extended the same way by a later run. None where --collect-only finds
+    no saved choice."""
     from benchmarks import paper_claims as pc
 
     path = work / "tune" / f"choice_{pc.cell_key(recipe, sets)}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    saved = json.loads(path.read_text()) if path.is_file() else None
     if args.collect_only:
-        return None
-    t_extra = tune_extra(args.tune_data, extra, work, args.tune_per_class)
+        return saved
+    scores = dict(saved["scores"]) if saved else {}
+    lrs = searched(scores)
+    picked = select(scores, lrs) if saved else None
+    if saved and not extension(picked, lrs)[:max(0, args.tune_extend - (len(lrs) - len(LRS)))]:
+        return saved  # nothing left to search within --tune-extend
+    t_extra = saved["tune_args"] if saved else tune_extra(args.tune_data, extra, work, args.tune_per_class)
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]  # the iterations of the seeds' runs
-    scores = {}
-    for label, _ in GRID:
-        g = sets + grid_sets(label) + per_epoch
-        out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
-        print(f"[paper_claims] tune {label}: {out}", flush=True)
-        r = pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
-        scores[label] = {"di": r.get("di"), "e2e": r.get("e2e"), "meta": r.get("meta"), "ok": r.get("ok")}
-    choice = dict(select(scores), scores=scores, seed=args.tune_seed, tune_args=t_extra, grid=GRID, equal=EQUAL)
+    while True:
+        for label, _ in grid(lrs):
+            if label in scores:
+                continue
+            g = sets + grid_sets(label) + per_epoch
+            out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
+            print(f"[paper_claims] tune {label}: {out}", flush=True)
+            r = pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
+            scores[label] = {"di": r.get("di"), "e2e": r.get("e2e"), "meta": r.get("meta"), "ok": r.get("ok")}
+        picked = select(scores, lrs)
+        more = extension(picked, lrs)[:max(0, args.tune_extend - (len(lrs) - len(LRS)))]
+        if not more:
+            break
+        print(f"[paper_claims] tune: a choice sits at an end of lr {lrs[0]} .. {lrs[-1]}; adding {', '.join(more)}",
+              flush=True)
+        lrs = sorted(set(lrs) | set(more), key=LADDER.index)
+    choice = dict(picked, scores=scores, seed=args.tune_seed, tune_args=t_extra, grid=grid(lrs), equal=EQUAL,
+                  lrs=lrs, edge=at_edge(picked, lrs))
     atomic_write_json(str(path), choice)
     return choice
 

@@ -421,6 +421,57 @@ def test_tuning_selects_each_methods_best_point_and_refuses_an_unfinished_grid()
         tuning.select(scores)
 
 
+def _run_tune_cell(tmp_path, monkeypatch, peak: dict, extend: int, ran: list):
+    """tuning.tune_cell on a cell whose runs are replaced by a top-1 that falls off with the distance (in ladder
+    steps) of the grid point's learning rate from each method's `peak`: the search logic alone, no training."""
+    import argparse
+    from benchmarks import paper_claims as pc, tuning
+
+    def run_cell(out, recipe, sets, seed, extra, timeout, budget):
+        lr = [s.split("=")[1] for s in sets if s.startswith("e2e.lr=")][0]
+        ran.append(lr)
+        return {m: 50.0 - abs(tuning.LADDER.index(lr) - tuning.LADDER.index(peak[m])) for m in ("di", "e2e")} | \
+            {"meta": 1.0, "ok": True}
+
+    monkeypatch.setattr(pc, "run_cell", run_cell)
+    monkeypatch.setattr(pc, "e2e_epochs_for", lambda recipe, sets, extra: (3, {"samples_per_epoch": 64}))
+    monkeypatch.setattr(tuning, "tune_extra", lambda *a: ["--train", "t", "--val", "v"])
+    args = argparse.Namespace(collect_only=False, tune_data="", tune_per_class=5, tune_seed=0, timeout=60,
+                              tune_extend=extend)
+    return tuning.tune_cell(tmp_path, "demo", ["model.depth=8"], [], args)
+
+
+def test_tuning_extends_the_same_grid_for_both_methods_while_a_choice_sits_at_an_end(tmp_path, monkeypatch):
+    from benchmarks import tuning
+
+    ran: list = []
+    choice = _run_tune_cell(tmp_path, monkeypatch, {"di": "8e-3", "e2e": "1e-3"}, 2, ran)
+    assert choice["lrs"] == ["1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2"]  # two steps down for E2E, none up
+    assert choice["e2e"].startswith("lr 1e-3 ") and choice["di"].startswith("lr 8e-3 ")
+    assert choice["edge"] == ["e2e"]  # still at the end: the ladder stops there
+    assert sorted(ran, key=tuning.LADDER.index) == [lr for lr in choice["lrs"] for _ in tuning.WARMUPS]  # each once
+    assert set(choice["scores"]) == {lb for lb, _ in choice["grid"]}  # DI got every point E2E got
+
+
+def test_tuning_extension_respects_its_limit_and_extends_a_saved_choice_later(tmp_path, monkeypatch):
+    ran: list = []
+    first = _run_tune_cell(tmp_path, monkeypatch, {"di": "3.2e-2", "e2e": "6.4e-2"}, 0, ran)
+    assert first["lrs"] == ["4e-3", "8e-3", "1.6e-2"] and first["edge"] == ["di", "e2e"] and len(ran) == 6
+    ran.clear()
+    later = _run_tune_cell(tmp_path, monkeypatch, {"di": "3.2e-2", "e2e": "6.4e-2"}, 1, ran)
+    assert ran == ["3.2e-2", "3.2e-2"]  # only the new points ran; the saved six were kept
+    assert later["lrs"][-1] == "3.2e-2" and later["di"].startswith("lr 3.2e-2 ") and later["edge"] == ["di", "e2e"]
+    ran.clear()
+    again = _run_tune_cell(tmp_path, monkeypatch, {"di": "3.2e-2", "e2e": "6.4e-2"}, 1, ran)
+    assert again == json.loads(json.dumps(later)) and ran == []  # the saved choice, read back
+
+
+def test_tuning_grid_stays_put_where_no_choice_sits_at_an_end(tmp_path, monkeypatch):
+    ran: list = []
+    choice = _run_tune_cell(tmp_path, monkeypatch, {"di": "8e-3", "e2e": "8e-3"}, 2, ran)
+    assert choice["lrs"] == ["4e-3", "8e-3", "1.6e-2"] and choice["edge"] == [] and len(ran) == 6
+
+
 def test_tuning_holdout_of_training_shards_is_class_balanced_disjoint_and_complete(tmp_path):
     import numpy as np
 
