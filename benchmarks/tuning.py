@@ -210,6 +210,9 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) 
     lrs = searched(scores)
     picked = select(scores, lrs) if saved else None
     if saved and not extension(picked, lrs)[:max(0, args.tune_extend - (len(lrs) - len(LRS)))]:
+        if "edge" not in saved:  # saved before the grid could extend: record what it searched
+            saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
+            atomic_write_json(str(path), saved)
         return saved  # nothing left to search within --tune-extend
     t_extra = saved["tune_args"] if saved else tune_extra(args.tune_data, extra, work, args.tune_per_class)
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)

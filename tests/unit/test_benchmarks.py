@@ -457,6 +457,10 @@ def test_tuning_extension_respects_its_limit_and_extends_a_saved_choice_later(tm
     ran: list = []
     first = _run_tune_cell(tmp_path, monkeypatch, {"di": "3.2e-2", "e2e": "6.4e-2"}, 0, ran)
     assert first["lrs"] == ["4e-3", "8e-3", "1.6e-2"] and first["edge"] == ["di", "e2e"] and len(ran) == 6
+    path = next((tmp_path / "tune").glob("choice_*.json"))
+    path.write_text(json.dumps({k: v for k, v in first.items() if k not in ("lrs", "edge")}))  # an older save
+    assert _run_tune_cell(tmp_path, monkeypatch, {"di": "3.2e-2", "e2e": "6.4e-2"}, 0, ran)["edge"] == ["di", "e2e"]
+    assert json.loads(path.read_text())["lrs"] == ["4e-3", "8e-3", "1.6e-2"] and len(ran) == 6  # recorded, no runs
     ran.clear()
     later = _run_tune_cell(tmp_path, monkeypatch, {"di": "3.2e-2", "e2e": "6.4e-2"}, 1, ran)
     assert ran == ["3.2e-2", "3.2e-2"]  # only the new points ran; the saved six were kept
