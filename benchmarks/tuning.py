@@ -6,8 +6,8 @@ that scored best for it. Where either method's best learning rate is the lowest 
 grows one factor-2 step in that direction for both (`extension`, at most `--tune-extend` steps); a choice still at
 an end is named in the table. DI's grid point sets the settings its phases share: the learning rate of meta
 pre-training, incubation and fine-tuning (all at the same rate in the demo recipe) and the warm-up of meta
-pre-training and incubation; E2E gets the same learning rate and warm-up. Fine-tuning keeps its half epoch of warm-up (it starts from
-an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to every phase of both methods
+pre-training and incubation; E2E gets the same learning rate and warm-up. Fine-tuning keeps its half epoch of
+warm-up (it starts from an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to every phase of both methods
 (`EQUAL`): the demo recipe clips fine-tuning only, and every committed CPU-scale result clipped every phase at
 DeepSpeed's default 1.0 anyway. E2E's epochs follow DI's training FLOPs, which no grid point changes.
 
