@@ -1,13 +1,13 @@
 """Equal tuning of E2E and Deep Incubation for `paper_claims.py --tune` (issue 24 item 1).
 
-Both methods get the same search: learning rate x warm-up, 3 x 2 (`GRID`), run at one seed on data held out from
-the training set (never on the validation set the tables report); each method then runs its seeds at the grid point
-that scored best for it. Where either method's best learning rate is the lowest or highest one searched, the grid
-grows one factor-2 step in that direction for both (`extension`, at most `--tune-extend` steps); a choice still at
-an end is named in the table. DI's grid point sets the settings its phases share: the learning rate of meta
-pre-training, incubation and fine-tuning (all at the same rate in the demo recipe) and the warm-up of meta
-pre-training and incubation; E2E gets the same learning rate and warm-up. Fine-tuning keeps its half epoch of
-warm-up (it starts from an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to every phase of both methods
+Both methods get the same search: learning rate x warm-up, 3 x 2 (`GRID`), run at one seed on data held out from the
+training set (never on the validation set the tables report); each method then runs its seeds at the grid point that
+scored best for it. Where either method's best learning rate is the lowest or highest one searched, the grid grows
+one factor-2 step in that direction for both (`extension`, at most `--tune-extend` steps); a choice still at an end
+is named in the table. DI's grid point sets the settings its phases share: the learning rate of meta pre-training,
+incubation and fine-tuning (all at the same rate in the demo recipe) and the warm-up of meta pre-training and
+incubation; E2E gets the same learning rate and warm-up. Fine-tuning keeps its half epoch of warm-up (it starts from
+an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to every phase of both methods
 (`EQUAL`): the demo recipe clips fine-tuning only, and every committed CPU-scale result clipped every phase at
 DeepSpeed's default 1.0 anyway. E2E's epochs follow DI's training FLOPs, which no grid point changes.
 
