@@ -118,9 +118,14 @@ def extension(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
         ([LADDER[hi + 1]] if lrs[-1] in chosen and hi + 1 < len(LADDER) else [])
 
 
+def next_lrs(choice: dict, lrs: list[str], limit: int) -> list[str]:
+    """`extension`, within `limit` learning rates past LRS in all (--tune-extend)."""
+    return extension(choice, lrs)[:max(0, limit - (len(lrs) - len(LRS)))]
+
+
 def describe(label: str, t: dict) -> str:
     """The table's line on a tuned cell's choice."""
-    edge = f"; at the end of the searched learning rates ({' to '.join(t['lrs'][::len(t['lrs']) - 1])}): " \
+    edge = f"; at the end of the searched learning rates ({t['lrs'][0]} to {t['lrs'][-1]}): " \
            f"{', '.join({'di': 'DI', 'e2e': 'E2E'}[m] for m in t['edge'])}" if t.get("edge") else ""
     return f"{label}: DI at {t['di']}, E2E at {t['e2e']} (each its best of the same grid on the held-out split, " \
            f"seed {t['seed']}; clipping 1.0 in every phase of both{edge})"
@@ -209,7 +214,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) 
     scores = dict(saved["scores"]) if saved else {}
     lrs = searched(scores)
     picked = select(scores, lrs) if saved else None
-    if saved and not extension(picked, lrs)[:max(0, args.tune_extend - (len(lrs) - len(LRS)))]:
+    if saved and not next_lrs(picked, lrs, args.tune_extend):
         if "edge" not in saved:  # saved before the grid could extend: record what it searched
             saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
             atomic_write_json(str(path), saved)
@@ -227,7 +232,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) 
             r = pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
             scores[label] = {"di": r.get("di"), "e2e": r.get("e2e"), "meta": r.get("meta"), "ok": r.get("ok")}
         picked = select(scores, lrs)
-        more = extension(picked, lrs)[:max(0, args.tune_extend - (len(lrs) - len(LRS)))]
+        more = next_lrs(picked, lrs, args.tune_extend)
         if not more:
             break
         print(f"[paper_claims] tune: a choice sits at an end of lr {lrs[0]} .. {lrs[-1]}; adding {', '.join(more)}",
