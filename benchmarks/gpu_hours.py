@@ -47,7 +47,7 @@ from dsincubate import registry  # noqa: E402
 METHODS = {"e2e": "e2e", "di": "deep_incubation"}
 # The CPU default: the demo recipe (depth 16, width 64, 8x8 patches, K=4; meta 20, incubate 8, finetune 6, E2E 24
 # epochs) on the built-in demo data (3000 images/epoch), at budgets 0.2, 0.4, 0.8 of its epochs. The committed
-# gpu_hours_cpu2.* results predate this demo (they used depth 8, width 96, 4x4 patches).
+# archive/gpu_hours_cpu2.* results predate this demo (they used depth 8, width 96, 4x4 patches).
 CPU_DEFAULT_SETS: list[str] = []
 
 

@@ -34,7 +34,7 @@ the source model's own training is not counted in DI's budget (a reused model is
     python benchmarks/paper_claims.py --scale paper --experiments depth -- --train /data/c100/train --val /data/c100/val
     python benchmarks/paper_claims.py --collect-only                  # rebuild tables/plots from --workdir
     python benchmarks/paper_claims.py --experiments ft --set model.depth=32 --only 1,2,4,8   # Fig. 10 at depth 32
-    python benchmarks/paper_claims.py --depths 32 --merge benchmarks/results/paper_claims_depth_cpu2_2026-11-23.json
+    python benchmarks/paper_claims.py --depths 32 --merge benchmarks/results/archive/paper_claims_depth_cpu2_2026-11-23.json
                                       # run depth 32 only; the table keeps the earlier file's other depths
 
 `--scale paper` runs the paper's DeiT-T-32/128 recipes (`deit_t_<N>`: 200 modular + 100 fine-tune epochs against

@@ -341,7 +341,8 @@ def test_paper_claims_committed_tables_are_reproduced_with_intervals_and_seed_fl
 
     from benchmarks import paper_claims as pc
 
-    files = sorted(p for p in (_PC_ROOT / "benchmarks" / "results").glob("paper_claims_*.json")
+    results = _PC_ROOT / "benchmarks" / "results"
+    files = sorted(p for p in [*results.glob("paper_claims_*.json"), *(results / "archive").glob("paper_claims_*.json")]
                    if not p.stem.endswith("_stats"))
     assert len(files) >= 11
     for f in files:
@@ -372,7 +373,7 @@ def test_paper_claims_from_recomputes_a_result_and_flags_its_unclean_commit(tmp_
     from benchmarks import paper_claims as pc
 
     src = tmp_path / "paper_claims_k_cpu2_2026-11-23.json"  # committed with an empty git_commit
-    src.write_text((_PC_ROOT / "benchmarks/results" / src.name).read_text())
+    src.write_text((_PC_ROOT / "benchmarks/results/archive" / src.name).read_text())
     assert pc.main(["--from", str(src)]) == 0
     out = json.loads((tmp_path / "paper_claims_k_cpu2_2026-11-23_stats.json").read_text())
     assert out["recomputed_from"] == str(src) and out["source_git_commit"] == ""
