@@ -34,7 +34,8 @@ the source model's own training is not counted in DI's budget (a reused model is
     python benchmarks/paper_claims.py --scale paper --experiments depth -- --train /data/c100/train --val /data/c100/val
     python benchmarks/paper_claims.py --collect-only                  # rebuild tables/plots from --workdir
     python benchmarks/paper_claims.py --experiments ft --set model.depth=32 --only 1,2,4,8   # Fig. 10 at depth 32
-    python benchmarks/paper_claims.py --depths 32 --merge benchmarks/results/archive/paper_claims_depth_cpu2_2026-11-23.json
+    python benchmarks/paper_claims.py --depths 32 \
+        --merge benchmarks/results/archive/paper_claims_depth_cpu2_2026-11-23.json
                                       # run depth 32 only; the table keeps the earlier file's other depths
 
 `--scale paper` runs the paper's DeiT-T-32/128 recipes (`deit_t_<N>`: 200 modular + 100 fine-tune epochs against
@@ -299,6 +300,10 @@ def main(argv=None) -> int:
     bad = [e for e in exps if e not in EXPERIMENTS and e not in decoupled.EXPERIMENTS]
     if bad:
         print(f"error: unknown experiment(s) {bad}; use {', '.join([*EXPERIMENTS, *decoupled.EXPERIMENTS])}",
+              file=sys.stderr)
+        return 2
+    if args.tune and "split" in exps:
+        print("error: --tune does not apply to the split experiment (Deep Incubation alone: nothing to tune alike)",
               file=sys.stderr)
         return 2
     problem = commit_problem(start_commit)

@@ -16,12 +16,17 @@ decoupled  E2E, DGL and InfoPro (`dsincubate.decoupled`) against Deep Incubation
                          these runs)
            Every seed's record is written to the result file as soon as it finishes. The table gives each method's
            mean ± std and, per baseline, the paired DI - baseline difference with its 95% t interval and p.
+           With --tune, DI and every baseline first get the same learning-rate x warm-up grid on a split held out of
+           the training data (`tuning.tune_decoupled`: one directory per grid point, each method scored there), then
+           each method runs the seeds at its own best point (`tuning.run_tuned_decoupled_seed`; result
+           paper_claims_decoupled_tuned_*).
 split      Deep Incubation alone at the default cell's total planned FLOPs (depth 8; `--set model.depth=16` for
            another), the total divided differently between meta pre-training, incubation and fine-tuning (`SPLITS`:
            shares of the FLOPs, rounded to whole epochs; the table gives each cell's planned FLOPs). Accuracy
            against the split, paired against the default split, and a plot.
 
     python benchmarks/paper_claims.py --experiments decoupled --seeds 0,1,2 --only DeiT-T-32
+    python benchmarks/paper_claims.py --tune --experiments decoupled --seeds 0,1,2,3,4 --only DeiT-T-32
     python benchmarks/paper_claims.py --experiments split --seeds 0,1
     python benchmarks/paper_claims.py --experiments decoupled,split --collect-only
 
@@ -57,6 +62,17 @@ def _run_json(out: Path, method: str) -> Path:
 
 
 BASELINES = baselines()
+
+
+def tune_methods() -> tuple[str, ...]:
+    """The methods the decoupled experiment's --tune searches for alike: DI and every baseline."""
+    return ("di",) + BASELINES
+
+
+def baseline_sets(method: str, epochs: dict) -> list[str]:
+    """A baseline's own overrides: its epochs at DI's planned FLOPs; the decoupled ones evaluate like E2E."""
+    return [f"{registry.phase(_phase(method)).config_section}.epochs={epochs[method]}"] + \
+        (_DECOUPLED_EVAL if method != "e2e" else [])
 NAMES = {"di": "DI", "e2e": "E2E", "dgl": "DGL", "infopro": "InfoPro"}
 # the baselines' own evaluation settings: like E2E's in CPU_BASE, only the last epoch is evaluated
 _DECOUPLED_EVAL = [f"{s}.eval_every=100" for s in common.sections(_phase(m) for m in BASELINES if m != "e2e")]
@@ -118,11 +134,13 @@ def _measured(run: dict) -> float:
     return run["flops"]["train_step_per_image"] * run["images_processed"]
 
 
-def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict, partial: bool = False) -> dict | None:
+def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict, partial: bool = False,
+                      dirs: dict | None = None) -> dict | None:
     """One seed's record: top-1, measured training FLOPs, device-hours and epochs per method. None while DI or
     (unless `partial`: --collect-only, whose table then shows what finished) a baseline has not finished; a
-    partial record's unfinished baselines have None values and are listed under "unfinished"."""
-    runs = {m: _run_json(out, m) for m in BASELINES}
+    partial record's unfinished baselines have None values and are listed under "unfinished". `dirs`: a baseline's
+    own run directory where it is not `out` (--tune: each method at its own settings)."""
+    runs = {m: _run_json((dirs or {}).get(m, out), m) for m in BASELINES}
     if not (out / "summary.json").is_file() or not (partial or all(p.is_file() for p in runs.values())):
         return None
     s = json.loads((out / "summary.json").read_text())["deep_incubation"]
@@ -150,9 +168,7 @@ def run_decoupled_seed(out: Path, recipe: str, sets: list[str], seed: int, extra
     for m in BASELINES:
         if (_run_json(out, m).parent / "MANIFEST.json").is_file():
             continue
-        own = [f"{registry.phase(_phase(m)).config_section}.epochs={epochs[m]}"] + \
-            (_DECOUPLED_EVAL if m != "e2e" else [])
-        if not pc._pipeline(out, m, recipe, sets + own, extra, args.timeout):
+        if not pc._pipeline(out, m, recipe, sets + baseline_sets(m, epochs), extra, args.timeout):
             return {"ok": False, "seed": seed, "error": f"{m} failed, see {out / f'log_{m}.txt'}"}
     print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
     return collect_decoupled(out, seed, epochs, plan) or {"ok": False, "seed": seed, "error": "unfinished"}
@@ -214,6 +230,11 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = [{"label": label, "recipe": recipe, "overrides": sets, "seeds": [], **info}
             for recipe, label, sets, info in cells(exp, args, extra) if not only or label in only]
+    if args.tune and exp == "decoupled":  # first the same grid for DI and every baseline, on the held-out split
+        from benchmarks import tuning
+
+        rows = [dict(row, label=f"{row['label']} tuned", tuning=choice) for row in rows
+                for choice in [tuning.tune_decoupled(work, row["recipe"], row["overrides"], extra, args)] if choice]
     # seeds outer: an interrupted run leaves whole seeds (every cell paired), not whole cells
     for seed in seeds:
         for row in rows:
@@ -221,6 +242,9 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
             print(f"[paper_claims] {exp} {row['label']} seed {seed}", flush=True)
             if exp == "split":
                 rec = run_split_seed(out, row["recipe"], row["overrides"], seed, extra, args)
+            elif args.tune:
+                rec = tuning.run_tuned_decoupled_seed(work, row["recipe"], row["overrides"], row["tuning"], seed,
+                                                      extra, args)
             elif args.collect_only:
                 epochs, plan = baseline_epochs(row["recipe"], row["overrides"], extra)
                 rec = collect_decoupled(out, seed, epochs, plan, partial=True)
@@ -259,6 +283,11 @@ def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
         [f"DI-{_name(m)} [95% CI] p" for m in BASELINES] + ["TFLOP " + "/".join(map(_name, methods))]
     table = common.table(heads, table_rows)
     for row in out:
+        if row.get("tuning"):  # each method's own best point of the same grid
+            t = row["tuning"]
+            table += f"\n{row['label']}: " + ", ".join(f"{_name(m)} at {t[m]}" for m in ("di",) + BASELINES) + \
+                f" (lr {t['lrs'][0]} to {t['lrs'][-1]} searched, held-out split, seed {t['seed']}" + \
+                (f"; at an end: {', '.join(map(_name, t['edge']))})" if t.get("edge") else ")")
         for r in row["seeds"]:
             if r.get("ok"):
                 have = [m for m in ("di",) + BASELINES if r.get(m) is not None]
@@ -336,7 +365,7 @@ def summarise(exp: str, rows: list[dict]) -> tuple[str, list[dict]]:
 def run(exp: str, args, extra: list[str], start_commit: str, problem: str | None) -> Path:
     """Run or collect `exp`, rewriting its result file (json, txt; the split's png) after every finished seed."""
     dev = common.device()
-    name = f"paper_claims_{exp}" + (f"_{args.name}" if args.name else "")
+    name = f"paper_claims_{exp}" + ("_tuned" if args.tune else "") + (f"_{args.name}" if args.name else "")
     path = result_file(name, dev)
 
     def write(rows):

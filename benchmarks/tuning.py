@@ -17,7 +17,12 @@ training shards into a tune split and the rest into a smaller training split (sh
 the work directory. Tuning runs train at the full training set's samples per epoch, so a grid point sees the
 iterations the seeds will.
 
+The decoupled experiment (Tab. 2) tunes DI and every baseline (E2E, DGL, InfoPro) alike the same way
+(`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases, its methods run in
+one directory and are scored there; each method then runs its seeds at its own point (`run_tuned_decoupled_seed`).
+
     python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4
+    python benchmarks/paper_claims.py --tune --experiments decoupled --only DeiT-T-32 --seeds 0,1,2,3,4
 """
 from __future__ import annotations
 
@@ -42,40 +47,42 @@ LRS = LADDER[2:5]                       # half the demo's, the demo's, twice
 WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
 
 
-def lr_sections() -> tuple[str, ...]:
-    """The config sections of every phase the tuned methods train, in the registry's order (DI's, then E2E's):
-    each gets the grid point's learning rate and the clipping of `equal`."""
-    return common.sections(p for m in METHODS for p in registry.trained_phases(m))
+def lr_sections(methods: tuple[str, ...] = METHODS) -> tuple[str, ...]:
+    """The config sections of every phase the tuned methods train, in the registry's order (DI's, then E2E's, then
+    the decoupled baselines' where `methods` has them): each gets the grid point's learning rate and the clipping of
+    `equal`."""
+    return common.sections(p for m in methods for p in registry.trained_phases(m))
 
 
-def warmup_sections() -> tuple[str, ...]:
+def warmup_sections(methods: tuple[str, ...] = METHODS) -> tuple[str, ...]:
     """The sections of the phases that start cold (`common.cold_phases`: not DI's fine-tune, which keeps its own
     warm-up): each gets the grid point's warm-up."""
-    return common.sections(p for m in METHODS for p in common.cold_phases(m))
+    return common.sections(p for m in methods for p in common.cold_phases(m))
 
 
-def grid(lrs: tuple[str, ...] | list[str] = LRS) -> list[tuple[str, list[str]]]:
+def grid(lrs: tuple[str, ...] | list[str] = LRS,
+         methods: tuple[str, ...] = METHODS) -> list[tuple[str, list[str]]]:
     """(label, overrides) of every grid point over `lrs`, learning rate outer. Its override strings are part of the
     tuning runs' cell keys (paper_claims_cells.cell_key): the same registry gives the same strings, so finished runs
     are found again."""
-    return [(f"lr {lr} wu {wu}", [f"{s}.lr={lr}" for s in lr_sections()] +
-             [f"{s}.warmup_epochs={wu}" for s in warmup_sections()]) for lr in lrs for wu in WARMUPS]
+    return [(f"lr {lr} wu {wu}", [f"{s}.lr={lr}" for s in lr_sections(methods)] +
+             [f"{s}.warmup_epochs={wu}" for s in warmup_sections(methods)]) for lr in lrs for wu in WARMUPS]
 
 
-def equal() -> list[str]:
-    """What both methods get at every grid point: gradient clipping at 1.0 in every phase."""
-    return [f"{s}.clip_grad=1.0" for s in lr_sections()]
+def equal(methods: tuple[str, ...] = METHODS) -> list[str]:
+    """What every tuned method gets at every grid point: gradient clipping at 1.0 in every phase."""
+    return [f"{s}.clip_grad=1.0" for s in lr_sections(methods)]
 
 
 GRID = grid()
 EQUAL = equal()
 
 
-def grid_sets(label: str) -> list[str]:
-    """The overrides of one grid point anywhere on the ladder (with the clipping both methods get)."""
-    for lb, sets in grid(LADDER):
+def grid_sets(label: str, methods: tuple[str, ...] = METHODS) -> list[str]:
+    """The overrides of one grid point anywhere on the ladder (with the clipping every tuned method gets)."""
+    for lb, sets in grid(LADDER, methods):
         if lb == label:
-            return EQUAL + sets
+            return equal(methods) + sets
     raise UserError(f"unknown grid point {label!r}")
 
 
@@ -90,12 +97,13 @@ def searched(scores: dict[str, dict]) -> list[str]:
     return sorted({point_lr(lb) for lb in scores} | set(LRS), key=LADDER.index)
 
 
-def select(scores: dict[str, dict], lrs: tuple[str, ...] | list[str] = LRS) -> dict:
+def select(scores: dict[str, dict], lrs: tuple[str, ...] | list[str] = LRS,
+           methods: tuple[str, ...] = METHODS) -> dict:
     """Each method's best point of the grid over `lrs` by its top-1 on the tune split (ties: the first in grid
     order)."""
-    labels = [lb for lb, _ in grid(lrs)]
+    labels = [f"lr {lr} wu {wu}" for lr in lrs for wu in WARMUPS]
     choice = {}
-    for method in METHODS:
+    for method in methods:
         done = [(lb, s[method]) for lb in labels for s in [scores.get(lb)] if s and s.get(method) is not None]
         if len(done) < len(labels):
             raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(labels)} grid points finished")
@@ -105,7 +113,7 @@ def select(scores: dict[str, dict], lrs: tuple[str, ...] | list[str] = LRS) -> d
 
 def at_edge(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
     """The methods whose chosen learning rate is the lowest or highest one searched: their optimum may lie beyond."""
-    return [m for m in METHODS if point_lr(choice[m]) in (lrs[0], lrs[-1])]
+    return [m for m in choice if point_lr(choice[m]) in (lrs[0], lrs[-1])]
 
 
 def extension(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
@@ -113,7 +121,7 @@ def extension(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
     same new points for both methods, so the search stays equal); empty where no choice is at an end, or the ladder
     ends there."""
     lo, hi = LADDER.index(lrs[0]), LADDER.index(lrs[-1])
-    chosen = {point_lr(choice[m]) for m in METHODS}
+    chosen = {point_lr(v) for v in choice.values()}
     return ([LADDER[lo - 1]] if lrs[0] in chosen and lo > 0 else []) + \
         ([LADDER[hi + 1]] if lrs[-1] in chosen and hi + 1 < len(LADDER) else [])
 
@@ -199,21 +207,28 @@ def tune_extra(tune_data: str, extra: list[str], work: Path, per_class: int) -> 
     return rest + ["--train", train, "--val", tune]
 
 
-def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) -> dict | None:
+def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, methods: tuple[str, ...] = METHODS,
+              run_point=None, name: str = "") -> dict | None:
     """Run (or collect) the grid of one cell at `args.tune_seed` on the held-out split and return each method's
     choice with every grid point's tune top-1; saved as work/tune/choice_<cell>.json. While a method's choice sits
     at an end of the searched learning rates, the grid extends one ladder step there (at most `args.tune_extend`
     rates past LRS in all); a saved choice is extended the same way by a later run. None where --collect-only finds
-    no saved choice."""
+    no saved choice. `methods` and `run_point` (out, sets, extra -> each method's top-1 on the tune split) tune
+    another set of methods (the decoupled experiment: `paper_claims_decoupled.tune_methods`), saved under
+    choice_<name><cell>.json."""
     from benchmarks import paper_claims as pc
 
-    path = work / "tune" / f"choice_{pc.cell_key(recipe, sets)}.json"
+    def run_pair(out, g, t_extra):  # DI, then E2E at DI's FLOPs
+        return pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
+
+    run_point = run_point or run_pair
+    path = work / "tune" / f"choice_{name}{pc.cell_key(recipe, sets)}.json"
     saved = json.loads(path.read_text()) if path.is_file() else None
     if args.collect_only:
         return saved
     scores = dict(saved["scores"]) if saved else {}
     lrs = searched(scores)
-    picked = select(scores, lrs) if saved else None
+    picked = select(scores, lrs, methods) if saved else None
     if saved and not next_lrs(picked, lrs, args.tune_extend):
         if "edge" not in saved:  # saved before the grid could extend: record what it searched
             saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
@@ -223,22 +238,23 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args) 
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]  # the iterations of the seeds' runs
     while True:
-        for label, _ in grid(lrs):
+        for label, _ in grid(lrs, methods):
             if label in scores:
                 continue
-            g = sets + grid_sets(label) + per_epoch
+            g = sets + grid_sets(label, methods) + per_epoch
             out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
             print(f"[paper_claims] tune {label}: {out}", flush=True)
-            r = pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
-            scores[label] = {"di": r.get("di"), "e2e": r.get("e2e"), "meta": r.get("meta"), "ok": r.get("ok")}
-        picked = select(scores, lrs)
+            r = run_point(out, g, t_extra) or {}
+            scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok")}
+        picked = select(scores, lrs, methods)
         more = next_lrs(picked, lrs, args.tune_extend)
         if not more:
             break
         print(f"[paper_claims] tune: a choice sits at an end of lr {lrs[0]} .. {lrs[-1]}; adding {', '.join(more)}",
               flush=True)
         lrs = sorted(set(lrs) | set(more), key=LADDER.index)
-    choice = dict(picked, scores=scores, seed=args.tune_seed, tune_args=t_extra, grid=grid(lrs), equal=EQUAL,
+    choice = dict(picked, scores=scores, seed=args.tune_seed, tune_args=t_extra, grid=grid(lrs, methods),
+                  equal=equal(methods),
                   lrs=lrs, edge=at_edge(picked, lrs))
     atomic_write_json(str(path), choice)
     return choice
@@ -270,3 +286,38 @@ def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed:
     default = work / pc.cell_key(recipe, sets) / f"seed{seed}" / "summary.json"
     rec["e2e_default"] = json.loads(default.read_text())["e2e"]["top1"] if default.is_file() else None
     return dict(rec, di_setting=choice["di"], e2e_setting=choice["e2e"])
+
+
+def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], args) -> dict | None:
+    """The decoupled experiment's grid: DI and every Tab. 2 baseline (`paper_claims_decoupled.BASELINES`) get the
+    same lr x warm-up points (each baseline's phase its learning rate, warm-up and clipping, like E2E's), each grid
+    point one directory where DI runs first and the baselines at its planned FLOPs (`run_decoupled_seed`), scored on
+    the held-out split; each method then takes its own best point."""
+    from benchmarks import paper_claims_decoupled as dc
+
+    def point(out, g, t_extra):
+        return dc.run_decoupled_seed(out, recipe, g, args.tune_seed, t_extra, args)
+
+    return tune_cell(work, recipe, sets, extra, args, dc.tune_methods(), point, name="decoupled_")
+
+
+def run_tuned_decoupled_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str],
+                             args) -> dict | None:
+    """One seed of the decoupled experiment at the tuned settings: every method at its own grid point, in the
+    directory of that point's settings (methods that chose the same point share one), each baseline at DI's planned
+    FLOPs. None where --collect-only finds DI unfinished."""
+    from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
+
+    methods = dc.tune_methods()
+    own = {m: sets + grid_sets(choice[m], methods) for m in methods}
+    dirs = {m: work / pc.cell_key(recipe, own[m]) / f"seed{seed}" for m in methods}
+    epochs, plan = dc.baseline_epochs(recipe, sets, extra)
+    if not args.collect_only:
+        for m in methods:
+            done = dirs[m] / "finetune" / "MANIFEST.json" if m == "di" else \
+                dc._run_json(dirs[m], m).parent / "MANIFEST.json"
+            run = own[m] + [f"seed={seed}"] + ([] if m == "di" else dc.baseline_sets(m, epochs))
+            if not done.is_file() and not pc._pipeline(dirs[m], m, recipe, run, extra, args.timeout):
+                return {"ok": False, "seed": seed, "error": f"{m} failed, see {dirs[m] / f'log_{m}.txt'}"}
+    rec = dc.collect_decoupled(dirs["di"], seed, epochs, plan, partial=args.collect_only, dirs=dirs)
+    return rec and dict(rec, settings={m: choice[m] for m in methods})

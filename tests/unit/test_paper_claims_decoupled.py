@@ -110,3 +110,97 @@ def test_unknown_experiment_is_refused_naming_the_decoupled_ones(capsys):
     assert pc.main(["--experiments", "tab2", "--workdir", "/nonexistent"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "decoupled" in err and "split" in err
+
+
+def test_default_tuning_grid_strings_are_unchanged_by_the_decoupled_methods():
+    """The depth/data cells' grid points (their strings are in the tuning runs' directory keys) stay DI's and E2E's
+    sections only: finished runs are found again."""
+    from benchmarks import tuning
+
+    assert tuning.grid_sets("lr 8e-3 wu 1") == [
+        "meta.clip_grad=1.0", "incubate.clip_grad=1.0", "finetune.clip_grad=1.0", "e2e.clip_grad=1.0",
+        "meta.lr=8e-3", "incubate.lr=8e-3", "finetune.lr=8e-3", "e2e.lr=8e-3",
+        "meta.warmup_epochs=1", "incubate.warmup_epochs=1", "e2e.warmup_epochs=1"]
+    every = tuning.grid_sets("lr 8e-3 wu 1", pcd.tune_methods())
+    assert set(tuning.grid_sets("lr 8e-3 wu 1")) < set(every)
+    for m in pcd.BASELINES:  # every baseline's phase gets the point's rate, warm-up and clipping, like E2E's
+        sec = pcd.registry.phase(pcd._phase(m)).config_section
+        assert {f"{sec}.lr=8e-3", f"{sec}.warmup_epochs=1", f"{sec}.clip_grad=1.0"} <= set(every), m
+
+
+def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list):
+    """tuning.tune_decoupled with every grid point's runs replaced by a top-1 per method that falls off with the
+    distance (ladder steps) from that method's `peak`: the search alone."""
+    import argparse
+
+    from benchmarks import tuning
+
+    def point(out, recipe, sets, seed, extra, args):
+        lrs = {s.split("=")[0]: s.split("=")[1] for s in sets if ".lr=" in s}
+        assert len(set(lrs.values())) == 1  # one rate for every method's every phase
+        ran.append((out, next(iter(lrs.values()))))
+        lr = tuning.LADDER.index(next(iter(lrs.values())))
+        return {"ok": True, "meta": 1.0} | {m: 50.0 - abs(lr - tuning.LADDER.index(p)) for m, p in peak.items()}
+
+    monkeypatch.setattr(pcd, "run_decoupled_seed", point)
+    monkeypatch.setattr(pc, "e2e_epochs_for", lambda recipe, sets, extra: (3, {"samples_per_epoch": 64}))
+    monkeypatch.setattr(tuning, "tune_extra", lambda *a: ["--train", "t", "--val", "v"])
+    args = argparse.Namespace(collect_only=False, tune_data="", tune_per_class=5, tune_seed=0, timeout=60,
+                              tune_extend=2)
+    return tuning.tune_decoupled(tmp_path, "demo", ["model.depth=32"], [], args)
+
+
+def test_decoupled_tuning_runs_one_grid_for_all_methods_and_each_takes_its_own_best(tmp_path, monkeypatch):
+    ran: list = []
+    peak = {"di": "8e-3", "e2e": "4e-3", "dgl": "1.6e-2", "infopro": "8e-3"}
+    choice = _tune_decoupled(tmp_path, monkeypatch, peak, ran)
+    assert choice["lrs"] == ["2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2"]  # grown both ways: E2E low, DGL high
+    assert {m: choice[m].split()[1] for m in peak} == peak and choice["edge"] == []
+    assert len(ran) == 10 and len({o for o, _ in ran}) == 10  # each point once, in a directory of its own
+    assert all(set(s) >= set(peak) for s in choice["scores"].values())  # every method scored at every point
+    assert next((tmp_path / "tune").glob("choice_*.json")).name.startswith("choice_decoupled_")
+    ran.clear()
+    assert _tune_decoupled(tmp_path, monkeypatch, peak, ran)["dgl"] == choice["dgl"] and ran == []  # saved
+
+
+def test_tuned_decoupled_seed_runs_each_method_at_its_own_point_and_pairs_them(tmp_path, monkeypatch):
+    import argparse
+
+    from benchmarks import tuning
+
+    calls, bonus = [], {"4e-3": 1.0, "8e-3": 2.0, "1.6e-2": 3.0}
+
+    def pipeline(out, method, recipe, sets, extra, timeout):  # writes what a finished run leaves, nothing trained
+        lr = [s for s in sets if s.startswith("meta.lr=")][0].split("=")[1]
+        calls.append((method, lr, out))
+        if method == "di":
+            _seed_dir(out, 30.0 + bonus[lr], 0, 0, 0)
+            for m in pcd.BASELINES:
+                (out / m / "run.json").unlink()
+        else:
+            _run(out / m_dir(method), 20.0 + bonus[lr], 3, 300)
+        (out / ("finetune" if method == "di" else m_dir(method)) / "MANIFEST.json").write_text("{}")
+        return True
+
+    def m_dir(method):
+        return pcd._run_json(Path(""), method).parent.name
+
+    monkeypatch.setattr(pc, "_pipeline", pipeline)
+    monkeypatch.setattr(pcd, "baseline_epochs", lambda recipe, sets, extra: ({m: 3 for m in pcd.BASELINES}, {}))
+    choice = {"di": "lr 8e-3 wu 3", "e2e": "lr 4e-3 wu 3", "dgl": "lr 8e-3 wu 3", "infopro": "lr 1.6e-2 wu 1"}
+    args = argparse.Namespace(collect_only=False, timeout=60)
+    rec = tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)
+    assert [(m, lr) for m, lr, _ in calls] == [("di", "8e-3"), ("e2e", "4e-3"), ("dgl", "8e-3"), ("infopro", "1.6e-2")]
+    assert calls[0][2] == calls[2][2] != calls[1][2]  # DGL chose DI's point: one directory
+    assert rec["ok"] and rec["di"] == 32.0 and rec["e2e"] == 21.0 and rec["dgl"] == 22.0 and rec["infopro"] == 23.0
+    assert rec["settings"] == choice
+    calls.clear()
+    args.collect_only = True
+    assert tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)["di"] == 32.0
+    assert calls == []
+
+
+def test_tune_is_refused_for_the_split_experiment(capsys):
+    assert pc.main(["--tune", "--experiments", "split", "--workdir", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "split" in err
