@@ -194,6 +194,10 @@ def test_tuned_decoupled_seed_runs_each_method_at_its_own_point_and_pairs_them(t
     assert calls[0][2] == calls[2][2] != calls[1][2]  # DGL chose DI's point: one directory
     assert rec["ok"] and rec["di"] == 32.0 and rec["e2e"] == 21.0 and rec["dgl"] == 22.0 and rec["infopro"] == 23.0
     assert rec["settings"] == choice
+    tuned = dict(choice, lrs=["4e-3", "8e-3", "1.6e-2"], seed=0, edge=["infopro"])
+    table, _ = pcd.summarise("decoupled", [{"label": "DeiT-T-32 tuned", "tuning": tuned, "seeds": [rec]}])
+    assert "DeiT-T-32 tuned: DI at lr 8e-3 wu 3, E2E at lr 4e-3 wu 3, DGL at lr 8e-3 wu 3, InfoPro at lr 1.6e-2 " \
+        "wu 1 (lr 4e-3 to 1.6e-2 searched, held-out split, seed 0; at an end: InfoPro)" in table
     calls.clear()
     args.collect_only = True
     assert tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)["di"] == 32.0
