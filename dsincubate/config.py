@@ -31,7 +31,8 @@ class ModelConfig(_Checked):
     preset: str = "tiny"
     """The model family and its size: a ViT preset (`dsincubate.models.vit.PRESETS`), deit_t_<depth>, any timm
     VisionTransformer name, or a CIFAR ResNet (resnet20/32/56/110_cifar, `dsincubate.models.resnet_cifar`; it refuses
-    the ViT-only fields embed_dim, num_heads, patch_size, meta_embed_dim, meta_num_heads, moe_every)."""
+    the ViT-only fields embed_dim, num_heads, patch_size, meta_embed_dim, meta_num_heads, moe_every,
+    layer_scale_init)."""
     depth: Optional[int] = setting(None, lo=1)
     """Override the number of blocks (None keeps the preset's)."""
     embed_dim: Optional[int] = setting(None, lo=1)
@@ -69,6 +70,10 @@ class ModelConfig(_Checked):
     (per shape the faster of kernel and torch, timed). `dsincubate ops` shows where each kernel was verified."""
     grad_checkpointing: bool = False
     """Recompute each block's activations in backward (needed for ViT-H at useful batch sizes)."""
+    layer_scale_init: float = setting(0.0, lo=0.0)
+    """LayerScale (CaiT, Touvron et al. 2021; DeiT-III): each block's attention and MLP branch scaled per channel
+    by a learned vector starting at this value (timm's `init_values`; CaiT: 0.1 up to depth 18, 1e-5 at 24, 1e-6
+    deeper; DeiT-III: 1e-4). 0 = off, the plain ViT. The meta model gets it too. ViT only."""
     moe_every: int = setting(0, lo=0)
     """Vision-MoE (V-MoE): 0 = a dense ViT; N >= 1 = the MLP of every N-th block (blocks N-1, 2N-1, ...; V-MoE's
     every other block is 2) is a DeepSpeed MoE layer (`deepspeed.moe.layer.MoE`). The meta model stays dense.

@@ -35,7 +35,8 @@ ARCH = "resnet_cifar"
 PRESETS = {"resnet20_cifar": 3, "resnet32_cifar": 5, "resnet56_cifar": 9, "resnet110_cifar": 18}  # blocks per stage
 WIDTHS = (16, 32, 64)
 # ModelConfig fields a ResNet has no use for: refused, not ignored
-VIT_ONLY = ("embed_dim", "num_heads", "patch_size", "meta_embed_dim", "meta_num_heads", "moe_every")
+VIT_ONLY = ("embed_dim", "num_heads", "patch_size", "meta_embed_dim", "meta_num_heads", "moe_every",
+            "layer_scale_init")
 
 
 def _init_module(m: nn.Module) -> None:

@@ -34,7 +34,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 # ModelConfig fields a Swin preset fixes: refused, not ignored
 FIXED = ("depth", "embed_dim", "num_heads", "patch_size", "img_size", "meta_embed_dim", "meta_num_heads",
-         "moe_every")
+         "moe_every", "layer_scale_init")
 
 
 class SwinStage(staged.Stage):

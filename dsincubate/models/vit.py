@@ -89,6 +89,8 @@ def target_spec(cfg: ModelConfig, num_classes: int | None = None, drop_path: flo
     if full["img_size"] % full["patch_size"]:
         raise UserError(f"model: image size {full['img_size']} is not divisible by patch size {full['patch_size']}")
     full["drop_path_rate"] = float(drop_path)
+    if cfg.layer_scale_init:  # timm's LayerScale (ls1/ls2 per block); the fused block patch applies it too
+        full["init_values"] = float(cfg.layer_scale_init)
     if cfg.moe_every:
         if cfg.moe_every > full["depth"]:
             raise UserError(f"model.moe_every={cfg.moe_every} is above the depth {full['depth']}: no block would be "

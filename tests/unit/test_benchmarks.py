@@ -598,3 +598,48 @@ def test_git_commit_is_dirty_for_changed_code_but_not_for_result_files_beside_it
     assert len(sha) == 40 and not sha.endswith("+dirty")
     (tmp_path / "dsincubate" / "m.py").write_text("x = 2\n")
     assert common.git_commit(tmp_path) == sha + "+dirty"
+
+
+def test_e2e_controls_on_a_tuned_cell_train_each_variant_on_e2es_point_and_pair_with_dis(tmp_path, monkeypatch):
+    """benchmarks/e2e_controls.py --tuned: DI from its own grid point's directory, each variant on top of E2E's
+    point (budget_x2 at twice E2E's epochs), differences paired by seed. Runs are replaced by a pipeline that
+    writes what a finished run leaves (top-1 from the settings): the bookkeeping alone."""
+    from benchmarks import e2e_controls as ec, paper_claims as pc, tuning
+
+    recipe, _, sets = pc.cells("depth", "cpu", [32])[0]
+    root = tmp_path / "cpu"
+    choice = {"di": "lr 4e-3 wu 3", "e2e": "lr 8e-3 wu 1"}
+    (root / "tune").mkdir(parents=True)
+    (root / "tune" / f"choice_{pc.cell_key(recipe, sets)}.json").write_text(json.dumps(choice))
+    di_dir = root / pc.cell_key(recipe, sets + tuning.grid_sets(choice["di"]))
+    e2e_dir = root / pc.cell_key(recipe, sets + tuning.grid_sets(choice["e2e"]))
+    for s in (0, 1):
+        (di_dir / f"seed{s}").mkdir(parents=True)
+        (di_dir / f"seed{s}" / "summary.json").write_text(json.dumps({"deep_incubation": {"top1": 34.0 + s}}))
+        (e2e_dir / f"seed{s}" / "e2e").mkdir(parents=True)
+        (e2e_dir / f"seed{s}" / "e2e" / "MANIFEST.json").write_text("{}")
+        (e2e_dir / f"seed{s}" / "summary.json").write_text(json.dumps({"e2e": {"top1": 19.0 + 2 * s, "epochs": 14}}))
+    calls = []
+
+    def pipeline(out, method, recipe_, sets_, extra, timeout):
+        calls.append((out.name, sets_))
+        epochs = int([x for x in sets_ if x.startswith("e2e.epochs=")][-1].split("=")[1])
+        top1 = 19.0 + (epochs - 14) + (3.0 if "model.layer_scale_init=1e-4" in sets_ else 0.0)
+        (out / "e2e").mkdir(parents=True)
+        (out / "e2e" / "MANIFEST.json").write_text("{}")
+        (out / "summary.json").write_text(json.dumps({"e2e": {"top1": top1, "epochs": epochs, "device_hours": 0.1}}))
+        return True
+
+    monkeypatch.setattr(pc, "_pipeline", pipeline)
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    assert ec.main(["--tuned", "--depth", "32", "--seeds", "0,1", "--variants", "layer_scale,budget_x2",
+                    "--workdir", str(tmp_path)]) == 0
+    assert [c[0] for c in calls] == ["layer_scale", "budget_x2"] * 2
+    assert all("e2e.lr=8e-3" in c[1] and "meta.lr=8e-3" in c[1] for c in calls)  # on top of E2E's tuned point
+    assert "e2e.epochs=28" in calls[1][1] and "e2e.epochs=14" in calls[0][1]
+    rec = json.loads(next((tmp_path / "results").glob("e2e_controls_tuned_*.json")).read_text())
+    assert [r["di"] for r in rec["per_seed"]] == [34.0, 35.0] and rec["per_seed"][1]["layer_scale"]["top1"] == 22.0
+    row = [line for line in rec["table"] if line.startswith("E2E budget_x2")][0]
+    assert "+1.5 [" in row and "2x epochs" in row  # DI - it: 34 - 33, 35 - 33
+    with pytest.raises(SystemExit):  # no tuned depth-16 cell: refused before anything runs
+        ec.main(["--tuned", "--depth", "16", "--seeds", "0", "--workdir", str(tmp_path)])

@@ -63,7 +63,7 @@ def test_export_rebuilds_from_model_json_with_identical_logits(tmp_path):
 
 
 @pytest.mark.parametrize("field", ["embed_dim=64", "num_heads=4", "patch_size=4", "meta_embed_dim=32",
-                                   "meta_num_heads=2", "moe_every=2"])
+                                   "meta_num_heads=2", "moe_every=2", "layer_scale_init=1e-4"])
 def test_vit_only_settings_are_refused_for_a_resnet_with_one_line(field):
     cfg = apply_overrides(recipes.get("resnet110_cifar"), [f"model.{field}"])
     with pytest.raises(UserError, match=f"model.{field.split('=')[0]}: not a setting of resnet110_cifar") as e:

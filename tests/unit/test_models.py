@@ -214,3 +214,20 @@ def test_training_forwards_with_more_than_logits_return_named_types():
     assert [id(t) for t in staged.output_tensors(out)] == [id(out.trained), id(out.reference)]
     with pytest.raises(TypeError, match="staged.Paired"):
         staged.output_tensors((out.trained, out.reference))
+
+
+def test_layer_scale_init_reaches_every_block_of_target_and_meta_model_and_survives_assembly():
+    cfg = tiny_cfg(layer_scale_init=1e-4)
+    model, sm, spec = build_staged(cfg)
+    _, meta_sm, _ = build_staged(cfg, meta=True)
+    for m in (model, meta_sm):
+        gammas = [p for n, p in m.named_parameters() if n.endswith(("ls1.gamma", "ls2.gamma"))]
+        assert len(gammas) == 2 * (8 if m is model else 4) and all(torch.all(g == 1e-4) for g in gammas)
+    x = torch.randn(2, 3, 32, 32)
+    back = staged.timm_state_dict(sm)
+    fresh = vit.build(spec).eval()
+    fresh.load_state_dict(back, strict=True)  # the gammas travel with their blocks
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model.eval()(x))
+    plain, _, _ = build_staged(tiny_cfg())
+    assert not any("gamma" in n for n, _ in plain.named_parameters())  # 0 = off: the plain ViT
