@@ -56,6 +56,48 @@ def run_variant(cell: Path, name: str, recipe: str, sets: list[str], seed: int, 
     return {"top1": s["top1"], "epochs": s["epochs"], "device_hours": s["device_hours"]}
 
 
+def _ms(values) -> str:
+    values = [x for x in values if x is not None]
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def _pair(a, b) -> str:
+    return stats.fmt_interval(stats.paired(a, b))
+
+
+def cell_dirs(args, p) -> tuple[str, list[str], Path, Path]:
+    """(recipe, E2E's settings, DI's cell directory, E2E's cell directory) of the depth cell: the default one, or
+    with --tuned each method's own tuned grid point (p.error where the tuning has not run)."""
+    recipe, _, sets = pc.cells("depth", "cpu", [args.depth])[0]
+    root = Path(args.workdir) / "cpu"
+    di_sets = e2e_sets = sets
+    if args.tuned:
+        choice_file = root / "tune" / f"choice_{pc.cell_key(recipe, sets)}.json"
+        if not choice_file.is_file():
+            p.error(f"no tuned depth-{args.depth} cell under {root} ({choice_file.name}); run paper_claims.py --tune "
+                    f"--experiments depth --depths {args.depth} --workdir {args.workdir} first")
+        choice = json.loads(choice_file.read_text())
+        di_sets, e2e_sets = sets + tuning.grid_sets(choice["di"]), sets + tuning.grid_sets(choice["e2e"])
+    return recipe, e2e_sets, root / pc.cell_key(recipe, di_sets), root / pc.cell_key(recipe, e2e_sets)
+
+
+def table_of(args, variants: list[str], per_seed: list[dict]) -> str:
+    """Each row's top-1 mean ± sd, DI minus it and it minus the cell's E2E, paired by seed with 95% intervals."""
+    e2e_name = "E2E (tuned, paper_claims --tune)" if args.tuned else "E2E (paper_claims)"
+    lines = [["Deep Incubation" + (" (tuned)" if args.tuned else ""), _ms([r["di"] for r in per_seed]), "-", "-"],
+             [e2e_name, _ms([r["e2e"] for r in per_seed]), _pair([r["di"] for r in per_seed],
+                                                                  [r["e2e"] for r in per_seed]), "-"]]
+    for v in variants:
+        got = [(r["di"], r[v]["top1"], r["e2e"]) for r in per_seed if r[v]]
+        what = " ".join(VARIANTS[v] + ([f"{EPOCH_FACTOR[v]}x epochs"] if v in EPOCH_FACTOR else []))
+        lines.append([f"E2E {v} ({what})", _ms([e for _, e, _ in got]), _pair([d for d, _, _ in got],
+                     [e for _, e, _ in got]), _pair([e for _, e, _ in got], [o for _, _, o in got])])
+    return common.table([f"depth {args.depth}, E2E epochs of the cell (x factor)", "top-1",
+                         "DI - it [95% CI] p", "it - E2E [95% CI] p"], lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depth", type=int, default=32, help="the paper_claims depth cell (CPU scale)")
@@ -71,17 +113,7 @@ def main(argv=None) -> int:
     if set(variants) - set(VARIANTS):
         p.error(f"unknown variant(s) {sorted(set(variants) - set(VARIANTS))}; use {', '.join(VARIANTS)}")
     common.set_threads()
-    recipe, _, sets = pc.cells("depth", "cpu", [args.depth])[0]
-    root = Path(args.workdir) / "cpu"
-    di_sets = e2e_sets = sets
-    if args.tuned:
-        choice_file = root / "tune" / f"choice_{pc.cell_key(recipe, sets)}.json"
-        if not choice_file.is_file():
-            p.error(f"no tuned depth-{args.depth} cell under {root} ({choice_file.name}); run paper_claims.py --tune "
-                    f"--experiments depth --depths {args.depth} --workdir {args.workdir} first")
-        choice = json.loads(choice_file.read_text())
-        di_sets, e2e_sets = sets + tuning.grid_sets(choice["di"]), sets + tuning.grid_sets(choice["e2e"])
-    di_work, work = root / pc.cell_key(recipe, di_sets), root / pc.cell_key(recipe, e2e_sets)
+    recipe, e2e_sets, di_work, work = cell_dirs(args, p)
     seeds = [int(s) for s in args.seeds.split(",")]
     missing = [s for s in seeds if not finished(work / f"seed{s}") or
                not (di_work / f"seed{s}" / "summary.json").is_file()]
@@ -99,27 +131,7 @@ def main(argv=None) -> int:
             print(f"[e2e_controls] depth {args.depth} seed {seed}: {v}", flush=True)
             row[v] = run_variant(cell, v, recipe, e2e_sets, seed, row["epochs"], args.timeout, args.collect_only)
         per_seed.append(row)
-
-    def ms(values):
-        values = [x for x in values if x is not None]
-        if not values:
-            return "-"
-        return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
-
-    def pair(a, b):
-        return stats.fmt_interval(stats.paired(a, b))
-
-    e2e_name = "E2E (tuned, paper_claims --tune)" if args.tuned else "E2E (paper_claims)"
-    lines = [["Deep Incubation" + (" (tuned)" if args.tuned else ""), ms([r["di"] for r in per_seed]), "-", "-"],
-             [e2e_name, ms([r["e2e"] for r in per_seed]), pair([r["di"] for r in per_seed],
-                                                                [r["e2e"] for r in per_seed]), "-"]]
-    for v in variants:
-        got = [(r["di"], r[v]["top1"], r["e2e"]) for r in per_seed if r[v]]
-        what = " ".join(VARIANTS[v] + ([f"{EPOCH_FACTOR[v]}x epochs"] if v in EPOCH_FACTOR else []))
-        lines.append([f"E2E {v} ({what})", ms([e for _, e, _ in got]), pair([d for d, _, _ in got],
-                     [e for _, e, _ in got]), pair([e for _, e, _ in got], [o for _, _, o in got])])
-    table = common.table([f"depth {args.depth}, E2E epochs of the cell (x factor)", "top-1",
-                          "DI - it [95% CI] p", "it - E2E [95% CI] p"], lines)
+    table = table_of(args, variants, per_seed)
     name = "e2e_controls" + ("_tuned" if args.tuned else "")
     record = dict(common.header(name), depth=args.depth, seeds=seeds, tuned=args.tuned,
                   variants={v: VARIANTS[v] for v in variants}, epoch_factor={v: EPOCH_FACTOR.get(v, 1) for v in
