@@ -35,6 +35,7 @@ VARIANTS = {"clip": [f"{_SEC}.clip_grad=1.0"], "lr_half": [f"{_SEC}.lr=4e-3"],
             "warmup_x2": [f"{_SEC}.warmup_epochs=2.0"], "layer_scale": ["model.layer_scale_init=1e-4"],
             "budget_x2": []}
 EPOCH_FACTOR = {"budget_x2": 2}  # a variant's epochs: the cell's E2E epochs times this
+MODEL_VARIANTS = ("layer_scale",)  # a change to the model, not to E2E's recipe: --di-too gives it to DI as well
 
 
 def finished(run: Path) -> bool:
@@ -56,6 +57,20 @@ def run_variant(cell: Path, name: str, recipe: str, sets: list[str], seed: int, 
     return {"top1": s["top1"], "epochs": s["epochs"], "device_hours": s["device_hours"]}
 
 
+def run_di_variant(di_cell: Path, name: str, recipe: str, di_sets: list[str], seed: int, timeout: int,
+                   collect_only: bool):
+    """The cell's Deep Incubation of this seed again with a model variant (every phase, meta model included); its
+    top-1 or None."""
+    out = di_cell / "e2e_controls" / f"{name}_di"
+    if not (out / "finetune" / "MANIFEST.json").is_file():
+        if collect_only:
+            return None
+        if not pc._pipeline(out, "di", recipe, di_sets + [f"seed={seed}"] + VARIANTS[name], [], timeout):
+            raise SystemExit(f"e2e_controls: DI {name} failed, see {out / 'log_di.txt'}")
+    s = json.loads((out / "summary.json").read_text())["deep_incubation"]
+    return {"top1": s["top1"], "meta_top1": s["meta_top1"], "device_hours": s["device_hours"]}
+
+
 def _ms(values) -> str:
     values = [x for x in values if x is not None]
     if not values:
@@ -67,8 +82,8 @@ def _pair(a, b) -> str:
     return stats.fmt_interval(stats.paired(a, b))
 
 
-def cell_dirs(args, p) -> tuple[str, list[str], Path, Path]:
-    """(recipe, E2E's settings, DI's cell directory, E2E's cell directory) of the depth cell: the default one, or
+def cell_dirs(args, p) -> tuple[str, list[str], list[str], Path, Path]:
+    """(recipe, DI's and E2E's settings, DI's and E2E's cell directories) of the depth cell: the default one, or
     with --tuned each method's own tuned grid point (p.error where the tuning has not run)."""
     recipe, _, sets = pc.cells("depth", "cpu", [args.depth])[0]
     root = Path(args.workdir) / "cpu"
@@ -80,7 +95,7 @@ def cell_dirs(args, p) -> tuple[str, list[str], Path, Path]:
                     f"--experiments depth --depths {args.depth} --workdir {args.workdir} first")
         choice = json.loads(choice_file.read_text())
         di_sets, e2e_sets = sets + tuning.grid_sets(choice["di"]), sets + tuning.grid_sets(choice["e2e"])
-    return recipe, e2e_sets, root / pc.cell_key(recipe, di_sets), root / pc.cell_key(recipe, e2e_sets)
+    return recipe, di_sets, e2e_sets, root / pc.cell_key(recipe, di_sets), root / pc.cell_key(recipe, e2e_sets)
 
 
 def table_of(args, variants: list[str], per_seed: list[dict]) -> str:
@@ -94,8 +109,15 @@ def table_of(args, variants: list[str], per_seed: list[dict]) -> str:
         what = " ".join(VARIANTS[v] + ([f"{EPOCH_FACTOR[v]}x epochs"] if v in EPOCH_FACTOR else []))
         lines.append([f"E2E {v} ({what})", _ms([e for _, e, _ in got]), _pair([d for d, _, _ in got],
                      [e for _, e, _ in got]), _pair([e for _, e, _ in got], [o for _, _, o in got])])
-    return common.table([f"depth {args.depth}, E2E epochs of the cell (x factor)", "top-1",
-                         "DI - it [95% CI] p", "it - E2E [95% CI] p"], lines)
+    table = common.table([f"depth {args.depth}, E2E epochs of the cell (x factor)", "top-1",
+                          "DI - it [95% CI] p", "it - E2E [95% CI] p"], lines)
+    for v in [v for v in variants if v in MODEL_VARIANTS]:  # --di-too: the variant on both sides
+        got = [(r[f"{v}_di"]["top1"], r[v]["top1"], r["di"]) for r in per_seed if r.get(f"{v}_di") and r[v]]
+        if got:
+            table += f"\nDI {v} (both sides): {_ms([d for d, _, _ in got])}; DI {v} - E2E {v} " \
+                f"{_pair([d for d, _, _ in got], [e for _, e, _ in got])}; DI {v} - DI " \
+                f"{_pair([d for d, _, _ in got], [o for _, _, o in got])}"
+    return table
 
 
 def main(argv=None) -> int:
@@ -108,12 +130,14 @@ def main(argv=None) -> int:
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--tuned", action="store_true", help="the paper_claims.py --tune cell: DI and E2E each at its "
                    "tuned grid point, the variants on top of E2E's")
+    p.add_argument("--di-too", action="store_true", help=f"give the model variants ({', '.join(MODEL_VARIANTS)}) "
+                   "to Deep Incubation as well (at DI's own settings), so the comparison stays equal")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(variants) - set(VARIANTS):
         p.error(f"unknown variant(s) {sorted(set(variants) - set(VARIANTS))}; use {', '.join(VARIANTS)}")
     common.set_threads()
-    recipe, e2e_sets, di_work, work = cell_dirs(args, p)
+    recipe, di_sets, e2e_sets, di_work, work = cell_dirs(args, p)
     seeds = [int(s) for s in args.seeds.split(",")]
     missing = [s for s in seeds if not finished(work / f"seed{s}") or
                not (di_work / f"seed{s}" / "summary.json").is_file()]
@@ -130,6 +154,10 @@ def main(argv=None) -> int:
         for v in variants:
             print(f"[e2e_controls] depth {args.depth} seed {seed}: {v}", flush=True)
             row[v] = run_variant(cell, v, recipe, e2e_sets, seed, row["epochs"], args.timeout, args.collect_only)
+            if args.di_too and v in MODEL_VARIANTS:
+                print(f"[e2e_controls] depth {args.depth} seed {seed}: {v} for DI", flush=True)
+                row[f"{v}_di"] = run_di_variant(di_work / f"seed{seed}", v, recipe, di_sets, seed, args.timeout,
+                                                args.collect_only)
         per_seed.append(row)
     table = table_of(args, variants, per_seed)
     name = "e2e_controls" + ("_tuned" if args.tuned else "")

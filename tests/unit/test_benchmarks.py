@@ -623,6 +623,12 @@ def test_e2e_controls_on_a_tuned_cell_train_each_variant_on_e2es_point_and_pair_
 
     def pipeline(out, method, recipe_, sets_, extra, timeout):
         calls.append((out.name, sets_))
+        if method == "di":  # --di-too: DI with the model variant, at DI's own point
+            (out / "finetune").mkdir(parents=True)
+            (out / "finetune" / "MANIFEST.json").write_text("{}")
+            (out / "summary.json").write_text(json.dumps({"deep_incubation": {
+                "top1": 36.0, "meta_top1": 30.0, "device_hours": 0.1}}))
+            return True
         epochs = int([x for x in sets_ if x.startswith("e2e.epochs=")][-1].split("=")[1])
         top1 = 19.0 + (epochs - 14) + (3.0 if "model.layer_scale_init=1e-4" in sets_ else 0.0)
         (out / "e2e").mkdir(parents=True)
@@ -641,5 +647,12 @@ def test_e2e_controls_on_a_tuned_cell_train_each_variant_on_e2es_point_and_pair_
     assert [r["di"] for r in rec["per_seed"]] == [34.0, 35.0] and rec["per_seed"][1]["layer_scale"]["top1"] == 22.0
     row = [line for line in rec["table"] if line.startswith("E2E budget_x2")][0]
     assert "+1.5 [" in row and "2x epochs" in row  # DI - it: 34 - 33, 35 - 33
+    calls.clear()
+    assert ec.main(["--tuned", "--depth", "32", "--seeds", "0,1", "--variants", "layer_scale", "--di-too",
+                    "--workdir", str(tmp_path)]) == 0
+    assert [c[0] for c in calls] == ["layer_scale_di"] * 2  # E2E's layer_scale runs kept, DI's added
+    assert all("meta.lr=4e-3" in c[1] and "model.layer_scale_init=1e-4" in c[1] for c in calls)
+    text = sorted((tmp_path / "results").glob("e2e_controls_tuned_*.txt"))[-1].read_text()
+    assert "DI layer_scale (both sides): 36.0 ± 0.0; DI layer_scale - E2E layer_scale +14.0 [" in text
     with pytest.raises(SystemExit):  # no tuned depth-16 cell: refused before anything runs
         ec.main(["--tuned", "--depth", "16", "--seeds", "0", "--workdir", str(tmp_path)])
