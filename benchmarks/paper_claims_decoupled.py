@@ -61,6 +61,11 @@ def _run_json(out: Path, method: str) -> Path:
     return out / registry.phase(_phase(method)).output_dir() / "run.json"
 
 
+def finished(out: Path, method: str) -> bool:
+    """Whether `method` (DI or a baseline) has a finished model in run directory `out`."""
+    return ((out / "finetune") if method == "di" else _run_json(out, method).parent).joinpath("MANIFEST.json").is_file()
+
+
 BASELINES = baselines()
 
 
@@ -162,11 +167,10 @@ def run_decoupled_seed(out: Path, recipe: str, sets: list[str], seed: int, extra
     """DI, then E2E, DGL and InfoPro each at DI's planned FLOPs (finished methods are kept on a re-run)."""
     epochs, plan = baseline_epochs(recipe, sets, extra)
     sets, t0 = sets + [f"seed={seed}"], time.time()
-    if not (out / "finetune" / "MANIFEST.json").is_file() and \
-            not pc._pipeline(out, "di", recipe, sets, extra, args.timeout):
+    if not finished(out, "di") and not pc._pipeline(out, "di", recipe, sets, extra, args.timeout):
         return {"ok": False, "seed": seed, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}"}
     for m in BASELINES:
-        if (_run_json(out, m).parent / "MANIFEST.json").is_file():
+        if finished(out, m):
             continue
         if not pc._pipeline(out, m, recipe, sets + baseline_sets(m, epochs), extra, args.timeout):
             return {"ok": False, "seed": seed, "error": f"{m} failed, see {out / f'log_{m}.txt'}"}

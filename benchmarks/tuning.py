@@ -101,7 +101,7 @@ def select(scores: dict[str, dict], lrs: tuple[str, ...] | list[str] = LRS,
            methods: tuple[str, ...] = METHODS) -> dict:
     """Each method's best point of the grid over `lrs` by its top-1 on the tune split (ties: the first in grid
     order)."""
-    labels = [f"lr {lr} wu {wu}" for lr in lrs for wu in WARMUPS]
+    labels = [lb for lb, _ in grid(lrs, methods)]
     choice = {}
     for method in methods:
         done = [(lb, s[method]) for lb in labels for s in [scores.get(lb)] if s and s.get(method) is not None]
@@ -254,8 +254,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
               flush=True)
         lrs = sorted(set(lrs) | set(more), key=LADDER.index)
     choice = dict(picked, scores=scores, seed=args.tune_seed, tune_args=t_extra, grid=grid(lrs, methods),
-                  equal=equal(methods),
-                  lrs=lrs, edge=at_edge(picked, lrs))
+                  equal=equal(methods), lrs=lrs, edge=at_edge(picked, lrs))
     atomic_write_json(str(path), choice)
     return choice
 
@@ -314,10 +313,8 @@ def run_tuned_decoupled_seed(work: Path, recipe: str, sets: list[str], choice: d
     epochs, plan = dc.baseline_epochs(recipe, sets, extra)
     if not args.collect_only:
         for m in methods:
-            done = dirs[m] / "finetune" / "MANIFEST.json" if m == "di" else \
-                dc._run_json(dirs[m], m).parent / "MANIFEST.json"
             run = own[m] + [f"seed={seed}"] + ([] if m == "di" else dc.baseline_sets(m, epochs))
-            if not done.is_file() and not pc._pipeline(dirs[m], m, recipe, run, extra, args.timeout):
+            if not dc.finished(dirs[m], m) and not pc._pipeline(dirs[m], m, recipe, run, extra, args.timeout):
                 return {"ok": False, "seed": seed, "error": f"{m} failed, see {dirs[m] / f'log_{m}.txt'}"}
     rec = dc.collect_decoupled(dirs["di"], seed, epochs, plan, partial=args.collect_only, dirs=dirs)
     return rec and dict(rec, settings={m: choice[m] for m in methods})
