@@ -18,8 +18,12 @@ the work directory. Tuning runs train at the full training set's samples per epo
 iterations the seeds will.
 
 The decoupled experiment (Tab. 2) tunes DI and every baseline (E2E, DGL, InfoPro) alike the same way
-(`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases, its methods run in
-one directory and are scored there; each method then runs its seeds at its own point (`run_tuned_decoupled_seed`).
+(`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases and each method is
+scored at it; each method then runs its seeds at its own point (`run_tuned_decoupled_seed`). A run's directory is
+keyed by the settings that reach it (`own_sets`): DI and E2E together, as the depth experiment tunes them, each
+decoupled baseline alone; so the DeiT-T-32 cell, which is the depth experiment's depth-32 cell, finds that cell's
+tuning and seed runs of DI and E2E finished and runs only DGL and InfoPro. `--jobs N` runs up to N of a grid point's
+(or seed's) independent runs at once: the DI/E2E pair and each baseline (give each OMP_NUM_THREADS=cores/N).
 
     python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4
     python benchmarks/paper_claims.py --tune --experiments decoupled --only DeiT-T-32 --seeds 0,1,2,3,4
@@ -148,6 +152,8 @@ def add_args(p) -> None:
     p.add_argument("--tune-per-class", type=int, default=50, help="images per class held out of the built-in "
                    "training data for --tune (default 50 of 300)")
     p.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs (default 0)")
+    p.add_argument("--jobs", type=int, default=1, help="decoupled experiment: run up to this many of a grid point's "
+                   "or seed's independent runs at once (the DI/E2E pair, each baseline; default 1)")
     p.add_argument("--tune-extend", type=int, default=2, help="at most this many learning rates added past the "
                    "grid's ends (a factor 2 each, the same points for both methods) while a method's choice sits at "
                    "an end (default 2; 0: the 3 x 2 grid only); a saved search is extended by a later --tune run")
@@ -213,12 +219,12 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
     choice with every grid point's tune top-1; saved as work/tune/choice_<cell>.json. While a method's choice sits
     at an end of the searched learning rates, the grid extends one ladder step there (at most `args.tune_extend`
     rates past LRS in all); a saved choice is extended the same way by a later run. None where --collect-only finds
-    no saved choice. `methods` and `run_point` (out, sets, extra -> each method's top-1 on the tune split) tune
+    no saved choice. `methods` and `run_point` (out, sets, extra, label -> each method's top-1 on the tune split) tune
     another set of methods (the decoupled experiment: `paper_claims_decoupled.tune_methods`), saved under
     choice_<name><cell>.json."""
     from benchmarks import paper_claims as pc
 
-    def run_pair(out, g, t_extra):  # DI, then E2E at DI's FLOPs
+    def run_pair(out, g, t_extra, label):  # DI, then E2E at DI's FLOPs
         return pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
 
     run_point = run_point or run_pair
@@ -244,7 +250,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
             g = sets + grid_sets(label, methods) + per_epoch
             out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
             print(f"[paper_claims] tune {label}: {out}", flush=True)
-            r = run_point(out, g, t_extra) or {}
+            r = run_point(out, g, t_extra, label) or {}
             scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok")}
         picked = select(scores, lrs, methods)
         more = next_lrs(picked, lrs, args.tune_extend)
@@ -287,34 +293,75 @@ def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed:
     return dict(rec, di_setting=choice["di"], e2e_setting=choice["e2e"])
 
 
+def own_sets(sets: list[str], label: str, method: str) -> list[str]:
+    """The overrides `method` runs with at grid point `label`: the cell's and the point's for the methods that share
+    its run directory (DI and E2E together, keyed as the depth and data experiments key them, so their runs are
+    found again; a decoupled baseline alone, its phase's settings only: DI's do not reach it)."""
+    return sets + grid_sets(label, METHODS if method in METHODS else (method,))
+
+
+def _run_groups(jobs: int, groups: list) -> list:
+    """Call each of `groups` (functions of no arguments, each one or more runs that go in order), up to `jobs` at
+    once: runs of different methods are independent jobs, each in its own directory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda f: f(), groups))
+
+
+def _decoupled_runs(dirs: dict, recipe: str, own: dict, seed: int, epochs: dict, extra: list[str], args) -> str:
+    """Run every method of `dirs` that has not finished at its own settings, DI before E2E in their shared
+    directory, the baselines at DI's planned FLOPs (`epochs`); '' or the first failure's message."""
+    from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
+
+    def run(m):
+        sets = own[m] + [f"seed={seed}"] + ([] if m == "di" else dc.baseline_sets(m, epochs))
+        if dc.finished(dirs[m], m) or pc._pipeline(dirs[m], m, recipe, sets, extra, args.timeout):
+            return ""
+        return f"{m} failed, see {dirs[m] / f'log_{m}.txt'}"
+
+    pair = [m for m in METHODS if m in dirs]
+    groups = [lambda: next((e for e in map(run, pair) if e), "")] + \
+        [lambda m=m: run(m) for m in dirs if m not in pair]
+    return next((e for e in _run_groups(getattr(args, "jobs", 1), groups) if e), "")
+
+
 def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], args) -> dict | None:
     """The decoupled experiment's grid: DI and every Tab. 2 baseline (`paper_claims_decoupled.BASELINES`) get the
-    same lr x warm-up points (each baseline's phase its learning rate, warm-up and clipping, like E2E's), each grid
-    point one directory where DI runs first and the baselines at its planned FLOPs (`run_decoupled_seed`), scored on
+    same lr x warm-up points (each baseline's phase its learning rate, warm-up and clipping, like E2E's), each method
+    in the directory of its own settings at that point (`own_sets`), the baselines at DI's planned FLOPs, scored on
     the held-out split; each method then takes its own best point."""
-    from benchmarks import paper_claims_decoupled as dc
+    from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
 
-    def point(out, g, t_extra):
-        return dc.run_decoupled_seed(out, recipe, g, args.tune_seed, t_extra, args)
+    methods = dc.tune_methods()
 
-    return tune_cell(work, recipe, sets, extra, args, dc.tune_methods(), point, name="decoupled_")
+    def point(out, g, t_extra, label):
+        per_epoch = g[len(sets) + len(grid_sets(label, methods)):]  # the tuning runs' samples per epoch
+        own = {m: own_sets(sets, label, m) + per_epoch for m in methods}
+        dirs = {m: work / "tune" / pc.cell_key(recipe, own[m]) / f"seed{args.tune_seed}" for m in methods}
+        epochs, plan = dc.baseline_epochs(recipe, own["di"], t_extra)
+        err = _decoupled_runs(dirs, recipe, own, args.tune_seed, epochs, t_extra, args)
+        if err:
+            print(f"[paper_claims]   {label}: {err}", flush=True)
+        return dc.collect_decoupled(dirs["di"], args.tune_seed, epochs, plan, partial=True, dirs=dirs) or {}
+
+    return tune_cell(work, recipe, sets, extra, args, methods, point, name="decoupled_")
 
 
 def run_tuned_decoupled_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str],
                              args) -> dict | None:
     """One seed of the decoupled experiment at the tuned settings: every method at its own grid point, in the
-    directory of that point's settings (methods that chose the same point share one), each baseline at DI's planned
-    FLOPs. None where --collect-only finds DI unfinished."""
+    directory of its own settings there (`own_sets`: DI's and E2E's are the depth experiment's tuned seed runs of
+    the same cell), each baseline at DI's planned FLOPs. None where --collect-only finds DI unfinished."""
     from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
 
     methods = dc.tune_methods()
-    own = {m: sets + grid_sets(choice[m], methods) for m in methods}
+    own = {m: own_sets(sets, choice[m], m) for m in methods}
     dirs = {m: work / pc.cell_key(recipe, own[m]) / f"seed{seed}" for m in methods}
     epochs, plan = dc.baseline_epochs(recipe, sets, extra)
     if not args.collect_only:
-        for m in methods:
-            run = own[m] + [f"seed={seed}"] + ([] if m == "di" else dc.baseline_sets(m, epochs))
-            if not dc.finished(dirs[m], m) and not pc._pipeline(dirs[m], m, recipe, run, extra, args.timeout):
-                return {"ok": False, "seed": seed, "error": f"{m} failed, see {dirs[m] / f'log_{m}.txt'}"}
+        err = _decoupled_runs(dirs, recipe, own, seed, epochs, extra, args)
+        if err:
+            return {"ok": False, "seed": seed, "error": err}
     rec = dc.collect_decoupled(dirs["di"], seed, epochs, plan, partial=args.collect_only, dirs=dirs)
     return rec and dict(rec, settings={m: choice[m] for m in methods})

@@ -128,70 +128,90 @@ def test_default_tuning_grid_strings_are_unchanged_by_the_decoupled_methods():
         assert {f"{sec}.lr=8e-3", f"{sec}.warmup_epochs=1", f"{sec}.clip_grad=1.0"} <= set(every), m
 
 
-def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list):
-    """tuning.tune_decoupled with every grid point's runs replaced by a top-1 per method that falls off with the
-    distance (ladder steps) from that method's `peak`: the search alone."""
+def _fake_pipeline(calls: list, top1):
+    """pc._pipeline writing what a finished run leaves (nothing trained): DI's summary and phase records, or the
+    baseline's run record, its top-1 `top1(method, lr)`."""
+    def pipeline(out, method, recipe, sets, extra, timeout):
+        sec = "meta" if method == "di" else pcd.registry.phase(pcd._phase(method)).config_section
+        lr = [s for s in sets if s.startswith(f"{sec}.lr=")][0].split("=")[1]
+        calls.append((method, lr, out))
+        if method == "di":
+            _seed_dir(out, top1(method, lr), 0, 0, 0)
+            for m in pcd.BASELINES:
+                (out / m / "run.json").unlink()
+        else:
+            _run(out / pcd._run_json(Path(""), method).parent.name, top1(method, lr), 3, 300)
+        (out / ("finetune" if method == "di" else pcd._run_json(Path(""), method).parent.name)
+         / "MANIFEST.json").write_text("{}")
+        return True
+    return pipeline
+
+
+def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1):
+    """tuning.tune_decoupled with every run replaced by a record whose top-1 falls off with the distance (ladder
+    steps) from that method's `peak`: the search alone."""
     import argparse
 
     from benchmarks import tuning
 
-    def point(out, recipe, sets, seed, extra, args):
-        lrs = {s.split("=")[0]: s.split("=")[1] for s in sets if ".lr=" in s}
-        assert len(set(lrs.values())) == 1  # one rate for every method's every phase
-        ran.append((out, next(iter(lrs.values()))))
-        lr = tuning.LADDER.index(next(iter(lrs.values())))
-        return {"ok": True, "meta": 1.0} | {m: 50.0 - abs(lr - tuning.LADDER.index(p)) for m, p in peak.items()}
+    def top1(m, lr):
+        return 50.0 - abs(tuning.LADDER.index(lr) - tuning.LADDER.index(peak[m]))
 
-    monkeypatch.setattr(pcd, "run_decoupled_seed", point)
+    monkeypatch.setattr(pc, "_pipeline", _fake_pipeline(ran, top1))
+    monkeypatch.setattr(pcd, "baseline_epochs", lambda recipe, sets, extra: ({m: 3 for m in pcd.BASELINES}, {}))
     monkeypatch.setattr(pc, "e2e_epochs_for", lambda recipe, sets, extra: (3, {"samples_per_epoch": 64}))
     monkeypatch.setattr(tuning, "tune_extra", lambda *a: ["--train", "t", "--val", "v"])
     args = argparse.Namespace(collect_only=False, tune_data="", tune_per_class=5, tune_seed=0, timeout=60,
-                              tune_extend=2)
+                              tune_extend=2, jobs=jobs)
     return tuning.tune_decoupled(tmp_path, "demo", ["model.depth=32"], [], args)
 
 
-def test_decoupled_tuning_runs_one_grid_for_all_methods_and_each_takes_its_own_best(tmp_path, monkeypatch):
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_decoupled_tuning_runs_one_grid_for_all_methods_and_each_takes_its_own_best(tmp_path, monkeypatch, jobs):
+    from benchmarks import tuning
+
     ran: list = []
     peak = {"di": "8e-3", "e2e": "4e-3", "dgl": "1.6e-2", "infopro": "8e-3"}
-    choice = _tune_decoupled(tmp_path, monkeypatch, peak, ran)
+    choice = _tune_decoupled(tmp_path, monkeypatch, peak, ran, jobs)
     assert choice["lrs"] == ["2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2"]  # grown both ways: E2E low, DGL high
     assert {m: choice[m].split()[1] for m in peak} == peak and choice["edge"] == []
-    assert len(ran) == 10 and len({o for o, _ in ran}) == 10  # each point once, in a directory of its own
+    assert len(ran) == 10 * 4 and len({(m, lr, o) for m, lr, o in ran}) == 40  # every method at every point once
+    dirs: dict = {}
+    for m, lr, o in ran:
+        dirs.setdefault(o, set()).add(m)
+    assert sorted(map(sorted, dirs.values())) == sorted([["di", "e2e"]] * 10 + [["dgl"]] * 10 + [["infopro"]] * 10)
+    # DI and E2E run in the directory the depth experiment's tuning of the same cell uses: its runs are found again
+    per = ["data.samples_per_epoch=64"]
+    assert {o for o, ms in dirs.items() if "di" in ms} == {
+        tmp_path / "tune" / pc.cell_key("demo", ["model.depth=32"] + tuning.grid_sets(label) + per) / "seed0"
+        for label in choice["scores"]}
     assert all(set(s) >= set(peak) for s in choice["scores"].values())  # every method scored at every point
     assert next((tmp_path / "tune").glob("choice_*.json")).name.startswith("choice_decoupled_")
     ran.clear()
     assert _tune_decoupled(tmp_path, monkeypatch, peak, ran)["dgl"] == choice["dgl"] and ran == []  # saved
 
 
-def test_tuned_decoupled_seed_runs_each_method_at_its_own_point_and_pairs_them(tmp_path, monkeypatch):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_tuned_decoupled_seed_runs_each_method_at_its_own_point_and_pairs_them(tmp_path, monkeypatch, jobs):
     import argparse
 
     from benchmarks import tuning
 
     calls, bonus = [], {"4e-3": 1.0, "8e-3": 2.0, "1.6e-2": 3.0}
-
-    def pipeline(out, method, recipe, sets, extra, timeout):  # writes what a finished run leaves, nothing trained
-        lr = [s for s in sets if s.startswith("meta.lr=")][0].split("=")[1]
-        calls.append((method, lr, out))
-        if method == "di":
-            _seed_dir(out, 30.0 + bonus[lr], 0, 0, 0)
-            for m in pcd.BASELINES:
-                (out / m / "run.json").unlink()
-        else:
-            _run(out / m_dir(method), 20.0 + bonus[lr], 3, 300)
-        (out / ("finetune" if method == "di" else m_dir(method)) / "MANIFEST.json").write_text("{}")
-        return True
-
-    def m_dir(method):
-        return pcd._run_json(Path(""), method).parent.name
-
-    monkeypatch.setattr(pc, "_pipeline", pipeline)
+    base = {"di": 30.0, "e2e": 20.0, "dgl": 20.0, "infopro": 20.0}
+    monkeypatch.setattr(pc, "_pipeline", _fake_pipeline(calls, lambda m, lr: base[m] + bonus[lr]))
     monkeypatch.setattr(pcd, "baseline_epochs", lambda recipe, sets, extra: ({m: 3 for m in pcd.BASELINES}, {}))
     choice = {"di": "lr 8e-3 wu 3", "e2e": "lr 4e-3 wu 3", "dgl": "lr 8e-3 wu 3", "infopro": "lr 1.6e-2 wu 1"}
-    args = argparse.Namespace(collect_only=False, timeout=60)
+    args = argparse.Namespace(collect_only=False, timeout=60, jobs=jobs)
     rec = tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)
-    assert [(m, lr) for m, lr, _ in calls] == [("di", "8e-3"), ("e2e", "4e-3"), ("dgl", "8e-3"), ("infopro", "1.6e-2")]
-    assert calls[0][2] == calls[2][2] != calls[1][2]  # DGL chose DI's point: one directory
+    assert sorted((m, lr) for m, lr, _ in calls) == [("dgl", "8e-3"), ("di", "8e-3"), ("e2e", "4e-3"),
+                                                     ("infopro", "1.6e-2")]
+    out = {m: o for m, _, o in calls}
+    assert [m for m, _, _ in calls if m in ("di", "e2e")] == ["di", "e2e"]  # the pair in order
+    assert len(set(out.values())) == 4  # DGL chose DI's point, yet runs in a directory of its own settings
+    # DI's and E2E's seed runs are the depth experiment's tuned ones of the same cell (tuning.run_tuned_seed)
+    assert out["di"] == tmp_path / pc.cell_key("demo", ["model.depth=32"] + tuning.grid_sets(choice["di"])) / "seed0"
+    assert out["e2e"] == tmp_path / pc.cell_key("demo", ["model.depth=32"] + tuning.grid_sets(choice["e2e"])) / "seed0"
     assert rec["ok"] and rec["di"] == 32.0 and rec["e2e"] == 21.0 and rec["dgl"] == 22.0 and rec["infopro"] == 23.0
     assert rec["settings"] == choice
     tuned = dict(choice, lrs=["4e-3", "8e-3", "1.6e-2"], seed=0, edge=["infopro"])
