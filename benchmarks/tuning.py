@@ -227,7 +227,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
     def run_pair(out, g, t_extra, label):  # DI, then E2E at DI's FLOPs
         return pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
 
-    run_point = run_point or run_pair
+    own_dirs, run_point = run_point is not None, run_point or run_pair  # a run_point that names its own directories
     path = work / "tune" / f"choice_{name}{pc.cell_key(recipe, sets)}.json"
     saved = json.loads(path.read_text()) if path.is_file() else None
     if args.collect_only:
@@ -249,7 +249,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
                 continue
             g = sets + grid_sets(label, methods) + per_epoch
             out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
-            print(f"[paper_claims] tune {label}: {out}", flush=True)
+            print(f"[paper_claims] tune {label}" + ("" if own_dirs else f": {out}"), flush=True)
             r = run_point(out, g, t_extra, label) or {}
             scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok")}
         picked = select(scores, lrs, methods)
@@ -340,6 +340,7 @@ def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], a
         own = {m: own_sets(sets, label, m) + per_epoch for m in methods}
         dirs = {m: work / "tune" / pc.cell_key(recipe, own[m]) / f"seed{args.tune_seed}" for m in methods}
         epochs, plan = dc.baseline_epochs(recipe, own["di"], t_extra)
+        print(f"[paper_claims]   {', '.join(f'{m} {d}' for m, d in dirs.items())}", flush=True)
         err = _decoupled_runs(dirs, recipe, own, args.tune_seed, epochs, t_extra, args)
         if err:
             print(f"[paper_claims]   {label}: {err}", flush=True)
