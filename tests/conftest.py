@@ -72,14 +72,28 @@ def vmoe_run(tmp_path_factory, demo_root) -> SimpleNamespace:
 def two_rank_script():
     """run(text, out, port, *args) -> dict: write `text` to out/child.py, launch it on 2 ranks with `deepspeed
     --num_accelerators 2` (one thread each), require exit 0 (showing the output's tails otherwise) and return the
-    JSON the child wrote to out/result.json."""
+    JSON the child wrote to out/result.json.
+
+    One retry, only for gloo's teardown abort after the child finished its work ("terminate called without an
+    active exception" at exit, result.json written; dsincubate.dist.shutdown's docstring): a ZeRO-3 child hit it
+    once in a clean-clone CI run (2026-12-07). The retry runs the whole child again, so the checks still run and a
+    second failure of any kind fails the test."""
     def run(text: str, out: Path, port: int, *args: str) -> dict:
         script = out / "child.py"
         script.write_text(text)
         ds = Path(sys.executable).parent / "deepspeed"
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        p = subprocess.run([str(ds), "--num_accelerators", "2", "--master_port", str(port), str(script), *args],
-                           capture_output=True, text=True, timeout=600, env=env, cwd=out)
+        for attempt in (1, 2):
+            (out / "result.json").unlink(missing_ok=True)
+            p = subprocess.run([str(ds), "--num_accelerators", "2", "--master_port", str(port), str(script), *args],
+                               capture_output=True, text=True, timeout=600, env=env, cwd=out)
+            text_out = p.stdout + p.stderr
+            teardown = "terminate called without an active exception" in text_out and "Traceback" not in text_out \
+                and (out / "result.json").is_file()
+            if p.returncode == 0 or not teardown or attempt == 2:
+                break
+            print(f"two_rank_script: gloo teardown abort after the work finished (exit {p.returncode}); "
+                  "running the child once more", file=sys.stderr)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return json.loads((out / "result.json").read_text())
     return run
