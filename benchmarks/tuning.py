@@ -225,9 +225,10 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
     from benchmarks import paper_claims as pc
 
     def run_pair(out, g, t_extra, label):  # DI, then E2E at DI's FLOPs
+        print(f"[paper_claims]   {out}", flush=True)
         return pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
 
-    own_dirs, run_point = run_point is not None, run_point or run_pair  # a run_point that names its own directories
+    run_point = run_point or run_pair
     path = work / "tune" / f"choice_{name}{pc.cell_key(recipe, sets)}.json"
     saved = json.loads(path.read_text()) if path.is_file() else None
     if args.collect_only:
@@ -249,7 +250,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
                 continue
             g = sets + grid_sets(label, methods) + per_epoch
             out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
-            print(f"[paper_claims] tune {label}" + ("" if own_dirs else f": {out}"), flush=True)
+            print(f"[paper_claims] tune {label}", flush=True)  # run_point prints the directories it runs in
             r = run_point(out, g, t_extra, label) or {}
             scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok")}
         picked = select(scores, lrs, methods)
@@ -323,7 +324,7 @@ def _decoupled_runs(dirs: dict, recipe: str, own: dict, seed: int, epochs: dict,
     pair = [m for m in METHODS if m in dirs]
     groups = [lambda: next((e for e in map(run, pair) if e), "")] + \
         [lambda m=m: run(m) for m in dirs if m not in pair]
-    return next((e for e in _run_groups(getattr(args, "jobs", 1), groups) if e), "")
+    return next((e for e in _run_groups(args.jobs, groups) if e), "")
 
 
 def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], args) -> dict | None:
