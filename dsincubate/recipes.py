@@ -49,9 +49,13 @@ def deit3_b16() -> RunConfig:
     DeiT-III's drop path 0.1 for ViT-B and its 400 epochs for E2E; cross-entropy with label smoothing instead of
     DeiT-III's binary cross-entropy, which the supplementary found not to help Deep Incubation. With ds_config=auto
     every phase runs ZeRO-0 on a GPU (LAMB needs the original tensors; ViT-B: 16 bytes x 86.6 M = 1.4 GB of model
-    states per GPU)."""
+    states per GPU). DeiT-III's ViT has LayerScale at 1e-4 in every block (facebookresearch/deit models_v2.py:
+    `vit_models(init_scale=1e-4)` with `Layer_scale_init_Block`, which every `deit_*_LS` model uses and its training
+    never overrides; timm's `deit3_*` ports set 1e-6, which only matters when training from scratch): the target and
+    meta model both get it."""
     cfg = paper("vit_b16", drop_path=0.1)
     cfg.name = "deit3_b16"
+    cfg.model = dataclasses.replace(cfg.model, layer_scale_init=1e-4)
     cfg.data = dataclasses.replace(cfg.data, recipe="3aug", color_jitter=0.3, reprob=0.0)
     for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
         tc.optimizer = "lamb"
@@ -202,6 +206,7 @@ def swin_b_deit3() -> RunConfig:
     module (`--divided_depths 1 1 1 1`); this recipe applies that rule to Swin's four stages."""
     cfg = deit3_b16()
     cfg.name = "swin_b_deit3"
+    # a fresh model config: deit3_b16's LayerScale belongs to DeiT-III's ViT (timm's Swin has none and refuses it)
     cfg.model = ModelConfig(preset="swin_b", num_stages=4, meta_depth_per_stage=1)
     return cfg
 

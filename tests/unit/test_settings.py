@@ -197,6 +197,18 @@ def test_deit3_recipe_uses_lamb_three_augment_and_no_binary_cross_entropy():
     assert cfg.data.smoothing > 0  # cross-entropy with smoothing, as the supplementary's DeiT III*
 
 
+def test_deit3_recipe_builds_layer_scale_1e4_into_target_and_meta_blocks_and_swin_variant_has_none():
+    cfg = recipes.get("deit3_b16")
+    assert cfg.model.layer_scale_init == 1e-4
+    small = dataclasses.replace(cfg.model, preset="tiny", depth=4, embed_dim=32, num_heads=2)
+    target = vit.target_spec(small, 10, 0.0)
+    for spec in (target, vit.meta_spec(small, target, 0.0)):
+        gammas = [p for n, p in vit.build(spec).named_parameters() if n.endswith((".ls1.gamma", ".ls2.gamma"))]
+        assert len(gammas) == 2 * 4 and all(torch.all(g == 1e-4) for g in gammas)
+    swin = recipes.get("swin_b_deit3")
+    assert swin.model.layer_scale_init == 0.0 and swin.e2e.optimizer == "lamb"
+
+
 def test_paper_recipes_turn_repeated_augmentation_on_and_refuse_it_without_resampling():
     assert recipes.get("vit_b16").data.repeated_aug == 3 and recipes.get("demo").data.repeated_aug == 1
     with pytest.raises(UserError, match="resampled"):
