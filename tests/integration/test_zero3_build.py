@@ -78,6 +78,9 @@ for name in ("meta", "e2e", "finetune", "incubate", "m2mkd"):
                  "fc1_std": stds}
 if ctx.rank == 0:
     (out / "result.json").write_text(json.dumps(res))
+# release the ZeRO-3 models (their partitioned parameters and hooks) before the groups, as dist.shutdown asks
+del model, params, full, ref, phase
+import gc; gc.collect()
 dist.shutdown()  # groups left to interpreter finalisation abort gloo at exit now and then (dsincubate.dist.shutdown)
 '''
 
