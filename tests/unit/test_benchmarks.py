@@ -656,3 +656,25 @@ def test_e2e_controls_on_a_tuned_cell_train_each_variant_on_e2es_point_and_pair_
     assert "DI layer_scale (both sides): 36.0 ± 0.0; DI layer_scale - E2E layer_scale +14.0 [" in text
     with pytest.raises(SystemExit):  # no tuned depth-16 cell: refused before anything runs
         ec.main(["--tuned", "--depth", "16", "--seeds", "0", "--workdir", str(tmp_path)])
+
+
+def test_every_result_file_records_a_clean_commit_and_every_archived_one_is_named_in_the_archive_index():
+    """Issue 24: a committed result file records the clean commit that wrote it (40 hex digits, no '+dirty'); the
+    files that do not live in benchmarks/results/archive/, each named in its README with why (a `_stats` file is
+    named through the result it was recomputed from)."""
+    import re
+
+    results = _PC_ROOT / "benchmarks" / "results"
+    unclean = []
+    for p in sorted(results.rglob("*.json")):
+        if "archive" in p.relative_to(results).parts:
+            continue
+        rec = json.loads(p.read_text())
+        commit = rec.get("git_commit") if isinstance(rec, dict) else None
+        if not (isinstance(commit, str) and re.fullmatch(r"[0-9a-f]{40}", commit)):
+            unclean.append(f"{p.relative_to(results)}: {commit!r}")
+    assert not unclean, unclean
+    archive = results / "archive"
+    index = (archive / "README.md").read_text()
+    stems = {re.sub(r"_stats$", "", p.name.split(".")[0]) for p in archive.iterdir() if p.name != "README.md"}
+    assert stems and all(f"`{s}`" in index for s in stems), sorted(s for s in stems if f"`{s}`" not in index)
