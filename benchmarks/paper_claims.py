@@ -279,6 +279,17 @@ def earlier_results(args) -> dict[str, tuple[str, list[dict]]] | str:
     return earlier
 
 
+def refusal(args, exps: list[str], decoupled: dict) -> str:
+    """What is wrong with the command line's experiments and tuning options, before anything runs ('' if nothing)."""
+    bad = [e for e in exps if e not in EXPERIMENTS and e not in decoupled]
+    if bad:
+        return f"unknown experiment(s) {bad}; use {', '.join([*EXPERIMENTS, *decoupled])}"
+    if args.tune and "split" in exps:
+        return "--tune does not apply to the split experiment (Deep Incubation alone: nothing to tune alike)"
+    unreadable = tuning.unreadable(args.tune_from)
+    return f"--tune-from {unreadable}" if unreadable else ""
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -297,14 +308,8 @@ def main(argv=None) -> int:
     exps = [e.strip() for e in args.experiments.split(",") if e.strip()]
     from benchmarks import paper_claims_decoupled as decoupled
 
-    bad = [e for e in exps if e not in EXPERIMENTS and e not in decoupled.EXPERIMENTS]
-    if bad:
-        print(f"error: unknown experiment(s) {bad}; use {', '.join([*EXPERIMENTS, *decoupled.EXPERIMENTS])}",
-              file=sys.stderr)
-        return 2
-    if args.tune and "split" in exps:
-        print("error: --tune does not apply to the split experiment (Deep Incubation alone: nothing to tune alike)",
-              file=sys.stderr)
+    if refused := refusal(args, exps, decoupled.EXPERIMENTS):
+        print(f"error: {refused}", file=sys.stderr)
         return 2
     problem = commit_problem(start_commit)
     if problem and not args.allow_dirty and not args.collect_only:

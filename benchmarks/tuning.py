@@ -157,6 +157,36 @@ def add_args(p) -> None:
     p.add_argument("--tune-extend", type=int, default=2, help="at most this many learning rates added past the "
                    "grid's ends (a factor 2 each, the same points for both methods) while a method's choice sits at "
                    "an end (default 2; 0: the 3 x 2 grid only); a saved search is extended by a later --tune run")
+    p.add_argument("--tune-from", default="", help="comma list of committed result .json files: a cell whose "
+                   "search the work directory lacks takes it from the tuning record of the row with its recipe and "
+                   "overrides (a fresh machine then runs the seeds and any growth of the grid only)")
+
+
+def unreadable(files: str) -> str:
+    """'' where every --tune-from file reads as a result with rows, else what is wrong with the first that does not."""
+    for f in [Path(x.strip()) for x in files.split(",") if x.strip()]:
+        try:
+            if not isinstance(json.loads(f.read_text()).get("rows"), list):
+                return f"{f}: no rows (not a paper_claims result)"
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{f}: not a paper_claims result ({e})"
+    return ""
+
+
+def restore(path: Path, recipe: str, sets: list[str], methods: tuple[str, ...], files: str) -> dict | None:
+    """A cell's saved search from committed result files (--tune-from): the `tuning` record of a row with the same
+    recipe, overrides and methods, written to `path` (the work directory's saved search); None where none has it.
+    The record's tune-split paths are the source machine's: dropped, so a growing grid writes its own split."""
+    for f in [Path(x.strip()) for x in files.split(",") if x.strip()]:
+        for row in json.loads(f.read_text()).get("rows", []):
+            t = row.get("tuning")
+            if t and row.get("recipe") == recipe and list(row.get("overrides", [])) == list(sets) and \
+                    all(m in t for m in methods):
+                saved = {k: v for k, v in t.items() if k != "tune_args"}
+                atomic_write_json(str(path), saved)
+                print(f"[paper_claims] tune: the search of {path.name} restored from {f}", flush=True)
+                return saved
+    return None
 
 
 def _read_split(src: Path) -> tuple[dict, dict[str, tuple[int, bytes, str]]]:
@@ -230,7 +260,8 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
 
     run_point = run_point or run_pair
     path = work / "tune" / f"choice_{name}{pc.cell_key(recipe, sets)}.json"
-    saved = json.loads(path.read_text()) if path.is_file() else None
+    saved = json.loads(path.read_text()) if path.is_file() else \
+        restore(path, recipe, sets, methods, getattr(args, "tune_from", ""))
     if args.collect_only:
         return saved
     scores = dict(saved["scores"]) if saved else {}
@@ -241,7 +272,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
             saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
             atomic_write_json(str(path), saved)
         return saved  # nothing left to search within --tune-extend
-    t_extra = saved["tune_args"] if saved else tune_extra(args.tune_data, extra, work, args.tune_per_class)
+    t_extra = (saved or {}).get("tune_args") or tune_extra(args.tune_data, extra, work, args.tune_per_class)
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]  # the iterations of the seeds' runs
     while True:

@@ -147,7 +147,7 @@ def _fake_pipeline(calls: list, top1):
     return pipeline
 
 
-def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1):
+def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1, tune_from: str = ""):
     """tuning.tune_decoupled with every run replaced by a record whose top-1 falls off with the distance (ladder
     steps) from that method's `peak`: the search alone."""
     import argparse
@@ -162,7 +162,7 @@ def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1)
     monkeypatch.setattr(pc, "e2e_epochs_for", lambda recipe, sets, extra: (3, {"samples_per_epoch": 64}))
     monkeypatch.setattr(tuning, "tune_extra", lambda *a: ["--train", "t", "--val", "v"])
     args = argparse.Namespace(collect_only=False, tune_data="", tune_per_class=5, tune_seed=0, timeout=60,
-                              tune_extend=2, jobs=jobs)
+                              tune_extend=2, jobs=jobs, tune_from=tune_from)
     return tuning.tune_decoupled(tmp_path, "demo", ["model.depth=32"], [], args)
 
 
@@ -222,6 +222,34 @@ def test_tuned_decoupled_seed_runs_each_method_at_its_own_point_and_pairs_them(t
     args.collect_only = True
     assert tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)["di"] == 32.0
     assert calls == []
+
+
+def test_a_search_restored_from_a_committed_result_runs_no_grid_point_in_a_fresh_work_directory(tmp_path, monkeypatch):
+    import json
+
+    ran: list = []
+    peak = {"di": "8e-3", "e2e": "4e-3", "dgl": "1.6e-2", "infopro": "8e-3"}
+    choice = _tune_decoupled(tmp_path / "a", monkeypatch, peak, ran)
+    result, other = tmp_path / "result.json", tmp_path / "other.json"
+    row = {"label": "DeiT-T-32 tuned", "recipe": "demo", "overrides": ["model.depth=32"], "tuning": choice}
+    result.write_text(json.dumps({"rows": [dict(row, recipe="resnet110_cifar"), row]}))
+    other.write_text(json.dumps({"rows": [dict(row, overrides=["model.depth=16"])]}))
+    ran.clear()
+    again = _tune_decoupled(tmp_path / "b", monkeypatch, peak, ran, tune_from=f"{other},{result}")
+    assert ran == [] and {m: again[m] for m in peak} == {m: choice[m] for m in peak}  # the seeds only are left
+    assert again["scores"] == choice["scores"] and "tune_args" not in again  # the source machine's paths dropped
+    assert next((tmp_path / "b" / "tune").glob("choice_decoupled_*.json")).is_file()  # saved where a run looks
+    assert _tune_decoupled(tmp_path / "c", monkeypatch, peak, ran, tune_from=str(other)) and len(ran) == 40  # no row
+
+
+def test_an_unreadable_tune_from_file_is_one_error_line_before_anything_runs(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"no\": \"rows\"}")
+    for f in (tmp_path / "missing.json", bad):
+        assert pc.main(["--tune", "--experiments", "depth", "--tune-from", str(f), "--workdir", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --tune-from {f}"), err
+    assert not (tmp_path / "w").exists()
 
 
 def test_tune_is_refused_for_the_split_experiment(capsys):
