@@ -52,7 +52,8 @@ def deit3_b16() -> RunConfig:
     states per GPU). DeiT-III's ViT has LayerScale at 1e-4 in every block (facebookresearch/deit models_v2.py:
     `vit_models(init_scale=1e-4)` with `Layer_scale_init_Block`, which every `deit_*_LS` model uses and its training
     never overrides; timm's `deit3_*` ports set 1e-6, which only matters when training from scratch): the target and
-    meta model both get it."""
+    meta model both get it. Its stochastic depth is uniform, the same rate in every block (models_v2.py: `dpr =
+    [drop_path_rate for i in range(depth)]`), not DeiT's linear ramp: every phase that trains target blocks uses it."""
     cfg = paper("vit_b16", drop_path=0.1)
     cfg.name = "deit3_b16"
     cfg.model = dataclasses.replace(cfg.model, layer_scale_init=1e-4)
@@ -60,6 +61,7 @@ def deit3_b16() -> RunConfig:
     for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
         tc.optimizer = "lamb"
         tc.lr = 3e-3 * 512 / 2048
+        tc.drop_path_mode = "uniform"
     cfg.e2e.epochs = 400
     return cfg
 
@@ -206,8 +208,11 @@ def swin_b_deit3() -> RunConfig:
     module (`--divided_depths 1 1 1 1`); this recipe applies that rule to Swin's four stages."""
     cfg = deit3_b16()
     cfg.name = "swin_b_deit3"
-    # a fresh model config: deit3_b16's LayerScale belongs to DeiT-III's ViT (timm's Swin has none and refuses it)
+    # a fresh model config: deit3_b16's LayerScale belongs to DeiT-III's ViT (timm's Swin has none and refuses it);
+    # so does its uniform stochastic depth: Swin keeps its own linear schedule
     cfg.model = ModelConfig(preset="swin_b", num_stages=4, meta_depth_per_stage=1)
+    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
+        tc.drop_path_mode = "linear"
     return cfg
 
 

@@ -209,6 +209,13 @@ def test_deit3_recipe_builds_layer_scale_1e4_into_target_and_meta_blocks_and_swi
     assert swin.model.layer_scale_init == 0.0 and swin.e2e.optimizer == "lamb"
 
 
+def test_deit3_recipe_drops_paths_uniformly_in_every_phase_and_swin_variant_keeps_its_linear_schedule():
+    cfg, swin = recipes.get("deit3_b16"), recipes.get("swin_b_deit3")
+    assert {cfg.train_config(s).drop_path_mode for s in TRAIN_SECTIONS} == {"uniform"}
+    assert {swin.train_config(s).drop_path_mode for s in TRAIN_SECTIONS} == {"linear"}
+    assert recipes.get("vit_b16").incubate.drop_path_mode == "linear"
+
+
 def test_paper_recipes_turn_repeated_augmentation_on_and_refuse_it_without_resampling():
     assert recipes.get("vit_b16").data.repeated_aug == 3 and recipes.get("demo").data.repeated_aug == 1
     with pytest.raises(UserError, match="resampled"):
