@@ -390,7 +390,7 @@ def seed_record(work: Path, recipe: str, sets: list[str], seed: int, extra: list
 def tuned_row(work: Path, recipe: str, label: str, sets: list[str], extra: list[str], args) -> dict:
     """A cell under --tune: the grid on the held-out split, then every seed at each method's choice."""
     choice = tuning.tune_cell(work, recipe, sets, extra, args)
-    seeds = [] if choice is None else [
+    seeds = [] if choice is None or choice.get("partial") else [
         r for seed in [int(s) for s in args.seeds.split(",")]
         for r in [tuning.run_tuned_seed(work, recipe, sets, choice, seed, extra, args)] if r is not None]
     return {"label": f"{label} tuned", "recipe": recipe, "overrides": sets, "tuning": choice, "seeds": seeds}

@@ -40,7 +40,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks import common, paper_claims as pc, stats
+from benchmarks import common, paper_claims as pc, stats, tuning
 from dsincubate import registry
 from dsincubate.errors import UserError
 
@@ -235,13 +235,13 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
     rows = [{"label": label, "recipe": recipe, "overrides": sets, "seeds": [], **info}
             for recipe, label, sets, info in cells(exp, args, extra) if not only or label in only]
     if args.tune and exp == "decoupled":  # first the same grid for DI and every baseline, on the held-out split
-        from benchmarks import tuning
-
         rows = [dict(row, label=f"{row['label']} tuned", tuning=choice) for row in rows
                 for choice in [tuning.tune_decoupled(work, row["recipe"], row["overrides"], extra, args)] if choice]
+        if any(row["tuning"].get("partial") for row in rows):  # --tune-stop-after: the search so far, no seeds
+            write(rows)
     # seeds outer: an interrupted run leaves whole seeds (every cell paired), not whole cells
     for seed in seeds:
-        for row in rows:
+        for row in [r for r in rows if not r.get("tuning", {}).get("partial")]:
             out = work / pc.cell_key(row["recipe"], row["overrides"]) / f"seed{seed}"
             print(f"[paper_claims] {exp} {row['label']} seed {seed}", flush=True)
             if exp == "split":
@@ -287,7 +287,9 @@ def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
         [f"DI-{_name(m)} [95% CI] p" for m in BASELINES] + ["TFLOP " + "/".join(map(_name, methods))]
     table = common.table(heads, table_rows)
     for row in out:
-        if row.get("tuning"):  # each method's own best point of the same grid
+        if row.get("tuning", {}).get("partial"):
+            table += "\n" + tuning.unfinished_line(row["label"], row["tuning"])
+        elif row.get("tuning"):  # each method's own best point of the same grid
             t = row["tuning"]
             table += f"\n{row['label']}: " + ", ".join(f"{_name(m)} at {t[m]}" for m in ("di",) + BASELINES) + \
                 f" (lr {t['lrs'][0]} to {t['lrs'][-1]} searched, held-out split, seed {t['seed']}" + \

@@ -11,11 +11,13 @@ an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to
 (`EQUAL`): the demo recipe clips fine-tuning only, and every committed CPU-scale result clipped every phase at
 DeepSpeed's default 1.0 anyway. E2E's epochs follow DI's training FLOPs, which no grid point changes.
 
-The held-out split: for a dataset that has one (Fashion-MNIST's `tune/`, benchmarks/fashion_mnist.py) pass
-`--tune-data TRAIN,TUNE`; for the built-in data `holdout` writes `--tune-per-class` images of every class of its
-training shards into a tune split and the rest into a smaller training split (shards, by the shard writer), under
-the work directory. Tuning runs train at the full training set's samples per epoch, so a grid point sees the
-iterations the seeds will.
+The held-out split (`benchmarks/tune_data.py`): `--tune-data TRAIN,TUNE` where a dataset has one, else a hold-out
+of the built-in training shards. Tuning runs train at the full training set's samples per epoch, so a grid point
+sees the iterations the seeds will.
+
+A search longer than one sitting: with `--tune-stop-after MINUTES` no grid point starts after that many minutes; the
+search so far (each point's scores and the commit it ran at) is saved marked `partial`, the cell's row carries it
+with no seeds, and a later `--tune --tune-from <that result>` on any machine continues it where it stopped.
 
 The decoupled experiment (Tab. 2) tunes DI and every baseline (E2E, DGL, InfoPro) alike the same way
 (`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases and each method is
@@ -31,17 +33,15 @@ tuning and seed runs of DI and E2E finished and runs only DGL and InfoPro. `--jo
 from __future__ import annotations
 
 import json
-import tarfile
+import time
 from pathlib import Path
 
 from dsincubate import registry
 from dsincubate.checkpoint import atomic_write_json
-from dsincubate.data.sources import MANIFEST_NAME, split_member
-from dsincubate.data.writer import Sample, write_shards
 from dsincubate.errors import UserError
 
 from benchmarks import common
-from benchmarks.fashion_mnist import split_indices
+from benchmarks.tune_data import holdout, tune_extra  # noqa: F401  (the held-out split; tests reach it here)
 
 METHODS = ("di", "e2e")                 # the two methods tuned alike
 # learning rates per 512 images, a factor 2 apart: the grid starts at the demo's rate and its two neighbours, and
@@ -135,8 +135,35 @@ def next_lrs(choice: dict, lrs: list[str], limit: int) -> list[str]:
     return extension(choice, lrs)[:max(0, limit - (len(lrs) - len(LRS)))]
 
 
+def out_of_time(args) -> bool:
+    """True once --tune-stop-after minutes have passed since the search began (`args.tune_started`, set at the
+    first call; 0 or unset: never)."""
+    limit = getattr(args, "tune_stop_after", 0) or 0
+    if not limit:
+        return False
+    if getattr(args, "tune_started", None) is None:
+        args.tune_started = time.monotonic()
+    return time.monotonic() - args.tune_started >= limit * 60
+
+
+def _stopped(path: Path, progress: dict) -> dict:
+    """Save a search that --tune-stop-after stopped (marked partial) and return it."""
+    atomic_write_json(str(path), progress)
+    print(f"[paper_claims] tune: --tune-stop-after reached, {len(progress['scores'])} of {len(progress['grid'])} "
+          f"grid points scored; saved (partial) in {path}", flush=True)
+    return progress
+
+
+def unfinished_line(label: str, t: dict) -> str:
+    """The table's line on a search that --tune-stop-after stopped (no seeds ran)."""
+    return f"{label}: search unfinished ({len(t['scores'])} of {len(t['grid'])} grid points scored, lr {t['lrs'][0]} " \
+           f"to {t['lrs'][-1]}, held-out split, seed {t['seed']}); continue with --tune --tune-from <this file>"
+
+
 def describe(label: str, t: dict) -> str:
     """The table's line on a tuned cell's choice."""
+    if t.get("partial"):
+        return unfinished_line(label, t)
     edge = f"; at the end of the searched learning rates ({t['lrs'][0]} to {t['lrs'][-1]}): " \
            f"{', '.join({'di': 'DI', 'e2e': 'E2E'}[m] for m in t['edge'])}" if t.get("edge") else ""
     return f"{label}: DI at {t['di']}, E2E at {t['e2e']} (each its best of the same grid on the held-out split, " \
@@ -159,7 +186,11 @@ def add_args(p) -> None:
                    "an end (default 2; 0: the 3 x 2 grid only); a saved search is extended by a later --tune run")
     p.add_argument("--tune-from", default="", help="comma list of committed result .json files: a cell whose "
                    "search the work directory lacks takes it from the tuning record of the row with its recipe and "
-                   "overrides (a fresh machine then runs the seeds and any growth of the grid only)")
+                   "overrides (a fresh machine then runs the seeds and any growth of the grid only, or goes on "
+                   "with a search --tune-stop-after stopped)")
+    p.add_argument("--tune-stop-after", type=float, default=0.0, help="minutes: start no grid point after this "
+                   "long; the unfinished search is saved (partial) in the result, without seeds, for a later "
+                   "--tune --tune-from to continue (default 0: no limit)")
 
 
 def unreadable(files: str) -> str:
@@ -181,66 +212,12 @@ def restore(path: Path, recipe: str, sets: list[str], methods: tuple[str, ...], 
         for row in json.loads(f.read_text()).get("rows", []):
             t = row.get("tuning")
             if t and row.get("recipe") == recipe and list(row.get("overrides", [])) == list(sets) and \
-                    all(m in t for m in methods):
+                    (all(m in t for m in methods) if not t.get("partial") else t.get("methods") == list(methods)):
                 saved = {k: v for k, v in t.items() if k != "tune_args"}
                 atomic_write_json(str(path), saved)
                 print(f"[paper_claims] tune: the search of {path.name} restored from {f}", flush=True)
                 return saved
     return None
-
-
-def _read_split(src: Path) -> tuple[dict, dict[str, tuple[int, bytes, str]]]:
-    man = json.loads((src / MANIFEST_NAME).read_text())
-    samples: dict[str, tuple[int, bytes, str]] = {}
-    for shard in man["shards"]:
-        labels = dict(zip(shard["keys"], shard["labels"]))
-        with tarfile.open(src / shard["name"]) as tf:
-            for m in tf:
-                key, ext = split_member(m.name)
-                if m.isfile() and key in labels and ext not in ("cls", "label"):
-                    samples[key] = (int(labels[key]), tf.extractfile(m).read(), ext)
-    return man, samples
-
-
-def holdout(src: Path, out: Path, per_class: int, seed: int = 0) -> tuple[Path, Path]:
-    """Split a shard directory's samples into out/train and out/tune (`per_class` of every class, fixed seed),
-    both written as shards; returns (train, tune). Keeps what a previous call with the same arguments wrote."""
-    man, samples = _read_split(src)
-    keys = sorted(samples)
-    members = [[k for k in keys if samples[k][0] == c] for c in range(man["num_classes"])]
-    for c, m in enumerate(members):
-        if len(m) <= per_class:
-            raise UserError(f"{src}: class {c} has {len(m)} images, too few to hold out {per_class}")
-    # the converter's class-balanced split with no val part: the same per-class draw
-    picks = split_indices([len(m) for m in members], val=0, tune=per_class, train=None, seed=seed)["tune"]
-    tune = {members[c][i] for c, pick in enumerate(picks) for i in pick}
-    for split, chosen in (("train", [k for k in keys if k not in tune]), ("tune", sorted(tune))):
-        write_shards([Sample(key=k, label=samples[k][0], ext=samples[k][2], size=len(samples[k][1]),
-                             read=lambda b=samples[k][1]: b) for k in chosen], str(out / split),
-                     man["class_names"], prefix=split, maxcount=1000, seed=seed,
-                     image_size=man.get("image_size"), progress=False)
-    return out / "train", out / "tune"
-
-
-def tune_extra(tune_data: str, extra: list[str], work: Path, per_class: int) -> list[str]:
-    """The pipeline arguments of the tuning runs: `extra` with its --train/--val replaced by the held-out split
-    (`tune_data` "TRAIN,TUNE", or for the built-in data a `holdout` of its training shards under `work`)."""
-    pairs = [i for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")]
-    rest = [a for i, a in enumerate(extra) if i not in pairs and i - 1 not in pairs]
-    if tune_data:
-        parts = [p.strip() for p in tune_data.split(",")]
-        if len(parts) != 2 or not all(parts):
-            raise UserError(f"--tune-data takes TRAIN,TUNE (two shard directories), not {tune_data!r}")
-        train, tune = parts
-    elif pairs:
-        raise UserError("--tune with your own --train/--val needs --tune-data TRAIN,TUNE: a split held out from "
-                        "the training data (benchmarks/fashion_mnist.py writes one)")
-    else:
-        from dsincubate.data.demo import ensure_demo
-
-        src = Path(ensure_demo(str(common.ROOT / "demo_data"))) / "train"
-        train, tune = (str(p) for p in holdout(src, work / "tune" / f"builtin_holdout_{per_class}", per_class))
-    return rest + ["--train", train, "--val", tune]
 
 
 def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, methods: tuple[str, ...] = METHODS,
@@ -265,9 +242,10 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
     if args.collect_only:
         return saved
     scores = dict(saved["scores"]) if saved else {}
-    lrs = searched(scores)
-    picked = select(scores, lrs, methods) if saved else None
-    if saved and not next_lrs(picked, lrs, args.tune_extend):
+    unfinished = bool(saved and saved.get("partial"))  # a search stopped by --tune-stop-after: go on with its grid
+    lrs = list(saved["lrs"]) if unfinished else searched(scores)
+    picked = select(scores, lrs, methods) if saved and not unfinished else None
+    if picked is not None and not next_lrs(picked, lrs, args.tune_extend):
         if "edge" not in saved:  # saved before the grid could extend: record what it searched
             saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
             atomic_write_json(str(path), saved)
@@ -279,11 +257,17 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
         for label, _ in grid(lrs, methods):
             if label in scores:
                 continue
+            progress = dict(partial=True, methods=list(methods), scores=scores, seed=args.tune_seed,
+                            tune_args=t_extra, grid=grid(lrs, methods), equal=equal(methods), lrs=lrs)
+            if out_of_time(args):
+                return _stopped(path, progress)
             g = sets + grid_sets(label, methods) + per_epoch
             out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
             print(f"[paper_claims] tune {label}", flush=True)  # run_point prints the directories it runs in
             r = run_point(out, g, t_extra, label) or {}
-            scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok")}
+            scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok"),
+                             "git_commit": common.git_commit()}
+            atomic_write_json(str(path), dict(progress, scores=scores))  # an interrupted search keeps this point
         picked = select(scores, lrs, methods)
         more = next_lrs(picked, lrs, args.tune_extend)
         if not more:

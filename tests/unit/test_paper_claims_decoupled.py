@@ -256,3 +256,60 @@ def test_tune_is_refused_for_the_split_experiment(capsys):
     assert pc.main(["--tune", "--experiments", "split", "--workdir", "/nonexistent"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "split" in err
+
+
+def test_a_search_stopped_by_its_time_limit_is_saved_partial_and_a_later_tune_from_finishes_it_as_one_search(
+        tmp_path, monkeypatch):
+    from benchmarks import tuning
+
+    peak = {"di": "8e-3", "e2e": "4e-3", "dgl": "1.6e-2", "infopro": "8e-3"}
+    ran: list = []
+    whole = _tune_decoupled(tmp_path / "whole", monkeypatch, peak, ran)
+    n = len(ran)
+    ran.clear()
+    limit = iter([False, False] + [True] * 1000)  # two grid points start, then the time is up
+    monkeypatch.setattr(tuning, "out_of_time", lambda args: next(limit))
+    part = _tune_decoupled(tmp_path / "a", monkeypatch, peak, ran)
+    assert part["partial"] and len(part["scores"]) == 2 and len(ran) == 2 * 4 and not set(peak) & set(part)
+    assert all("git_commit" in s for s in part["scores"].values())  # each point says what code scored it
+    saved = json.loads(next((tmp_path / "a" / "tune").glob("choice_decoupled_*.json")).read_text())
+    assert saved["partial"] and saved["scores"] == part["scores"]
+    table, _ = pcd.summarise("decoupled", [{"label": "DeiT-T-32 tuned", "tuning": part, "seeds": []}])
+    assert "DeiT-T-32 tuned: search unfinished (2 of 6 grid points scored" in table
+    result = tmp_path / "result.json"  # the committed result of the stopped run, read on a fresh machine
+    result.write_text(json.dumps({"rows": [{"label": "DeiT-T-32 tuned", "recipe": "demo",
+                                            "overrides": ["model.depth=32"], "tuning": part, "seeds": []}]}))
+    monkeypatch.setattr(tuning, "out_of_time", lambda args: False)
+    ran.clear()
+    done = _tune_decoupled(tmp_path / "b", monkeypatch, peak, ran, tune_from=str(result))
+    assert len(ran) == n - 2 * 4 and not done.get("partial")  # only the points the stopped search had not scored
+    assert {m: done[m] for m in peak} == {m: whole[m] for m in peak} and done["lrs"] == whole["lrs"]
+
+
+def test_tune_stop_after_counts_minutes_from_the_first_check_and_zero_never_stops():
+    import argparse
+    import time
+
+    from benchmarks import tuning
+
+    assert not tuning.out_of_time(argparse.Namespace(tune_stop_after=0.0))
+    args = argparse.Namespace(tune_stop_after=1.0)
+    assert not tuning.out_of_time(args) and args.tune_started <= time.monotonic()  # the clock starts here
+    args.tune_started -= 59
+    assert not tuning.out_of_time(args)
+    args.tune_started -= 2
+    assert tuning.out_of_time(args)
+
+
+def test_a_cell_whose_search_is_unfinished_runs_no_seed(tmp_path, monkeypatch):
+    import argparse
+
+    from benchmarks import tuning
+
+    part = {"partial": True, "scores": {}, "grid": [], "lrs": ["4e-3"], "seed": 0}
+    monkeypatch.setattr(tuning, "tune_cell", lambda *a, **k: part)
+    monkeypatch.setattr(tuning, "run_tuned_seed", lambda *a, **k: pytest.fail("a seed ran"))
+    row = pc.tuned_row(tmp_path, "demo", "8", ["model.depth=8"], [], argparse.Namespace(seeds="0,1"))
+    assert row["seeds"] == [] and row["tuning"] is part
+    table, _ = pc.summarise("depth", [dict(row, label="8 tuned")])
+    assert "8 tuned: search unfinished (0 of 0 grid points scored" in table
