@@ -136,8 +136,8 @@ def next_lrs(choice: dict, lrs: list[str], limit: int) -> list[str]:
 
 
 def out_of_time(args) -> bool:
-    """True once --tune-stop-after minutes have passed since the search began (`args.tune_started`, set at the
-    first call; 0 or unset: never)."""
+    """True once --tune-stop-after minutes have passed since `args.tune_started` (the process's start under
+    paper_claims.py; else the first call); 0 or unset: never."""
     limit = getattr(args, "tune_stop_after", 0) or 0
     if not limit:
         return False
@@ -190,7 +190,8 @@ def add_args(p) -> None:
                    "with a search --tune-stop-after stopped)")
     p.add_argument("--tune-stop-after", type=float, default=0.0, help="minutes: start no grid point after this "
                    "long; the unfinished search is saved (partial) in the result, without seeds, for a later "
-                   "--tune --tune-from to continue (default 0: no limit)")
+                   "--tune --tune-from to continue (default 0: no limit); counted from the start of the process")
+    p.set_defaults(tune_started=time.monotonic())  # the parser is built as the process starts
 
 
 def unreadable(files: str) -> str:
