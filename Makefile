@@ -21,7 +21,7 @@ demo: install
 # Test tiers (markers in pytest.ini): `test` runs every test (CI: .ci/run); `test-fast` the unit tests only (no
 # subprocess runs of the launcher/CLI, no nvcc compile, no GPU, no multi-host); `test-build` the nvcc compile tests.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests --durations=30
 
 test-fast: install
 	$(BIN)/python -m pytest -q tests -m "not integration and not build and not gpu and not cluster and not harness"
