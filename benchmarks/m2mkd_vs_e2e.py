@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, paper_claims as pc  # noqa: E402
+from benchmarks import common, paper_claims as pc, stats  # noqa: E402
 from dsincubate import registry  # noqa: E402
 
 VMOE = ["model.moe_every=2", "model.moe_experts=4", "model.moe_top_k=2"]
@@ -104,27 +104,37 @@ def main(argv=None) -> int:
     common.set_threads()
     work, dev = Path(args.workdir) / "cpu", common.device()
     rows = [run_seed(work, int(s), extra, args.timeout, args.collect_only) for s in args.seeds.split(",")]
+    table, summary = summarise(rows)
+    record = dict(common.header("m2mkd_vs_e2e", dev), seeds=args.seeds, rows=rows, **summary, extra_args=extra,
+                  note="teacher = paper_claims default cell's E2E model (its cost not counted); E2E epochs = "
+                       "max(ceil(m2mKD FLOPs / E2E FLOPs per epoch), ceil(m2mKD device-s / seconds per epoch)); "
+                       "paired 95% t interval over seeds")
+    path = common.write_result("m2mkd_vs_e2e", record, table)
+    ok = [r for r in rows if r["ok"]]
+    plot(ok, path.with_suffix(".png"), common.device_kind(dev))
+    print(f"\n{table}\n-> {path} (+ .txt, .png)")
+    return 0 if ok else 1
+
+
+def summarise(rows: list[dict]) -> tuple[str, dict]:
+    """The table of the seeds' records and its statistics: mean ± std per model, the paired m2mKD - E2E difference
+    with its 95% interval and p (`stats.paired`, the two students of a seed share its meta model and teacher), the
+    verdict that follows the interval, mean FLOPs and device-hours."""
     ok = [r for r in rows if r["ok"]]
     ms = {k: pc._ms([r[k] for r in ok]) for k in ("teacher", "meta", "assembled", "kd", "e2e")}
-    ms["diff"] = pc._ms([r["kd"] - r["e2e"] for r in ok])
+    both = [r for r in ok if r["kd"] is not None and r["e2e"] is not None]
+    paired = stats.paired([r["kd"] for r in both], [r["e2e"] for r in both])
     means = {k: pc._ms([r[k] for r in ok])[0] for k in ("kd_flops", "e2e_flops", "kd_hours", "e2e_hours")}
-    verdict = pc.verdict(ms["meta"], ms["kd"], ms["e2e"], ms["diff"]).replace("DI", "m2mKD")
+    verdict = pc.verdict(ms["meta"], ms["kd"], ms["e2e"], paired).replace("DI", "m2mKD")
     pm = lambda k: "-" if ms[k][0] is None else f"{ms[k][0]:.1f} ± {ms[k][1]:.1f}"  # noqa: E731
     tflop = lambda v: None if v is None else v / 1e12  # noqa: E731
     table = common.table(
         ["student", "seeds", "teacher (dense E2E)", "meta top-1", "assembled", "m2mKD top-1", "E2E top-1",
-         "m2mKD-E2E paired", "m2mKD TFLOP", "E2E TFLOP", "m2mKD h", "E2E h", "verdict"],
+         "m2mKD-E2E [95% CI] p", "m2mKD TFLOP", "E2E TFLOP", "m2mKD h", "E2E h", "verdict"],
         [["V-MoE d8 w64 4x top-2", len(ok), pm("teacher"), pm("meta"), pm("assembled"), pm("kd"), pm("e2e"),
-          pm("diff"), tflop(means["kd_flops"]), tflop(means["e2e_flops"]), means["kd_hours"], means["e2e_hours"],
-          verdict]], ["", "", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
-    record = dict(common.header("m2mkd_vs_e2e", dev), seeds=args.seeds, rows=rows, stats=ms, means=means,
-                  verdict=verdict, extra_args=extra,
-                  note="teacher = paper_claims default cell's E2E model (its cost not counted); E2E epochs = "
-                       "max(ceil(m2mKD FLOPs / E2E FLOPs per epoch), ceil(m2mKD device-s / seconds per epoch))")
-    path = common.write_result("m2mkd_vs_e2e", record, table)
-    plot(ok, path.with_suffix(".png"), common.device_kind(dev))
-    print(f"\n{table}\n-> {path} (+ .txt, .png)")
-    return 0 if ok else 1
+          stats.fmt_interval(paired), tflop(means["kd_flops"]), tflop(means["e2e_flops"]), means["kd_hours"],
+          means["e2e_hours"], verdict]], ["", "", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
+    return table, {"stats": ms, "paired": paired, "means": means, "verdict": verdict}
 
 
 def plot(rows: list[dict], path: Path, device: str) -> None:

@@ -221,3 +221,19 @@ def test_no_benchmark_spells_a_phase_list_or_a_per_stage_layout_itself():
         if found:
             bad[path.name] = found
     assert not bad, "benchmarks must take these from dsincubate.registry:\n" + json.dumps(bad, indent=1)
+
+
+def test_m2mkd_table_pairs_each_seeds_students_and_its_verdict_follows_the_interval():
+    def seed(s, kd, e2e):
+        return {"ok": True, "seed": s, "teacher": 33.0, "meta": 25.0, "assembled": 20.0, "kd": kd, "e2e": e2e,
+                "kd_hours": 0.01, "e2e_hours": 0.01, "kd_flops": 2e12, "e2e_flops": 2.1e12}
+
+    table, summary = m2mkd_vs_e2e.summarise([seed(0, 30.0, 31.0), seed(1, 29.0, 30.5), seed(2, 30.8, 32.0),
+                                             {"ok": False, "seed": 3, "error": "not run"}])
+    assert summary["paired"]["n"] == 3 and summary["paired"]["hi"] < 0  # behind in every seed, by a steady margin
+    assert summary["verdict"] == "E2E better" and "m2mKD" not in summary["verdict"]
+    assert "-1.2 [" in table and "E2E better" in table
+    table, summary = m2mkd_vs_e2e.summarise([seed(0, 30.0, 31.0), seed(1, 33.0, 30.5)])
+    assert summary["paired"]["lo"] < 0 < summary["paired"]["hi"] and "no difference" in summary["verdict"]
+    _, summary = m2mkd_vs_e2e.summarise([seed(0, 35.0, 31.0), seed(1, 34.0, 30.5), seed(2, 36.0, 32.0)])
+    assert summary["verdict"] == "m2mKD better"
