@@ -254,12 +254,13 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
     t_extra = (saved or {}).get("tune_args") or tune_extra(args.tune_data, extra, work, args.tune_per_class)
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]  # the iterations of the seeds' runs
+    commit = common.git_commit()  # the code that scores this process's grid points
     while True:
-        for label, _ in grid(lrs, methods):
+        progress = dict(partial=True, methods=list(methods), scores=scores, seed=args.tune_seed,
+                        tune_args=t_extra, grid=grid(lrs, methods), equal=equal(methods), lrs=lrs)
+        for label, _ in progress["grid"]:
             if label in scores:
                 continue
-            progress = dict(partial=True, methods=list(methods), scores=scores, seed=args.tune_seed,
-                            tune_args=t_extra, grid=grid(lrs, methods), equal=equal(methods), lrs=lrs)
             if out_of_time(args):
                 return _stopped(path, progress)
             g = sets + grid_sets(label, methods) + per_epoch
@@ -267,8 +268,8 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
             print(f"[paper_claims] tune {label}", flush=True)  # run_point prints the directories it runs in
             r = run_point(out, g, t_extra, label) or {}
             scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok"),
-                             "git_commit": common.git_commit()}
-            atomic_write_json(str(path), dict(progress, scores=scores))  # an interrupted search keeps this point
+                             "git_commit": commit}
+            atomic_write_json(str(path), progress)  # an interrupted search keeps this point (progress holds scores)
         picked = select(scores, lrs, methods)
         more = next_lrs(picked, lrs, args.tune_extend)
         if not more:

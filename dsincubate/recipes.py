@@ -43,6 +43,11 @@ def vit_b16() -> RunConfig:
     return paper("vit_b16", drop_path=0.1)
 
 
+def _phase_recipes(cfg: RunConfig) -> tuple[TrainConfig, ...]:
+    """Every phase's recipe a recipe function sets (the decoupled baselines copy E2E's in `get`)."""
+    return cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune
+
+
 def deit3_b16() -> RunConfig:
     """ViT-B/16 with the DeiT-III recipe as the supplementary's "Ours + DeiT III*" (Tab. 1): LAMB in every phase at
     DeiT-III's 3e-3 per 2048 images, 3-Augment (colour jitter 0.3, no random erasing), Mixup 0.8 / CutMix 1.0,
@@ -58,7 +63,7 @@ def deit3_b16() -> RunConfig:
     cfg.name = "deit3_b16"
     cfg.model = dataclasses.replace(cfg.model, layer_scale_init=1e-4)
     cfg.data = dataclasses.replace(cfg.data, recipe="3aug", color_jitter=0.3, reprob=0.0)
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
+    for tc in _phase_recipes(cfg):
         tc.optimizer = "lamb"
         tc.lr = 3e-3 * 512 / 2048
         tc.drop_path_mode = "uniform"
@@ -151,7 +156,7 @@ def debug() -> RunConfig:
     cfg.model = ModelConfig(preset="tiny", depth=4, embed_dim=48, num_heads=3, num_stages=4, kernel_backend="torch")
     cfg.data.samples_per_epoch = 256
     cfg.data.num_workers = 1
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
+    for tc in _phase_recipes(cfg):
         tc.epochs = 1
         tc.micro_batch = 32
         tc.warmup_epochs = 0.0
@@ -192,7 +197,7 @@ def resnet_debug() -> RunConfig:
     cfg.name = "resnet_debug"
     cfg.model.depth = 6
     cfg.data = DataConfig(num_workers=1, recipe="none", mixup=0.0, cutmix=0.0, smoothing=0.1, samples_per_epoch=128)
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
+    for tc in _phase_recipes(cfg):
         tc.epochs, tc.micro_batch, tc.warmup_epochs, tc.eval_every = 1, 32, 0.0, 1
     return cfg
 
@@ -211,7 +216,7 @@ def swin_b_deit3() -> RunConfig:
     # a fresh model config: deit3_b16's LayerScale belongs to DeiT-III's ViT (timm's Swin has none and refuses it);
     # so does its uniform stochastic depth: Swin keeps its own linear schedule
     cfg.model = ModelConfig(preset="swin_b", num_stages=4, meta_depth_per_stage=1)
-    for tc in (cfg.meta, cfg.incubate, cfg.finetune, cfg.e2e, cfg.e2e_tune, cfg.m2mkd, cfg.m2mkd_finetune):
+    for tc in _phase_recipes(cfg):
         tc.drop_path_mode = "linear"
     return cfg
 
