@@ -170,6 +170,18 @@ def describe(label: str, t: dict) -> str:
            f"seed {t['seed']}; clipping 1.0 in every phase of both{edge})"
 
 
+def _minutes(v: str) -> float:
+    """--tune-stop-after's value: minutes, at least 0."""
+    import argparse
+
+    try:
+        if float(v) >= 0:
+            return float(v)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"minutes at least 0, not {v!r}")
+
+
 def add_args(p) -> None:
     """paper_claims.py's --tune options."""
     p.add_argument("--tune", action="store_true", help="equal tuning (benchmarks/tuning.py): the same lr x warm-up "
@@ -188,7 +200,7 @@ def add_args(p) -> None:
                    "search the work directory lacks takes it from the tuning record of the row with its recipe and "
                    "overrides (a fresh machine then runs the seeds and any growth of the grid only, or goes on "
                    "with a search --tune-stop-after stopped)")
-    p.add_argument("--tune-stop-after", type=float, default=0.0, help="minutes: start no grid point after this "
+    p.add_argument("--tune-stop-after", type=_minutes, default=0.0, help="minutes: start no grid point after this "
                    "long; the unfinished search is saved (partial) in the result, without seeds, for a later "
                    "--tune --tune-from to continue (default 0: no limit); counted from the start of the process")
     p.set_defaults(tune_started=time.monotonic())  # the parser is built as the process starts

@@ -313,3 +313,11 @@ def test_a_cell_whose_search_is_unfinished_runs_no_seed(tmp_path, monkeypatch):
     assert row["seeds"] == [] and row["tuning"] is part
     table, _ = pc.summarise("depth", [dict(row, label="8 tuned")])
     assert "8 tuned: search unfinished (0 of 0 grid points scored" in table
+
+
+@pytest.mark.parametrize("value", ["-5", "soon"])
+def test_a_negative_or_unreadable_stop_after_is_refused_before_anything_runs(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as e:
+        pc.main(["--tune", "--experiments", "depth", "--tune-stop-after", value, "--workdir", str(tmp_path / "w")])
+    assert e.value.code == 2 and "--tune-stop-after: minutes at least 0" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
