@@ -6,9 +6,9 @@ included, on both measures: its epochs are the larger of ceil(DI training FLOPs 
 image counted by `accounting.count_flops` on each phase's model) and ceil(DI device-seconds / the fine-tune phase's
 seconds per epoch) (the same model as E2E, measured in the same run). Each run's training FLOPs and device-hours from
 run.json are reported; wall time on a shared 2-core machine swings several-fold, so where they disagree the FLOPs
-are the fairer measure. Each table also shows the meta model alone: where the small
-meta model is at least as good as both E2E and Deep Incubation, the setting does not reward a large model at all,
-and the verdict says so instead of counting a win or a loss.
+are the fairer measure. Each table also shows the meta model alone: where the small meta model is at least as good
+as both E2E and Deep Incubation, the setting does not reward a large model at all, and the verdict says so instead
+of counting a win or a loss.
 
 Experiments (paper references in brackets):
   depth   target depth 8 / 16 / 32 at width 64, K = 4                      [Fig. 6, Tab. 2]

@@ -23,26 +23,29 @@ decoupled  E2E, DGL and InfoPro (`dsincubate.decoupled`) against Deep Incubation
 split      Deep Incubation alone at the default cell's total planned FLOPs (depth 8; `--set model.depth=16` for
            another), the total divided differently between meta pre-training, incubation and fine-tuning (`SPLITS`:
            shares of the FLOPs, rounded to whole epochs; the table gives each cell's planned FLOPs). Accuracy
-           against the split, paired against the default split, and a plot.
+           against the split, paired against the default split, and a plot (its code: benchmarks/budget_split.py).
 
     python benchmarks/paper_claims.py --experiments decoupled --seeds 0,1,2 --only DeiT-T-32
     python benchmarks/paper_claims.py --tune --experiments decoupled --seeds 0,1,2,3,4 --only DeiT-T-32
     python benchmarks/paper_claims.py --experiments split --seeds 0,1
     python benchmarks/paper_claims.py --experiments decoupled,split --collect-only
+    python benchmarks/paper_claims.py --tune --experiments decoupled --only ResNet-20 --baselines infopro \
+        --name infopro_own --set infopro_loss.info_y=contrast --set infopro_loss.info_x=bce   # DI vs one baseline
 
 Results: benchmarks/results/paper_claims_decoupled/paper_claims_<exp>_<device>_<date>.{json,txt} (split: + .png).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import statistics
 import time
 from pathlib import Path
 
 from benchmarks import common, paper_claims as pc, stats, tuning
+from benchmarks.budget_split import (SPLITS, plot_split, run_split_seed, split_phases, split_plan,  # noqa: F401
+                                     split_sets, summarise_split)
 from dsincubate import registry
-from dsincubate.errors import UserError
 
 
 def baselines() -> tuple[str, ...]:
@@ -69,9 +72,24 @@ def finished(out: Path, method: str) -> bool:
 BASELINES = baselines()
 
 
-def tune_methods() -> tuple[str, ...]:
-    """The methods the decoupled experiment's --tune searches for alike: DI and every baseline."""
-    return ("di",) + BASELINES
+def tune_methods(baselines: tuple[str, ...] = BASELINES) -> tuple[str, ...]:
+    """The methods the decoupled experiment's --tune searches for alike: DI and every baseline (`--baselines`)."""
+    return ("di",) + tuple(baselines)
+
+
+def baseline_list(value: str) -> tuple[str, ...]:
+    """`--baselines`: a comma list of registered baselines, in the registry's order (argparse refuses another)."""
+    names = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in names if m not in BASELINES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {bad or value!r}; use a comma list of "
+                                         f"{', '.join(BASELINES)}")
+    return tuple(m for m in BASELINES if m in names)
+
+
+def add_args(p) -> None:
+    p.add_argument("--baselines", type=baseline_list, default=BASELINES, help="decoupled experiment: the baselines "
+                   f"DI is compared with (default every one: {','.join(BASELINES)}); the rows record them")
 
 
 def baseline_sets(method: str, epochs: dict) -> list[str]:
@@ -88,27 +106,12 @@ _RESNET = ["model.depth=9", "model.kernel_backend=torch", "meta.epochs=8", "incu
 DECOUPLED_CELLS = [("demo", "DeiT-T-32", pc.CPU_BASE + ["model.depth=32"]),
                    ("demo", "DeiT-T-32-s1000", pc.CPU_BASE + ["model.depth=32", "data.samples_per_epoch=1000"]),
                    ("resnet110_cifar", "ResNet-20", _RESNET)]
-# (label, (meta, incubate, fine-tune) shares of the total FLOPs); "default" keeps CPU_BASE's epochs
-SPLITS = [("default", None), ("meta 40 / inc 40 / ft 20", (0.4, 0.4, 0.2)),
-          ("meta 30 / inc 30 / ft 40", (0.3, 0.3, 0.4)), ("meta 20 / inc 20 / ft 60", (0.2, 0.2, 0.6))]
 RESULTS = common.RESULTS / "paper_claims_decoupled"
 EXPERIMENTS = {"decoupled": "method (at DI's planned FLOPs)", "split": "meta / incubate / fine-tune share of FLOPs"}
 
 
 def _name(method: str) -> str:
     return NAMES.get(method, method)
-
-
-def split_phases() -> tuple[str, ...]:
-    """The phases the split divides DI's FLOPs between, in order: DI's trained phases (meta, incubate, finetune),
-    one share each in every SPLITS entry. A phase the registry adds to DI leaves it without a share: refused, never
-    dropped (zip would silently leave it at its recipe's epochs)."""
-    phases = registry.trained_phases("di")
-    bad = [label for label, shares in SPLITS if shares is not None and len(shares) != len(phases)]
-    if bad:
-        raise UserError(f"split: DI trains {len(phases)} phases ({', '.join(phases)}), but SPLITS {bad} give "
-                        "another number of shares: give every phase its share")
-    return phases
 
 
 def per_image_flops(recipe: str, sets: list[str], extra: list[str], phase: str) -> float:
@@ -140,12 +143,14 @@ def _measured(run: dict) -> float:
 
 
 def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict, partial: bool = False,
-                      dirs: dict | None = None) -> dict | None:
+                      dirs: dict | None = None, baselines: tuple[str, ...] | None = None) -> dict | None:
     """One seed's record: top-1, measured training FLOPs, device-hours and epochs per method. None while DI or
     (unless `partial`: --collect-only, whose table then shows what finished) a baseline has not finished; a
     partial record's unfinished baselines have None values and are listed under "unfinished". `dirs`: a baseline's
-    own run directory where it is not `out` (--tune: each method at its own settings)."""
-    runs = {m: _run_json((dirs or {}).get(m, out), m) for m in BASELINES}
+    own run directory where it is not `out` (--tune: each method at its own settings). `baselines`: the methods
+    besides DI (default: those in `dirs`, or every one)."""
+    baselines = baselines or tuple(m for m in BASELINES if not dirs or m in dirs)
+    runs = {m: _run_json((dirs or {}).get(m, out), m) for m in baselines}
     if not (out / "summary.json").is_file() or not (partial or all(p.is_file() for p in runs.values())):
         return None
     s = json.loads((out / "summary.json").read_text())["deep_incubation"]
@@ -164,60 +169,26 @@ def collect_decoupled(out: Path, seed: int, epochs: dict, plan: dict, partial: b
 
 
 def run_decoupled_seed(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], args) -> dict:
-    """DI, then E2E, DGL and InfoPro each at DI's planned FLOPs (finished methods are kept on a re-run)."""
+    """DI, then each baseline (E2E, DGL, InfoPro) at DI's planned FLOPs (finished methods are kept on a re-run)."""
     epochs, plan = baseline_epochs(recipe, sets, extra)
     sets, t0 = sets + [f"seed={seed}"], time.time()
     if not finished(out, "di") and not pc._pipeline(out, "di", recipe, sets, extra, args.timeout):
         return {"ok": False, "seed": seed, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}"}
-    for m in BASELINES:
+    for m in args.baselines:
         if finished(out, m):
             continue
         if not pc._pipeline(out, m, recipe, sets + baseline_sets(m, epochs), extra, args.timeout):
             return {"ok": False, "seed": seed, "error": f"{m} failed, see {out / f'log_{m}.txt'}"}
     print(f"[paper_claims]   {out}: {time.time() - t0:.0f}s", flush=True)
-    return collect_decoupled(out, seed, epochs, plan) or {"ok": False, "seed": seed, "error": "unfinished"}
-
-
-def split_plan(recipe: str, sets: list[str], extra: list[str]) -> tuple[dict, dict]:
-    """The default cell's DI FLOP plan and each phase's planned FLOPs per epoch (incubation: all K modules)."""
-    from dsincubate import recipes
-    from dsincubate.config import apply_overrides
-
-    _, plan = pc.e2e_epochs_for(recipe, sets, extra)
-    cfg = apply_overrides(recipes.get(recipe), sets)
-    return plan, {p: plan[p] / getattr(cfg, registry.phase(p).config_section).epochs for p in split_phases()}
-
-
-def split_sets(plan: dict, per_epoch: dict, shares) -> tuple[list[str], dict]:
-    """The overrides that divide the default plan's DI FLOPs by `shares` (meta, incubate, fine-tune), each rounded
-    to whole epochs (at least 1), and the plan they give (`shares` None: the default's own)."""
-    if shares is None:
-        return [], plan
-    phases = split_phases()
-    epochs = {p: max(1, round(share * plan["di_total"] / per_epoch[p])) for p, share in zip(phases, shares)}
-    out = dict(plan, **{p: n * per_epoch[p] for p, n in epochs.items()})
-    out["di_total"] = sum(out[p] for p in phases)
-    return [f"{registry.phase(p).config_section}.epochs={n}" for p, n in epochs.items()], out
-
-
-def run_split_seed(out: Path, recipe: str, sets: list[str], seed: int, extra: list[str], args) -> dict | None:
-    """One seed of one split: Deep Incubation only. None where --collect-only finds it unfinished."""
-    if not args.collect_only and not (out / "finetune" / "MANIFEST.json").is_file():
-        if not pc._pipeline(out, "di", recipe, sets + [f"seed={seed}"], extra, args.timeout):
-            return {"ok": False, "seed": seed, "error": f"Deep Incubation failed, see {out / 'log_di.txt'}"}
-    if not (out / "summary.json").is_file():
-        return None
-    s = json.loads((out / "summary.json").read_text())["deep_incubation"]
-    if s["top1"] is None:
-        return None
-    return {"ok": True, "seed": seed, "meta": s["meta_top1"], "assembled": s.get("assembled_top1"), "di": s["top1"],
-            "di_hours": s["device_hours"]}
+    return collect_decoupled(out, seed, epochs, plan, baselines=args.baselines) or \
+        {"ok": False, "seed": seed, "error": "unfinished"}
 
 
 def cells(exp: str, args, extra: list[str]) -> list[tuple[str, str, list[str], dict]]:
     """(recipe, label, overrides, what the row records beside its seeds) of every cell of `exp`."""
     if exp == "decoupled":
-        return [(recipe, label, sets + args.set, {}) for recipe, label, sets in DECOUPLED_CELLS]
+        return [(recipe, label, sets + args.set, {"baselines": list(args.baselines)})
+                for recipe, label, sets in DECOUPLED_CELLS]
     base = pc.CPU_BASE + args.set
     out, (default, per_epoch) = [], split_plan("demo", base, extra)
     for label, shares in SPLITS:
@@ -251,7 +222,7 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
                                                       extra, args)
             elif args.collect_only:
                 epochs, plan = baseline_epochs(row["recipe"], row["overrides"], extra)
-                rec = collect_decoupled(out, seed, epochs, plan, partial=True)
+                rec = collect_decoupled(out, seed, epochs, plan, partial=True, baselines=args.baselines)
             else:
                 rec = run_decoupled_seed(out, row["recipe"], row["overrides"], seed, extra, args)
             if rec is not None:
@@ -260,43 +231,38 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
     return rows
 
 
-def _pm(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{sum(values) / len(values):.1f} ± {(statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"
-
-
 def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
     """Per cell: each method's mean ± std, the paired DI - baseline 95% interval and p per baseline, mean TFLOP
     (measured) and device-hours per method."""
     table_rows, out = [], []
+    own = lambda row: [m for m in BASELINES if m in row.get("baselines", BASELINES)]  # noqa: E731 (older: all)
+    shown = tuple(m for m in BASELINES if any(m in own(row) for row in rows)) or BASELINES
     for row in rows:
         ok = [r for r in row["seeds"] if r.get("ok")]
         paired = {m: stats.paired([r["di"] for r in ok if r.get(m) is not None],
-                                  [r[m] for r in ok if r.get(m) is not None]) for m in BASELINES}
+                                  [r[m] for r in ok if r.get(m) is not None]) for m in own(row)}
         out.append(dict(row, paired=paired, n_seeds=len(ok)))
         done = lambda m: [r for r in ok if r.get(m) is not None]  # noqa: E731
         tf = lambda m: sum(r[f"{m}_flops"] for r in done(m)) / len(done(m)) / 1e12 if done(m) else None  # noqa: E731
-        table_rows.append([row["label"], len(ok), _pm([r["meta"] for r in ok])] +
-                          [_pm([r[m] for r in ok]) for m in ("di",) + BASELINES] +
-                          [stats.fmt_interval(paired[m]) for m in BASELINES] +
-                          ["/".join("-" if tf(m) is None else f"{tf(m):.2f}" for m in ("di",) + BASELINES)])
-    methods = ("di",) + BASELINES
+        table_rows.append([row["label"], len(ok), stats.mean_std([r["meta"] for r in ok])] +
+                          [stats.mean_std([r.get(m) for r in ok]) for m in ("di",) + shown] +
+                          [stats.fmt_interval(paired[m]) if m in paired else "-" for m in shown] +
+                          ["/".join("-" if tf(m) is None else f"{tf(m):.2f}" for m in ("di",) + shown)])
+    methods = ("di",) + shown
     heads = ["cell", "seeds", "meta top-1", *map(_name, methods)] + \
-        [f"DI-{_name(m)} [95% CI] p" for m in BASELINES] + ["TFLOP " + "/".join(map(_name, methods))]
+        [f"DI-{_name(m)} [95% CI] p" for m in shown] + ["TFLOP " + "/".join(map(_name, methods))]
     table = common.table(heads, table_rows)
     for row in out:
         if row.get("tuning", {}).get("partial"):
             table += "\n" + tuning.unfinished_line(row["label"], row["tuning"])
         elif row.get("tuning"):  # each method's own best point of the same grid
             t = row["tuning"]
-            table += f"\n{row['label']}: " + ", ".join(f"{_name(m)} at {t[m]}" for m in ("di",) + BASELINES) + \
+            table += f"\n{row['label']}: " + ", ".join(f"{_name(m)} at {t[m]}" for m in ("di", *own(row))) + \
                 f" (lr {t['lrs'][0]} to {t['lrs'][-1]} searched, held-out split, seed {t['seed']}" + \
                 (f"; at an end: {', '.join(map(_name, t['edge']))})" if t.get("edge") else ")")
         for r in row["seeds"]:
             if r.get("ok"):
-                have = [m for m in ("di",) + BASELINES if r.get(m) is not None]
+                have = [m for m in ("di", *own(row)) if r.get(m) is not None]
                 table += f"\n{row['label']} seed {r['seed']}: " + ", ".join(
                     f"{_name(m)} {r[m]:.1f}" for m in have) + f" (meta {r['meta']:.1f}); epochs " + \
                     ", ".join(f"{_name(m)} {r[f'{m}_epochs']}" for m in have[1:]) + "; device-h " + \
@@ -305,52 +271,6 @@ def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
             else:
                 table += f"\n{row['label']} seed {r['seed']}: FAILED ({r.get('error')})"
     return table, out
-
-
-def summarise_split(rows: list[dict]) -> tuple[str, list[dict]]:
-    """Per split: its epochs, planned TFLOP, DI mean ± std, and DI(split) - DI(default split) paired over seeds."""
-    default = {r["seed"]: r["di"] for r in rows[0]["seeds"] if r.get("ok")} if rows else {}
-    table_rows, out = [], []
-    for row in rows:
-        ok = [r for r in row["seeds"] if r.get("ok")]
-        both = [r for r in ok if r["seed"] in default]
-        paired = stats.paired([r["di"] for r in both], [default[r["seed"]] for r in both])
-        out.append(dict(row, paired=paired, n_seeds=len(ok)))
-        ep = row.get("epochs") or {}
-        table_rows.append([row["label"], "/".join(ep.get(p, "=") for p in split_phases()),
-                           row["planned"]["di_total"] / 1e12, len(ok), _pm([r["meta"] for r in ok]),
-                           _pm([r["assembled"] for r in ok]), _pm([r["di"] for r in ok]),
-                           "-" if row is rows[0] else stats.fmt_interval(paired)])
-    table = common.table(["split (FLOP shares)", "epochs m/i/f", "planned TFLOP", "seeds", "meta top-1", "assembled",
-                          "DI top-1", "vs default [95% CI] p"], table_rows, ["", "", ".2f", "", "", "", "", ""])
-    return table + "\n(= : the default cell's epochs)", out
-
-
-def plot_split(rows: list[dict], path: Path) -> bool:
-    """DI top-1 against the fine-tune share of the FLOPs (False where matplotlib is missing: the table stands)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pts = []
-    for row in rows:
-        plan, vals = row["planned"], [r["di"] for r in row["seeds"] if r.get("ok")]
-        if vals:
-            pts.append((plan["finetune"] / plan["di_total"], vals, row["label"]))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for share, vals, label in sorted(pts):
-        ax.scatter([share] * len(vals), vals, alpha=0.5)
-        ax.annotate(label, (share, sum(vals) / len(vals)), fontsize=7)
-    ax.set_xlabel("fine-tune share of DI's training FLOPs")
-    ax.set_ylabel("DI top-1 % (each seed)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def result_file(name: str, dev: dict) -> Path:

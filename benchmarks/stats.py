@@ -145,3 +145,11 @@ def fmt_interval(p: dict) -> str:
     if p.get("lo") is None:
         return f"{p['mean']:+.1f} (n={p['n']})"
     return f"{p['mean']:+.1f} [{p['lo']:+.1f}, {p['hi']:+.1f}] p={p['p']:.3f}"
+
+
+def mean_std(values: list) -> str:
+    """"mean ± std" of the values that are not None (one decimal); "-" where none are."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    return f"{sum(values) / len(values):.1f} ± {(statistics.stdev(values) if len(values) > 1 else 0.0):.1f}"

@@ -19,13 +19,12 @@ A search longer than one sitting: with `--tune-stop-after MINUTES` no grid point
 search so far (each point's scores and the commit it ran at) is saved marked `partial`, the cell's row carries it
 with no seeds, and a later `--tune --tune-from <that result>` on any machine continues it where it stopped.
 
-The decoupled experiment (Tab. 2) tunes DI and every baseline (E2E, DGL, InfoPro) alike the same way
-(`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases and each method is
-scored at it; each method then runs its seeds at its own point (`run_tuned_decoupled_seed`). A run's directory is
-keyed by the settings that reach it (`own_sets`): DI and E2E together, as the depth experiment tunes them, each
-decoupled baseline alone; so the DeiT-T-32 cell, which is the depth experiment's depth-32 cell, finds that cell's
-tuning and seed runs of DI and E2E finished and runs only DGL and InfoPro. `--jobs N` runs up to N of a grid point's
-(or seed's) independent runs at once: the DI/E2E pair and each baseline (give each OMP_NUM_THREADS=cores/N).
+The decoupled experiment (Tab. 2) tunes DI and every baseline (E2E, DGL, InfoPro; `--baselines` for fewer) alike
+(`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases, each method is
+scored there and runs its seeds at its own best point (`run_tuned_decoupled_seed`). Run directories are keyed by the
+settings that reach them (`own_sets`): DI and E2E together, as the depth experiment tunes them (the DeiT-T-32 cell
+finds that depth-32 cell's runs), each decoupled baseline alone. `--jobs N` runs up to N of a grid point's (or
+seed's) independent runs at once: the DI/E2E pair and each baseline (give each OMP_NUM_THREADS=cores/N).
 
     python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4
     python benchmarks/paper_claims.py --tune --experiments decoupled --only DeiT-T-32 --seeds 0,1,2,3,4
@@ -44,8 +43,7 @@ from benchmarks import common
 from benchmarks.tune_data import holdout, tune_extra  # noqa: F401  (the held-out split; tests reach it here)
 
 METHODS = ("di", "e2e")                 # the two methods tuned alike
-# learning rates per 512 images, a factor 2 apart: the grid starts at the demo's rate and its two neighbours, and
-# walks along the ladder where a method's choice sits at an end of what was searched (`extension`)
+# learning rates per 512 images, a factor 2 apart: the grid starts at the demo's and its neighbours (`extension`)
 LADDER = ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2", "6.4e-2")
 LRS = LADDER[2:5]                       # half the demo's, the demo's, twice
 WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
@@ -204,6 +202,8 @@ def add_args(p) -> None:
                    "long; the unfinished search is saved (partial) in the result, without seeds, for a later "
                    "--tune --tune-from to continue (default 0: no limit); counted from the start of the process")
     p.set_defaults(tune_started=time.monotonic())  # the parser is built as the process starts
+    from benchmarks import paper_claims_decoupled as dc  # its --baselines: which methods a decoupled search holds
+    dc.add_args(p)
 
 
 def unreadable(files: str) -> str:
@@ -363,7 +363,8 @@ def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], a
     the held-out split; each method then takes its own best point."""
     from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
 
-    methods = dc.tune_methods()
+    baselines = getattr(args, "baselines", dc.BASELINES)
+    methods = dc.tune_methods(baselines)
 
     def point(out, g, t_extra, label):
         per_epoch = g[len(sets) + len(grid_sets(label, methods)):]  # the tuning runs' samples per epoch
@@ -376,7 +377,8 @@ def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], a
             print(f"[paper_claims]   {label}: {err}", flush=True)
         return dc.collect_decoupled(dirs["di"], args.tune_seed, epochs, plan, partial=True, dirs=dirs) or {}
 
-    return tune_cell(work, recipe, sets, extra, args, methods, point, name="decoupled_")
+    subset = "" if tuple(baselines) == dc.BASELINES else "_".join(baselines) + "_"  # a search of its own
+    return tune_cell(work, recipe, sets, extra, args, methods, point, name=f"decoupled_{subset}")
 
 
 def run_tuned_decoupled_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str],
@@ -386,7 +388,7 @@ def run_tuned_decoupled_seed(work: Path, recipe: str, sets: list[str], choice: d
     the same cell), each baseline at DI's planned FLOPs. None where --collect-only finds DI unfinished."""
     from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
 
-    methods = dc.tune_methods()
+    methods = dc.tune_methods(getattr(args, "baselines", dc.BASELINES))
     own = {m: own_sets(sets, choice[m], m) for m in methods}
     dirs = {m: work / pc.cell_key(recipe, own[m]) / f"seed{seed}" for m in methods}
     epochs, plan = dc.baseline_epochs(recipe, sets, extra)

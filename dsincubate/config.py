@@ -235,20 +235,29 @@ class TrainConfig(_Checked):
 
 @dataclass
 class InfoProLoss(_Checked):
-    """InfoPro's local loss weights (Wang et al., ICLR 2021; `dsincubate.decoupled`): auxiliary module k < K-1
-    minimises lambda_1 x reconstruction MSE + lambda_2 x cross-entropy, each lambda linear in k from its `_first`
-    value (module 0) to its `_last` value (module K-2), as in InfoPro's code (ixx_1/ixx_2, ixy_1/ixy_2). Defaults:
-    its ResNet-110 command for K = 4 local modules on CIFAR-10 (1, 0 -> 0, 1); its only K = 3 setting is InfoPro*'s
-    (5, 0 -> 5, 0.1). The last module is trained by the model's own head (cross-entropy)."""
+    """InfoPro's local loss (Wang et al., ICLR 2021; `dsincubate.decoupled`): auxiliary module k < K-1 minimises
+    lambda_1 x reconstruction + lambda_2 x class term, each lambda linear in k from `_first` (module 0) to `_last`
+    (module K-2), as its code (ixx_1/2, ixy_1/2). Defaults: its ResNet-110 K = 4 command on CIFAR-10 (1, 0 -> 0, 1);
+    its only K = 3 setting is InfoPro*'s (5, 0 -> 5, 0.1). The last module trains on the model's own head (CE)."""
 
     recon_first: float = setting(1.0, lo=0.0)
     """lambda_1 (reconstruction weight) of module 0 (InfoPro: ixx_1)."""
     recon_last: float = setting(0.0, lo=0.0)
     """lambda_1 of module K-2 (InfoPro: ixx_2)."""
     ce_first: float = setting(0.0, lo=0.0)
-    """lambda_2 (cross-entropy weight) of module 0 (InfoPro: ixy_1)."""
+    """lambda_2 (class-term weight) of module 0 (InfoPro: ixy_1)."""
     ce_last: float = setting(1.0, lo=0.0)
     """lambda_2 of module K-2 (InfoPro: ixy_2)."""
+    info_y: str = setting("cross_entropy", choices=("cross_entropy", "contrast"))
+    """The lambda_2 term (I(h, y)): the auxiliary classifier's 'cross_entropy', or 'contrast' (its CIFAR commands):
+    supervised contrastive loss on `feature_dim` L2-normalised features, over each rank's micro-batch."""
+    info_x: str = setting("mse", choices=("mse", "bce"))
+    """The lambda_1 term (I(h, x)): 'mse' to the normalised image, or 'bce' (its code): sigmoid output, binary
+    cross-entropy to the image in [0, 1]."""
+    temperature: float = setting(0.07, lo=0.0, lo_open=True)
+    """info_y=contrast only: the contrastive temperature (InfoPro: 0.07, also its base temperature)."""
+    feature_dim: int = setting(128, lo=1)
+    """info_y=contrast only: the auxiliary net's output features (InfoPro's `--aux_net_feature_dim` 128)."""
 
 
 def __getattr__(name: str):

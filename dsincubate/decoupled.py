@@ -26,10 +26,12 @@ Auxiliary networks, per the family's boundary (`family.Boundary`, from the model
   pooled MLPs; the Deep Incubation paper ran both baselines in its own code, so one classifier keeps the comparison
   about the loss) and InfoPro's decoder (bilinear upsampling to the image, 3x3 conv to 12 channels, BN, ReLU, 3x3
   conv to 3).
-The reconstruction is the mean squared error to the model's input (the normalised image). InfoPro's code uses a
-sigmoid output and binary cross-entropy against the un-normalised image; both measure how much of x the features
-keep (its I(h, x) term), and the MSE needs no knowledge of the data's normalisation. InfoPro's CIFAR commands
-estimate I(h, y) with a supervised contrastive loss; this uses the cross-entropy form its code also offers.
+Loss forms (`infopro_loss.info_x`, `info_y`): by default the reconstruction is the mean squared error to the model's
+input (the normalised image) and the class term the auxiliary classifier's cross-entropy (a form InfoPro's code also
+offers). InfoPro's CIFAR commands use `info_x=bce` (sigmoid output, binary cross-entropy to the un-normalised image
+in [0, 1]) and `info_y=contrast` (the supervised contrastive loss of Khosla et al., NeurIPS 2020, on L2-normalised
+features of the auxiliary net, temperature 0.07: `supcon_loss`); both measure how much of x, and of y, the features
+keep (its I(h, x) and I(h, y) terms).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsincubate.data import DataInfo
 from dsincubate.errors import UserError
 from dsincubate.models import family, staged
 from dsincubate.phase_base import Phase, persistent_buffers
@@ -69,44 +72,82 @@ class ConvClassifier(nn.Module):
         return self.net(x)
 
 
-class TokenDecoder(nn.Module):
-    """Reconstructs the image from the patch tokens: each token -> Linear -> its patch's pixels; returns the MSE."""
+class ReconLoss(nn.Module):
+    """A decoder's loss: 'mse' to the normalised image, or 'bce' (InfoPro's): sigmoid of the decoder's output against
+    the image un-normalised to [0, 1] (the data's mean and std: `DataInfo`'s, which every loader normalises with)."""
 
-    def __init__(self, width: int, grid: tuple[int, int], img_size: int, channels: int = 3):
+    def __init__(self, form: str = "mse"):
+        super().__init__()
+        self.form = form
+        self.register_buffer("mean", torch.tensor(DataInfo.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(DataInfo.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, recon: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        recon, image = recon.float(), image.float()
+        if self.form == "mse":
+            return F.mse_loss(recon, image)
+        # clamped: random erasing writes N(0, 1) noise in normalised units, which may leave [0, 1]
+        target = (image * self.std + self.mean).clamp(0.0, 1.0)
+        return F.binary_cross_entropy_with_logits(recon, target)  # = BCE(sigmoid(recon)), numerically safer
+
+
+class TokenDecoder(nn.Module):
+    """Reconstructs the image from the patch tokens: each token -> Linear -> its patch's pixels; returns the
+    reconstruction loss (`ReconLoss`)."""
+
+    def __init__(self, width: int, grid: tuple[int, int], img_size: int, channels: int = 3, form: str = "mse"):
         super().__init__()
         self.grid, self.patch, self.channels = grid, img_size // grid[0], channels
         self.proj = nn.Linear(width, self.patch * self.patch * channels)
+        self.loss = ReconLoss(form)
 
     def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         (gh, gw), p, c = self.grid, self.patch, self.channels
         patches = self.proj(x[:, x.shape[1] - gh * gw:])  # the patch tokens are the last gh x gw
         recon = patches.reshape(-1, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(-1, c, gh * p, gw * p)
-        return F.mse_loss(recon.float(), image.float())
+        return self.loss(recon, image)
 
 
 class ConvDecoder(nn.Module):
     """InfoPro's decoder: upsample to the image size, 3x3 conv (12 channels), BN, ReLU, 3x3 conv to the image;
-    returns the MSE."""
+    returns the reconstruction loss (`ReconLoss`; InfoPro's sigmoid is the 'bce' form's)."""
 
-    def __init__(self, channels: int, img_size: int, hidden: int = 12):
+    def __init__(self, channels: int, img_size: int, hidden: int = 12, form: str = "mse"):
         super().__init__()
         self.img_size = img_size
         self.net = nn.Sequential(nn.Conv2d(channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
                                  nn.Conv2d(hidden, 3, 3, padding=1))
+        self.loss = ReconLoss(form)
 
     def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=True)
-        return F.mse_loss(self.net(x).float(), image.float())
+        return self.loss(self.net(x), image)
 
 
-def aux_classifier(boundary: family.Boundary, num_classes: int) -> nn.Module:
-    return TokenClassifier(boundary.shape[-1], num_classes) if boundary.grid else \
-        ConvClassifier(boundary.shape[0], num_classes)
+def aux_classifier(boundary: family.Boundary, out_dim: int) -> nn.Module:
+    """The auxiliary net at `boundary`; `out_dim` outputs: the classes, or the contrastive features."""
+    return TokenClassifier(boundary.shape[-1], out_dim) if boundary.grid else ConvClassifier(boundary.shape[0], out_dim)
 
 
-def decoder(boundary: family.Boundary, img_size: int) -> nn.Module:
-    return TokenDecoder(boundary.shape[-1], boundary.grid, img_size) if boundary.grid else \
-        ConvDecoder(boundary.shape[0], img_size)
+def decoder(boundary: family.Boundary, img_size: int, form: str = "mse") -> nn.Module:
+    return TokenDecoder(boundary.shape[-1], boundary.grid, img_size, form=form) if boundary.grid else \
+        ConvDecoder(boundary.shape[0], img_size, form=form)
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07,
+                base_temperature: float = 0.07) -> torch.Tensor:
+    """The supervised contrastive loss (Khosla et al., NeurIPS 2020) with one view per image, as InfoPro's
+    `SupConLoss` computes it: each image an anchor, the other images of its class its positives, every other image
+    in the batch its contrast set; -(T / T_base) x the mean log-probability of the positives, averaged over all
+    anchors (an anchor without a positive adds 0). `features` [B, D] are L2-normalised here."""
+    z = F.normalize(features.float(), dim=1)
+    logits = z @ z.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()  # for numerical stability, as there
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    positives = (labels.view(-1, 1) == labels.view(1, -1)) & ~self_mask
+    log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    mean_pos = (log_prob * positives).sum(1) / positives.sum(1).clamp(min=1)
+    return -(temperature / base_temperature) * mean_pos.mean()
 
 
 class Decoupled(staged.StagedModel):
@@ -172,31 +213,45 @@ class DGLPhase(Phase):
 
     def build_model(self, load: bool = True) -> nn.Module:
         target, bounds = self.target(), self.boundaries()
-        heads = [aux_classifier(b, self.num_classes) for b in bounds]
-        decoders = [decoder(b, self.img_size) for b in bounds] if self.reconstruct else None
+        heads = [aux_classifier(b, self.aux_outputs()) for b in bounds]
+        decoders = [decoder(b, self.img_size, self.recon_form()) for b in bounds] if self.reconstruct else None
         return Decoupled(list(target.stages), heads, decoders)
 
+    def aux_outputs(self) -> int:
+        """The auxiliary nets' outputs: the classes (cross-entropy)."""
+        return self.num_classes
+
+    def recon_form(self) -> str:
+        return "mse"
+
+    def class_term(self, aux_out: torch.Tensor, targets: torch.Tensor, criterion) -> tuple[str, torch.Tensor]:
+        """(name, value) of an auxiliary module's class term: DGL's is the auxiliary classifier's cross-entropy."""
+        return "ce", criterion(aux_out.float(), targets)
+
     def local_weights(self, k: int) -> tuple[float, float]:
-        """(reconstruction weight, cross-entropy weight) of module k's local loss."""
+        """(reconstruction weight, class-term weight) of module k's local loss."""
         return 0.0, 1.0
 
     def loss(self, output, targets, criterion) -> dict[str, torch.Tensor]:
         """"loss": the sum of the K local losses (each reaches only its own module's and auxiliary net's
-        parameters, so the sum trains every module on its own loss); per module k: local_k, ce_k (and recon_k)."""
+        parameters, so the sum trains every module on its own loss); per module k: local_k, its class term (ce_k,
+        or supcon_k) and recon_k."""
         if not isinstance(output, staged.PerModule):
             return {"loss": criterion(output.float(), targets)}
         K = self.cfg.model.num_stages
         logits, recon = output.logits, output.recon
         total, terms = 0.0, {}
         for k in range(K):
-            ce = criterion(logits[k].float(), targets)
-            local = ce  # the last module: the model's own head, plain cross-entropy (as in both papers' code)
             if k < K - 1:
-                w_recon, w_ce = self.local_weights(k)
-                local = w_ce * ce + (w_recon * recon[k] if recon else 0.0)
+                name, term = self.class_term(logits[k], targets, criterion)
+                w_recon, w_y = self.local_weights(k)
+                local = w_y * term + (w_recon * recon[k] if recon else 0.0)
                 if recon:
                     terms[f"recon_{k}"] = recon[k].detach()
-            terms[f"ce_{k}"], terms[f"local_{k}"] = ce.detach(), local.detach()
+            else:  # the last module: the model's own head, plain cross-entropy (as in both papers' code)
+                name, term = "ce", criterion(logits[k].float(), targets)
+                local = term
+            terms[f"{name}_{k}"], terms[f"local_{k}"] = term.detach(), local.detach()
             total = total + local
         return {"loss": total, **terms}
 
@@ -206,13 +261,34 @@ class DGLPhase(Phase):
 
 class InfoProPhase(DGLPhase):
     """InfoPro (Wang et al., ICLR 2021): DGL's modules with a decoder each, local loss lambda_1 * reconstruction +
-    lambda_2 * cross-entropy (the `infopro_loss` config section)."""
+    lambda_2 * class term (the `infopro_loss` config section: weights and the two terms' forms)."""
 
     name = "infopro"
     reconstruct = True
 
     def config_key(self) -> dict:
         return dict(super().config_key(), infopro_loss=self.cfg.to_dict()["infopro_loss"])
+
+    def resolve_inputs(self) -> None:
+        super().resolve_inputs()
+        d = self.cfg.data
+        if self.cfg.infopro_loss.info_y == "contrast" and (d.mixup > 0 or d.cutmix > 0):
+            # mixed images have soft labels, and a contrastive positive needs one class
+            raise UserError(f"infopro_loss.info_y=contrast needs one label per image: set data.mixup=0 and "
+                            f"data.cutmix=0 (got {d.mixup}, {d.cutmix})")
+
+    def aux_outputs(self) -> int:
+        lam = self.cfg.infopro_loss
+        return lam.feature_dim if lam.info_y == "contrast" else self.num_classes
+
+    def recon_form(self) -> str:
+        return self.cfg.infopro_loss.info_x
+
+    def class_term(self, aux_out: torch.Tensor, targets: torch.Tensor, criterion) -> tuple[str, torch.Tensor]:
+        lam = self.cfg.infopro_loss
+        if lam.info_y == "contrast":
+            return "supcon", supcon_loss(aux_out, targets, lam.temperature)
+        return super().class_term(aux_out, targets, criterion)
 
     def local_weights(self, k: int) -> tuple[float, float]:
         return infopro_weights(k, self.cfg.model.num_stages, self.cfg.infopro_loss)

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from dsincubate import checkpoint as ckpt, phases, recipes
 from dsincubate.config import apply_overrides
@@ -165,3 +166,91 @@ def test_pipeline_methods_dgl_trains_evaluates_and_exports_through_the_registry(
     tensors, _ = ckpt.load_tensors(out / "dgl" / "model.safetensors")
     assert not any(k.startswith(("aux.", "decoders.")) for k in tensors)
     assert (out / "export" / "dgl").is_dir()
+
+
+def _supcon_by_the_paper(z, labels, t):
+    """Khosla et al.'s L_sup^out written out anchor by anchor: -(1/|P(i)|) sum_p log softmax over A(i) of z_i.z_a/t,
+    averaged over anchors (one with no positive adds 0, as InfoPro's SupConLoss does)."""
+    z = torch.nn.functional.normalize(z.double(), dim=1)
+    terms = []
+    for i in range(len(z)):
+        others = [a for a in range(len(z)) if a != i]
+        pos = [p for p in others if labels[p] == labels[i]]
+        denom = torch.logsumexp(torch.stack([z[i] @ z[a] / t for a in others]), 0)
+        terms.append(-sum(z[i] @ z[p] / t - denom for p in pos) / len(pos) if pos else torch.tensor(0.0).double())
+    return torch.stack(terms).mean()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 12), dim=st.integers(1, 9), classes=st.integers(1, 4), seed=st.integers(0, 2**16),
+       t=st.sampled_from([0.07, 0.5, 1.0]), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_supcon_loss_matches_the_supervised_contrastive_loss_written_out(n, dim, classes, seed, t, scale):
+    from dsincubate.decoupled import supcon_loss
+
+    g = torch.Generator().manual_seed(seed)
+    z, labels = torch.randn(n, dim, generator=g) * scale, torch.randint(0, classes, (n,), generator=g)
+    got = supcon_loss(z, labels, temperature=t, base_temperature=t)
+    assert torch.isfinite(got)
+    assert torch.allclose(got.double(), _supcon_by_the_paper(z, labels, t), rtol=1e-4, atol=1e-4)
+
+
+def test_supcon_loss_is_lower_when_each_class_clusters():
+    from dsincubate.decoupled import supcon_loss
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    centres = torch.eye(3)
+    clustered = centres[labels] + 0.01 * torch.randn(6, 3)
+    mixed = centres[torch.tensor([0, 1, 2, 0, 1, 2])]
+    assert supcon_loss(clustered, labels) < supcon_loss(mixed, labels)
+
+
+@pytest.mark.parametrize("fam", ["vit", "resnet"])
+def test_bce_reconstruction_targets_the_image_in_unit_range(tmp_path, fam):
+    from dsincubate.data import DataInfo
+
+    phase = _phase("infopro", tmp_path, fam, "infopro_loss.info_x=bce")
+    model = phase.build_model().train()
+    pixels = torch.rand(4, 3, 16, 16)  # an image in [0, 1], normalised as the loaders do
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (DataInfo.mean, DataInfo.std))
+    image = (pixels - mean) / std
+    dec = model.decoders[0]
+    h = model.stages[0](image)
+    recon = dec.proj(h[:, h.shape[1] - 4:]) if fam == "vit" else None
+    if fam == "vit":  # the 2x2 patch grid's logits, back to the image layout
+        recon = recon.reshape(-1, 2, 2, 8, 8, 3).permute(0, 5, 1, 3, 2, 4).reshape(-1, 3, 16, 16)
+    else:
+        up = torch.nn.functional.interpolate(h, size=(16, 16), mode="bilinear", align_corners=True)
+        recon = dec.net(up)
+    want = torch.nn.functional.binary_cross_entropy(torch.sigmoid(recon), pixels)
+    assert torch.allclose(dec(h, image), want, atol=1e-5)
+    mse = _phase("infopro", tmp_path / "m", fam).build_model().decoders[0]
+    mse.load_state_dict(dec.state_dict())
+    assert torch.allclose(mse(h, image), torch.nn.functional.mse_loss(recon, image), atol=1e-5)
+
+
+@pytest.mark.parametrize("fam", ["vit", "resnet"])
+def test_infopro_with_its_own_loss_forms_trains_every_module_and_auxiliary_net(tmp_path, fam):
+    phase = _phase("infopro", tmp_path, fam, "infopro_loss.info_y=contrast", "infopro_loss.info_x=bce",
+                   "infopro_loss.ce_first=0.5", "infopro_loss.recon_last=0.5", "infopro_loss.feature_dim=16")
+    model = phase.build_model().train()
+    x, _ = _batch()
+    y = torch.tensor([1, 1, 3, 3])  # a contrastive term needs positives: two images of a class
+    out = model(x)
+    assert all(o.shape == (4, 16) for o in out.logits[:-1]) and out.logits[-1].shape == (4, 10)
+    terms = phase.loss(out, y, CE)
+    assert {f"supcon_{k}" for k in range(len(model.aux))} <= set(terms) and "ce_2" in terms
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    terms["loss"].backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    for g in ["stages.0.", "stages.1.", "stages.2.", "aux.0.", "aux.1.", "decoders.0.", "decoders.1."]:
+        assert any(n.startswith(g) for n in changed), f"{g} did not train"
+
+
+def test_infopro_contrast_with_mixup_is_refused_when_the_phase_is_made(tmp_path):
+    from dsincubate.errors import UserError
+
+    with pytest.raises(UserError, match="mixup"):
+        _phase("infopro", tmp_path, "vit", "infopro_loss.info_y=contrast", "data.mixup=0.8")
+    _phase("infopro", tmp_path / "ok", "vit", "infopro_loss.info_y=contrast", "data.mixup=0", "data.cutmix=0")

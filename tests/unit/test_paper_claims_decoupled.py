@@ -147,7 +147,8 @@ def _fake_pipeline(calls: list, top1):
     return pipeline
 
 
-def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1, tune_from: str = ""):
+def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1, tune_from: str = "",
+                    baselines: tuple = pcd.BASELINES):
     """tuning.tune_decoupled with every run replaced by a record whose top-1 falls off with the distance (ladder
     steps) from that method's `peak`: the search alone."""
     import argparse
@@ -162,7 +163,7 @@ def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1,
     monkeypatch.setattr(pc, "e2e_epochs_for", lambda recipe, sets, extra: (3, {"samples_per_epoch": 64}))
     monkeypatch.setattr(tuning, "tune_extra", lambda *a: ["--train", "t", "--val", "v"])
     args = argparse.Namespace(collect_only=False, tune_data="", tune_per_class=5, tune_seed=0, timeout=60,
-                              tune_extend=2, jobs=jobs, tune_from=tune_from)
+                              tune_extend=2, jobs=jobs, tune_from=tune_from, baselines=baselines)
     return tuning.tune_decoupled(tmp_path, "demo", ["model.depth=32"], [], args)
 
 
@@ -321,3 +322,36 @@ def test_a_negative_or_unreadable_stop_after_is_refused_before_anything_runs(tmp
         pc.main(["--tune", "--experiments", "depth", "--tune-stop-after", value, "--workdir", str(tmp_path / "w")])
     assert e.value.code == 2 and "--tune-stop-after: minutes at least 0" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_decoupled_search_of_some_baselines_runs_only_di_and_those_and_is_saved_apart(tmp_path, monkeypatch):
+    ran: list = []
+    peak = {"di": "8e-3", "infopro": "4e-3"}
+    choice = _tune_decoupled(tmp_path, monkeypatch, peak, ran, baselines=("infopro",))
+    assert {m for m, _, _ in ran} == {"di", "infopro"} and {m: choice[m].split()[1] for m in peak} == peak
+    assert "e2e" not in choice and all(set(v) >= {"di", "infopro"} and "dgl" not in v for v in choice["scores"].values())
+    saved = sorted(p.name for p in (tmp_path / "tune").glob("choice_*.json"))
+    assert len(saved) == 1 and saved[0].startswith("choice_decoupled_infopro_")  # not the full search's file
+    ran.clear()  # a search of every baseline does not take the subset's search, but finds its finished runs
+    full = _tune_decoupled(tmp_path, monkeypatch, dict(peak, e2e="8e-3", dgl="8e-3"), ran)
+    assert {m for m, _, _ in ran} == {"e2e", "dgl"} and full["infopro"] == choice["infopro"]
+    assert all(set(v) >= {"di", "e2e", "dgl", "infopro"} for v in full["scores"].values())
+
+
+def test_a_table_of_some_baselines_shows_di_against_those_only(tmp_path):
+    seeds = [pcd.collect_decoupled(_seed_dir(tmp_path / f"seed{i}", 30.0 + i, 0, 0, 20.0 + 2 * i), i, {}, {},
+                                   baselines=("infopro",)) for i in range(3)]
+    assert all("e2e" not in r and r["infopro"] == 20.0 + 2 * r["seed"] for r in seeds)
+    table, rows = pcd.summarise("decoupled", [{"label": "ResNet-20", "baselines": ["infopro"], "seeds": seeds}])
+    assert set(rows[0]["paired"]) == {"infopro"} and rows[0]["paired"]["infopro"]["mean"] == pytest.approx(9.0)
+    head = table.splitlines()[0]
+    assert "InfoPro" in head and "DI-InfoPro" in head and "E2E" not in head and "DGL" not in head
+    assert "ResNet-20 seed 1: DI 31.0, InfoPro 22.0 (meta 20.0); epochs InfoPro 3" in table
+
+
+def test_an_unknown_baseline_is_refused_by_the_command_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        pc.parse_args(["--experiments", "decoupled", "--baselines", "infopro,sgd"])
+    assert e.value.code == 2 and "unknown baseline(s) ['sgd']" in capsys.readouterr().err
+    assert pc.parse_args(["--baselines", "infopro, dgl"]).baselines == ("dgl", "infopro")  # the registry's order
+    assert pc.parse_args([]).baselines == pcd.BASELINES
