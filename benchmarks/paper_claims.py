@@ -27,7 +27,9 @@ Experiments (paper references in brackets):
 meta, kd, k, reuse, width, ft and ft_lr change only Deep Incubation: their cells train DI and share the default
 cell's E2E run per seed; where a cell's meta pre-training or incubation of a module has the default cell's config
 key (ft, ft_lr: only the fine-tune differs), it takes that finished phase instead of training it again. In `reuse`,
-the source model's own training is not counted in DI's budget (a reused model is sunk cost).
+the source model's own training is not counted in DI's budget (a reused model is sunk cost). Their tables pair each
+cell's DI with the default cell's; under `--tune` every cell runs at the default cell's tuned point
+(benchmarks/ablations.py).
 
     python benchmarks/paper_claims.py                                 # CPU: depth + data, 3 seeds, built-in data
     python benchmarks/paper_claims.py --experiments meta,kd --seeds 0,1,2
@@ -52,7 +54,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, stats, tuning  # noqa: E402
+from benchmarks import ablations, common, stats, tuning  # noqa: E402
+from benchmarks.ablations import ABLATIONS  # noqa: E402
 # the cells' runs and records live in paper_claims_cells.py; their names stay importable from here
 from benchmarks.paper_claims_cells import (_pipeline, cell_key, code_commit, collect_cell, commit_problem,  # noqa: E402,F401
                                            e2e_epochs_for, e2e_epochs_for_hours, reuse_phases, run_cell)
@@ -71,36 +74,15 @@ EXPERIMENTS = {
     "data": ("training data", [(f"{int(f * 100)}%", [f"data.train_fraction={f}"] if f < 1 else [])
                                for f in (0.25, 0.5, 1.0)]),
     # default-valued cells carry no override, so they share the depth-8 cell's runs
-    "meta": ("meta model", [(m, [f"incubate.meta_model={m}"] if m != "fixed" else [])
-                            for m in ("fixed", "tunable", "random")]),
-    "kd": ("meta depth x objective", [(f"d{d} {'imit' if im else 'incub'}",
-                                       ([f"model.meta_depth_per_stage={d}"] if d != 1 else []) +
-                                       (["incubate.imitation=true"] if im else []))
-                                      for d in (1, 2) for im in (False, True)]),
-    "k": ("K", [(f"K={k}", [f"model.num_stages={k}"] if k != 4 else []) for k in (2, 4, 8)]),
-    # {e2e} is the default cell's E2E model of the same seed. 14 meta epochs saved = 0.91 TFLOP = 4 incubation epochs
-    # of all 4 modules (0.23 TFLOP each), so the last cell spends about the scratch cell's FLOPs.
-    "reuse": ("meta model", [("scratch, meta 16 ep", []),
-                             ("from E2E, meta 2 ep", ["model.meta_init={e2e}", "meta.epochs=2"]),
-                             ("from E2E, meta 2 + inc 10 ep", ["model.meta_init={e2e}", "meta.epochs=2",
-                                                               "incubate.epochs=10"])]),
-    # the width-32 meta model and its hybrids cost less (1.75 against 2.92 TFLOP planned); 13 incubation epochs
-    # (0.16 TFLOP each for all 4 modules) spend the own-width cell's budget
-    "width": ("meta width", [("64 (own)", []), ("32 (stitched)", ["model.meta_embed_dim=32", "model.meta_num_heads=2"]),
-                             ("32 (stitched), inc 13 ep", ["model.meta_embed_dim=32", "model.meta_num_heads=2",
-                                                           "incubate.epochs=13"])]),
-    # Fig. 10 (DeiT-T-128 on CIFAR-100): one fine-tune epoch already beats E2E, most of the gain comes early; and the
-    # default fine-tune learning rate is good enough. Every cell reuses the default cell's meta model and modules.
-    "ft": ("fine-tune epochs", [(f"{e}", [f"finetune.epochs={e}"] if e != 4 else []) for e in (1, 2, 4, 8, 16)]),
-    "ft_lr": ("fine-tune lr", [(lr, [f"finetune.lr={lr}"] if lr != "8e-3" else [])
-                               for lr in ("4e-3", "8e-3", "1.6e-2")]),
+    **ABLATIONS,  # the DI-only ablations (meta, kd, k, reuse, width, ft, ft_lr): benchmarks/ablations.py
 }
 # Ablations of Deep Incubation's own settings: none of them changes the E2E run (same model, data, seed), so their
 # cells train Deep Incubation only and compare with the default cell's E2E run of the same seed. Its budget matched
 # the default cell's DI; the table's TFLOP columns show where an ablation's DI used more.
-DI_ONLY = {"meta", "kd", "k", "reuse", "width", "ft", "ft_lr"}
+DI_ONLY = set(ABLATIONS)
 PAPER_DEPTHS = (32, 128)
-DERIVED = ("stats", "paired", "means", "verdict", "flags", "n_seeds")  # a row's statistics, recomputed by summarise
+# a row's statistics, recomputed by summarise
+DERIVED = ("stats", "paired", "means", "verdict", "flags", "n_seeds", "vs_default")
 
 
 def cells(experiment: str, scale: str, depths: list[int] | None = None) -> list[tuple[str, str, list[str]]]:
@@ -147,8 +129,11 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
     title = EXPERIMENTS[experiment][0] if experiment in EXPERIMENTS else experiment
     # --tune rows: the default recipe's E2E of the same seeds beside the tuned one
     default = any(r.get("e2e_default") is not None for row in rows for r in row["seeds"])
+    # a DI-only ablation marks its default cell: each row's DI paired with the default's (the ablation's number)
+    ref = any(row.get("default") for row in rows)
+    vs = ablations.vs_default(rows)
     out, table_rows = [], []
-    for row in rows:
+    for row, vd in zip(rows, vs):
         ok = [r for r in row["seeds"] if r.get("ok")]
         ms = {k: _ms([r.get(k) for r in ok]) for k in ("meta", "assembled", "di", "e2e", "e2e_default")}
         both = [r for r in ok if r["di"] is not None and r["e2e"] is not None]
@@ -157,26 +142,30 @@ def summarise(experiment: str, rows: list[dict]) -> tuple[str, list[dict]]:
         flops = {k: _ms([r[k] for r in ok])[0] for k in ("di_flops", "e2e_flops", "di_hours", "e2e_hours")}
         v = verdict(ms["meta"], ms["di"], ms["e2e"], diff)
         flags = stats.flag_summary(ok)
-        out.append(dict(row, stats=ms, paired=diff, means=flops, verdict=v, flags=flags, n_seeds=len(ok)))
+        out.append(dict(row, stats=ms, paired=diff, means=flops, verdict=v, flags=flags, n_seeds=len(ok)) |
+                   ({"vs_default": vd} if ref else {}))
         pm = lambda k: "-" if ms[k][0] is None else f"{ms[k][0]:.1f} ± {ms[k][1]:.1f}"  # noqa: E731
         label = row["label"] + ("*" if row.get("merged_from") else "")  # a row of an earlier result (--merge)
+        vs_cell = ["default" if row.get("default") else stats.fmt_interval(vd or {})] if ref else []
         table_rows.append([label, len(ok), pm("meta"), pm("assembled"), pm("di"), pm("e2e")] +
                           ([pm("e2e_default")] if default else []) + [pm("di_minus_e2e"),
-                           stats.fmt_interval(diff),
+                           stats.fmt_interval(diff)] + vs_cell + [
                            None if flops["di_flops"] is None else flops["di_flops"] / 1e12,
                            None if flops["e2e_flops"] is None else flops["e2e_flops"] / 1e12,
                            flops["di_hours"], flops["e2e_hours"], v, flags or "-"])
     table = common.table([title, "seeds", "meta top-1", "assembled", "DI top-1", "E2E top-1"] +
-                         (["E2E default"] if default else []) + ["DI-E2E paired", "DI-E2E [95% CI] p", "DI TFLOP",
-                                                                 "E2E TFLOP", "DI h", "E2E h", "verdict",
-                                                                 "per-seed flags"], table_rows,
-                         [""] * (8 + default) + [".1f", ".1f", ".4f", ".4f", "", ""])
+                         (["E2E default"] if default else []) + ["DI-E2E paired", "DI-E2E [95% CI] p"] +
+                         (["DI - default DI [95% CI] p"] if ref else []) +
+                         ["DI TFLOP", "E2E TFLOP", "DI h", "E2E h", "verdict", "per-seed flags"], table_rows,
+                         [""] * (8 + default + ref) + [".1f", ".1f", ".4f", ".4f", "", ""])
     sources = sorted({Path(r["merged_from"]).name for r in rows if r.get("merged_from")})
     if sources:
         table += f"\n* measured earlier: {', '.join(sources)}"
     for r in rows:
         if r.get("tuning"):
             table += "\n" + tuning.describe(r["label"], r["tuning"])
+    if any(r.get("tuned_at") for r in rows):
+        table += "\nevery other cell: Deep Incubation at the default cell's DI point, with the default cell's E2E"
     return table, out
 
 
@@ -351,6 +340,13 @@ def run_experiment(exp: str, args: argparse.Namespace, extra: list[str]) -> list
     rows, work = [], Path(args.workdir) / args.scale
     depths = [int(d) for d in args.depths.split(",") if d.strip()]
     only = [x.strip() for x in args.only.split(",") if x.strip()]
+    base = None
+    if exp in DI_ONLY:  # the default cell: the experiment's base settings, whose E2E run every cell shares
+        base = ("deit_t_32", []) if args.scale == "paper" else ("demo", list(CPU_BASE))
+        base = (base[0], base[1] + args.set)
+        if args.tune:
+            own = [(base[0], label, sets) for label, sets in ABLATIONS[exp][1]]
+            return ablations.tuned_rows(exp, work, own, base, extra, args, only)
     for recipe, label, sets in cells(exp, args.scale, depths):
         if only and label not in only:
             continue
@@ -359,14 +355,10 @@ def run_experiment(exp: str, args: argparse.Namespace, extra: list[str]) -> list
         if args.tune:
             rows.append(tuned_row(work, recipe, label, sets, extra, args))
             continue
-        base = None
-        if exp in DI_ONLY:  # the default cell: the one without overrides of its own
-            default = [i for i, (_, own) in enumerate(EXPERIMENTS[exp][1]) if not own][0]
-            base_recipe, _, base_sets = cells(exp, args.scale, depths)[default]
-            base = (base_recipe, base_sets + args.set)
         seed_rows = [r for seed in [int(s) for s in args.seeds.split(",")]
                      for r in [seed_record(work, recipe, sets, seed, extra, args, base)] if r is not None]
-        rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows})
+        rows.append({"label": label, "recipe": recipe, "overrides": sets, "seeds": seed_rows} |
+                    ({"default": ablations.is_default(recipe, sets, base[1])} if base else {}))
     return rows
 
 

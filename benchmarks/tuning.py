@@ -11,23 +11,21 @@ an assembled, trained model, not a cold start). Gradient clipping at 1.0 goes to
 (`EQUAL`): the demo recipe clips fine-tuning only, and every committed CPU-scale result clipped every phase at
 DeepSpeed's default 1.0 anyway. E2E's epochs follow DI's training FLOPs, which no grid point changes.
 
-The held-out split (`benchmarks/tune_data.py`): `--tune-data TRAIN,TUNE` where a dataset has one, else a hold-out
-of the built-in training shards. Tuning runs train at the full training set's samples per epoch, so a grid point
-sees the iterations the seeds will.
+The held-out split (`benchmarks/tune_data.py`): `--tune-data TRAIN,TUNE`, else a hold-out of the built-in training
+shards; tuning runs train at the full set's samples per epoch (the iterations the seeds will see).
 
 A search longer than one sitting: with `--tune-stop-after MINUTES` no grid point starts after that many minutes; the
-search so far (each point's scores and the commit it ran at) is saved marked `partial`, the cell's row carries it
-with no seeds, and a later `--tune --tune-from <that result>` on any machine continues it where it stopped.
+search so far (each point's scores and commit) is saved marked `partial`, and `--tune --tune-from <that result>`
+continues it on any machine. The DI-only ablations run at their default cell's tuned point (benchmarks/ablations.py).
 
 The decoupled experiment (Tab. 2) tunes DI and every baseline (E2E, DGL, InfoPro; `--baselines` for fewer) alike
 (`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases, each method is
 scored there and runs its seeds at its own best point (`run_tuned_decoupled_seed`). Run directories are keyed by the
 settings that reach them (`own_sets`): DI and E2E together, as the depth experiment tunes them (the DeiT-T-32 cell
-finds that depth-32 cell's runs), each decoupled baseline alone. `--jobs N` runs up to N of a grid point's (or
-seed's) independent runs at once: the DI/E2E pair and each baseline (give each OMP_NUM_THREADS=cores/N).
+finds that depth-32 cell's runs), each baseline alone. `--jobs N` runs up to N of a grid point's (or seed's)
+independent runs at once: the DI/E2E pair and each baseline (give each OMP_NUM_THREADS=cores/N).
 
-    python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4
-    python benchmarks/paper_claims.py --tune --experiments decoupled --only DeiT-T-32 --seeds 0,1,2,3,4
+    python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4  # decoupled likewise
 """
 from __future__ import annotations
 
@@ -40,6 +38,7 @@ from dsincubate.checkpoint import atomic_write_json
 from dsincubate.errors import UserError
 
 from benchmarks import common
+from benchmarks.paper_claims_cells import cell_key
 from benchmarks.tune_data import holdout, tune_extra  # noqa: F401  (the held-out split; tests reach it here)
 
 METHODS = ("di", "e2e")                 # the two methods tuned alike
@@ -195,9 +194,8 @@ def add_args(p) -> None:
                    "grid's ends (a factor 2 each, the same points for both methods) while a method's choice sits at "
                    "an end (default 2; 0: the 3 x 2 grid only); a saved search is extended by a later --tune run")
     p.add_argument("--tune-from", default="", help="comma list of committed result .json files: a cell whose "
-                   "search the work directory lacks takes it from the tuning record of the row with its recipe and "
-                   "overrides (a fresh machine then runs the seeds and any growth of the grid only, or goes on "
-                   "with a search --tune-stop-after stopped)")
+                   "search the work directory lacks takes the tuning record of the row with its settings (a fresh "
+                   "machine then runs the seeds and any growth of the grid only, or goes on with a stopped search)")
     p.add_argument("--tune-stop-after", type=_minutes, default=0.0, help="minutes: start no grid point after this "
                    "long; the unfinished search is saved (partial) in the result, without seeds, for a later "
                    "--tune --tune-from to continue (default 0: no limit); counted from the start of the process")
@@ -219,12 +217,14 @@ def unreadable(files: str) -> str:
 
 def restore(path: Path, recipe: str, sets: list[str], methods: tuple[str, ...], files: str) -> dict | None:
     """A cell's saved search from committed result files (--tune-from): the `tuning` record of a row with the same
-    recipe, overrides and methods, written to `path` (the work directory's saved search); None where none has it.
-    The record's tune-split paths are the source machine's: dropped, so a growing grid writes its own split."""
+    recipe, settings (their final values) and methods, written to `path` (the work directory's saved search); None
+    where none has it. The record's tune-split paths are the source machine's: dropped, so a growing grid writes its
+    own split."""
+    key = cell_key(recipe, sets)
     for f in [Path(x.strip()) for x in files.split(",") if x.strip()]:
         for row in json.loads(f.read_text()).get("rows", []):
             t = row.get("tuning")
-            if t and row.get("recipe") == recipe and list(row.get("overrides", [])) == list(sets) and \
+            if t and row.get("recipe") == recipe and cell_key(recipe, row.get("overrides", [])) == key and \
                     (all(m in t for m in methods) if not t.get("partial") else t.get("methods") == list(methods)):
                 saved = {k: v for k, v in t.items() if k != "tune_args"}
                 atomic_write_json(str(path), saved)
