@@ -4,13 +4,11 @@ A run is described by one `RunConfig`. Recipes (`dsincubate.recipes`) build it; 
 fields with `--set section.field=value`; the resolved config is saved next to every phase's output as `config.json`,
 and `RunConfig.from_dict` reads it back (so `--config out/config.json` repeats a run exactly).
 
-Every field has a docstring (`dsincubate config --fields` prints them) and, where it has one, its domain declared in
-the same line (`setting(default, lo=..., hi=..., choices=...)`). `RunConfig.validate()` checks every domain and the
-relations between fields (min_lr <= lr, warmup shorter than the phase, ...) whenever a config is built from a recipe,
-`--set`, `--config` or a saved `config.json`, so bad settings stop before any engine starts. `None` means "not set".
-
-Engine concerns (ZeRO stage, precision, offload, communication) live in `ds_configs/*.json`, not here; see
-`dsincubate.dsconfig` for how the two are merged.
+Every field has a docstring (`dsincubate config --fields` prints them) and its domain in the same line (`setting(
+default, lo=..., hi=..., choices=...)`). `RunConfig.validate()` checks every domain and the relations between fields
+(min_lr <= lr, warmup shorter than the phase, ...) whenever a config is built, so bad settings stop before any engine
+starts. `None` means "not set". Engine concerns (ZeRO stage, precision, offload) live in `ds_configs/*.json`
+(`dsincubate.dsconfig` merges the two).
 """
 from __future__ import annotations
 
@@ -178,8 +176,10 @@ class TrainConfig(_Checked):
     clip_grad: Optional[float] = setting(None, lo=0.0, lo_open=True)
     """Gradient clipping max norm, filled into DeepSpeed's `gradient_clipping` (None = off; the official code's
     fine-tuning uses 1.0). Setting it here and in the ds_config is an error."""
-    optimizer: str = setting("adamw", choices=("adamw", "lamb"))
-    """'adamw' or 'lamb' (the paper's large-model E2E baselines use LAMB)."""
+    optimizer: str = setting("adamw", choices=("adamw", "lamb", "sgd"))
+    """'adamw', 'lamb' (the paper's large-model E2E baselines) or 'sgd' (InfoPro's and DGL's CIFAR ResNet recipe)."""
+    momentum: float = setting(0.9, lo=0.0, hi=1.0, hi_open=True)
+    """SGD only: its momentum, Nesterov where above 0 (InfoPro's and DGL's 0.9)."""
     lr: float = setting(5e-4, lo=0.0, lo_open=True)
     """Peak learning rate for a global batch of 512; scaled linearly by global batch / 512 (DeiT)."""
     min_lr: float = setting(1e-5, lo=0.0)
@@ -189,7 +189,7 @@ class TrainConfig(_Checked):
     warmup_lr: float = setting(1e-6, lo=0.0)
     """Learning rate at the start of warmup (scaled like lr); at most lr."""
     weight_decay: float = setting(0.05, lo=0.0)
-    """AdamW/LAMB weight decay; biases, norms, class token and position embedding get none."""
+    """Weight decay (decoupled for AdamW/LAMB, L2 for SGD); biases, norms, class token, position embedding get none."""
     betas: tuple[float, float] = setting((0.9, 0.999), lo=0.0, hi=1.0, hi_open=True)
     """Adam betas."""
     drop_path: float = setting(0.1, lo=0.0, hi=1.0, hi_open=True)

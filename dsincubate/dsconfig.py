@@ -238,6 +238,14 @@ def choose(has_cuda: bool, optimizer: str, n_params: int | None, world_size: int
 
 def check_optimizer(optimizer: str, cfg: dict, where: str, field: str) -> None:
     """Refuse an optimizer that cannot be itself under this ds_config (one line naming the field)."""
+    if optimizer == "sgd":  # elementwise: right on ZeRO shards, but DeepSpeed's offload steps its own CPU Adam
+        if offloads_optimizer(cfg):
+            raise UserError(f"{field}=sgd cannot be used with optimizer offload ({where}): DeepSpeed's offload runs "
+                            "its own CPU Adam; use adamw or a ds_config without offload")
+        if zero_stage(cfg) >= 1 and cfg.get("zero_allow_untested_optimizer") is False:
+            raise UserError(f"{field}=sgd under ZeRO stage {zero_stage(cfg)} needs zero_allow_untested_optimizer "
+                            f"(DeepSpeed lists Adam-type optimizers only); {where} sets it false")
+        return
     if optimizer != "lamb":
         return
     stage = zero_stage(cfg)

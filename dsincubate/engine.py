@@ -12,13 +12,13 @@ are the same everywhere.
 """
 from __future__ import annotations
 
+import fnmatch
 import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from timm.optim import param_groups_weight_decay
 
 from dsincubate import dist, dsconfig
 from dsincubate.config import TrainConfig
@@ -47,9 +47,25 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float, no_weight_decay: set[str]) -> list[dict]:
+    """timm's `param_groups_weight_decay` rule (trainable parameters only; no decay for 1-D tensors, biases and the
+    model's `no_weight_decay` names), judged on each parameter's full shape: under ZeRO-3 a partitioned parameter is
+    an empty 1-D placeholder (its shape is `ds_shape`), which timm's rule takes for a bias, so every weight of a model
+    built inside `deepspeed.zero.Init` would lose its weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        skip = ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in no_weight_decay)
+        (no_decay if skip or not weight_decay else decay).append(p)
+    return [g for g in ({"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay})
+            if g["params"]]
+
+
 def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, ds_cfg: dict):
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups_weight_decay(model, tc.weight_decay, no_weight_decay_list=nwd)  # trainable params only
+    groups = param_groups(model, tc.weight_decay, set(nwd))
     if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
         # a V-MoE: expert parameters go into their own groups (reduced over the expert-data-parallel group, not
         # the whole world), as DeepSpeed's MoE engine and ZeRO expect
@@ -73,7 +89,11 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig, lr: float, ds_cfg: 
         from timm.optim import Lamb
 
         return Lamb(groups, lr=lr, betas=tc.betas)
-    raise UserError(f"unknown optimizer {tc.optimizer!r} (adamw or lamb)")
+    if tc.optimizer == "sgd":
+        # elementwise (momentum buffer, L2 decay per group), so a ZeRO shard is updated as its tensors would be
+        dsconfig.check_optimizer("sgd", ds_cfg, "the ds_config", "optimizer")
+        return torch.optim.SGD(groups, lr=lr, momentum=tc.momentum, nesterov=tc.momentum > 0)
+    raise UserError(f"unknown optimizer {tc.optimizer!r} (adamw, lamb or sgd)")
 
 
 def apply_kernels(model, backend: str) -> dict:
@@ -126,6 +146,8 @@ def resolve_ds_config(phase, has_cuda: bool, world_size: int, device_bytes: int 
     dsconfig.check_optimizer(tc.optimizer, base, f"ds_config {ds_file.stem}", f"{phase.name}.optimizer")
     ds_cfg = dsconfig.resolve(base, tc.micro_batch, tc.grad_accum, world_size, str(ds_file),
                               clip_grad=tc.clip_grad, grad_reduce_dtype=phase.cfg.grad_reduce_dtype)
+    if tc.optimizer == "sgd" and dsconfig.zero_stage(ds_cfg) >= 1:  # DeepSpeed lists Adam-type optimizers only
+        ds_cfg["zero_allow_untested_optimizer"] = True
     return ds_file, ds_cfg
 
 

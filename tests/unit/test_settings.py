@@ -29,7 +29,7 @@ def test_config_fields_lists_every_field_of_every_section_with_documentation():
 @pytest.mark.parametrize("setting, message", [
     ("e2e.lr=0", "e2e.lr"), ("e2e.lr=-1e-3", "e2e.lr"), ("meta.epochs=0", "meta.epochs"),
     ("finetune.min_lr=1", "above"), ("e2e.warmup_epochs=1", "not shorter"), ("incubate.micro_batch=0", "micro_batch"),
-    ("e2e.optimizer=sgd", "one of adamw, lamb"), ("incubate.meta_model=frozen", "one of fixed"),
+    ("e2e.optimizer=adam", "one of adamw, lamb, sgd"), ("incubate.meta_model=frozen", "one of fixed"),
     ("data.train_fraction=0", "train_fraction"), ("data.train_fraction=1.5", "train_fraction"),
     ("model.num_heads=5", "not divisible"), ("e2e.drop_path=1.0", "drop_path"), ("finetune.clip_grad=0", "clip_grad"),
     ("e2e.lr=nan", "e2e.lr"), ("data.dmt_splits=3", "dmt_splits"), ("e2e.grad_accum=0", "grad_accum"),
