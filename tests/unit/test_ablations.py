@@ -132,3 +132,16 @@ def test_a_tuned_ablation_restores_the_default_cells_search_from_the_depth_resul
     saved = tuning.restore(path, "demo", list(pc.CPU_BASE), tuning.METHODS, str(src))
     assert saved is not None and (saved["di"], saved["e2e"]) == ("lr 1.6e-2 wu 3", "lr 4e-3 wu 3")
     assert tuning.restore(path, "demo", pc.CPU_BASE + ["model.depth=12"], tuning.METHODS, str(src)) is None
+
+
+@pytest.mark.parametrize("exp", sorted(ablations.ABLATIONS))
+def test_every_ablation_cell_is_a_valid_config_at_every_grid_point_a_tuned_default_can_choose(exp):
+    """A tuned point's warm-up (3 epochs) must fit every cell's phases (the reuse cells' 2 meta epochs name their
+    own warm-up), so no ablation fails for its tuned point rather than for its factor."""
+    from dsincubate import recipes
+    from dsincubate.config import apply_overrides
+
+    for label, _ in tuning.grid(tuning.LADDER):
+        for _, own in ablations.ABLATIONS[exp][1]:
+            sets = pc.CPU_BASE + tuning.grid_sets(label) + [s.replace("{e2e}", "/x/model.safetensors") for s in own]
+            apply_overrides(recipes.get("demo"), sets + ["e2e.epochs=14"])  # validates every phase
