@@ -60,13 +60,13 @@ def _with_e2e(sets: list[str], e2e_dir: Path) -> list[str]:
 
 
 def tuned_seed(work: Path, recipe: str, base: list[str], own: list[str], choice: dict, seed: int,
-               extra: list[str], args) -> dict | None:
-    """One seed of an ablation cell at the tuned point: the default cell's tuned seed first (DI and E2E, each at its
-    own point), then DI with the cell's own overrides over the default's DI point, taking every finished phase
-    whose config key it shares, paired with the default's E2E. None where --collect-only finds it unfinished."""
+               extra: list[str], args, default: dict | None) -> dict | None:
+    """One seed of an ablation cell at the tuned point: DI with the cell's own overrides over the default's DI point,
+    taking every finished phase whose config key it shares, paired with the default's E2E. `default` is the default
+    cell's tuned seed (`tuning.run_tuned_seed`); its record where the cell is the default cell, None where
+    --collect-only finds the seed unfinished."""
     from benchmarks import paper_claims as pc  # its cell functions (runs go through them, tests replace them there)
 
-    default = tuning.run_tuned_seed(work, recipe, base, choice, seed, extra, args)
     di_base = base + tuning.grid_sets(choice["di"])
     sets = di_base + own
     if is_default(recipe, sets, di_base) or default is None or not default.get("ok"):
@@ -93,16 +93,20 @@ def tuned_rows(exp: str, work: Path, cells: list[tuple[str, str, list[str]]], ba
     settings)."""
     recipe, base_sets = base
     choice = tuning.tune_cell(work, recipe, base_sets, extra, args)
+    ready = bool(choice) and not choice.get("partial")
+    di_point = base_sets + tuning.grid_sets(choice["di"]) if ready else base_sets
+    # the default cell's seeds (DI and E2E, each at its own point) first, once: every cell pairs with them
+    defaults = {seed: tuning.run_tuned_seed(work, recipe, base_sets, choice, seed, extra, args)
+                for seed in [int(s) for s in args.seeds.split(",")]} if ready else {}
     rows = []
     for cell_recipe, label, own in cells:
         if only and label not in only:
             continue
         print(f"[paper_claims] {exp} {label} (at the default cell's tuned point)", flush=True)
-        di_point = base_sets + tuning.grid_sets(choice["di"]) if choice and not choice.get("partial") else base_sets
         default = is_default(cell_recipe, di_point + own, di_point)  # where DI runs, not the recipe's own values
-        seeds = [] if choice is None or choice.get("partial") else [
-            r for seed in [int(s) for s in args.seeds.split(",")]
-            for r in [tuned_seed(work, cell_recipe, base_sets, own, choice, seed, extra, args)] if r is not None]
+        seeds = [r for seed, d in defaults.items()
+                 for r in [tuned_seed(work, cell_recipe, base_sets, own, choice, seed, extra, args, d)]
+                 if r is not None]
         row = {"label": f"{label} tuned", "recipe": cell_recipe, "overrides": base_sets + own, "default": default,
                "seeds": seeds}
         rows.append(dict(row, tuning=choice) if default else dict(row, tuned_at=choice and {
