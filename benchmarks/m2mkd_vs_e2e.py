@@ -14,6 +14,10 @@ width on DeepSpeed MoE (MoE MLP in every other block, 4 experts, top-2). Per see
     python benchmarks/m2mkd_vs_e2e.py --seeds 0,1,2 --workdir runs/paper_claims     # shares paper_claims' runs
     python benchmarks/m2mkd_vs_e2e.py --collect-only --workdir runs/paper_claims
 
+With --tune (benchmarks/m2mkd_tuning.py) both students first get the same learning-rate x warm-up search on a split
+held out of the training data, the teacher and meta model come from the default cell at its tuned points, and the
+student E2E's epochs follow m2mKD's FLOPs alone (reproducible; device-hours beside).
+
 Writes benchmarks/results/m2mkd_vs_e2e_<device>_<date>.{json,txt,png}; re-running resumes (finished runs are kept).
 """
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import common, paper_claims as pc, stats  # noqa: E402
+from benchmarks import common, m2mkd_tuning as mt, paper_claims as pc, stats, tuning  # noqa: E402
 from dsincubate import registry  # noqa: E402
 
 VMOE = ["model.moe_every=2", "model.moe_experts=4", "model.moe_top_k=2"]
@@ -40,8 +44,9 @@ def _runs(out: Path, names: list[str]) -> list[dict]:
     return [json.loads((out / n / "run.json").read_text()) for n in names]
 
 
-def e2e_epochs(out: Path, K: int) -> tuple[int, dict]:
-    """Student E2E epochs with at least m2mKD's measured training FLOPs and device-seconds (meta included)."""
+def e2e_epochs(out: Path, K: int, budget: str = "max") -> tuple[int, dict]:
+    """Student E2E epochs with at least m2mKD's measured training FLOPs and (`budget` "max") device-seconds, or
+    (`budget` "flops") its FLOPs alone (meta included)."""
     runs = _runs(out, common.train_dirs("m2mkd", K))  # meta, the K students, the assembled students
     flops = sum(r["flops"]["train_step_per_image"] * r["images_processed"] for r in runs)
     ft = runs[-1]  # the assembled student: the same model as the student E2E
@@ -50,7 +55,8 @@ def e2e_epochs(out: Path, K: int) -> tuple[int, dict]:
     seconds = sum(r["device_seconds"] for r in runs)
     plan = {"kd_flops": flops, "kd_device_seconds": seconds, "e2e_flops_per_epoch": per_epoch_flops,
             "e2e_seconds_per_epoch": per_epoch_s}
-    return max(1, math.ceil(flops / per_epoch_flops - 1e-9), math.ceil(seconds / per_epoch_s)), plan
+    by_time = math.ceil(seconds / per_epoch_s) if budget == "max" else 1
+    return max(1, math.ceil(flops / per_epoch_flops - 1e-9), by_time), plan
 
 
 def _finished(run: Path, method: str) -> bool:
@@ -79,11 +85,72 @@ def run_seed(work: Path, seed: int, extra: list[str], timeout: int, collect_only
                 return {"ok": False, "seed": seed, "error": f"student E2E failed, see {out / 'log_e2e.txt'}"}
     if not _finished(out, "e2e"):
         return {"ok": False, "seed": seed, "error": "not run"}
-    s = json.loads((out / "summary.json").read_text())
     teacher_summary = json.loads((teacher_run / "summary.json").read_text())
-    epochs, plan = e2e_epochs(out, 4)
+    return collect(out, seed, teacher_summary["e2e"]["top1"], "max")
+
+
+def run_students(out: Path, sets: list[str], meta_src: Path, seed: int, extra: list[str], args) -> str:
+    """m2mKD in `out` (the meta model copied from `meta_src`), then the student E2E there at m2mKD's training FLOPs
+    alone; finished parts are kept. '' or what failed."""
+    if args.collect_only:
+        return ""
+    run = sets + [f"seed={seed}"]
+    if not _finished(out, "m2mkd"):
+        pc.reuse_phases(meta_src, out, "demo", run, extra, modules=False)
+        if not pc._pipeline(out, "m2mkd", "demo", run, extra, args.timeout):
+            return f"m2mKD failed, see {out / 'log_m2mkd.txt'}"
+    if not _finished(out, "e2e"):
+        e2e_set = f"{registry.phase('e2e').config_section}.epochs={e2e_epochs(out, 4, 'flops')[0]}"
+        if not pc._pipeline(out, "e2e", "demo", run + [e2e_set], extra, args.timeout):
+            return f"student E2E failed, see {out / 'log_e2e.txt'}"
+    return ""
+
+
+def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | None]:
+    """--tune: the default cell's tuned points (its search restored or run), the students' search, then every seed
+    with each student at its own choice."""
+    recipe, _, base = pc.cells("meta", "cpu")[0]
+    dchoice = tuning.tune_cell(work, recipe, base, extra, args)
+    if not dchoice or dchoice.get("partial"):
+        return [], None
+    student = pc.CPU_BASE + VMOE + KD + mt.meta_sets(dchoice["di"])
+    meta_t, teacher_t = mt.default_sources(work, recipe, base, dchoice, extra, args, tuning_runs=True)
+    t_extra = tuning.tune_extra(args.tune_data, extra, work, args.tune_per_class)
+    per_epoch = [f"data.samples_per_epoch={pc.e2e_epochs_for(recipe, base, extra)[1]['samples_per_epoch']}"]
+
+    def run_point(label: str) -> dict:
+        g = student + mt.point_sets(label, "m2mkd") + mt.point_sets(label, "e2e") + per_epoch
+        g += [f"m2mkd.teacher={teacher_t / 'e2e' / registry.phase('e2e').output_file}"]
+        out = work / "tune" / pc.cell_key("demo", g) / f"seed{args.tune_seed}"
+        print(f"[m2mkd_vs_e2e]   {out}", flush=True)
+        err = run_students(out, g, meta_t, args.tune_seed, t_extra, args)
+        s = json.loads((out / "summary.json").read_text()) if not err else {}
+        return {m: s.get(k, {}).get("top1") for m, k in (("m2mkd", "m2mkd"), ("e2e", "e2e"))}
+
+    choice = mt.search(work, student, run_point, args)
+    if not choice or choice.get("partial"):
+        return [], choice
+    meta_dir, teacher_dir = mt.default_sources(work, recipe, base, dchoice, extra, args, tuning_runs=False)
+    sets = student + mt.point_sets(choice["m2mkd"], "m2mkd") + mt.point_sets(choice["e2e"], "e2e")
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        d = tuning.run_tuned_seed(work, recipe, base, dchoice, seed, extra, args)  # teacher and meta of this seed
+        teacher = teacher_dir / f"seed{seed}" / "e2e" / registry.phase("e2e").output_file
+        out = work / pc.cell_key("demo", sets + ["m2mkd.teacher=<default cell E2E, tuned>"]) / f"seed{seed}"
+        err = "default cell unfinished" if not d or not d.get("ok") else \
+            run_students(out, sets + [f"m2mkd.teacher={teacher}"], meta_dir / f"seed{seed}", seed, extra, args)
+        rows.append(collect(out, seed, d["e2e"]) if not err and _finished(out, "e2e") else
+                    {"ok": False, "seed": seed, "error": err or "not run"})
+        rows[-1].update(kd_setting=choice["m2mkd"], e2e_setting=choice["e2e"])
+    return rows, choice
+
+
+def collect(out: Path, seed: int, teacher_top1: float, budget: str = "flops") -> dict:
+    """One seed's record from its finished run directory."""
+    s = json.loads((out / "summary.json").read_text())
+    _, plan = e2e_epochs(out, 4, budget)
     e2e_run = _runs(out, common.train_dirs("e2e", 1))[-1]
-    return {"ok": True, "seed": seed, "teacher": teacher_summary["e2e"]["top1"],
+    return {"ok": True, "seed": seed, "teacher": teacher_top1,
             "meta": s["deep_incubation"]["meta_top1"], "assembled": s["m2mkd"]["assembled_top1"],
             "kd": s["m2mkd"]["top1"], "e2e": s["e2e"]["top1"], "kd_hours": s["m2mkd"]["device_hours"],
             "e2e_hours": s["e2e"]["device_hours"], "e2e_epochs": s["e2e"]["epochs"], "kd_flops": plan["kd_flops"],
@@ -100,23 +167,34 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/paper_claims", help="shared with paper_claims.py (teacher and meta)")
     p.add_argument("--timeout", type=int, default=7200, help="seconds per pipeline run")
     p.add_argument("--collect-only", action="store_true")
+    tuning.add_args(p)  # --tune and its options (--tune-from takes the default cell's and the students' searches)
     args = p.parse_args(argv)
     common.set_threads()
     work, dev = Path(args.workdir) / "cpu", common.device()
-    rows = [run_seed(work, int(s), extra, args.timeout, args.collect_only) for s in args.seeds.split(",")]
-    table, summary = summarise(rows)
+    if args.tune:
+        rows, choice = tuned_rows(work, extra, args)
+        table, summary = summarise(rows, "V-MoE d8 w64 4x top-2, tuned")
+        table += "\n" + mt.describe(choice)
+        note = "both students searched alike (benchmarks/m2mkd_tuning.py); teacher = the default cell's tuned E2E, " \
+               "meta = its tuned DI meta model (their cost not counted, the meta model's FLOPs counted); E2E " \
+               "epochs = ceil(m2mKD FLOPs / E2E FLOPs per epoch); paired 95% t interval over seeds"
+        extra_rec = {"tuning": choice}
+    else:
+        rows = [run_seed(work, int(s), extra, args.timeout, args.collect_only) for s in args.seeds.split(",")]
+        table, summary = summarise(rows)
+        note = "teacher = paper_claims default cell's E2E model (its cost not counted); E2E epochs = max(ceil(" \
+               "m2mKD FLOPs / E2E FLOPs per epoch), ceil(m2mKD device-s / seconds per epoch)); paired 95% t interval"
+        extra_rec = {}
     record = dict(common.header("m2mkd_vs_e2e", dev), seeds=args.seeds, rows=rows, **summary, extra_args=extra,
-                  note="teacher = paper_claims default cell's E2E model (its cost not counted); E2E epochs = "
-                       "max(ceil(m2mKD FLOPs / E2E FLOPs per epoch), ceil(m2mKD device-s / seconds per epoch)); "
-                       "paired 95% t interval over seeds")
-    path = common.write_result("m2mkd_vs_e2e", record, table)
+                  note=note, **extra_rec)
+    path = common.write_result("m2mkd_vs_e2e_tuned" if args.tune else "m2mkd_vs_e2e", record, table)
     ok = [r for r in rows if r["ok"]]
     plot(ok, path.with_suffix(".png"), common.device_kind(dev))
     print(f"\n{table}\n-> {path} (+ .txt, .png)")
     return 0 if ok else 1
 
 
-def summarise(rows: list[dict]) -> tuple[str, dict]:
+def summarise(rows: list[dict], student: str = "V-MoE d8 w64 4x top-2") -> tuple[str, dict]:
     """The table of the seeds' records and its statistics: mean ± std per model, the paired m2mKD - E2E difference
     with its 95% interval and p (`stats.paired`, the two students of a seed share its meta model and teacher), the
     verdict that follows the interval, mean FLOPs and device-hours."""
@@ -131,7 +209,7 @@ def summarise(rows: list[dict]) -> tuple[str, dict]:
     table = common.table(
         ["student", "seeds", "teacher (dense E2E)", "meta top-1", "assembled", "m2mKD top-1", "E2E top-1",
          "m2mKD-E2E [95% CI] p", "m2mKD TFLOP", "E2E TFLOP", "m2mKD h", "E2E h", "verdict"],
-        [["V-MoE d8 w64 4x top-2", len(ok), pm("teacher"), pm("meta"), pm("assembled"), pm("kd"), pm("e2e"),
+        [[student, len(ok), pm("teacher"), pm("meta"), pm("assembled"), pm("kd"), pm("e2e"),
           stats.fmt_interval(paired), tflop(means["kd_flops"]), tflop(means["e2e_flops"]), means["kd_hours"],
           means["e2e_hours"], verdict]], ["", "", "", "", "", "", "", "", ".1f", ".1f", ".4f", ".4f", ""])
     return table, {"stats": ms, "paired": paired, "means": means, "verdict": verdict}
