@@ -24,7 +24,8 @@ from benchmarks import common, tuning
 from dsincubate import registry
 from dsincubate.checkpoint import atomic_write_json
 
-METHODS = ("m2mkd", "e2e")  # the two students tuned alike; the keys of a grid point's scores
+STUDENT = "m2mkd"  # the method whose student is compared with the same student trained end to end
+METHODS = (STUDENT, tuning.METHODS[1])  # the two students tuned alike; keys of the scores and of summary.json
 
 
 def point_sets(label: str, method: str) -> list[str]:
@@ -57,11 +58,11 @@ def default_sources(work: Path, recipe: str, base: list[str], choice: dict, extr
     per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]
     t_extra = tuning.tune_extra(args.tune_data, extra, work, args.tune_per_class)
     dirs = []
-    for m, phase in (("di", "meta"), ("e2e", "e2e")):
+    for m in tuning.METHODS:  # DI's run gives the meta model, E2E's the teacher
         g = base + tuning.grid_sets(choice[m]) + per_epoch
         out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
-        if not args.collect_only and not (out / phase / "MANIFEST.json").is_file():
-            print(f"[m2mkd_vs_e2e] the default cell's tuning run at {choice[m]} (for its {phase} model)", flush=True)
+        if not args.collect_only:  # finished parts are kept: a finished pair costs nothing
+            print(f"[m2mkd_vs_e2e] the default cell's tuning run at {choice[m]} (for its {m} model)", flush=True)
             pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
         dirs.append(out)
     return dirs[0], dirs[1]

@@ -125,7 +125,7 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
         print(f"[m2mkd_vs_e2e]   {out}", flush=True)
         err = run_students(out, g, meta_t, args.tune_seed, t_extra, args)
         s = json.loads((out / "summary.json").read_text()) if not err else {}
-        return {m: s.get(k, {}).get("top1") for m, k in (("m2mkd", "m2mkd"), ("e2e", "e2e"))}
+        return {m: s.get(m, {}).get("top1") for m in mt.METHODS}
 
     choice = mt.search(work, student, run_point, args)
     if not choice or choice.get("partial"):
