@@ -134,6 +134,7 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
     sets = student + mt.point_sets(choice["m2mkd"], "m2mkd") + mt.point_sets(choice["e2e"], "e2e")
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
+        print(f"[m2mkd_vs_e2e] seed {seed}: m2mKD at {choice['m2mkd']}, E2E at {choice['e2e']}", flush=True)
         d = tuning.run_tuned_seed(work, recipe, base, dchoice, seed, extra, args)  # teacher and meta of this seed
         teacher = teacher_dir / f"seed{seed}" / "e2e" / registry.phase("e2e").output_file
         out = work / pc.cell_key("demo", sets + ["m2mkd.teacher=<default cell E2E, tuned>"]) / f"seed{seed}"
