@@ -119,7 +119,7 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
     per_epoch = [f"data.samples_per_epoch={pc.e2e_epochs_for(recipe, base, extra)[1]['samples_per_epoch']}"]
 
     def run_point(label: str) -> dict:
-        g = student + mt.point_sets(label, "m2mkd") + mt.point_sets(label, "e2e") + per_epoch
+        g = student + mt.point_sets(label, mt.STUDENT) + mt.point_sets(label, "e2e") + per_epoch
         g += [f"m2mkd.teacher={teacher_t / 'e2e' / registry.phase('e2e').output_file}"]
         out = work / "tune" / pc.cell_key("demo", g) / f"seed{args.tune_seed}"
         print(f"[m2mkd_vs_e2e]   {out}", flush=True)
@@ -131,7 +131,7 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
     if not choice or choice.get("partial"):
         return [], choice
     meta_dir, teacher_dir = mt.default_sources(work, recipe, base, dchoice, extra, args, tuning_runs=False)
-    sets = student + mt.point_sets(choice["m2mkd"], "m2mkd") + mt.point_sets(choice["e2e"], "e2e")
+    sets = student + mt.point_sets(choice[mt.STUDENT], mt.STUDENT) + mt.point_sets(choice["e2e"], "e2e")
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         print(f"[m2mkd_vs_e2e] seed {seed}: m2mKD at {choice['m2mkd']}, E2E at {choice['e2e']}", flush=True)
