@@ -9,8 +9,9 @@ the warm-up of distillation (the assembled student keeps its half epoch: it star
 the same rate, warm-up and clipping. What m2mKD reuses stays fixed: the teacher is the default cell's E2E at E2E's
 tuned point and the meta model the default cell's at DI's tuned point (`tuning.tune_cell`'s choice for that cell);
 for the search, both come from the default cell's own tuning runs at those points (trained without the held-out
-images, run here where missing), for the seeds from its tuned seeds. The student E2E's epochs follow m2mKD's
-measured training FLOPs alone (meta included), so a seed is reproducible; device-hours are reported beside.
+images, run here where missing: `tuning_sources`), for the seeds from its tuned seeds. The student E2E's epochs
+follow m2mKD's measured training FLOPs alone (meta included), so a seed is reproducible; device-hours are reported
+beside.
 
     python benchmarks/m2mkd_vs_e2e.py --tune --seeds 0,1,2,3,4 --workdir runs/pc_builtin \\
         --tune-from benchmarks/results/paper_claims_depth_tuned_builtin_cpu2_2026-12-06.json
@@ -45,23 +46,18 @@ def meta_sets(di_label: str) -> list[str]:
     return [s for s in tuning.grid_sets(di_label) if s.startswith(meta + ".")]
 
 
-def default_sources(work: Path, recipe: str, base: list[str], choice: dict, extra: list[str], args,
-                    tuning_runs: bool) -> tuple[Path, Path]:
-    """(run with the meta model, run with the teacher) of the default cell at its tuned points: its tuning runs at
-    --tune-seed (`tuning_runs`; run here where missing, as the search ran them) or the directory of its seeds (the
-    caller appends seed<N>)."""
+def tuning_sources(work: Path, recipe: str, base: list[str], choice: dict, t_extra: list[str], per_epoch: list[str],
+                   args) -> tuple[Path, Path]:
+    """(run with the meta model, run with the teacher) for the search: the default cell's tuning runs at
+    --tune-seed at its DI and E2E choices (`t_extra`: the held-out split's arguments, `per_epoch`: the seeds'
+    samples per epoch), run here where missing as the search ran them (finished parts are kept)."""
     from benchmarks import paper_claims as pc
 
-    if not tuning_runs:
-        return tuple(work / pc.cell_key(recipe, base + tuning.grid_sets(choice[m])) for m in ("di", "e2e"))
-    _, plan = pc.e2e_epochs_for(recipe, base, extra)
-    per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]
-    t_extra = tuning.tune_extra(args.tune_data, extra, work, args.tune_per_class)
     dirs = []
     for m in tuning.METHODS:  # DI's run gives the meta model, E2E's the teacher
         g = base + tuning.grid_sets(choice[m]) + per_epoch
         out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
-        if not args.collect_only:  # finished parts are kept: a finished pair costs nothing
+        if not args.collect_only:
             print(f"[m2mkd_vs_e2e] the default cell's tuning run at {choice[m]} (for its {m} model)", flush=True)
             pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
         dirs.append(out)

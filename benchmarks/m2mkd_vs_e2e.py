@@ -73,35 +73,27 @@ def run_seed(work: Path, seed: int, extra: list[str], timeout: int, collect_only
         if not _finished(teacher_run, "e2e"):
             pc.run_cell(teacher_run, base_recipe, base_sets, seed, extra, timeout)
         teacher = teacher_run / common.train_dirs("e2e", 1)[-1] / registry.phase("e2e").output_file
-        kd_sets = sets + [f"m2mkd.teacher={teacher}", f"seed={seed}"]
-        if not _finished(out, "m2mkd"):
-            pc.reuse_phases(teacher_run, out, "demo", kd_sets, extra, modules=False)
-            if not pc._pipeline(out, "m2mkd", "demo", kd_sets, extra, timeout):
-                return {"ok": False, "seed": seed, "error": f"m2mKD failed, see {out / 'log_m2mkd.txt'}"}
-        if not _finished(out, "e2e"):
-            epochs, _ = e2e_epochs(out, 4)
-            e2e_set = f"{registry.phase('e2e').config_section}.epochs={epochs}"
-            if not pc._pipeline(out, "e2e", "demo", kd_sets + [e2e_set], extra, timeout):
-                return {"ok": False, "seed": seed, "error": f"student E2E failed, see {out / 'log_e2e.txt'}"}
+        err = run_students(out, sets + [f"m2mkd.teacher={teacher}"], teacher_run, seed, extra, timeout, "max")
+        if err:
+            return {"ok": False, "seed": seed, "error": err}
     if not _finished(out, "e2e"):
         return {"ok": False, "seed": seed, "error": "not run"}
     teacher_summary = json.loads((teacher_run / "summary.json").read_text())
     return collect(out, seed, teacher_summary["e2e"]["top1"], "max")
 
 
-def run_students(out: Path, sets: list[str], meta_src: Path, seed: int, extra: list[str], args) -> str:
+def run_students(out: Path, sets: list[str], meta_src: Path, seed: int, extra: list[str], timeout: int,
+                 budget: str = "flops") -> str:
     """m2mKD in `out` (the meta model copied from `meta_src`), then the student E2E there at m2mKD's training FLOPs
-    alone; finished parts are kept. '' or what failed."""
-    if args.collect_only:
-        return ""
+    (and, `budget` "max", device-seconds: `e2e_epochs`); finished parts are kept. '' or what failed."""
     run = sets + [f"seed={seed}"]
     if not _finished(out, "m2mkd"):
         pc.reuse_phases(meta_src, out, "demo", run, extra, modules=False)
-        if not pc._pipeline(out, "m2mkd", "demo", run, extra, args.timeout):
+        if not pc._pipeline(out, "m2mkd", "demo", run, extra, timeout):
             return f"m2mKD failed, see {out / 'log_m2mkd.txt'}"
     if not _finished(out, "e2e"):
-        e2e_set = f"{registry.phase('e2e').config_section}.epochs={e2e_epochs(out, 4, 'flops')[0]}"
-        if not pc._pipeline(out, "e2e", "demo", run + [e2e_set], extra, args.timeout):
+        e2e_set = f"{registry.phase('e2e').config_section}.epochs={e2e_epochs(out, 4, budget)[0]}"
+        if not pc._pipeline(out, "e2e", "demo", run + [e2e_set], extra, timeout):
             return f"student E2E failed, see {out / 'log_e2e.txt'}"
     return ""
 
@@ -114,23 +106,23 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
     if not dchoice or dchoice.get("partial"):
         return [], None
     student = pc.CPU_BASE + VMOE + KD + mt.meta_sets(dchoice["di"])
-    meta_t, teacher_t = mt.default_sources(work, recipe, base, dchoice, extra, args, tuning_runs=True)
     t_extra = tuning.tune_extra(args.tune_data, extra, work, args.tune_per_class)
     per_epoch = [f"data.samples_per_epoch={pc.e2e_epochs_for(recipe, base, extra)[1]['samples_per_epoch']}"]
+    meta_t, teacher_t = mt.tuning_sources(work, recipe, base, dchoice, t_extra, per_epoch, args)
 
     def run_point(label: str) -> dict:
         g = student + mt.point_sets(label, mt.STUDENT) + mt.point_sets(label, "e2e") + per_epoch
         g += [f"m2mkd.teacher={teacher_t / 'e2e' / registry.phase('e2e').output_file}"]
         out = work / "tune" / pc.cell_key("demo", g) / f"seed{args.tune_seed}"
         print(f"[m2mkd_vs_e2e]   {out}", flush=True)
-        err = run_students(out, g, meta_t, args.tune_seed, t_extra, args)
+        err = "" if args.collect_only else run_students(out, g, meta_t, args.tune_seed, t_extra, args.timeout)
         s = json.loads((out / "summary.json").read_text()) if not err else {}
         return {m: s.get(m, {}).get("top1") for m in mt.METHODS}
 
     choice = mt.search(work, student, run_point, args)
     if not choice or choice.get("partial"):
         return [], choice
-    meta_dir, teacher_dir = mt.default_sources(work, recipe, base, dchoice, extra, args, tuning_runs=False)
+    meta_dir, teacher_dir = (work / pc.cell_key(recipe, base + tuning.grid_sets(dchoice[m])) for m in tuning.METHODS)
     sets = student + mt.point_sets(choice[mt.STUDENT], mt.STUDENT) + mt.point_sets(choice["e2e"], "e2e")
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -138,8 +130,8 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
         d = tuning.run_tuned_seed(work, recipe, base, dchoice, seed, extra, args)  # teacher and meta of this seed
         teacher = teacher_dir / f"seed{seed}" / "e2e" / registry.phase("e2e").output_file
         out = work / pc.cell_key("demo", sets + ["m2mkd.teacher=<default cell E2E, tuned>"]) / f"seed{seed}"
-        err = "default cell unfinished" if not d or not d.get("ok") else \
-            run_students(out, sets + [f"m2mkd.teacher={teacher}"], meta_dir / f"seed{seed}", seed, extra, args)
+        err = "default cell unfinished" if not d or not d.get("ok") else "" if args.collect_only else \
+            run_students(out, sets + [f"m2mkd.teacher={teacher}"], meta_dir / f"seed{seed}", seed, extra, args.timeout)
         rows.append(collect(out, seed, d["e2e"]) if not err and _finished(out, "e2e") else
                     {"ok": False, "seed": seed, "error": err or "not run"})
         rows[-1].update(kd_setting=choice["m2mkd"], e2e_setting=choice["e2e"])
