@@ -65,34 +65,18 @@ def tuning_sources(work: Path, recipe: str, base: list[str], choice: dict, t_ext
 
 
 def search(work: Path, student: list[str], run_point, args) -> dict | None:
-    """The grid over both students at --tune-seed; `run_point(label)` runs (or collects) one point and returns
-    {"m2mkd": top-1, "e2e": top-1} on the tune split. Saved as work/tune/choice_m2mkd_<cell>.json (each point as it
-    finishes), or restored from a --tune-from result's `tuning`; None where --collect-only finds none."""
+    """The grid over both students at --tune-seed (`tuning.grow`: grown, stopped by --tune-stop-after and resumed as
+    every tuned search is); `run_point(label)` runs (or collects) one point and returns {"m2mkd": top-1, "e2e":
+    top-1} on the tune split. Saved as work/tune/choice_m2mkd_<cell>.json (each point as it finishes), or restored
+    from a --tune-from result's `tuning`; None where --collect-only finds none."""
     from benchmarks import paper_claims as pc
 
     path = work / "tune" / f"choice_m2mkd_{pc.cell_key('demo', student)}.json"
     saved = json.loads(path.read_text()) if path.is_file() else _restore(path, args.tune_from)
     if args.collect_only:
         return saved
-    scores = dict(saved["scores"]) if saved else {}
-    lrs = tuning.searched(scores)
-    commit = common.git_commit()
-    while True:
-        for label, _ in tuning.grid(lrs, METHODS):
-            if label not in scores:
-                print(f"[m2mkd_vs_e2e] tune {label}", flush=True)
-                scores[label] = {**run_point(label), "git_commit": commit}
-                atomic_write_json(str(path), {"partial": True, "scores": scores, "lrs": lrs})
-        picked = tuning.select(scores, lrs, METHODS)
-        more = tuning.next_lrs(picked, lrs, args.tune_extend)
-        if not more:
-            break
-        print(f"[m2mkd_vs_e2e] tune: a choice sits at an end of lr {lrs[0]} .. {lrs[-1]}; adding {', '.join(more)}",
-              flush=True)
-        lrs = sorted(set(lrs) | set(more), key=tuning.LADDER.index)
-    choice = dict(picked, scores=scores, seed=args.tune_seed, lrs=lrs, edge=tuning.at_edge(picked, lrs))
-    atomic_write_json(str(path), choice)
-    return choice
+    return tuning.complete(path, saved, METHODS, args) or \
+        tuning.grow(path, saved, METHODS, run_point, args, tag="m2mkd_vs_e2e")
 
 
 def _restore(path: Path, files: str) -> dict | None:

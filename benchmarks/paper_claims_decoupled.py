@@ -14,12 +14,14 @@ decoupled  E2E, DGL and InfoPro (`dsincubate.decoupled`) against Deep Incubation
                          instead of 54 (3 per stage: ResNet-110's 18 cost 6x more, beyond this machine), DI = meta 8 +
                          4 per module + fine-tune 4 epochs, 1 warm-up epoch in every phase (the recipe's 5 exceed
                          these runs)
+             ResNet-20 SGD  the same with InfoPro's optimiser (`resnet110_cifar_sgd`: SGD, Nesterov momentum 0.9,
+                         weight decay 1e-4) in every phase of every method; --tune searches SGD's ladder
            Every seed's record is written to the result file as soon as it finishes. The table gives each method's
            mean ± std and, per baseline, the paired DI - baseline difference with its 95% t interval and p.
            With --tune, DI and every baseline first get the same learning-rate x warm-up grid on a split held out of
-           the training data (`tuning.tune_decoupled`: one directory per grid point, each method scored there), then
-           each method runs the seeds at its own best point (`tuning.run_tuned_decoupled_seed`; result
-           paper_claims_decoupled_tuned_*).
+           the training data (`decoupled_tuning.tune_decoupled`: one directory per grid point, each method scored
+           there), then each method runs the seeds at its own best point (`decoupled_tuning.run_tuned_decoupled_seed`;
+           result paper_claims_decoupled_tuned_*).
 split      Deep Incubation alone at the default cell's total planned FLOPs (depth 8; `--set model.depth=16` for
            another), the total divided differently between meta pre-training, incubation and fine-tuning (`SPLITS`:
            shares of the FLOPs, rounded to whole epochs; the table gives each cell's planned FLOPs). Accuracy
@@ -42,7 +44,7 @@ import math
 import time
 from pathlib import Path
 
-from benchmarks import common, paper_claims as pc, stats, tuning
+from benchmarks import common, decoupled_tuning, paper_claims as pc, stats, tuning
 from benchmarks.budget_split import (SPLITS, plot_split, run_split_seed, split_phases, split_plan,  # noqa: F401
                                      split_sets, summarise_split)
 from dsincubate import registry
@@ -105,7 +107,7 @@ _RESNET = ["model.depth=9", "model.kernel_backend=torch", "meta.epochs=8", "incu
      for k in ("warmup_epochs=1.0", "eval_every=100")] + ["finetune.eval_every=100", "data.num_workers=1"]
 DECOUPLED_CELLS = [("demo", "DeiT-T-32", pc.CPU_BASE + ["model.depth=32"]),
                    ("demo", "DeiT-T-32-s1000", pc.CPU_BASE + ["model.depth=32", "data.samples_per_epoch=1000"]),
-                   ("resnet110_cifar", "ResNet-20", _RESNET)]
+                   ("resnet110_cifar", "ResNet-20", _RESNET), ("resnet110_cifar_sgd", "ResNet-20 SGD", _RESNET)]
 RESULTS = common.RESULTS / "paper_claims_decoupled"
 EXPERIMENTS = {"decoupled": "method (at DI's planned FLOPs)", "split": "meta / incubate / fine-tune share of FLOPs"}
 
@@ -207,7 +209,8 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
             for recipe, label, sets, info in cells(exp, args, extra) if not only or label in only]
     if args.tune and exp == "decoupled":  # first the same grid for DI and every baseline, on the held-out split
         rows = [dict(row, label=f"{row['label']} tuned", tuning=choice) for row in rows
-                for choice in [tuning.tune_decoupled(work, row["recipe"], row["overrides"], extra, args)] if choice]
+                for choice in [decoupled_tuning.tune_decoupled(work, row["recipe"], row["overrides"], extra, args)]
+                if choice]
         if any(row["tuning"].get("partial") for row in rows):  # --tune-stop-after: the search so far, no seeds
             write(rows)
     # seeds outer: an interrupted run leaves whole seeds (every cell paired), not whole cells
@@ -218,8 +221,8 @@ def run_experiment(exp: str, args, extra: list[str], write) -> list[dict]:
             if exp == "split":
                 rec = run_split_seed(out, row["recipe"], row["overrides"], seed, extra, args)
             elif args.tune:
-                rec = tuning.run_tuned_decoupled_seed(work, row["recipe"], row["overrides"], row["tuning"], seed,
-                                                      extra, args)
+                rec = decoupled_tuning.run_tuned_decoupled_seed(work, row["recipe"], row["overrides"], row["tuning"],
+                                                                seed, extra, args)
             elif args.collect_only:
                 epochs, plan = baseline_epochs(row["recipe"], row["overrides"], extra)
                 rec = collect_decoupled(out, seed, epochs, plan, partial=True, baselines=args.baselines)

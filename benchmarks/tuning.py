@@ -16,16 +16,15 @@ shards; tuning runs train at the full set's samples per epoch (the iterations th
 
 A search longer than one sitting: with `--tune-stop-after MINUTES` no grid point starts after that many minutes; the
 search so far (each point's scores and commit) is saved marked `partial`, and `--tune --tune-from <that result>`
-continues it on any machine. The DI-only ablations run at their default cell's tuned point (benchmarks/ablations.py).
+continues it on any machine. The DI-only ablations run at their default cell's tuned point (benchmarks/ablations.py),
+the decoupled experiment's methods are searched alike by `tune_cell` too (benchmarks/decoupled_tuning.py), and so are
+m2mKD's students (benchmarks/m2mkd_tuning.py, through `complete` and `grow`).
 
-The decoupled experiment (Tab. 2) tunes DI and every baseline (E2E, DGL, InfoPro; `--baselines` for fewer) alike
-(`tune_decoupled`): each grid point sets the rate, warm-up and clipping of every method's phases, each method is
-scored there and runs its seeds at its own best point (`run_tuned_decoupled_seed`). Run directories are keyed by the
-settings that reach them (`own_sets`): DI and E2E together, as the depth experiment tunes them (the DeiT-T-32 cell
-finds that depth-32 cell's runs), each baseline alone. `--jobs N` runs up to N of a grid point's (or seed's)
-independent runs at once: the DI/E2E pair and each baseline (give each OMP_NUM_THREADS=cores/N).
+The ladder of learning rates follows the optimizer the cell's phases train with (`LADDERS`, `ladder_for`): AdamW's
+(the demo's 8e-3 per 512 in the middle of the first grid) or SGD's (`resnet110_cifar_sgd`: InfoPro's 0.4 per 512 in
+the middle); a cell whose phases use different optimizers, or one without a ladder (LAMB), is refused.
 
-    python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4  # decoupled likewise
+    python benchmarks/paper_claims.py --tune --experiments depth --depths 16 --seeds 0,1,2,3,4
 """
 from __future__ import annotations
 
@@ -42,9 +41,19 @@ from benchmarks.paper_claims_cells import cell_key
 from benchmarks.tune_data import holdout, tune_extra  # noqa: F401  (the held-out split; tests reach it here)
 
 METHODS = ("di", "e2e")                 # the two methods tuned alike
-# learning rates per 512 images, a factor 2 apart: the grid starts at the demo's and its neighbours (`extension`)
-LADDER = ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2", "6.4e-2")
-LRS = LADDER[2:5]                       # half the demo's, the demo's, twice
+# learning rates per 512 images, a factor 2 apart, per optimizer; a search starts at a ladder's 3 middle rates
+# (`start`) and grows along it (`extension`)
+LADDERS = {"adamw": ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2", "6.4e-2"),   # the demo's 8e-3 in the middle
+           "sgd": ("5e-2", "1e-1", "2e-1", "4e-1", "8e-1", "1.6", "3.2")}              # InfoPro's 0.1 per 128 = 0.4
+LADDER = LADDERS["adamw"]
+
+
+def start(ladder: tuple[str, ...] = LADDER) -> tuple[str, ...]:
+    """The first grid's learning rates: the ladder's middle one and its neighbours."""
+    return ladder[2:5]
+
+
+LRS = start()                           # half the demo's, the demo's, twice
 WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
 
 
@@ -59,6 +68,24 @@ def warmup_sections(methods: tuple[str, ...] = METHODS) -> tuple[str, ...]:
     """The sections of the phases that start cold (`common.cold_phases`: not DI's fine-tune, which keeps its own
     warm-up): each gets the grid point's warm-up."""
     return common.sections(p for m in methods for p in common.cold_phases(m))
+
+
+def ladder_for(recipe: str, sets: list[str], methods: tuple[str, ...] = METHODS) -> tuple[str, ...]:
+    """The ladder of the one optimizer that every phase of `methods` trains with in the cell (recipe + `sets`)."""
+    from dsincubate import recipes
+    from dsincubate.config import apply_overrides
+
+    cfg = apply_overrides(recipes.get(recipe), sets)
+    optimizers = sorted({getattr(cfg, s).optimizer for s in lr_sections(methods)})
+    if len(optimizers) != 1 or optimizers[0] not in LADDERS:
+        raise UserError(f"tuning needs one optimizer with a learning-rate ladder ({', '.join(LADDERS)}) in every "
+                        f"tuned phase; the cell's phases use {', '.join(optimizers)}")
+    return LADDERS[optimizers[0]]
+
+
+def labels(lrs: tuple[str, ...] | list[str]) -> list[str]:
+    """The grid points' labels over `lrs`, learning rate outer ("lr 8e-3 wu 1")."""
+    return [f"lr {lr} wu {wu}" for lr in lrs for wu in WARMUPS]
 
 
 def grid(lrs: tuple[str, ...] | list[str] = LRS,
@@ -80,8 +107,9 @@ EQUAL = equal()
 
 
 def grid_sets(label: str, methods: tuple[str, ...] = METHODS) -> list[str]:
-    """The overrides of one grid point anywhere on the ladder (with the clipping every tuned method gets)."""
-    for lb, sets in grid(LADDER, methods):
+    """The overrides of one grid point anywhere on any ladder (with the clipping every tuned method gets)."""
+    rates = tuple(dict.fromkeys(lr for ladder in LADDERS.values() for lr in ladder))
+    for lb, sets in grid(rates, methods):
         if lb == label:
             return equal(methods) + sets
     raise UserError(f"unknown grid point {label!r}")
@@ -92,22 +120,22 @@ def point_lr(label: str) -> str:
     return label.split()[1]
 
 
-def searched(scores: dict[str, dict]) -> list[str]:
+def searched(scores: dict[str, dict], ladder: tuple[str, ...] = LADDER) -> list[str]:
     """The learning rates a saved search covered, in ladder order (a choice saved before the grid could extend
-    covers LRS)."""
-    return sorted({point_lr(lb) for lb in scores} | set(LRS), key=LADDER.index)
+    covers the first grid's)."""
+    return sorted({point_lr(lb) for lb in scores} | set(start(ladder)), key=ladder.index)
 
 
 def select(scores: dict[str, dict], lrs: tuple[str, ...] | list[str] = LRS,
            methods: tuple[str, ...] = METHODS) -> dict:
     """Each method's best point of the grid over `lrs` by its top-1 on the tune split (ties: the first in grid
     order)."""
-    labels = [lb for lb, _ in grid(lrs, methods)]
+    points = labels(lrs)
     choice = {}
     for method in methods:
-        done = [(lb, s[method]) for lb in labels for s in [scores.get(lb)] if s and s.get(method) is not None]
-        if len(done) < len(labels):
-            raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(labels)} grid points finished")
+        done = [(lb, s[method]) for lb in points for s in [scores.get(lb)] if s and s.get(method) is not None]
+        if len(done) < len(points):
+            raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(points)} grid points finished")
         choice[method] = max(done, key=lambda x: x[1])[0]
     return choice
 
@@ -117,19 +145,19 @@ def at_edge(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
     return [m for m in choice if point_lr(choice[m]) in (lrs[0], lrs[-1])]
 
 
-def extension(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
+def extension(choice: dict, lrs: tuple[str, ...] | list[str], ladder: tuple[str, ...] = LADDER) -> list[str]:
     """The learning rates one ladder step past each end of `lrs` where a method's choice sits at that end (the
     same new points for both methods, so the search stays equal); empty where no choice is at an end, or the ladder
     ends there."""
-    lo, hi = LADDER.index(lrs[0]), LADDER.index(lrs[-1])
+    lo, hi = ladder.index(lrs[0]), ladder.index(lrs[-1])
     chosen = {point_lr(v) for v in choice.values()}
-    return ([LADDER[lo - 1]] if lrs[0] in chosen and lo > 0 else []) + \
-        ([LADDER[hi + 1]] if lrs[-1] in chosen and hi + 1 < len(LADDER) else [])
+    return ([ladder[lo - 1]] if lrs[0] in chosen and lo > 0 else []) + \
+        ([ladder[hi + 1]] if lrs[-1] in chosen and hi + 1 < len(ladder) else [])
 
 
-def next_lrs(choice: dict, lrs: list[str], limit: int) -> list[str]:
-    """`extension`, within `limit` learning rates past LRS in all (--tune-extend)."""
-    return extension(choice, lrs)[:max(0, limit - (len(lrs) - len(LRS)))]
+def next_lrs(choice: dict, lrs: list[str], limit: int, ladder: tuple[str, ...] = LADDER) -> list[str]:
+    """`extension`, within `limit` learning rates past the first grid's in all (--tune-extend)."""
+    return extension(choice, lrs, ladder)[:max(0, limit - (len(lrs) - len(start(ladder))))]
 
 
 def out_of_time(args) -> bool:
@@ -143,10 +171,10 @@ def out_of_time(args) -> bool:
     return time.monotonic() - args.tune_started >= limit * 60
 
 
-def _stopped(path: Path, progress: dict) -> dict:
+def _stopped(path: Path, progress: dict, tag: str = "paper_claims") -> dict:
     """Save a search that --tune-stop-after stopped (marked partial) and return it."""
     atomic_write_json(str(path), progress)
-    print(f"[paper_claims] tune: --tune-stop-after reached, {len(progress['scores'])} of {len(progress['grid'])} "
+    print(f"[{tag}] tune: --tune-stop-after reached, {len(progress['scores'])} of {len(labels(progress['lrs']))} "
           f"grid points scored; saved (partial) in {path}", flush=True)
     return progress
 
@@ -233,15 +261,66 @@ def restore(path: Path, recipe: str, sets: list[str], methods: tuple[str, ...], 
     return None
 
 
+def complete(path: Path, saved: dict | None, methods: tuple[str, ...], args,
+             ladder: tuple[str, ...] = LADDER) -> dict | None:
+    """A saved search that is finished and has nothing left to add within --tune-extend (recording what it searched
+    where it was saved before the grid could extend), else None: `grow` goes on with it."""
+    if not saved or saved.get("partial"):  # none yet, or stopped by --tune-stop-after: go on with its grid
+        return None
+    lrs = searched(saved["scores"], ladder)
+    picked = select(saved["scores"], lrs, methods)
+    if next_lrs(picked, lrs, args.tune_extend, ladder):
+        return None
+    if "edge" not in saved:
+        saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
+        atomic_write_json(str(path), saved)
+    return saved
+
+
+def grow(path: Path, saved: dict | None, methods: tuple[str, ...], run_label, args, ladder: tuple[str, ...] = LADDER,
+         record=lambda lrs: {}, tag: str = "paper_claims") -> dict:
+    """The search loop every tuned comparison shares: score each unscored grid point (`run_label(label)` -> each
+    method's top-1 on the tune split), saving the search after every point (marked partial), stop where
+    --tune-stop-after has passed, and while a method's choice sits at an end of the searched learning rates extend
+    the grid one `ladder` step there (at most `args.tune_extend` rates past the first grid's in all). Returns each
+    method's choice with every point's scores, `record(lrs)`'s fields added (the caller's own: its split, its grid's
+    overrides), saved in `path`."""
+    scores = dict(saved["scores"]) if saved else {}
+    lrs = list(saved["lrs"]) if saved and saved.get("partial") else searched(scores, ladder)
+    commit = common.git_commit()  # the code that scores this process's grid points
+    while True:
+        progress = dict(partial=True, methods=list(methods), scores=scores, seed=args.tune_seed, **record(lrs),
+                        lrs=lrs)
+        for label in labels(lrs):
+            if label in scores:
+                continue
+            if out_of_time(args):
+                return _stopped(path, progress, tag)
+            print(f"[{tag}] tune {label}", flush=True)  # run_label prints the directories it runs in
+            r = run_label(label) or {}
+            scores[label] = {**{m: r.get(m) for m in methods}, **{k: r[k] for k in ("meta", "ok") if k in r},
+                             "git_commit": commit}
+            atomic_write_json(str(path), progress)  # an interrupted search keeps this point (progress holds scores)
+        picked = select(scores, lrs, methods)
+        more = next_lrs(picked, lrs, args.tune_extend, ladder)
+        if not more:
+            break
+        print(f"[{tag}] tune: a choice sits at an end of lr {lrs[0]} .. {lrs[-1]}; adding {', '.join(more)}",
+              flush=True)
+        lrs = sorted(set(lrs) | set(more), key=ladder.index)
+    choice = dict(picked, scores=scores, seed=args.tune_seed, **record(lrs), lrs=lrs, edge=at_edge(picked, lrs))
+    atomic_write_json(str(path), choice)
+    return choice
+
+
 def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, methods: tuple[str, ...] = METHODS,
               run_point=None, name: str = "") -> dict | None:
     """Run (or collect) the grid of one cell at `args.tune_seed` on the held-out split and return each method's
-    choice with every grid point's tune top-1; saved as work/tune/choice_<cell>.json. While a method's choice sits
-    at an end of the searched learning rates, the grid extends one ladder step there (at most `args.tune_extend`
-    rates past LRS in all); a saved choice is extended the same way by a later run. None where --collect-only finds
-    no saved choice. `methods` and `run_point` (out, sets, extra, label -> each method's top-1 on the tune split) tune
-    another set of methods (the decoupled experiment: `paper_claims_decoupled.tune_methods`), saved under
-    choice_<name><cell>.json."""
+    choice with every grid point's tune top-1 (`grow`, on the ladder of the cell's optimizer); saved as
+    work/tune/choice_<cell>.json, and extended by a later run while a choice sits at an end. None where
+    --collect-only finds no saved choice. `methods` and `run_point` (out, sets, extra, label -> each method's top-1
+    on the tune split) tune another set of methods (the decoupled experiment: `decoupled_tuning.tune_decoupled`),
+    saved under choice_<name><cell>.json."""
     from benchmarks import paper_claims as pc
 
     def run_pair(out, g, t_extra, label):  # DI, then E2E at DI's FLOPs
@@ -254,45 +333,20 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
         restore(path, recipe, sets, methods, getattr(args, "tune_from", ""))
     if args.collect_only:
         return saved
-    scores = dict(saved["scores"]) if saved else {}
-    unfinished = bool(saved and saved.get("partial"))  # a search stopped by --tune-stop-after: go on with its grid
-    lrs = list(saved["lrs"]) if unfinished else searched(scores)
-    picked = select(scores, lrs, methods) if saved and not unfinished else None
-    if picked is not None and not next_lrs(picked, lrs, args.tune_extend):
-        if "edge" not in saved:  # saved before the grid could extend: record what it searched
-            saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
-            atomic_write_json(str(path), saved)
-        return saved  # nothing left to search within --tune-extend
+    ladder = ladder_for(recipe, sets + [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"], methods)
+    done = complete(path, saved, methods, args, ladder)
+    if done:
+        return done
     t_extra = (saved or {}).get("tune_args") or tune_extra(args.tune_data, extra, work, args.tune_per_class)
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]  # the iterations of the seeds' runs
-    commit = common.git_commit()  # the code that scores this process's grid points
-    while True:
-        progress = dict(partial=True, methods=list(methods), scores=scores, seed=args.tune_seed,
-                        tune_args=t_extra, grid=grid(lrs, methods), equal=equal(methods), lrs=lrs)
-        for label, _ in progress["grid"]:
-            if label in scores:
-                continue
-            if out_of_time(args):
-                return _stopped(path, progress)
-            g = sets + grid_sets(label, methods) + per_epoch
-            out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
-            print(f"[paper_claims] tune {label}", flush=True)  # run_point prints the directories it runs in
-            r = run_point(out, g, t_extra, label) or {}
-            scores[label] = {**{m: r.get(m) for m in methods}, "meta": r.get("meta"), "ok": r.get("ok"),
-                             "git_commit": commit}
-            atomic_write_json(str(path), progress)  # an interrupted search keeps this point (progress holds scores)
-        picked = select(scores, lrs, methods)
-        more = next_lrs(picked, lrs, args.tune_extend)
-        if not more:
-            break
-        print(f"[paper_claims] tune: a choice sits at an end of lr {lrs[0]} .. {lrs[-1]}; adding {', '.join(more)}",
-              flush=True)
-        lrs = sorted(set(lrs) | set(more), key=LADDER.index)
-    choice = dict(picked, scores=scores, seed=args.tune_seed, tune_args=t_extra, grid=grid(lrs, methods),
-                  equal=equal(methods), lrs=lrs, edge=at_edge(picked, lrs))
-    atomic_write_json(str(path), choice)
-    return choice
+
+    def run_label(label: str) -> dict:
+        g = sets + grid_sets(label, methods) + per_epoch
+        return run_point(work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}", g, t_extra, label)
+
+    return grow(path, saved, methods, run_label, args, ladder,
+                lambda lrs: dict(tune_args=t_extra, grid=grid(lrs, methods), equal=equal(methods)))
 
 
 def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str],
@@ -321,80 +375,3 @@ def run_tuned_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed:
     default = work / pc.cell_key(recipe, sets) / f"seed{seed}" / "summary.json"
     rec["e2e_default"] = json.loads(default.read_text())["e2e"]["top1"] if default.is_file() else None
     return dict(rec, di_setting=choice["di"], e2e_setting=choice["e2e"])
-
-
-def own_sets(sets: list[str], label: str, method: str) -> list[str]:
-    """The overrides `method` runs with at grid point `label`: the cell's and the point's for the methods that share
-    its run directory (DI and E2E together, keyed as the depth and data experiments key them, so their runs are
-    found again; a decoupled baseline alone, its phase's settings only: DI's do not reach it)."""
-    return sets + grid_sets(label, METHODS if method in METHODS else (method,))
-
-
-def _run_groups(jobs: int, groups: list) -> list:
-    """Call each of `groups` (functions of no arguments, each one or more runs that go in order), up to `jobs` at
-    once: runs of different methods are independent jobs, each in its own directory."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(lambda f: f(), groups))
-
-
-def _decoupled_runs(dirs: dict, recipe: str, own: dict, seed: int, epochs: dict, extra: list[str], args) -> str:
-    """Run every method of `dirs` that has not finished at its own settings, DI before E2E in their shared
-    directory, the baselines at DI's planned FLOPs (`epochs`); '' or the first failure's message."""
-    from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
-
-    def run(m):
-        sets = own[m] + [f"seed={seed}"] + ([] if m == "di" else dc.baseline_sets(m, epochs))
-        if dc.finished(dirs[m], m) or pc._pipeline(dirs[m], m, recipe, sets, extra, args.timeout):
-            return ""
-        return f"{m} failed, see {dirs[m] / f'log_{m}.txt'}"
-
-    pair = [m for m in METHODS if m in dirs]
-    groups = [lambda: next((e for e in map(run, pair) if e), "")] + \
-        [lambda m=m: run(m) for m in dirs if m not in pair]
-    return next((e for e in _run_groups(args.jobs, groups) if e), "")
-
-
-def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], args) -> dict | None:
-    """The decoupled experiment's grid: DI and every Tab. 2 baseline (`paper_claims_decoupled.BASELINES`) get the
-    same lr x warm-up points (each baseline's phase its learning rate, warm-up and clipping, like E2E's), each method
-    in the directory of its own settings at that point (`own_sets`), the baselines at DI's planned FLOPs, scored on
-    the held-out split; each method then takes its own best point."""
-    from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
-
-    baselines = getattr(args, "baselines", dc.BASELINES)
-    methods = dc.tune_methods(baselines)
-
-    def point(out, g, t_extra, label):
-        per_epoch = g[len(sets) + len(grid_sets(label, methods)):]  # the tuning runs' samples per epoch
-        own = {m: own_sets(sets, label, m) + per_epoch for m in methods}
-        dirs = {m: work / "tune" / pc.cell_key(recipe, own[m]) / f"seed{args.tune_seed}" for m in methods}
-        epochs, plan = dc.baseline_epochs(recipe, own["di"], t_extra)
-        print(f"[paper_claims]   {', '.join(f'{m} {d}' for m, d in dirs.items())}", flush=True)
-        err = _decoupled_runs(dirs, recipe, own, args.tune_seed, epochs, t_extra, args)
-        if err:
-            print(f"[paper_claims]   {label}: {err}", flush=True)
-        return dc.collect_decoupled(dirs["di"], args.tune_seed, epochs, plan, partial=True, dirs=dirs) or {}
-
-    subset = "" if tuple(baselines) == dc.BASELINES else "_".join(baselines) + "_"  # a search of its own
-    return tune_cell(work, recipe, sets, extra, args, methods, point, name=f"decoupled_{subset}")
-
-
-def run_tuned_decoupled_seed(work: Path, recipe: str, sets: list[str], choice: dict, seed: int, extra: list[str],
-                             args) -> dict | None:
-    """One seed of the decoupled experiment at the tuned settings: every method at its own grid point, in the
-    directory of its own settings there (`own_sets`: DI's and E2E's are the depth experiment's tuned seed runs of
-    the same cell), each baseline at DI's planned FLOPs. None where --collect-only finds DI unfinished."""
-    from benchmarks import paper_claims as pc, paper_claims_decoupled as dc
-
-    methods = dc.tune_methods(getattr(args, "baselines", dc.BASELINES))
-    own = {m: own_sets(sets, choice[m], m) for m in methods}
-    dirs = {m: work / pc.cell_key(recipe, own[m]) / f"seed{seed}" for m in methods}
-    epochs, plan = dc.baseline_epochs(recipe, sets, extra)
-    if not args.collect_only:
-        err = _decoupled_runs(dirs, recipe, own, seed, epochs, extra, args)
-        if err:
-            return {"ok": False, "seed": seed, "error": err}
-    rec = dc.collect_decoupled(dirs["di"], seed, epochs, plan, partial=args.collect_only, dirs=dirs)
-    return rec and dict(rec, settings={m: choice[m] for m in methods})

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import paper_claims as pc, paper_claims_decoupled as pcd  # noqa: E402
+from benchmarks import decoupled_tuning, paper_claims as pc, paper_claims_decoupled as pcd  # noqa: E402
 
 
 def test_each_decoupled_baseline_gets_at_least_di_planned_flops_within_one_epoch(tmp_path):
@@ -149,8 +149,8 @@ def _fake_pipeline(calls: list, top1):
 
 def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1, tune_from: str = "",
                     baselines: tuple = pcd.BASELINES):
-    """tuning.tune_decoupled with every run replaced by a record whose top-1 falls off with the distance (ladder
-    steps) from that method's `peak`: the search alone."""
+    """decoupled_tuning.tune_decoupled with every run replaced by a record whose top-1 falls off with the distance
+    (ladder steps) from that method's `peak`: the search alone."""
     import argparse
 
     from benchmarks import tuning
@@ -164,7 +164,7 @@ def _tune_decoupled(tmp_path, monkeypatch, peak: dict, ran: list, jobs: int = 1,
     monkeypatch.setattr(tuning, "tune_extra", lambda *a: ["--train", "t", "--val", "v"])
     args = argparse.Namespace(collect_only=False, tune_data="", tune_per_class=5, tune_seed=0, timeout=60,
                               tune_extend=2, jobs=jobs, tune_from=tune_from, baselines=baselines)
-    return tuning.tune_decoupled(tmp_path, "demo", ["model.depth=32"], [], args)
+    return decoupled_tuning.tune_decoupled(tmp_path, "demo", ["model.depth=32"], [], args)
 
 
 @pytest.mark.parametrize("jobs", [1, 3])
@@ -204,7 +204,7 @@ def test_tuned_decoupled_seed_runs_each_method_at_its_own_point_and_pairs_them(t
     monkeypatch.setattr(pcd, "baseline_epochs", lambda recipe, sets, extra: ({m: 3 for m in pcd.BASELINES}, {}))
     choice = {"di": "lr 8e-3 wu 3", "e2e": "lr 4e-3 wu 3", "dgl": "lr 8e-3 wu 3", "infopro": "lr 1.6e-2 wu 1"}
     args = argparse.Namespace(collect_only=False, timeout=60, jobs=jobs)
-    rec = tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)
+    rec = decoupled_tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)
     assert sorted((m, lr) for m, lr, _ in calls) == [("dgl", "8e-3"), ("di", "8e-3"), ("e2e", "4e-3"),
                                                      ("infopro", "1.6e-2")]
     out = {m: o for m, _, o in calls}
@@ -221,7 +221,7 @@ def test_tuned_decoupled_seed_runs_each_method_at_its_own_point_and_pairs_them(t
         "wu 1 (lr 4e-3 to 1.6e-2 searched, held-out split, seed 0; at an end: InfoPro)" in table
     calls.clear()
     args.collect_only = True
-    assert tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)["di"] == 32.0
+    assert decoupled_tuning.run_tuned_decoupled_seed(tmp_path, "demo", ["model.depth=32"], choice, 0, [], args)["di"] == 32.0
     assert calls == []
 
 
