@@ -146,6 +146,11 @@ def sections(phases) -> tuple[str, ...]:
     return tuple(dict.fromkeys(registry.phase(p).config_section for p in phases))
 
 
+def extra_sets(extra: list[str]) -> list[str]:
+    """The overrides of a dsincubate argument list: the value after each `--set`."""
+    return [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+
+
 def set_threads(n: int | None = None) -> int:
     """Use every core once (or `n`): an oversubscribed CPU makes torch many times slower."""
     import torch

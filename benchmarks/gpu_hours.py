@@ -283,7 +283,7 @@ def sweep_config(args, extra: list[str], dev: dict):
         sets.append(f"data.demo_root={Path(args.demo_root).resolve()}")
     extra = [a for s in sets for a in ("--set", s)] + extra
     cfg = recipes.get(args.recipe)
-    over = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    over = common.extra_sets(extra)
     try:
         cfg = apply_overrides(cfg, [o for o in over if not o.split("=")[0].endswith(".epochs")])
     except Exception:  # noqa: BLE001  (an override for another recipe field; only K and epochs matter here)

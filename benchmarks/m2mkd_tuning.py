@@ -64,19 +64,20 @@ def tuning_sources(work: Path, recipe: str, base: list[str], choice: dict, t_ext
     return dirs[0], dirs[1]
 
 
-def search(work: Path, student: list[str], run_point, args) -> dict | None:
+def search(work: Path, student: list[str], run_point, args, ladder: tuple[str, ...] = tuning.LADDER) -> dict | None:
     """The grid over both students at --tune-seed (`tuning.grow`: grown, stopped by --tune-stop-after and resumed as
-    every tuned search is); `run_point(label)` runs (or collects) one point and returns {"m2mkd": top-1, "e2e":
-    top-1} on the tune split. Saved as work/tune/choice_m2mkd_<cell>.json (each point as it finishes), or restored
-    from a --tune-from result's `tuning`; None where --collect-only finds none."""
+    every tuned search is) on `ladder`, the students' optimizer's (`tuning.ladder_for`); `run_point(label)` runs (or
+    collects) one point and returns {"m2mkd": top-1, "e2e": top-1} on the tune split. Saved as
+    work/tune/choice_m2mkd_<cell>.json (each point as it finishes), or restored from a --tune-from result's `tuning`;
+    None where --collect-only finds none."""
     from benchmarks import paper_claims as pc
 
     path = work / "tune" / f"choice_m2mkd_{pc.cell_key('demo', student)}.json"
     saved = json.loads(path.read_text()) if path.is_file() else _restore(path, args.tune_from)
     if args.collect_only:
         return saved
-    return tuning.complete(path, saved, METHODS, args) or \
-        tuning.grow(path, saved, METHODS, run_point, args, tag="m2mkd_vs_e2e")
+    return tuning.complete(path, saved, METHODS, args, ladder) or \
+        tuning.grow(path, saved, METHODS, run_point, args, ladder, tag="m2mkd_vs_e2e")
 
 
 def _restore(path: Path, files: str) -> dict | None:

@@ -119,7 +119,7 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
         s = json.loads((out / "summary.json").read_text()) if not err else {}
         return {m: s.get(m, {}).get("top1") for m in mt.METHODS}
 
-    choice = mt.search(work, student, run_point, args)
+    choice = mt.search(work, student, run_point, args, tuning.ladder_for("demo", student, mt.METHODS))
     if not choice or choice.get("partial"):
         return [], choice
     meta_dir, teacher_dir = (work / pc.cell_key(recipe, base + tuning.grid_sets(dchoice[m])) for m in tuning.METHODS)

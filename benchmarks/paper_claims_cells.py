@@ -35,7 +35,7 @@ def e2e_epochs_for(recipe: str, sets: list[str], extra: list[str]) -> tuple[int,
     from dsincubate.cli import _preflight
     from dsincubate.config import apply_overrides
 
-    extra_sets = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    extra_sets = common.extra_sets(extra)
     data = {a: extra[i + 1] for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")}
     sets = sets + extra_sets + [f"data.{k[2:]}={v}" for k, v in data.items()]
     cfg = apply_overrides(recipes.get(recipe), sets)
@@ -69,7 +69,7 @@ def reuse_phases(src: Path, out: Path, recipe: str, sets: list[str], extra: list
     from dsincubate.config import RunConfig, apply_overrides
     from dsincubate.layout import RunLayout
 
-    extra_sets = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    extra_sets = common.extra_sets(extra)
     data = [f"data.{a[2:]}={extra[i + 1]}" for i, a in enumerate(extra[:-1]) if a in ("--train", "--val")]
     cfg = apply_overrides(recipes.get(recipe), sets + extra_sets + data)
 

@@ -122,7 +122,7 @@ def per_image_flops(recipe: str, sets: list[str], extra: list[str], phase: str) 
     from dsincubate.cli import _preflight
     from dsincubate.config import apply_overrides
 
-    extra_sets = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]
+    extra_sets = common.extra_sets(extra)
     cfg = apply_overrides(recipes.get(recipe), sets + extra_sets)
     info = _preflight(cfg, False)
     ph = phases.make(phase, cfg, "/nonexistent", cfg.model.num_classes or info.num_classes, None, resolve=False)

@@ -333,7 +333,7 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
         restore(path, recipe, sets, methods, getattr(args, "tune_from", ""))
     if args.collect_only:
         return saved
-    ladder = ladder_for(recipe, sets + [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"], methods)
+    ladder = ladder_for(recipe, sets + common.extra_sets(extra), methods)
     done = complete(path, saved, methods, args, ladder)
     if done:
         return done
