@@ -146,6 +146,18 @@ def sections(phases) -> tuple[str, ...]:
     return tuple(dict.fromkeys(registry.phase(p).config_section for p in phases))
 
 
+def exit_with(main) -> None:
+    """Exit with a benchmark's `main()`: bad input or settings found mid-run (`UserError`: a tuning cell with two
+    optimizers, an unfinished search) end in one line on stderr and exit 2, not a traceback."""
+    from dsincubate.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def extra_sets(extra: list[str]) -> list[str]:
     """The overrides of a dsincubate argument list: the value after each `--set`."""
     return [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--set"]

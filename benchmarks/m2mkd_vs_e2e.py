@@ -229,4 +229,4 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.exit_with(main)

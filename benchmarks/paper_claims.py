@@ -389,4 +389,4 @@ def tuned_row(work: Path, recipe: str, label: str, sets: list[str], extra: list[
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    common.exit_with(main)

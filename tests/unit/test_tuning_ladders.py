@@ -107,3 +107,15 @@ def test_the_m2mkd_search_stops_at_its_time_limit_and_a_later_run_goes_on_with_t
     done = mt.search(tmp_path, ["x=1"], run_point, _args())
     assert not done.get("partial") and len(calls) == len(set(calls))  # no point ran twice
     assert done["m2mkd"] == "lr 1e-3 wu 1" and done["lrs"][0] == "1e-3"  # grown down to the ladder's end
+
+
+def test_a_benchmark_that_meets_bad_settings_mid_run_exits_2_with_one_line(capsys):
+    from benchmarks import common
+
+    def main():  # what paper_claims.main meets on a cell with two optimizers, before any run
+        return tuning.ladder_for("demo", ["e2e.optimizer=sgd"])
+
+    with pytest.raises(SystemExit) as e:
+        common.exit_with(main)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: tuning needs one optimizer")
