@@ -60,16 +60,16 @@ def tune_decoupled(work: Path, recipe: str, sets: list[str], extra: list[str], a
     baselines = getattr(args, "baselines", dc.BASELINES)
     methods = dc.tune_methods(baselines)
 
-    def point(out, g, t_extra, label):
+    def point(out, g, t_extra, label, seed):
         per_epoch = g[len(sets) + len(tuning.grid_sets(label, methods)):]  # the tuning runs' samples per epoch
         own = {m: own_sets(sets, label, m) + per_epoch for m in methods}
-        dirs = {m: work / "tune" / pc.cell_key(recipe, own[m]) / f"seed{args.tune_seed}" for m in methods}
+        dirs = {m: work / "tune" / pc.cell_key(recipe, own[m]) / f"seed{seed}" for m in methods}
         epochs, plan = dc.baseline_epochs(recipe, own["di"], t_extra)
         print(f"[paper_claims]   {', '.join(f'{m} {d}' for m, d in dirs.items())}", flush=True)
-        err = _decoupled_runs(dirs, recipe, own, args.tune_seed, epochs, t_extra, args)
+        err = _decoupled_runs(dirs, recipe, own, seed, epochs, t_extra, args)
         if err:
             print(f"[paper_claims]   {label}: {err}", flush=True)
-        return dc.collect_decoupled(dirs["di"], args.tune_seed, epochs, plan, partial=True, dirs=dirs) or {}
+        return dc.collect_decoupled(dirs["di"], seed, epochs, plan, partial=True, dirs=dirs) or {}
 
     subset = "" if tuple(baselines) == dc.BASELINES else "_".join(baselines) + "_"  # a search of its own
     return tuning.tune_cell(work, recipe, sets, extra, args, methods, point, name=f"decoupled_{subset}")

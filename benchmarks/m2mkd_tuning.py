@@ -2,7 +2,7 @@
 Deep Incubation and E2E).
 
 Both students (the same V-MoE) get the same search: learning rate x warm-up (tuning.py's grid and ladder, grown one
-factor-2 step past an end while either choice sits there, at most --tune-extend rates) at --tune-seed on the split
+factor-2 step past an end while either choice sits there, at most --tune-extend rates) at --tune-seeds on the split
 held out of the training data (tuning.tune_extra; never the validation set the table reports). m2mKD's grid point
 sets the rate and clipping (1.0) of its own phases (module distillation and the assembled student's training) and
 the warm-up of distillation (the assembled student keeps its half epoch: it starts from trained modules); E2E gets
@@ -48,42 +48,43 @@ def meta_sets(di_label: str) -> list[str]:
 
 def tuning_sources(work: Path, recipe: str, base: list[str], choice: dict, t_extra: list[str], per_epoch: list[str],
                    args) -> tuple[Path, Path]:
-    """(run with the meta model, run with the teacher) for the search: the default cell's tuning runs at
-    --tune-seed at its DI and E2E choices (`t_extra`: the held-out split's arguments, `per_epoch`: the seeds'
+    """(run with the meta model, run with the teacher) for the search: the default cell's tuning runs at the
+    search's first seed at its DI and E2E choices (`t_extra`: the held-out split's arguments, `per_epoch`: the seeds'
     samples per epoch), run here where missing as the search ran them (finished parts are kept)."""
     from benchmarks import paper_claims as pc
 
     dirs = []
     for m in tuning.METHODS:  # DI's run gives the meta model, E2E's the teacher
         g = base + tuning.grid_sets(choice[m]) + per_epoch
-        out = work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}"
+        seed = tuning.tune_seeds(args)[0]  # every seed of the students' search reuses the same meta model, teacher
+        out = work / "tune" / pc.cell_key(recipe, g) / f"seed{seed}"
         if not args.collect_only:
             print(f"[m2mkd_vs_e2e] the default cell's tuning run at {choice[m]} (for its {m} model)", flush=True)
-            pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
+            pc.run_cell(out, recipe, g, seed, t_extra, args.timeout, budget="flops")
         dirs.append(out)
     return dirs[0], dirs[1]
 
 
 def search(work: Path, student: list[str], run_point, args, ladder: tuple[str, ...] = tuning.LADDER) -> dict | None:
-    """The grid over both students at --tune-seed (`tuning.grow`: grown, stopped by --tune-stop-after and resumed as
-    every tuned search is) on `ladder`, the students' optimizer's (`tuning.ladder_for`); `run_point(label)` runs (or
-    collects) one point and returns {"m2mkd": top-1, "e2e": top-1} on the tune split. Saved as
+    """The grid over both students at --tune-seeds (`tuning.grow`: grown, stopped by --tune-stop-after and resumed as
+    every tuned search is) on `ladder`, the students' optimizer's (`tuning.ladder_for`); `run_point(label, seed)` runs
+    (or collects) one point at one seed and returns {"m2mkd": top-1, "e2e": top-1} on the tune split. Saved as
     work/tune/choice_m2mkd_<cell>.json (each point as it finishes), or restored from a --tune-from result's `tuning`;
     None where --collect-only finds none."""
     from benchmarks import paper_claims as pc
 
-    path = work / "tune" / f"choice_m2mkd_{pc.cell_key('demo', student)}.json"
-    saved = json.loads(path.read_text()) if path.is_file() else _restore(path, args.tune_from)
+    path = work / "tune" / f"choice_m2mkd_{pc.cell_key('demo', student)}{tuning.file_tag(args)}.json"
+    saved = json.loads(path.read_text()) if path.is_file() else _restore(path, args.tune_from, args)
     if args.collect_only:
         return saved
     return tuning.complete(path, saved, METHODS, args, ladder) or \
         tuning.grow(path, saved, METHODS, run_point, args, ladder, tag="m2mkd_vs_e2e")
 
 
-def _restore(path: Path, files: str) -> dict | None:
+def _restore(path: Path, files: str, args) -> dict | None:
     for f in [Path(x.strip()) for x in (files or "").split(",") if x.strip()]:
         t = json.loads(f.read_text()).get("tuning")
-        if t and all(m in t for m in METHODS):
+        if t and all(m in t for m in METHODS) and tuning.same_search(t, args):
             atomic_write_json(str(path), t)
             print(f"[m2mkd_vs_e2e] tune: the search restored from {f}", flush=True)
             return t
@@ -97,5 +98,5 @@ def describe(t: dict | None) -> str:
     edge = f"; at the end of the searched rates ({t['lrs'][0]} to {t['lrs'][-1]}): {', '.join(t['edge'])}" \
         if t.get("edge") else ""
     return f"m2mKD at {t['m2mkd']}, E2E at {t['e2e']} (each its best of the same grid, lr {t['lrs'][0]} to " \
-           f"{t['lrs'][-1]} x warm-up {'/'.join(tuning.WARMUPS)}, on the held-out split, seed {t['seed']}; " \
+           f"{t['lrs'][-1]} x warm-up {'/'.join(tuning.WARMUPS)}, on the held-out split, {tuning.seeds_text(t)}; " \
            f"clipping 1.0 in both students' phases{edge})"

@@ -110,12 +110,12 @@ def tuned_rows(work: Path, extra: list[str], args) -> tuple[list[dict], dict | N
     per_epoch = [f"data.samples_per_epoch={pc.e2e_epochs_for(recipe, base, extra)[1]['samples_per_epoch']}"]
     meta_t, teacher_t = mt.tuning_sources(work, recipe, base, dchoice, t_extra, per_epoch, args)
 
-    def run_point(label: str) -> dict:
+    def run_point(label: str, seed: int) -> dict:
         g = student + mt.point_sets(label, mt.STUDENT) + mt.point_sets(label, "e2e") + per_epoch
         g += [f"m2mkd.teacher={teacher_t / 'e2e' / registry.phase('e2e').output_file}"]
-        out = work / "tune" / pc.cell_key("demo", g) / f"seed{args.tune_seed}"
+        out = work / "tune" / pc.cell_key("demo", g) / f"seed{seed}"
         print(f"[m2mkd_vs_e2e]   {out}", flush=True)
-        err = "" if args.collect_only else run_students(out, g, meta_t, args.tune_seed, t_extra, args.timeout)
+        err = "" if args.collect_only else run_students(out, g, meta_t, seed, t_extra, args.timeout)
         s = json.loads((out / "summary.json").read_text()) if not err else {}
         return {m: s.get(m, {}).get("top1") for m in mt.METHODS}
 

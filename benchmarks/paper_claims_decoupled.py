@@ -261,7 +261,7 @@ def summarise_decoupled(rows: list[dict]) -> tuple[str, list[dict]]:
         elif row.get("tuning"):  # each method's own best point of the same grid
             t = row["tuning"]
             table += f"\n{row['label']}: " + ", ".join(f"{_name(m)} at {t[m]}" for m in ("di", *own(row))) + \
-                f" (lr {t['lrs'][0]} to {t['lrs'][-1]} searched, held-out split, seed {t['seed']}" + \
+                f" (lr {t['lrs'][0]} to {t['lrs'][-1]} searched, held-out split, {tuning.seeds_text(t)}" + \
                 (f"; at an end: {', '.join(map(_name, t['edge']))})" if t.get("edge") else ")")
         for r in row["seeds"]:
             if r.get("ok"):

@@ -1,8 +1,9 @@
 """Equal tuning of E2E and Deep Incubation for `paper_claims.py --tune` (issue 24 item 1).
 
-Both methods get the same search: learning rate x warm-up, 3 x 2 (`GRID`), run at one seed on data held out from the
-training set (never on the validation set the tables report); each method then runs its seeds at the grid point that
-scored best for it. Where either method's best learning rate is the lowest or highest one searched, the grid grows
+Both methods get the same search: learning rate x warm-up, 3 x 2 (`GRID`), run at one seed (or at several,
+`--tune-seeds`, each point scored by the mean or worst of their top-1: benchmarks/tune_search.py) on data held out from
+the training set (never on the validation set the tables report); each method then runs its seeds at the grid point
+that scored best for it. Where either method's best learning rate is the lowest or highest one searched, the grid grows
 one factor-2 step in that direction for both (`extension`, at most `--tune-extend` steps); a choice still at an end
 is named in the table. DI's grid point sets the settings its phases share: the learning rate of meta pre-training,
 incubation and fine-tuning (all at the same rate in the demo recipe) and the warm-up of meta pre-training and
@@ -39,22 +40,14 @@ from dsincubate.errors import UserError
 from benchmarks import common
 from benchmarks.paper_claims_cells import cell_key
 from benchmarks.tune_data import holdout, tune_extra  # noqa: F401  (the held-out split; tests reach it here)
+from benchmarks.tune_search import (LADDER, LADDERS, RULES, WARMUPS, complete, file_tag, grow, labels,  # noqa: F401
+                                    point_lr, same_search, saved_seeds, searched, seeds_text, select, start,
+                                    tune_seeds)
 
 METHODS = ("di", "e2e")                 # the two methods tuned alike
-# learning rates per 512 images, a factor 2 apart, per optimizer; a search starts at a ladder's 3 middle rates
-# (`start`) and grows along it (`extension`)
-LADDERS = {"adamw": ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2", "6.4e-2"),   # the demo's 8e-3 in the middle
-           "sgd": ("5e-2", "1e-1", "2e-1", "4e-1", "8e-1", "1.6", "3.2")}              # InfoPro's 0.1 per 128 = 0.4
-LADDER = LADDERS["adamw"]
-
-
-def start(ladder: tuple[str, ...] = LADDER) -> tuple[str, ...]:
-    """The first grid's learning rates: the ladder's middle one and its neighbours."""
-    return ladder[2:5]
 
 
 LRS = start()                           # half the demo's, the demo's, twice
-WARMUPS = ("1", "3")                    # epochs of warm-up: the demo's, and three
 
 
 def lr_sections(methods: tuple[str, ...] = METHODS) -> tuple[str, ...]:
@@ -81,11 +74,6 @@ def ladder_for(recipe: str, sets: list[str], methods: tuple[str, ...] = METHODS)
         raise UserError(f"tuning needs one optimizer with a learning-rate ladder ({', '.join(LADDERS)}) in every "
                         f"tuned phase; the cell's phases use {', '.join(optimizers)}")
     return LADDERS[optimizers[0]]
-
-
-def labels(lrs: tuple[str, ...] | list[str]) -> list[str]:
-    """The grid points' labels over `lrs`, learning rate outer ("lr 8e-3 wu 1")."""
-    return [f"lr {lr} wu {wu}" for lr in lrs for wu in WARMUPS]
 
 
 def grid(lrs: tuple[str, ...] | list[str] = LRS,
@@ -115,74 +103,11 @@ def grid_sets(label: str, methods: tuple[str, ...] = METHODS) -> list[str]:
     raise UserError(f"unknown grid point {label!r}")
 
 
-def point_lr(label: str) -> str:
-    """The learning rate of a grid point's label ("lr 8e-3 wu 1" -> "8e-3")."""
-    return label.split()[1]
-
-
-def searched(scores: dict[str, dict], ladder: tuple[str, ...] = LADDER) -> list[str]:
-    """The learning rates a saved search covered, in ladder order (a choice saved before the grid could extend
-    covers the first grid's)."""
-    return sorted({point_lr(lb) for lb in scores} | set(start(ladder)), key=ladder.index)
-
-
-def select(scores: dict[str, dict], lrs: tuple[str, ...] | list[str] = LRS,
-           methods: tuple[str, ...] = METHODS) -> dict:
-    """Each method's best point of the grid over `lrs` by its top-1 on the tune split (ties: the first in grid
-    order)."""
-    points = labels(lrs)
-    choice = {}
-    for method in methods:
-        done = [(lb, s[method]) for lb in points for s in [scores.get(lb)] if s and s.get(method) is not None]
-        if len(done) < len(points):
-            raise UserError(f"tuning incomplete for {method}: {len(done)} of {len(points)} grid points finished")
-        choice[method] = max(done, key=lambda x: x[1])[0]
-    return choice
-
-
-def at_edge(choice: dict, lrs: tuple[str, ...] | list[str]) -> list[str]:
-    """The methods whose chosen learning rate is the lowest or highest one searched: their optimum may lie beyond."""
-    return [m for m in choice if point_lr(choice[m]) in (lrs[0], lrs[-1])]
-
-
-def extension(choice: dict, lrs: tuple[str, ...] | list[str], ladder: tuple[str, ...] = LADDER) -> list[str]:
-    """The learning rates one ladder step past each end of `lrs` where a method's choice sits at that end (the
-    same new points for both methods, so the search stays equal); empty where no choice is at an end, or the ladder
-    ends there."""
-    lo, hi = ladder.index(lrs[0]), ladder.index(lrs[-1])
-    chosen = {point_lr(v) for v in choice.values()}
-    return ([ladder[lo - 1]] if lrs[0] in chosen and lo > 0 else []) + \
-        ([ladder[hi + 1]] if lrs[-1] in chosen and hi + 1 < len(ladder) else [])
-
-
-def next_lrs(choice: dict, lrs: list[str], limit: int, ladder: tuple[str, ...] = LADDER) -> list[str]:
-    """`extension`, within `limit` learning rates past the first grid's in all (--tune-extend)."""
-    return extension(choice, lrs, ladder)[:max(0, limit - (len(lrs) - len(start(ladder))))]
-
-
-def out_of_time(args) -> bool:
-    """True once --tune-stop-after minutes have passed since `args.tune_started` (the process's start under
-    paper_claims.py; else the first call); 0 or unset: never."""
-    limit = getattr(args, "tune_stop_after", 0) or 0
-    if not limit:
-        return False
-    if getattr(args, "tune_started", None) is None:
-        args.tune_started = time.monotonic()
-    return time.monotonic() - args.tune_started >= limit * 60
-
-
-def _stopped(path: Path, progress: dict, tag: str = "paper_claims") -> dict:
-    """Save a search that --tune-stop-after stopped (marked partial) and return it."""
-    atomic_write_json(str(path), progress)
-    print(f"[{tag}] tune: --tune-stop-after reached, {len(progress['scores'])} of {len(labels(progress['lrs']))} "
-          f"grid points scored; saved (partial) in {path}", flush=True)
-    return progress
-
-
 def unfinished_line(label: str, t: dict) -> str:
     """The table's line on a search that --tune-stop-after stopped (no seeds ran)."""
-    return f"{label}: search unfinished ({len(t['scores'])} of {len(t['grid'])} grid points scored, lr {t['lrs'][0]} " \
-           f"to {t['lrs'][-1]}, held-out split, seed {t['seed']}); continue with --tune --tune-from <this file>"
+    done = sum(1 for s in t["scores"].values() if "git_commit" in s)
+    return f"{label}: search unfinished ({done} of {len(t['grid'])} grid points scored, lr {t['lrs'][0]} " \
+           f"to {t['lrs'][-1]}, held-out split, {seeds_text(t)}); continue with --tune --tune-from <this file>"
 
 
 def describe(label: str, t: dict) -> str:
@@ -192,7 +117,20 @@ def describe(label: str, t: dict) -> str:
     edge = f"; at the end of the searched learning rates ({t['lrs'][0]} to {t['lrs'][-1]}): " \
            f"{', '.join({'di': 'DI', 'e2e': 'E2E'}[m] for m in t['edge'])}" if t.get("edge") else ""
     return f"{label}: DI at {t['di']}, E2E at {t['e2e']} (each its best of the same grid on the held-out split, " \
-           f"seed {t['seed']}; clipping 1.0 in every phase of both{edge})"
+           f"{seeds_text(t)}; clipping 1.0 in every phase of both{edge})"
+
+
+def _seeds(v: str) -> list[int]:
+    """--tune-seeds's value: distinct seeds at least 0, in the order given."""
+    import argparse
+
+    try:
+        seeds = [int(x) for x in v.split(",") if x.strip()]
+        if seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds):
+            return seeds
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"distinct seeds at least 0 separated by commas, not {v!r}")
 
 
 def _minutes(v: str) -> float:
@@ -210,12 +148,17 @@ def _minutes(v: str) -> float:
 def add_args(p) -> None:
     """paper_claims.py's --tune options."""
     p.add_argument("--tune", action="store_true", help="equal tuning (benchmarks/tuning.py): the same lr x warm-up "
-                   "grid for E2E and DI on a held-out split at --tune-seed, then the seeds at each method's choice")
+                   "grid for E2E and DI on a held-out split at --tune-seeds, then the seeds at each method's choice")
     p.add_argument("--tune-data", default="", help="TRAIN,TUNE shard directories for --tune (the tune split held "
                    "out from the training data); default: a hold-out of the built-in training shards")
     p.add_argument("--tune-per-class", type=int, default=50, help="images per class held out of the built-in "
                    "training data for --tune (default 50 of 300)")
-    p.add_argument("--tune-seed", type=int, default=0, help="the seed of the tuning runs (default 0)")
+    p.add_argument("--tune-seeds", type=_seeds, default=[0], help="comma list: the seeds every grid point is "
+                   "scored at (default 0); with several, a method's score at a point combines its top-1 over them "
+                   "(--tune-score), and the search is saved apart from the one-seed search, whose runs it reuses")
+    p.add_argument("--tune-seed", type=lambda v: _seeds(v)[:1], dest="tune_seeds", help="one seed: --tune-seeds N")
+    p.add_argument("--tune-score", choices=sorted(RULES), default="mean", help="with several --tune-seeds: a "
+                   "point's score is the mean of its seeds' top-1 (default) or the worst of them")
     p.add_argument("--jobs", type=int, default=1, help="decoupled experiment: run up to this many of a grid point's "
                    "or seed's independent runs at once (the DI/E2E pair, each baseline; default 1)")
     p.add_argument("--tune-extend", type=int, default=2, help="at most this many learning rates added past the "
@@ -232,6 +175,10 @@ def add_args(p) -> None:
     dc.add_args(p)
 
 
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def unreadable(files: str) -> str:
     """'' where every --tune-from file reads as a result with rows, else what is wrong with the first that does not."""
     for f in [Path(x.strip()) for x in files.split(",") if x.strip()]:
@@ -243,17 +190,19 @@ def unreadable(files: str) -> str:
     return ""
 
 
-def restore(path: Path, recipe: str, sets: list[str], methods: tuple[str, ...], files: str) -> dict | None:
+def restore(path: Path, recipe: str, sets: list[str], methods: tuple[str, ...], files: str,
+            want=lambda t: True) -> dict | None:
     """A cell's saved search from committed result files (--tune-from): the `tuning` record of a row with the same
-    recipe, settings (their final values) and methods, written to `path` (the work directory's saved search); None
-    where none has it. The record's tune-split paths are the source machine's: dropped, so a growing grid writes its
-    own split."""
+    recipe, settings (their final values) and methods that `want` accepts (its seeds), written to `path` (the work
+    directory's saved search); None where none has it. The record's tune-split paths are the source machine's:
+    dropped, so a growing grid writes its own split."""
     key = cell_key(recipe, sets)
     for f in [Path(x.strip()) for x in files.split(",") if x.strip()]:
         for row in json.loads(f.read_text()).get("rows", []):
             t = row.get("tuning")
             if t and row.get("recipe") == recipe and cell_key(recipe, row.get("overrides", [])) == key and \
-                    (all(m in t for m in methods) if not t.get("partial") else t.get("methods") == list(methods)):
+                    (all(m in t for m in methods) if not t.get("partial") else t.get("methods") == list(methods)) \
+                    and want(t):
                 saved = {k: v for k, v in t.items() if k != "tune_args"}
                 atomic_write_json(str(path), saved)
                 print(f"[paper_claims] tune: the search of {path.name} restored from {f}", flush=True)
@@ -261,78 +210,30 @@ def restore(path: Path, recipe: str, sets: list[str], methods: tuple[str, ...], 
     return None
 
 
-def complete(path: Path, saved: dict | None, methods: tuple[str, ...], args,
-             ladder: tuple[str, ...] = LADDER) -> dict | None:
-    """A saved search that is finished and has nothing left to add within --tune-extend (recording what it searched
-    where it was saved before the grid could extend), else None: `grow` goes on with it."""
-    if not saved or saved.get("partial"):  # none yet, or stopped by --tune-stop-after: go on with its grid
-        return None
-    lrs = searched(saved["scores"], ladder)
-    picked = select(saved["scores"], lrs, methods)
-    if next_lrs(picked, lrs, args.tune_extend, ladder):
-        return None
-    if "edge" not in saved:
-        saved = dict(saved, lrs=lrs, edge=at_edge(picked, lrs))
-        atomic_write_json(str(path), saved)
-    return saved
-
-
-def grow(path: Path, saved: dict | None, methods: tuple[str, ...], run_label, args, ladder: tuple[str, ...] = LADDER,
-         record=lambda lrs: {}, tag: str = "paper_claims") -> dict:
-    """The search loop every tuned comparison shares: score each unscored grid point (`run_label(label)` -> each
-    method's top-1 on the tune split), saving the search after every point (marked partial), stop where
-    --tune-stop-after has passed, and while a method's choice sits at an end of the searched learning rates extend
-    the grid one `ladder` step there (at most `args.tune_extend` rates past the first grid's in all). Returns each
-    method's choice with every point's scores, `record(lrs)`'s fields added (the caller's own: its split, its grid's
-    overrides), saved in `path`."""
-    scores = dict(saved["scores"]) if saved else {}
-    lrs = list(saved["lrs"]) if saved and saved.get("partial") else searched(scores, ladder)
-    commit = common.git_commit()  # the code that scores this process's grid points
-    while True:
-        progress = dict(partial=True, methods=list(methods), scores=scores, seed=args.tune_seed, **record(lrs),
-                        lrs=lrs)
-        for label in labels(lrs):
-            if label in scores:
-                continue
-            if out_of_time(args):
-                return _stopped(path, progress, tag)
-            print(f"[{tag}] tune {label}", flush=True)  # run_label prints the directories it runs in
-            r = run_label(label) or {}
-            scores[label] = {**{m: r.get(m) for m in methods}, **{k: r[k] for k in ("meta", "ok") if k in r},
-                             "git_commit": commit}
-            atomic_write_json(str(path), progress)  # an interrupted search keeps this point (progress holds scores)
-        picked = select(scores, lrs, methods)
-        more = next_lrs(picked, lrs, args.tune_extend, ladder)
-        if not more:
-            break
-        print(f"[{tag}] tune: a choice sits at an end of lr {lrs[0]} .. {lrs[-1]}; adding {', '.join(more)}",
-              flush=True)
-        lrs = sorted(set(lrs) | set(more), key=ladder.index)
-    choice = dict(picked, scores=scores, seed=args.tune_seed, **record(lrs), lrs=lrs, edge=at_edge(picked, lrs))
-    atomic_write_json(str(path), choice)
-    return choice
-
-
 def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, methods: tuple[str, ...] = METHODS,
               run_point=None, name: str = "") -> dict | None:
-    """Run (or collect) the grid of one cell at `args.tune_seed` on the held-out split and return each method's
-    choice with every grid point's tune top-1 (`grow`, on the ladder of the cell's optimizer); saved as
-    work/tune/choice_<cell>.json, and extended by a later run while a choice sits at an end. None where
-    --collect-only finds no saved choice. `methods` and `run_point` (out, sets, extra, label -> each method's top-1
-    on the tune split) tune another set of methods (the decoupled experiment: `decoupled_tuning.tune_decoupled`),
-    saved under choice_<name><cell>.json."""
+    """Run (or collect) the grid of one cell at the search's seeds (--tune-seeds) on the held-out split and return
+    each method's choice with every grid point's tune top-1 (`grow`, on the ladder of the cell's optimizer); saved as
+    work/tune/choice_<cell>.json (another search: choice_<cell>_seeds<..>[_<rule>].json, started from the cell's
+    seed-0 search where there is one), and extended by a later run while a choice sits at an end. None where
+    --collect-only finds no saved choice. `methods` and `run_point` (out, sets, extra, label, seed -> each method's
+    top-1 on the tune split) tune another set of methods (the decoupled experiment:
+    `decoupled_tuning.tune_decoupled`), saved under choice_<name><cell>.json."""
     from benchmarks import paper_claims as pc
 
-    def run_pair(out, g, t_extra, label):  # DI, then E2E at DI's FLOPs
+    def run_pair(out, g, t_extra, label, seed):  # DI, then E2E at DI's FLOPs
         print(f"[paper_claims]   {out}", flush=True)
-        return pc.run_cell(out, recipe, g, args.tune_seed, t_extra, args.timeout, budget="flops")
+        return pc.run_cell(out, recipe, g, seed, t_extra, args.timeout, budget="flops")
 
     run_point = run_point or run_pair
-    path = work / "tune" / f"choice_{name}{pc.cell_key(recipe, sets)}.json"
-    saved = json.loads(path.read_text()) if path.is_file() else \
-        restore(path, recipe, sets, methods, getattr(args, "tune_from", ""))
+    stem, files = f"choice_{name}{pc.cell_key(recipe, sets)}", getattr(args, "tune_from", "")
+    path = work / "tune" / f"{stem}{file_tag(args)}.json"
+    saved = _read(path) or restore(path, recipe, sets, methods, files, lambda t: same_search(t, args))
     if args.collect_only:
         return saved
+    if saved is None and file_tag(args):  # the seed-0 search's scores count for seed 0
+        one = work / "tune" / f"{stem}.json"
+        saved = _read(one) or restore(one, recipe, sets, methods, files, lambda t: saved_seeds(t) == [0])
     ladder = ladder_for(recipe, sets + common.extra_sets(extra), methods)
     done = complete(path, saved, methods, args, ladder)
     if done:
@@ -341,9 +242,9 @@ def tune_cell(work: Path, recipe: str, sets: list[str], extra: list[str], args, 
     _, plan = pc.e2e_epochs_for(recipe, sets, extra)
     per_epoch = [f"data.samples_per_epoch={plan['samples_per_epoch']}"]  # the iterations of the seeds' runs
 
-    def run_label(label: str) -> dict:
+    def run_label(label: str, seed: int) -> dict:
         g = sets + grid_sets(label, methods) + per_epoch
-        return run_point(work / "tune" / pc.cell_key(recipe, g) / f"seed{args.tune_seed}", g, t_extra, label)
+        return run_point(work / "tune" / pc.cell_key(recipe, g) / f"seed{seed}", g, t_extra, label, seed)
 
     return grow(path, saved, methods, run_label, args, ladder,
                 lambda lrs: dict(tune_args=t_extra, grid=grid(lrs, methods), equal=equal(methods)))

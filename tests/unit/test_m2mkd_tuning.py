@@ -53,7 +53,7 @@ def _fake_scores(best: dict):
     """Top-1 that peaks at each method's `best` learning rate (warm-up 3 a point better)."""
     calls = []
 
-    def run_point(label):
+    def run_point(label, seed=0):
         calls.append(label)
         lr, wu = tuning.LADDER.index(label.split()[1]), int(label.split()[3])
         return {m: 50.0 - 5 * abs(lr - tuning.LADDER.index(b)) + wu / 3 for m, b in best.items()}

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import decoupled_tuning, paper_claims as pc, paper_claims_decoupled as pcd  # noqa: E402
+from benchmarks import decoupled_tuning, paper_claims as pc, paper_claims_decoupled as pcd, tune_search  # noqa: E402
 
 
 def test_each_decoupled_baseline_gets_at_least_di_planned_flops_within_one_epoch(tmp_path):
@@ -269,7 +269,7 @@ def test_a_search_stopped_by_its_time_limit_is_saved_partial_and_a_later_tune_fr
     n = len(ran)
     ran.clear()
     limit = iter([False, False] + [True] * 1000)  # two grid points start, then the time is up
-    monkeypatch.setattr(tuning, "out_of_time", lambda args: next(limit))
+    monkeypatch.setattr(tune_search, "out_of_time", lambda args: next(limit))
     part = _tune_decoupled(tmp_path / "a", monkeypatch, peak, ran)
     assert part["partial"] and len(part["scores"]) == 2 and len(ran) == 2 * 4 and not set(peak) & set(part)
     assert all("git_commit" in s for s in part["scores"].values())  # each point says what code scored it
@@ -280,7 +280,7 @@ def test_a_search_stopped_by_its_time_limit_is_saved_partial_and_a_later_tune_fr
     result = tmp_path / "result.json"  # the committed result of the stopped run, read on a fresh machine
     result.write_text(json.dumps({"rows": [{"label": "DeiT-T-32 tuned", "recipe": "demo",
                                             "overrides": ["model.depth=32"], "tuning": part, "seeds": []}]}))
-    monkeypatch.setattr(tuning, "out_of_time", lambda args: False)
+    monkeypatch.setattr(tune_search, "out_of_time", lambda args: False)
     ran.clear()
     done = _tune_decoupled(tmp_path / "b", monkeypatch, peak, ran, tune_from=str(result))
     assert len(ran) == n - 2 * 4 and not done.get("partial")  # only the points the stopped search had not scored
@@ -291,7 +291,7 @@ def test_tune_stop_after_counts_minutes_from_the_first_check_and_zero_never_stop
     import argparse
     import time
 
-    from benchmarks import tuning
+    from benchmarks import tune_search as tuning
 
     assert not tuning.out_of_time(argparse.Namespace(tune_stop_after=0.0))
     args = argparse.Namespace(tune_stop_after=1.0)

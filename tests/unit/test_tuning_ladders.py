@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import m2mkd_tuning as mt, paper_claims as pc, paper_claims_decoupled as pcd, tuning  # noqa: E402
+from benchmarks import m2mkd_tuning as mt, paper_claims as pc, paper_claims_decoupled as pcd, tune_search, tuning  # noqa: E402,E501
 from dsincubate import recipes  # noqa: E402
 from dsincubate.config import apply_overrides  # noqa: E402
 from dsincubate.errors import UserError  # noqa: E402
@@ -94,16 +94,16 @@ def test_the_m2mkd_search_stops_at_its_time_limit_and_a_later_run_goes_on_with_t
                                                                                                  monkeypatch):
     calls = []
 
-    def run_point(label):
+    def run_point(label, seed=0):
         calls.append(label)
         return {"m2mkd": 40.0 - tuning.LADDER.index(tuning.point_lr(label)), "e2e": 30.0}
 
     budget = iter([False, False, True])  # two points, then --tune-stop-after has passed
-    monkeypatch.setattr(tuning, "out_of_time", lambda args: next(budget))
+    monkeypatch.setattr(tune_search, "out_of_time", lambda args: next(budget))
     part = mt.search(tmp_path, ["x=1"], run_point, _args())
     assert part["partial"] and len(part["scores"]) == 2 and calls == tuning.labels(tuning.LRS)[:2]
     assert json.loads(next((tmp_path / "tune").glob("choice_m2mkd_*.json")).read_text())["partial"]
-    monkeypatch.setattr(tuning, "out_of_time", lambda args: False)
+    monkeypatch.setattr(tune_search, "out_of_time", lambda args: False)
     done = mt.search(tmp_path, ["x=1"], run_point, _args())
     assert not done.get("partial") and len(calls) == len(set(calls))  # no point ran twice
     assert done["m2mkd"] == "lr 1e-3 wu 1" and done["lrs"][0] == "1e-3"  # grown down to the ladder's end
