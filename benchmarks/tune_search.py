@@ -96,9 +96,10 @@ def _combine(per: dict[str, dict], seeds: list[int], methods: tuple[str, ...], h
     model's mean, ok where every seed's run was, the commit that scored its last seed; per-seed scores kept where
     there are several."""
     runs = [per[str(s)] for s in seeds]
-    out = {m: None if any(r.get(m) is None for r in runs) else RULES[how]([r[m] for r in runs]) for m in methods}
+    out = {m: None if any(r.get(m) is None for r in runs) else round(RULES[how]([r[m] for r in runs]), 3)
+           for m in methods}  # rounded: top-1 is reported to a tenth, a mean of a few seeds needs no float noise
     metas = [r["meta"] for r in runs if r.get("meta") is not None]
-    out.update({"meta": sum(metas) / len(metas)} if metas else {})
+    out.update({"meta": round(sum(metas) / len(metas), 3)} if metas else {})
     out.update({"ok": all(r.get("ok", True) for r in runs)} if any("ok" in r for r in runs) else {})
     out["git_commit"] = runs[-1].get("git_commit", "")
     return out | ({"per_seed": {str(s): per[str(s)] for s in seeds}} if len(seeds) > 1 else {})
