@@ -153,3 +153,18 @@ def test_a_search_at_another_single_seed_is_saved_apart_and_starts_from_the_seed
     assert tuning.tune_cell(tmp_path, *CELL, [], _args())["di"] == zero["di"] != one["di"]  # each its own record
     stem = f"choice_{pc.cell_key(*CELL)}"
     assert sorted(p.name for p in (tmp_path / "tune").glob("choice_*.json")) == [f"{stem}.json", f"{stem}_seeds1.json"]
+
+
+def test_a_two_seed_search_is_restored_from_a_committed_result_and_needs_no_run(tmp_path, monkeypatch):
+    ran: list = []
+    _fake(monkeypatch, _unstable, ran)
+    two = tuning.tune_cell(tmp_path / "a", *CELL, [], _args((0, 1)))
+    n = len(ran)
+    result = tmp_path / "result.json"
+    result.write_text(json.dumps({"rows": [{"recipe": CELL[0], "overrides": CELL[1], "tuning": two}]}))
+    again = tuning.tune_cell(tmp_path / "b", *CELL, [], _args((0, 1), tune_from=str(result)))
+    assert len(ran) == n and {k: again[k] for k in ("di", "e2e", "seeds", "score")} == \
+        {k: two[k] for k in ("di", "e2e", "seeds", "score")}
+    # the same record does not stand in for a search with the other rule: that one runs (from the first grid)
+    tuning.tune_cell(tmp_path / "c", *CELL, [], _args((0, 1), "worst", tune_from=str(result)))
+    assert len(ran) > n
