@@ -54,9 +54,9 @@ def tuning_sources(work: Path, recipe: str, base: list[str], choice: dict, t_ext
     from benchmarks import paper_claims as pc
 
     dirs = []
+    seed = tuning.tune_seeds(args)[0]  # every seed of the students' search reuses the same meta model and teacher
     for m in tuning.METHODS:  # DI's run gives the meta model, E2E's the teacher
         g = base + tuning.grid_sets(choice[m]) + per_epoch
-        seed = tuning.tune_seeds(args)[0]  # every seed of the students' search reuses the same meta model, teacher
         out = work / "tune" / pc.cell_key(recipe, g) / f"seed{seed}"
         if not args.collect_only:
             print(f"[m2mkd_vs_e2e] the default cell's tuning run at {choice[m]} (for its {m} model)", flush=True)

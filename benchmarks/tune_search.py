@@ -7,8 +7,7 @@ a point is the mean of its top-1 over them, or the worst of them (`--tune-score 
 seed and diverges in another is no longer chosen on the first seed's luck. A point's per-seed scores are kept
 (`per_seed`); a search over more seeds than a saved one takes the saved seed's scores and runs only the seeds it
 lacks (its grid starts at the first one, as a fresh search's does). A one-seed search saves exactly the record it
-always did. Used through benchmarks/tuning.py (which
-re-exports these names):
+always did. Used through benchmarks/tuning.py (which re-exports these names):
 
     python benchmarks/paper_claims.py --tune --tune-seeds 0,1 --experiments depth --depths 32 --seeds 0,1,2,3,4
 """
@@ -105,6 +104,12 @@ def _combine(per: dict[str, dict], seeds: list[int], methods: tuple[str, ...], h
     return out | ({"per_seed": {str(s): per[str(s)] for s in seeds}} if len(seeds) > 1 else {})
 
 
+def scored(scores: dict[str, dict]) -> int:
+    """How many of a saved search's points are scored at all its seeds (a point some of whose seeds have not run
+    holds `per_seed` alone)."""
+    return sum(1 for s in scores.values() if "git_commit" in s)
+
+
 def searched(scores: dict[str, dict], ladder: tuple[str, ...] = LADDER) -> list[str]:
     """The learning rates a saved search covered, in ladder order (a choice saved before the grid could extend
     covers the first grid's)."""
@@ -159,8 +164,7 @@ def out_of_time(args) -> bool:
 def _stopped(path: Path, progress: dict, tag: str = "paper_claims") -> dict:
     """Save a search that --tune-stop-after stopped (marked partial) and return it."""
     atomic_write_json(str(path), progress)
-    done = sum(1 for s in progress["scores"].values() if "git_commit" in s)
-    print(f"[{tag}] tune: --tune-stop-after reached, {done} of {len(labels(progress['lrs']))} "
+    print(f"[{tag}] tune: --tune-stop-after reached, {scored(progress['scores'])} of {len(labels(progress['lrs']))} "
           f"grid points scored; saved (partial) in {path}", flush=True)
     return progress
 

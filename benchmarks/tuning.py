@@ -41,7 +41,7 @@ from benchmarks import common
 from benchmarks.paper_claims_cells import cell_key
 from benchmarks.tune_data import holdout, tune_extra  # noqa: F401  (the held-out split; tests reach it here)
 from benchmarks.tune_search import (LADDER, LADDERS, RULES, WARMUPS, complete, file_tag, grow, labels,  # noqa: F401
-                                    point_lr, same_search, saved_seeds, searched, seeds_text, select, start,
+                                    point_lr, same_search, saved_seeds, scored, searched, seeds_text, select, start,
                                     tune_seeds)
 
 METHODS = ("di", "e2e")                 # the two methods tuned alike
@@ -105,9 +105,9 @@ def grid_sets(label: str, methods: tuple[str, ...] = METHODS) -> list[str]:
 
 def unfinished_line(label: str, t: dict) -> str:
     """The table's line on a search that --tune-stop-after stopped (no seeds ran)."""
-    done = sum(1 for s in t["scores"].values() if "git_commit" in s)
-    return f"{label}: search unfinished ({done} of {len(t['grid'])} grid points scored, lr {t['lrs'][0]} " \
-           f"to {t['lrs'][-1]}, held-out split, {seeds_text(t)}); continue with --tune --tune-from <this file>"
+    return f"{label}: search unfinished ({scored(t['scores'])} of {len(t['grid'])} grid points scored, lr " \
+           f"{t['lrs'][0]} to {t['lrs'][-1]}, held-out split, {seeds_text(t)}); continue with --tune --tune-from " \
+           "<this file>"
 
 
 def describe(label: str, t: dict) -> str:
